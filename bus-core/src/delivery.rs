@@ -1,0 +1,346 @@
+//! A received message and its settlement.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Envelope, Error, Result};
+
+/// When a negatively acknowledged message should come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Redeliver {
+    /// As soon as the broker can.
+    Now,
+    /// Not before this delay has passed (native delay, or the adapter's emulation of it).
+    After(Duration),
+}
+
+/// How a delivery was settled, as an adapter's [`Settle`] implementation receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settlement {
+    /// Processed: the broker forgets the message (for this group).
+    Ack,
+    /// Not processed: deliver it again, as an attempt `attempt + 1`.
+    Nack(Redeliver),
+    /// Never processable: move it to the dead-letter queue with this reason.
+    Reject {
+        /// Why, written into the dead letter's reason header.
+        reason: String,
+    },
+}
+
+/// The broker side of one delivery: what an adapter implements to settle it.
+///
+/// `bus` guarantees [`settle`](Settle::settle) succeeds at most once per delivery, and calls
+/// [`abandon`](Settle::abandon) when a delivery is dropped without a successful settlement, so
+/// the adapter can hand it back to the broker for redelivery.
+#[async_trait]
+pub trait Settle: Send + Sync + fmt::Debug {
+    /// Settles the delivery. On error the delivery stays unsettled and may be settled again.
+    async fn settle(&self, settlement: Settlement) -> Result<()>;
+
+    /// Tells the broker the handler is still working, where the broker would otherwise redeliver
+    /// after a timeout (NATS ack wait, SQS visibility). The default does nothing.
+    async fn in_progress(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called, synchronously, when the delivery is dropped unsettled. The message must come back
+    /// (now or after the broker's timeout): it is never lost and never counted as processed.
+    fn abandon(&self);
+}
+
+/// One message received from a subscription or queue, to be settled exactly once.
+///
+/// Settling consumes the delivery, so settling twice does not compile. If settling fails, the
+/// error carries the delivery back ([`SettleError::into_delivery`]) so it can be tried again.
+/// A delivery dropped without settlement is redelivered, never lost.
+pub struct Delivery {
+    envelope: Envelope,
+    attempt: u32,
+    source: String,
+    group: Option<String>,
+    settle: Option<Box<dyn Settle>>,
+}
+
+impl Delivery {
+    /// Made by adapters: `envelope` received from `source` (a topic or queue name) in `group`,
+    /// on its `attempt`-th delivery (1 on the first), settled through `settle`.
+    pub fn new(
+        envelope: Envelope,
+        attempt: u32,
+        source: impl Into<String>,
+        group: Option<String>,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            envelope,
+            attempt: attempt.max(1),
+            source: source.into(),
+            group,
+            settle: Some(settle),
+        }
+    }
+
+    /// The message.
+    #[must_use]
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Which delivery this is: 1 on the first, 2 after one redelivery, …
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The topic or queue the message was received from.
+    #[must_use]
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The consumer group it was received in, if any.
+    #[must_use]
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// Acknowledges the message: it is processed and will not come again.
+    ///
+    /// # Errors
+    /// When the broker could not record the acknowledgement; the delivery is handed back.
+    ///
+    /// # Cancel safety
+    /// If the future is dropped before it completes, the delivery is dropped unsettled (and so
+    /// redelivered) unless the broker had already recorded the acknowledgement.
+    pub async fn ack(self) -> Result<(), SettleError> {
+        self.settle(Settlement::Ack).await
+    }
+
+    /// Negatively acknowledges the message: it comes again as attempt `attempt + 1`, now or
+    /// after a delay.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    ///
+    /// # Cancel safety
+    /// As [`Delivery::ack`].
+    pub async fn nack(self, redeliver: Redeliver) -> Result<(), SettleError> {
+        self.settle(Settlement::Nack(redeliver)).await
+    }
+
+    /// Rejects the message: it goes to the dead-letter queue with `reason`.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    ///
+    /// # Cancel safety
+    /// As [`Delivery::ack`].
+    pub async fn reject(self, reason: impl Into<String>) -> Result<(), SettleError> {
+        self.settle(Settlement::Reject {
+            reason: reason.into(),
+        })
+        .await
+    }
+
+    /// Settles the message as `settlement` says.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    ///
+    /// # Cancel safety
+    /// As [`Delivery::ack`].
+    pub async fn settle(mut self, settlement: Settlement) -> Result<(), SettleError> {
+        let Some(settle) = self.settle.take() else {
+            return Err(SettleError::new(
+                Error::closed("delivery has no settlement handle"),
+                self,
+            ));
+        };
+        // If this future is dropped mid-way, `guard` abandons the delivery.
+        let guard = AbandonOnDrop(Some(settle));
+        let result = guard.0.as_ref().expect("set above").settle(settlement).await;
+        let mut guard = guard;
+        let settle = guard.0.take().expect("set above");
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.settle = Some(settle);
+                Err(SettleError::new(error, self))
+            }
+        }
+    }
+
+    /// Tells the broker the message is still being worked on, so that it is not redelivered to
+    /// another consumer meanwhile (where the broker has such a timeout).
+    ///
+    /// # Errors
+    /// When the broker refused or the connection is gone.
+    pub async fn in_progress(&self) -> Result<()> {
+        match &self.settle {
+            Some(settle) => settle.in_progress().await,
+            None => Ok(()),
+        }
+    }
+}
+
+struct AbandonOnDrop(Option<Box<dyn Settle>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(settle) = self.0.take() {
+            settle.abandon();
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(settle) = self.settle.take() {
+            settle.abandon();
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("envelope", &self.envelope)
+            .field("attempt", &self.attempt)
+            .field("source", &self.source)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed settlement: the error, and the delivery, still unsettled, to try again with.
+pub struct SettleError {
+    error: Error,
+    delivery: Box<Delivery>,
+}
+
+impl SettleError {
+    fn new(error: Error, delivery: Delivery) -> Self {
+        Self {
+            error,
+            delivery: Box::new(delivery),
+        }
+    }
+
+    /// The error.
+    #[must_use]
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The delivery, still unsettled.
+    #[must_use]
+    pub fn into_delivery(self) -> Delivery {
+        *self.delivery
+    }
+
+    /// Both parts.
+    #[must_use]
+    pub fn into_parts(self) -> (Error, Delivery) {
+        (self.error, *self.delivery)
+    }
+}
+
+impl fmt::Debug for SettleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SettleError")
+            .field("error", &self.error)
+            .field("message_id", &self.delivery.envelope.id)
+            .finish()
+    }
+}
+
+impl fmt::Display for SettleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "settling message {} failed: {}",
+            self.delivery.envelope.id, self.error
+        )
+    }
+}
+
+impl std::error::Error for SettleError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<SettleError> for Error {
+    fn from(value: SettleError) -> Self {
+        value.error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        log: Mutex<Vec<String>>,
+        fail_next: Mutex<bool>,
+    }
+
+    #[derive(Debug)]
+    struct Handle(Arc<Recorder>);
+
+    #[async_trait]
+    impl Settle for Handle {
+        async fn settle(&self, settlement: Settlement) -> Result<()> {
+            if std::mem::take(&mut *self.0.fail_next.lock().unwrap()) {
+                return Err(Error::new(ErrorKind::Connection, "lost"));
+            }
+            self.0.log.lock().unwrap().push(format!("{settlement:?}"));
+            Ok(())
+        }
+        fn abandon(&self) {
+            self.0.log.lock().unwrap().push("abandon".into());
+        }
+    }
+
+    fn delivery(rec: &Arc<Recorder>) -> Delivery {
+        Delivery::new(
+            Envelope::new("k", "p"),
+            1,
+            "t",
+            None,
+            Box::new(Handle(rec.clone())),
+        )
+    }
+
+    #[tokio::test]
+    async fn failed_settlement_hands_the_delivery_back() {
+        let rec = Arc::new(Recorder::default());
+        *rec.fail_next.lock().unwrap() = true;
+        let err = delivery(&rec).ack().await.unwrap_err();
+        assert_eq!(err.error().kind(), ErrorKind::Connection);
+        err.into_delivery().ack().await.unwrap();
+        assert_eq!(*rec.log.lock().unwrap(), vec!["Ack".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn dropping_unsettled_abandons_once() {
+        let rec = Arc::new(Recorder::default());
+        drop(delivery(&rec));
+        delivery(&rec).reject("bad").await.unwrap();
+        assert_eq!(
+            *rec.log.lock().unwrap(),
+            vec![
+                "abandon".to_string(),
+                "Reject { reason: \"bad\" }".to_string()
+            ]
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! The core of `bus`: one messaging API over Kafka, RabbitMQ, SQS, NATS and an in-process
+//! broker.
+//!
+//! This crate holds the vocabulary every adapter and every user shares:
+//! - [`Envelope`]: a message with its id, kind, correlation and causation ids, key, headers
+//!   and payload; [`Message`] for typed messages with a [`Codec`] (JSON by default).
+//! - The broker traits: [`Publisher`], [`Subscriber`], [`Queue`], [`Requester`],
+//!   [`Responder`], and [`Broker`], which is all of them behind one object-safe trait.
+//! - [`Delivery`] and its settlement: [`Delivery::ack`], [`Delivery::nack`] with a
+//!   [`Redeliver`], [`Delivery::reject`] to the dead-letter queue; each consumes the delivery.
+//! - [`Capabilities`]: what an adapter does natively, emulates, or cannot do.
+//! - [`Error`] with a non-exhaustive [`ErrorKind`] and the typed source kept.
+//! - With the `conformance` feature, the shared adapter conformance suite
+//!   ([`conformance`]).
+//!
+//! Most applications depend on the `bus` facade crate, which re-exports this one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod broker;
+mod capabilities;
+mod delivery;
+mod envelope;
+mod error;
+pub mod headers;
+mod message;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
+
+pub use broker::{
+    Broker, ConsumeOptions, DeliverySource, Publisher, Queue, Reply, Request, RequestSource,
+    Requester, Requests, Responder, ServeOptions, SubscribeOptions, Subscriber, Subscription,
+};
+pub use capabilities::{Capabilities, Support};
+pub use delivery::{Delivery, Redeliver, Settle, SettleError, Settlement};
+pub use envelope::{Envelope, Headers, MessageId};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use message::{Codec, JsonCodec, Message};
+
+pub use async_trait::async_trait;
+pub use bytes::Bytes;

@@ -1,0 +1,1 @@
+//! Runnable programs showing `bus` in use: see the files beside this crate.

@@ -1,0 +1,1 @@
+//! Workspace-level scenarios live in `tests/*.rs` beside this crate.
