@@ -43,3 +43,39 @@ pub const ATTEMPT: &str = "bus-attempt";
 pub fn dead_letter_queue(topic_or_queue: &str) -> String {
     format!("{topic_or_queue}.dlq")
 }
+
+/// Formats a time as RFC 3339 with millisecond precision, in UTC, as the dead-letter time
+/// headers and the CloudEvents `time` attribute carry it.
+#[must_use]
+pub fn format_time(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Parses an RFC 3339 time as written by [`format_time`] (or by another CloudEvents producer).
+///
+/// # Errors
+/// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when `text` is not RFC 3339.
+pub fn parse_time(text: &str) -> crate::Result<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(text).map_err(|e| {
+        crate::Error::with_source(
+            crate::ErrorKind::Serialization,
+            format!("`{text}` is not an RFC 3339 time"),
+            e,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn time_round_trips_at_millisecond_precision() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        let text = format_time(t);
+        assert_eq!(text, "2025-11-24T16:00:00.123Z");
+        assert_eq!(parse_time(&text).unwrap(), t);
+        assert!(parse_time("yesterday").is_err());
+    }
+}
