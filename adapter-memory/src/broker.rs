@@ -1,0 +1,489 @@
+//! The broker: topics with consumer groups, queues, and their deliveries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bus_core::{
+    async_trait, headers, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope,
+    Error, ErrorKind, Publisher, Queue, Result, Settle, Settlement, SubscribeOptions, Subscriber,
+    Subscription, Support,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::buffer::{Buffer, Entry, Take};
+use crate::reply::Responders;
+use crate::MemoryConfig;
+
+/// The closed flag of a broker, with a way to wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct Closed {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Closed {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Completes once the broker is closed.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed("the memory broker was closed"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: MemoryConfig,
+    pub(crate) closed: Closed,
+    /// topic → group → buffer.
+    topics: Mutex<HashMap<String, HashMap<String, Arc<Buffer>>>>,
+    queues: Mutex<HashMap<String, Arc<Buffer>>>,
+    pub(crate) responders: Responders,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Maps are only inserted into or removed from under these locks: no broken invariant to
+    // fear after a panic elsewhere.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn validate(&self, envelope: &Envelope) -> Result<()> {
+        if let Some(max) = self.config.max_payload {
+            if envelope.payload.len() > max {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "payload of {} bytes exceeds the configured limit of {max} bytes",
+                        envelope.payload.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(max) = self.config.max_headers {
+            if envelope.headers.len() > max {
+                return Err(Error::new(
+                    ErrorKind::HeadersTooLarge,
+                    format!(
+                        "{} headers exceed the configured limit of {max}",
+                        envelope.headers.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.config.publish_timeout()
+    }
+
+    fn queue(&self, name: &str) -> Arc<Buffer> {
+        lock(&self.queues)
+            .entry(name.to_owned())
+            .or_insert_with(|| Buffer::new(name, None, self.config.capacity))
+            .clone()
+    }
+
+    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+        self.closed.check()?;
+        self.validate(&envelope)?;
+        self.queue(queue)
+            .push(envelope, self.deadline(), &self.closed)
+            .await
+    }
+
+    fn remove_group(&self, topic: &str, group: &str) {
+        let mut topics = lock(&self.topics);
+        if let Some(groups) = topics.get_mut(topic) {
+            groups.remove(group);
+            if groups.is_empty() {
+                topics.remove(topic);
+            }
+        }
+    }
+}
+
+/// The in-process broker: the embedded default of `bus` and the reference semantics every
+/// adapter is measured against.
+///
+/// - Topics fan out to consumer groups: every group gets every message published after it
+///   first subscribed; the members of a group compete. A subscription without a group gets a
+///   private group, removed when it closes.
+/// - Queues keep messages until a consumer takes them.
+/// - Per-key order: a key is in flight at one member of a group at a time, in publish order,
+///   including across nacks and redeliveries.
+/// - `nack(After(d))` waits `d`; a dropped delivery comes back at once with `attempt + 1`;
+///   `reject` moves the message to the queue named
+///   [`headers::dead_letter_queue`](bus_core::headers::dead_letter_queue) with the reason
+///   headers.
+/// - Request-reply is native and knows when nobody serves a topic.
+/// - Memory is bounded: each group and queue holds at most
+///   [`MemoryConfig::capacity`] messages and publishers wait for room.
+///
+/// Nothing is durable: the broker lives and dies with the process. Clones share one broker.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> bus_core::Result<()> {
+/// use adapter_memory::MemoryBroker;
+/// use bus_core::{Envelope, Publisher, SubscribeOptions, Subscriber};
+///
+/// let broker = MemoryBroker::new();
+/// let mut billing = broker.subscribe("orders", SubscribeOptions::group("billing")).await?;
+/// broker.publish("orders", Envelope::new("order.placed", "{}")).await?;
+/// let delivery = billing.next().await.expect("open")?;
+/// assert_eq!(delivery.envelope().kind, "order.placed");
+/// delivery.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with the default [`MemoryConfig`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_config(MemoryConfig::default())
+    }
+
+    /// A broker with `config`.
+    #[must_use]
+    pub fn with_config(config: MemoryConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                closed: Closed::default(),
+                topics: Mutex::new(HashMap::new()),
+                queues: Mutex::new(HashMap::new()),
+                responders: Responders::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &MemoryConfig {
+        &self.inner.config
+    }
+
+    /// How many messages a queue holds (waiting plus unsettled); 0 for an unknown queue.
+    #[must_use]
+    pub fn queue_len(&self, queue: &str) -> usize {
+        lock(&self.inner.queues).get(queue).map_or(0, |b| b.len())
+    }
+
+    /// How many messages a topic's group holds (waiting plus unsettled); 0 for an unknown
+    /// group.
+    #[must_use]
+    pub fn group_len(&self, topic: &str, group: &str) -> usize {
+        lock(&self.inner.topics)
+            .get(topic)
+            .and_then(|groups| groups.get(group))
+            .map_or(0, |b| b.len())
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
+        let inner = &self.inner;
+        inner.closed.check()?;
+        inner.validate(&envelope)?;
+        let groups: Vec<Arc<Buffer>> = lock(&inner.topics)
+            .get(topic)
+            .map(|groups| groups.values().cloned().collect())
+            .unwrap_or_default();
+        // A topic nobody subscribed to drops the message, as a topic exchange without queues
+        // does. If one group is full past the timeout, the groups before it keep their copy:
+        // the caller sees the error and may publish again (at-least-once).
+        let deadline = inner.deadline();
+        for group in groups {
+            group
+                .push(envelope.clone(), deadline, &inner.closed)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        let inner = &self.inner;
+        inner.closed.check()?;
+        let (name, private) = match &options.group {
+            Some(group) => (group.clone(), false),
+            None => (format!("private.{}", bus_core::MessageId::new()), true),
+        };
+        let buffer = lock(&inner.topics)
+            .entry(topic.to_owned())
+            .or_default()
+            .entry(name.clone())
+            .or_insert_with(|| Buffer::new(topic, options.group.clone(), inner.config.capacity))
+            .clone();
+        Ok(Subscription::new(Box::new(Member::join(
+            inner.clone(),
+            buffer,
+            private.then(|| (topic.to_owned(), name)),
+        ))))
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryBroker {
+    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+        self.inner.send(queue, envelope).await
+    }
+
+    async fn consume(&self, queue: &str, _options: ConsumeOptions) -> Result<Subscription> {
+        self.inner.closed.check()?;
+        let buffer = self.inner.queue(queue);
+        Ok(Subscription::new(Box::new(Member::join(
+            self.inner.clone(),
+            buffer,
+            None,
+        ))))
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "memory",
+            durable: false,
+            consumer_groups: true,
+            per_key_order: true,
+            per_key_order_across_members: true,
+            request_reply: Support::Native,
+            no_responders_detection: true,
+            delayed_redelivery: Support::Native,
+            dead_letter: Support::Native,
+            prompt_redelivery_of_dropped: true,
+            max_payload_bytes: self.inner.config.max_payload,
+            max_headers: self.inner.config.max_headers,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.close();
+        self.inner.responders.clear();
+        Ok(())
+    }
+}
+
+/// One subscription or queue consumer: a member of a buffer.
+#[derive(Debug)]
+struct Member {
+    inner: Arc<Inner>,
+    buffer: Arc<Buffer>,
+    /// For a private group: the topic and group to remove when the member leaves.
+    private: Option<(String, String)>,
+    left: bool,
+}
+
+impl Member {
+    fn join(inner: Arc<Inner>, buffer: Arc<Buffer>, private: Option<(String, String)>) -> Self {
+        buffer.join();
+        Self {
+            inner,
+            buffer,
+            private,
+            left: false,
+        }
+    }
+
+    fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        let remaining = self.buffer.leave();
+        if let Some((topic, group)) = &self.private {
+            if remaining == 0 {
+                self.inner.remove_group(topic, group);
+            }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+#[async_trait]
+impl DeliverySource for Member {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.left || self.inner.closed.is_closed() {
+                return None;
+            }
+            let readable = self.buffer.readable().notified();
+            tokio::pin!(readable);
+            readable.as_mut().enable();
+            let due = match self.buffer.take() {
+                Take::Taken(entry) => return Some(Ok(self.delivery(entry))),
+                Take::Wait(due) => due,
+            };
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                () = &mut readable => {}
+                () = tokio::time::sleep_until(due.unwrap_or(far)) => {}
+                () = self.inner.closed.wait() => return None,
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Member {
+    fn delivery(&self, entry: Entry) -> Delivery {
+        let envelope = entry.envelope.clone();
+        let attempt = entry.attempt;
+        Delivery::new(
+            envelope,
+            attempt,
+            self.buffer.source.clone(),
+            self.buffer.group.clone(),
+            Box::new(MemorySettle {
+                inner: self.inner.clone(),
+                buffer: self.buffer.clone(),
+                entry: Mutex::new(Some(entry)),
+            }),
+        )
+    }
+}
+
+/// Settles one delivery against its buffer.
+#[derive(Debug)]
+struct MemorySettle {
+    inner: Arc<Inner>,
+    buffer: Arc<Buffer>,
+    entry: Mutex<Option<Entry>>,
+}
+
+impl MemorySettle {
+    fn take_entry(&self) -> Option<Entry> {
+        lock(&self.entry).take()
+    }
+
+    fn dead_letter(&self, entry: &Entry, reason: &str) -> Envelope {
+        let now = SystemTime::now();
+        let mut envelope = entry.envelope.clone();
+        let h = &mut envelope.headers;
+        h.insert(headers::DLQ_REASON.into(), reason.to_owned());
+        h.insert(
+            headers::DLQ_ORIGINAL_TOPIC.into(),
+            self.buffer.source.clone(),
+        );
+        if let Some(group) = &self.buffer.group {
+            h.insert(headers::DLQ_GROUP.into(), group.clone());
+        }
+        h.insert(headers::DLQ_ATTEMPTS.into(), entry.attempt.to_string());
+        h.insert(
+            headers::DLQ_FIRST_FAILURE.into(),
+            headers::format_time(entry.first_failure.unwrap_or(now)),
+        );
+        h.insert(
+            headers::DLQ_DEAD_LETTERED_AT.into(),
+            headers::format_time(now),
+        );
+        envelope
+    }
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => {
+                if let Some(entry) = self.take_entry() {
+                    self.buffer.settle(&entry);
+                }
+            }
+            Settlement::Nack(redeliver) => {
+                if let Some(mut entry) = self.take_entry() {
+                    entry.first_failure.get_or_insert_with(SystemTime::now);
+                    let not_before = match redeliver {
+                        bus_core::Redeliver::After(delay) => Some(Instant::now() + delay),
+                        _ => None,
+                    };
+                    self.buffer.requeue(entry, not_before);
+                }
+            }
+            Settlement::Reject { reason } => {
+                // Store the dead letter first: if that fails the delivery stays unsettled and
+                // the caller gets it back to try again.
+                let dead = {
+                    let guard = lock(&self.entry);
+                    let Some(entry) = guard.as_ref() else {
+                        return Ok(());
+                    };
+                    self.dead_letter(entry, &reason)
+                };
+                let dlq = headers::dead_letter_queue(&self.buffer.source);
+                self.inner
+                    .queue(&dlq)
+                    .push(dead, self.inner.deadline(), &self.inner.closed)
+                    .await?;
+                if let Some(entry) = self.take_entry() {
+                    self.buffer.settle(&entry);
+                }
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "the memory broker does not know the settlement {other:?}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        if let Some(entry) = self.take_entry() {
+            self.buffer.requeue(entry, None);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! What is specific to the memory broker: bounded memory, its limits, private groups. The
+//! shared semantics are in tests/conformance.rs.
+
+use std::time::Duration;
+
+use adapter_memory::{MemoryBroker, MemoryConfig};
+use bus_core::{
+    Broker, ConsumeOptions, Envelope, ErrorKind, Publisher, Queue, SubscribeOptions, Subscriber,
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_full_group_pushes_back_then_accepts_once_room_is_freed() {
+    let broker = MemoryBroker::with_config(
+        MemoryConfig::default()
+            .with_capacity(3)
+            .with_publish_timeout(Duration::from_millis(100)),
+    );
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        broker
+            .publish("t", Envelope::new("n", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let err = broker
+        .publish("t", Envelope::new("n", "3"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backpressure);
+    assert!(err.is_retryable());
+    assert_eq!(broker.group_len("t", "g"), 3);
+
+    // Taking a message does not free room; settling it does.
+    let first = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish("t", Envelope::new("n", "3")).await })
+    };
+    first.ack().await.unwrap();
+    publisher.await.unwrap().unwrap();
+    assert_eq!(broker.group_len("t", "g"), 3);
+}
+
+#[tokio::test]
+async fn configured_limits_are_enforced_with_typed_errors() {
+    let broker = MemoryBroker::with_config(
+        MemoryConfig::default()
+            .with_max_payload(8)
+            .with_max_headers(2),
+    );
+    let caps = broker.capabilities();
+    assert_eq!(caps.max_payload_bytes, Some(8));
+    assert_eq!(caps.max_headers, Some(2));
+    let err = broker
+        .send("q", Envelope::new("n", "123456789"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    let many = Envelope::new("n", "")
+        .with_header("a", "1")
+        .with_header("b", "2")
+        .with_header("c", "3");
+    let err = broker.publish("t", many).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::HeadersTooLarge);
+    assert_eq!(broker.queue_len("q"), 0);
+}
+
+#[tokio::test]
+async fn a_private_group_goes_away_with_its_subscription() {
+    let broker = MemoryBroker::new();
+    let mut private = broker
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker.publish("t", Envelope::new("n", "1")).await.unwrap();
+    let d = tokio::time::timeout(WAIT, private.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.group(), None);
+    d.ack().await.unwrap();
+    drop(private);
+    // With no group left, a publish is dropped rather than buffered for nobody.
+    broker.publish("t", Envelope::new("n", "2")).await.unwrap();
+    let mut later = broker
+        .subscribe("t", SubscribeOptions::group("late"))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), later.next())
+            .await
+            .is_err(),
+        "a group only gets what is published after it subscribed"
+    );
+}
+
+#[tokio::test]
+async fn close_ends_open_streams_and_wakes_blocked_publishers() {
+    let broker = MemoryBroker::with_config(MemoryConfig::default().with_capacity(1));
+    let mut sub = broker
+        .consume("q", ConsumeOptions::default())
+        .await
+        .unwrap();
+    broker.send("q", Envelope::new("n", "1")).await.unwrap();
+    let held = sub.next().await.unwrap().unwrap();
+    let blocked = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.send("q", Envelope::new("n", "2")).await })
+    };
+    tokio::task::yield_now().await;
+    broker.close().await.unwrap();
+    let err = tokio::time::timeout(WAIT, blocked)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert!(tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .is_none());
+    drop(held);
+}
+
+#[test]
+fn config_reads_from_serde_and_refuses_unknown_fields() {
+    let config: MemoryConfig =
+        serde_json::from_str(r#"{"capacity": 5, "max_payload": 1024}"#).unwrap();
+    assert_eq!(config.capacity, 5);
+    assert_eq!(config.max_payload, Some(1024));
+    assert_eq!(config.publish_timeout_ms, 5_000);
+    assert!(serde_json::from_str::<MemoryConfig>(r#"{"capacty": 5}"#).is_err());
+}
