@@ -13,7 +13,8 @@ use bus_core::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::buffer::{Buffer, Entry, Take};
+use crate::buffer::{Buffer, Entry, Faults, Take};
+use crate::chaos::Dice;
 use crate::reply::Responders;
 use crate::MemoryConfig;
 
@@ -64,6 +65,7 @@ pub(crate) struct Inner {
     topics: Mutex<HashMap<String, HashMap<String, Arc<Buffer>>>>,
     queues: Mutex<HashMap<String, Arc<Buffer>>>,
     pub(crate) responders: Responders,
+    dice: Option<Dice>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,6 +101,16 @@ impl Inner {
         Ok(())
     }
 
+    fn faults(&self) -> Faults {
+        match &self.dice {
+            Some(dice) => Faults {
+                copies: dice.copies(),
+                delay: dice.delay(),
+            },
+            None => Faults::NONE,
+        }
+    }
+
     fn deadline(&self) -> Instant {
         Instant::now() + self.config.publish_timeout()
     }
@@ -114,7 +126,7 @@ impl Inner {
         self.closed.check()?;
         self.validate(&envelope)?;
         self.queue(queue)
-            .push(envelope, self.deadline(), &self.closed)
+            .push(envelope, self.faults(), self.deadline(), &self.closed)
             .await
     }
 
@@ -184,11 +196,12 @@ impl MemoryBroker {
     pub fn with_config(config: MemoryConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config,
                 closed: Closed::default(),
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
                 responders: Responders::default(),
+                dice: config.chaos.clone().map(Dice::new),
+                config,
             }),
         }
     }
@@ -236,7 +249,7 @@ impl Publisher for MemoryBroker {
         let deadline = inner.deadline();
         for group in groups {
             group
-                .push(envelope.clone(), deadline, &inner.closed)
+                .push(envelope.clone(), inner.faults(), deadline, &inner.closed)
                 .await?;
         }
         Ok(())
@@ -440,7 +453,11 @@ impl Settle for MemorySettle {
         match settlement {
             Settlement::Ack => {
                 if let Some(entry) = self.take_entry() {
-                    self.buffer.settle(&entry);
+                    if self.inner.dice.as_ref().is_some_and(Dice::lose_ack) {
+                        self.buffer.requeue(entry, None);
+                    } else {
+                        self.buffer.settle(&entry);
+                    }
                 }
             }
             Settlement::Nack(redeliver) => {
@@ -466,7 +483,12 @@ impl Settle for MemorySettle {
                 let dlq = headers::dead_letter_queue(&self.buffer.source);
                 self.inner
                     .queue(&dlq)
-                    .push(dead, self.inner.deadline(), &self.inner.closed)
+                    .push(
+                        dead,
+                        Faults::NONE,
+                        self.inner.deadline(),
+                        &self.inner.closed,
+                    )
                     .await?;
                 if let Some(entry) = self.take_entry() {
                     self.buffer.settle(&entry);

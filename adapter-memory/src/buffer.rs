@@ -37,6 +37,20 @@ struct State {
     members: usize,
 }
 
+/// Faults to inject into one push (see [`Chaos`](crate::Chaos)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Faults {
+    pub(crate) copies: usize,
+    pub(crate) delay: Option<std::time::Duration>,
+}
+
+impl Faults {
+    pub(crate) const NONE: Faults = Faults {
+        copies: 1,
+        delay: None,
+    };
+}
+
 /// What a member found when it looked for a message.
 // Returned by value and matched at once, never stored: boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -79,30 +93,35 @@ impl Buffer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends `envelope`, waiting until `deadline` for room.
+    /// Appends `envelope` (as `faults` say: possibly twice, possibly held back), waiting until
+    /// `deadline` for room.
     pub(crate) async fn push(
         &self,
         envelope: Envelope,
+        faults: Faults,
         deadline: Instant,
         closed: &crate::broker::Closed,
     ) -> Result<()> {
-        let mut envelope = Some(envelope);
+        let copies = faults.copies.max(1);
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
             writable.as_mut().enable();
             {
                 let mut state = self.state();
-                if state.ready.len() + state.in_flight < self.capacity {
-                    let seq = state.next_seq;
-                    state.next_seq += 1;
-                    state.ready.push_back(Entry {
-                        seq,
-                        envelope: envelope.take().expect("pushed once"),
-                        attempt: 1,
-                        not_before: None,
-                        first_failure: None,
-                    });
+                if state.ready.len() + state.in_flight + copies <= self.capacity {
+                    let not_before = faults.delay.map(|d| Instant::now() + d);
+                    for _ in 0..copies {
+                        let seq = state.next_seq;
+                        state.next_seq += 1;
+                        state.ready.push_back(Entry {
+                            seq,
+                            envelope: envelope.clone(),
+                            attempt: 1,
+                            not_before,
+                            first_failure: None,
+                        });
+                    }
                     drop(state);
                     self.readable.notify_waiters();
                     return Ok(());

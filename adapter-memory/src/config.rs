@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 ///     .with_max_headers(10);
 /// assert_eq!(config.capacity, 10_000);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// The most messages one consumer group or queue holds (waiting plus unsettled). A publish
@@ -29,6 +29,73 @@ pub struct MemoryConfig {
     /// The most headers a message may carry; more fail with
     /// [`ErrorKind::HeadersTooLarge`](bus_core::ErrorKind::HeadersTooLarge). `None`: no limit.
     pub max_headers: Option<usize>,
+    /// Faults to inject, so handlers can be proven idempotent and order-safe in tests.
+    /// `None` (the default): a well-behaved broker.
+    pub chaos: Option<Chaos>,
+}
+
+/// Faults the memory broker injects at given rates (each a probability from 0.0 to 1.0).
+///
+/// Every fault is one a real broker may produce under at-least-once delivery; none loses a
+/// message or breaks per-key order.
+///
+/// ```
+/// use adapter_memory::{Chaos, MemoryConfig};
+/// let config = MemoryConfig::default().with_chaos(
+///     Chaos::default()
+///         .with_duplicate_rate(0.1)
+///         .with_redeliver_rate(0.05)
+///         .with_delay_rate(0.2, std::time::Duration::from_millis(20))
+///         .with_seed(7),
+/// );
+/// assert!(config.chaos.is_some());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Chaos {
+    /// How often a published message is stored twice (the publisher's retry after a lost
+    /// confirm): the group gets two deliveries with the same id.
+    pub duplicate_rate: f64,
+    /// How often an acknowledgement is lost: the acked message comes again, as the next
+    /// attempt.
+    pub redeliver_rate: f64,
+    /// How often a published message is held back before it becomes deliverable.
+    pub delay_rate: f64,
+    /// The longest such hold, in milliseconds (each is uniform up to it).
+    pub max_delay_ms: u64,
+    /// Seed of the random source, for reproducible runs. `None`: random.
+    pub seed: Option<u64>,
+}
+
+impl Chaos {
+    /// Sets [`duplicate_rate`](Chaos::duplicate_rate).
+    #[must_use]
+    pub fn with_duplicate_rate(mut self, rate: f64) -> Self {
+        self.duplicate_rate = rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Sets [`redeliver_rate`](Chaos::redeliver_rate).
+    #[must_use]
+    pub fn with_redeliver_rate(mut self, rate: f64) -> Self {
+        self.redeliver_rate = rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Sets [`delay_rate`](Chaos::delay_rate) and the longest delay.
+    #[must_use]
+    pub fn with_delay_rate(mut self, rate: f64, max_delay: Duration) -> Self {
+        self.delay_rate = rate.clamp(0.0, 1.0);
+        self.max_delay_ms = u64::try_from(max_delay.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the seed.
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
 }
 
 impl Default for MemoryConfig {
@@ -38,6 +105,7 @@ impl Default for MemoryConfig {
             publish_timeout_ms: 5_000,
             max_payload: None,
             max_headers: None,
+            chaos: None,
         }
     }
 }
@@ -68,6 +136,13 @@ impl MemoryConfig {
     #[must_use]
     pub fn with_max_headers(mut self, count: usize) -> Self {
         self.max_headers = Some(count);
+        self
+    }
+
+    /// Turns on fault injection.
+    #[must_use]
+    pub fn with_chaos(mut self, chaos: Chaos) -> Self {
+        self.chaos = Some(chaos);
         self
     }
 

@@ -12,8 +12,9 @@
 
 mod broker;
 mod buffer;
+mod chaos;
 mod config;
 mod reply;
 
 pub use broker::MemoryBroker;
-pub use config::MemoryConfig;
+pub use config::{Chaos, MemoryConfig};

@@ -141,3 +141,47 @@ fn config_reads_from_serde_and_refuses_unknown_fields() {
     assert_eq!(config.publish_timeout_ms, 5_000);
     assert!(serde_json::from_str::<MemoryConfig>(r#"{"capacty": 5}"#).is_err());
 }
+
+#[tokio::test]
+async fn chaos_duplicates_and_delays_but_never_loses_or_reorders_a_key() {
+    use adapter_memory::Chaos;
+    use std::collections::HashMap;
+
+    let broker = MemoryBroker::with_config(
+        MemoryConfig::default().with_chaos(
+            Chaos::default()
+                .with_duplicate_rate(0.2)
+                .with_redeliver_rate(0.2)
+                .with_delay_rate(0.3, Duration::from_millis(20))
+                .with_seed(42),
+        ),
+    );
+    let mut sub = broker
+        .consume("work", ConsumeOptions::default())
+        .await
+        .unwrap();
+    for i in 0..200u32 {
+        let envelope = Envelope::new("n", i.to_string()).with_key(format!("k{}", i % 7));
+        broker.send("work", envelope).await.unwrap();
+    }
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut last_per_key: HashMap<String, u32> = HashMap::new();
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        deliveries += 1;
+        let e = d.envelope();
+        let n: u32 = std::str::from_utf8(&e.payload).unwrap().parse().unwrap();
+        let key = e.key.clone().unwrap();
+        let last = last_per_key.entry(key.clone()).or_insert(0);
+        assert!(n >= *last, "key {key}: {n} came after {last}");
+        *last = n;
+        *seen.entry(e.id.to_string()).or_default() += 1;
+        d.ack().await.unwrap();
+    }
+    assert_eq!(seen.len(), 200, "every message arrived");
+    assert!(
+        deliveries > 230,
+        "duplicates and lost acks were injected ({deliveries} deliveries)"
+    );
+    assert_eq!(broker.queue_len("work"), 0);
+}
