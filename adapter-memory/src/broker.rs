@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use bus_core::middleware::dead_letter;
 use bus_core::{
     async_trait, headers, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope,
     Error, ErrorKind, Publisher, Queue, Result, Settle, Settlement, SubscribeOptions, Subscriber,
@@ -423,27 +424,16 @@ impl MemorySettle {
     }
 
     fn dead_letter(&self, entry: &Entry, reason: &str) -> Envelope {
-        let now = SystemTime::now();
-        let mut envelope = entry.envelope.clone();
-        let h = &mut envelope.headers;
-        h.insert(headers::DLQ_REASON.into(), reason.to_owned());
-        h.insert(
-            headers::DLQ_ORIGINAL_TOPIC.into(),
-            self.buffer.source.clone(),
-        );
-        if let Some(group) = &self.buffer.group {
-            h.insert(headers::DLQ_GROUP.into(), group.clone());
-        }
-        h.insert(headers::DLQ_ATTEMPTS.into(), entry.attempt.to_string());
-        h.insert(
-            headers::DLQ_FIRST_FAILURE.into(),
-            headers::format_time(entry.first_failure.unwrap_or(now)),
-        );
-        h.insert(
-            headers::DLQ_DEAD_LETTERED_AT.into(),
-            headers::format_time(now),
-        );
-        envelope
+        dead_letter::mark(
+            entry.envelope.clone(),
+            &dead_letter::DeadLetterInfo {
+                reason,
+                source: &self.buffer.source,
+                group: self.buffer.group.as_deref(),
+                attempts: entry.attempt,
+                first_failure: Some(entry.first_failure.unwrap_or_else(SystemTime::now)),
+            },
+        )
     }
 }
 

@@ -1,0 +1,119 @@
+//! Retries: immediate retries in process, then broker redeliveries with backoff, then the
+//! dead-letter queue.
+//!
+//! The flow of one failing message, with the default [`RetryPolicy`] (2 immediate retries,
+//! 5 deliveries):
+//!
+//! 1. delivery 1: the handler runs, fails with a retryable error, runs twice more at once
+//!    (immediate retries); still failing, the outcome is
+//!    [`Outcome::Retry`] with a delay of about 200 ms, and the consumer nacks with that delay;
+//! 2. deliveries 2 to 4: the same, the delay doubling each time;
+//! 3. delivery 5 (the last): still failing, the outcome becomes [`Outcome::Reject`], and the
+//!    consumer rejects: the message moves to the dead-letter queue with its reason and attempt
+//!    count (see [`dead_letter`](crate::middleware::dead_letter)).
+//!
+//! A permanent error (not retryable by the policy's predicate) is rejected on the spot. A
+//! handler that itself returns `Reject` is never retried.  A handler (or inner layer) that returns
+//! `Retry` with a delay skips the immediate retries: it wants the broker to wait.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bus_core::middleware::{RetryLayer, RetryPolicy};
+//! use bus_core::runtime::{handler_fn, DeliveryInfo};
+//! use bus_core::Envelope;
+//! use tower_layer::Layer;
+//!
+//! let policy = RetryPolicy::new()
+//!     .with_immediate_retries(1, Duration::from_millis(20))
+//!     .with_max_deliveries(3);
+//! let handler = RetryLayer::new(policy).layer(handler_fn(|_: Envelope, _: DeliveryInfo| async {}));
+//! # let _ = handler;
+//! ```
+
+mod policy;
+
+use async_trait::async_trait;
+use tower_layer::Layer;
+
+pub use policy::RetryPolicy;
+
+use crate::runtime::{Handler, Outcome};
+use crate::{Delivery, Error};
+
+/// A [`Layer`] that wraps a handler in [`Retry`].
+#[derive(Debug, Clone, Default)]
+pub struct RetryLayer {
+    policy: RetryPolicy,
+}
+
+impl RetryLayer {
+    /// Retries as `policy` says.
+    #[must_use]
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl<H> Layer<H> for RetryLayer {
+    type Service = Retry<H>;
+
+    fn layer(&self, inner: H) -> Retry<H> {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// A handler that retries its inner handler as its [`RetryPolicy`] says.
+#[derive(Debug, Clone)]
+pub struct Retry<H> {
+    inner: H,
+    policy: RetryPolicy,
+}
+
+impl<H> Retry<H> {
+    /// Wraps `inner` with `policy`.
+    pub fn new(inner: H, policy: RetryPolicy) -> Self {
+        Self { inner, policy }
+    }
+
+    /// The policy.
+    #[must_use]
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+}
+
+#[async_trait]
+impl<H: Handler> Handler for Retry<H> {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let mut immediate = 0;
+        loop {
+            let (asked_after, error) = match self.inner.handle(delivery).await {
+                Outcome::Retry { after, error } => (after, error),
+                other => return other,
+            };
+            if !self.policy.is_retryable(&error) {
+                tracing::debug!(message_id = %delivery.envelope().id, %error, "permanent failure: dead-lettering");
+                return Outcome::reject(error);
+            }
+            // A handler (or an inner layer) that asks for a delay wants the broker to wait.
+            if asked_after.is_none() && immediate < self.policy.immediate_retries() {
+                immediate += 1;
+                tokio::time::sleep(self.policy.immediate_pause(immediate)).await;
+                continue;
+            }
+            let attempt = delivery.attempt();
+            if attempt >= self.policy.max_deliveries() {
+                tracing::debug!(message_id = %delivery.envelope().id, attempt, %error, "out of deliveries: dead-lettering");
+                let reason = format!("gave up after {attempt} deliveries: {}", error.message());
+                return Outcome::reject(Error::with_source(error.kind(), reason, error));
+            }
+            let after = asked_after
+                .unwrap_or_default()
+                .max(self.policy.redelivery_delay(attempt));
+            return Outcome::retry_after(after, error);
+        }
+    }
+}
