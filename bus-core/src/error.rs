@@ -216,7 +216,11 @@ impl std::error::Error for Error {
 
 impl From<serde_json::Error> for Error {
     fn from(error: serde_json::Error) -> Self {
-        Error::with_source(ErrorKind::Serialization, "JSON codec failed", error)
+        Error::with_source(
+            ErrorKind::Serialization,
+            format!("JSON codec failed: {error}"),
+            error,
+        )
     }
 }
 
