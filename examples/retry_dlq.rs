@@ -96,11 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = RetryPolicy::new()
         .with_immediate_retries(1, Duration::from_millis(5))
         .with_max_deliveries(4)
-        .with_backoff(
-            Duration::from_millis(20),
-            2.0,
-            Duration::from_millis(200),
-        );
+        .with_backoff(Duration::from_millis(20), 2.0, Duration::from_millis(200));
     let handler = HandlerBuilder::new()
         .layer(RetryLayer::new(policy))
         .handler(handler);
@@ -154,7 +150,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Drain the dead-letter queue, checking what each dead letter says.
     let mut dead_letters = bus
-        .consume(&headers::dead_letter_queue(TOPIC), ConsumeOptions::default())
+        .consume(
+            &headers::dead_letter_queue(TOPIC),
+            ConsumeOptions::default(),
+        )
         .await?;
     let mut dead = HashSet::new();
     while let Ok(Some(delivery)) =
@@ -194,12 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The handler's work: decode, fail like a flaky downstream would, apply once.
-fn apply(
-    envelope: &Envelope,
-    runs: u32,
-    id: &str,
-    ledger: &Mutex<Ledger>,
-) -> Result<(), Error> {
+fn apply(envelope: &Envelope, runs: u32, id: &str, ledger: &Mutex<Ledger>) -> Result<(), Error> {
     let payment: PaymentRequested = match envelope.decode() {
         Ok(payment) => payment,
         Err(error) => {
