@@ -23,6 +23,8 @@ mod envelope;
 mod error;
 pub mod headers;
 mod message;
+pub mod middleware;
+pub mod runtime;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -37,6 +39,10 @@ pub use delivery::{Delivery, Redeliver, Settle, SettleError, Settlement};
 pub use envelope::{Envelope, Headers, MessageId};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use message::{Codec, JsonCodec, Message};
+pub use runtime::{
+    handler_fn, Consumer, ConsumerHandle, ConsumerReport, DeliveryInfo, Handler, HandlerBuilder,
+    Outcome,
+};
 
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
