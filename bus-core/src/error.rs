@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-/// A boxed error as kept in [`Error::source`]: typed, so callers can downcast it.
+/// A boxed error as kept as an [`Error`]'s source ([`Error::source_ref`]): typed, so callers can downcast it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The result type of every fallible `bus` operation.

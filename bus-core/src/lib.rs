@@ -10,8 +10,11 @@
 //!   [`Redeliver`], [`Delivery::reject`] to the dead-letter queue; each consumes the delivery.
 //! - [`Capabilities`]: what an adapter does natively, emulates, or cannot do.
 //! - [`Error`] with a non-exhaustive [`ErrorKind`] and the typed source kept.
-//! - With the `conformance` feature, the shared adapter conformance suite
-//!   ([`conformance`]).
+//! - [`runtime`]: handlers and the consumer that runs them (bounded concurrency, per-key
+//!   order, graceful shutdown), and [`middleware`]: retry, dead letter, timeout, panic
+//!   recovery, idempotency, tracing and metrics, each a `tower_layer::Layer`.
+//! - With the `conformance` feature, the shared adapter conformance suite (the
+//!   `conformance` module).
 //!
 //! Most applications depend on the `bus` facade crate, which re-exports this one.
 #![cfg_attr(docsrs, feature(doc_cfg))]
