@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Installs, starts, stops and checks the brokers the tests use, all on loopback.
+#
+#   scripts/brokers.sh start   [broker...]   install what is missing, start what is stopped,
+#                                            wait until each accepts connections, then print
+#                                            `export BUS_TEST_<BROKER>_URL=...` lines on stdout
+#   scripts/brokers.sh stop    [broker...]   stop them and wait until their ports close
+#   scripts/brokers.sh restart [broker...]   stop, then start (as the broker-restart tests do)
+#   scripts/brokers.sh status  [broker...]   say which are up; exit 1 if any is down
+#   scripts/brokers.sh env     [broker...]   print the export lines only
+#
+# With no broker named, all of them: nats rabbitmq redis postgres.
+# Progress goes to stderr and the export lines to stdout, so that a caller can do
+#   broker_env=$(scripts/brokers.sh start) && eval "$broker_env"
+#
+# Starting a broker that is already up does nothing. The start commands are the ones this
+# machine kind uses to start its services; installs come from Debian's packages (needs root,
+# or sudo).
+set -euo pipefail
+
+ALL_BROKERS=(nats rabbitmq redis postgres)
+# Kafka (tansu, `cargo install tansu --locked --features dynostore`, 127.0.0.1:9092) and SQS
+# (moto, `pip install 'moto[server]'`, 127.0.0.1:4566) join this list with their adapters,
+# issues #6 and #7: add them to ALL_BROKERS and give each the five functions below
+# (<name>_port, <name>_url, <name>_install, <name>_start, <name>_stop).
+
+START_TIMEOUT=${BUS_BROKER_START_TIMEOUT:-120}
+STOP_TIMEOUT=${BUS_BROKER_STOP_TIMEOUT:-60}
+
+say() { printf 'brokers: %s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "'$*' needs root and sudo is not available"
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        say "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 ||
+            die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    say "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        --no-install-recommends "$@" </dev/null >&2 ||
+        die "apt-get install $* failed"
+}
+
+# Whether something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# Waits up to $3 seconds for 127.0.0.1:$2 to accept connections; $1 names the broker, $4 is a
+# log file shown on failure.
+wait_up() {
+    local name=$1 port=$2 seconds=$3 log=${4:-}
+    local deadline=$((SECONDS + seconds))
+    until port_open "$port"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            say "$name did not accept connections on 127.0.0.1:$port within ${seconds}s"
+            if [ -n "$log" ] && [ -r "$log" ]; then
+                say "last lines of $log:"
+                tail -n 20 "$log" >&2 || true
+            fi
+            exit 1
+        fi
+        sleep 0.5
+    done
+}
+
+# Waits up to $3 seconds for 127.0.0.1:$2 to stop accepting connections.
+wait_down() {
+    local name=$1 port=$2 seconds=$3
+    local deadline=$((SECONDS + seconds))
+    while port_open "$port"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "$name still accepts connections on 127.0.0.1:$port after ${seconds}s"
+        fi
+        sleep 0.5
+    done
+}
+
+# --- NATS with JetStream ------------------------------------------------------------------
+NATS_BIN=/usr/sbin/nats-server
+NATS_LOG=/var/log/nats-server.log
+nats_port() { echo 4222; }
+nats_url() { echo "nats://127.0.0.1:4222"; }
+nats_install() { [ -x "$NATS_BIN" ] || apt_install nats-server; }
+nats_start() {
+    as_root mkdir -p /var/lib/nats-server
+    as_root start-stop-daemon --start --oknodo --background --exec "$NATS_BIN" -- \
+        -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l "$NATS_LOG" >&2
+    wait_up nats 4222 "$START_TIMEOUT" "$NATS_LOG"
+}
+nats_stop() {
+    # JetStream keeps its data in /var/lib/nats-server, so a restart loses no stored message.
+    as_root start-stop-daemon --stop --oknodo --retry TERM/30/KILL/5 --exec "$NATS_BIN" >&2
+    wait_down nats 4222 "$STOP_TIMEOUT"
+}
+
+# --- RabbitMQ ---------------------------------------------------------------------------
+RABBITMQ_LOG=/var/log/rabbitmq/startup_log
+rabbitmq_port() { echo 5672; }
+rabbitmq_url() { echo "amqp://guest:guest@127.0.0.1:5672/%2f"; }
+rabbitmq_install() {
+    if [ ! -x /usr/sbin/rabbitmq-server ]; then
+        apt_install rabbitmq-server
+    fi
+    # Keep the broker, epmd and Erlang distribution on loopback (as this machine kind does);
+    # files someone already wrote are left alone.
+    if [ ! -e /etc/rabbitmq/rabbitmq.conf ]; then
+        as_root mkdir -p /etc/rabbitmq
+        echo "listeners.tcp.local = 127.0.0.1:5672" | as_root tee /etc/rabbitmq/rabbitmq.conf >/dev/null
+    fi
+    if [ ! -e /etc/rabbitmq/rabbitmq-env.conf ]; then
+        printf '%s\n' 'NODENAME=rabbit@localhost' 'ERL_EPMD_ADDRESS=127.0.0.1' \
+            'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"' |
+            as_root tee /etc/rabbitmq/rabbitmq-env.conf >/dev/null
+    fi
+}
+rabbitmq_start() {
+    # The Debian wrapper switches to the rabbitmq user itself.
+    as_root rabbitmq-server -detached >&2 </dev/null
+    wait_up rabbitmq 5672 "$START_TIMEOUT" "$RABBITMQ_LOG"
+    # The port opens before every plugin and vhost is ready; wait for the whole node.
+    as_root timeout "$START_TIMEOUT" rabbitmqctl await_startup >&2 ||
+        die "rabbitmq accepts connections but did not finish starting"
+}
+rabbitmq_stop() {
+    # `rabbitmqctl stop` returns once the node has stopped. Durable queues and persistent
+    # messages survive it.
+    as_root timeout "$STOP_TIMEOUT" rabbitmqctl stop >&2 ||
+        die "rabbitmqctl stop failed"
+    wait_down rabbitmq 5672 "$STOP_TIMEOUT"
+}
+
+# --- Redis (idempotency store) ------------------------------------------------------------
+REDIS_LOG=/var/log/redis/ci.log
+redis_port() { echo 6379; }
+redis_url() { echo "redis://127.0.0.1:6379"; }
+redis_install() { command -v redis-server >/dev/null 2>&1 || apt_install redis-server; }
+redis_start() {
+    as_root mkdir -p /var/lib/redis /var/log/redis
+    as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+        --appendonly no --dir /var/lib/redis --logfile "$REDIS_LOG" >&2
+    wait_up redis 6379 "$START_TIMEOUT" "$REDIS_LOG"
+}
+redis_stop() {
+    redis-cli -h 127.0.0.1 -p 6379 shutdown nosave >&2 || true
+    wait_down redis 6379 "$STOP_TIMEOUT"
+}
+
+# --- PostgreSQL (idempotency store) ---------------------------------------------------------
+postgres_port() { echo 5432; }
+postgres_url() { echo "postgres://postgres@127.0.0.1:5432/test"; }
+postgres_version() {
+    { find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null || true; } |
+        sort -V | tail -n 1
+}
+postgres_install() {
+    local fresh=0
+    if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(postgres_version)" ]; then
+        apt_install postgresql
+        fresh=1
+    fi
+    local version
+    version=$(postgres_version)
+    [ -n "$version" ] || die "postgresql is installed but has no cluster in /etc/postgresql"
+    if [ "$fresh" -eq 1 ]; then
+        # The tests connect as postgres without a password, over TCP on loopback only.
+        local hba=/etc/postgresql/$version/main/pg_hba.conf
+        as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    fi
+}
+postgres_start() {
+    local version
+    version=$(postgres_version)
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2
+    wait_up postgres 5432 "$START_TIMEOUT" "/var/log/postgresql/postgresql-$version-main.log"
+    # The tests use the database `test`.
+    if ! as_root runuser -u postgres -- psql -tAq -c "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
+        as_root runuser -u postgres -- createdb test >&2 || die "could not create database test"
+    fi
+}
+postgres_stop() {
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(postgres_version)" main stop >&2 || true
+    wait_down postgres 5432 "$STOP_TIMEOUT"
+}
+
+# --- commands -----------------------------------------------------------------------------
+env_line() {
+    local name=$1
+    printf 'export BUS_TEST_%s_URL=%q\n' "$(echo "$name" | tr '[:lower:]' '[:upper:]')" "$("${name}_url")"
+}
+
+start_one() {
+    local name=$1 port
+    port=$("${name}_port")
+    "${name}_install"
+    if port_open "$port"; then
+        say "$name is already running on 127.0.0.1:$port"
+    else
+        say "starting $name"
+        "${name}_start"
+        say "$name is up on 127.0.0.1:$port"
+    fi
+}
+
+stop_one() {
+    local name=$1 port
+    port=$("${name}_port")
+    if port_open "$port"; then
+        say "stopping $name"
+        "${name}_stop"
+        say "$name stopped"
+    else
+        say "$name is not running"
+    fi
+}
+
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit 2
+}
+
+main() {
+    [ $# -ge 1 ] || usage
+    local command=$1
+    shift
+    local brokers=("$@")
+    [ ${#brokers[@]} -gt 0 ] || brokers=("${ALL_BROKERS[@]}")
+    local name known
+    for name in "${brokers[@]}"; do
+        known=0
+        for k in "${ALL_BROKERS[@]}"; do [ "$k" = "$name" ] && known=1; done
+        [ "$known" -eq 1 ] || die "unknown broker '$name' (known: ${ALL_BROKERS[*]})"
+    done
+
+    case $command in
+    start)
+        for name in "${brokers[@]}"; do start_one "$name"; done
+        for name in "${brokers[@]}"; do env_line "$name"; done
+        ;;
+    stop)
+        for name in "${brokers[@]}"; do stop_one "$name"; done
+        ;;
+    restart)
+        for name in "${brokers[@]}"; do
+            stop_one "$name"
+            start_one "$name"
+        done
+        for name in "${brokers[@]}"; do env_line "$name"; done
+        ;;
+    status)
+        local down=0 port
+        for name in "${brokers[@]}"; do
+            port=$("${name}_port")
+            if port_open "$port"; then
+                printf '%-9s up     %s\n' "$name" "$("${name}_url")"
+            else
+                printf '%-9s DOWN   (nothing on 127.0.0.1:%s)\n' "$name" "$port"
+                down=1
+            fi
+        done
+        return "$down"
+        ;;
+    env)
+        for name in "${brokers[@]}"; do env_line "$name"; done
+        ;;
+    -h | --help | help) usage ;;
+    *) die "unknown command '$command' (start, stop, restart, status, env)" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The project's test command, the same locally and in CI:
+#   brokers (installed and started on loopback), formatting, clippy, the whole test suite
+#   against the real brokers, the docs with warnings denied, and the quickstart.
+# With BUS_REQUIRE_BROKERS=1 (set here) a test whose broker is missing fails instead of
+# skipping.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || {
+    echo "test.sh: cargo not found (install Rust with rustup)" >&2
+    exit 1
+}
+
+export BUS_REQUIRE_BROKERS=1
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+started=$SECONDS
+step() {
+    printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)) "$*"
+}
+
+step "brokers: install what is missing and start on loopback (scripts/brokers.sh start)"
+broker_env=$(bash scripts/brokers.sh start)
+eval "$broker_env"
+printf '%s\n' "$broker_env"
+
+step "formatting (cargo fmt --all -- --check)"
+cargo fmt --all -- --check
+
+step "lints (cargo clippy --workspace --all-targets --all-features -- -D warnings)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "tests (cargo test --workspace --all-features)"
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace --all-features 2>&1 | tee "$test_log"
+
+step "docs (RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --all-features)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
+
+step "quickstart (cargo run -q -p examples --example quickstart)"
+cargo run -q -p examples --example quickstart
+
+step "all checks passed"
+# One closing line with the totals of every `test result:` line cargo printed.
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) passed += $(i - 1)
+            if ($(i) ~ /^failed;?$/) failed += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) ignored += $(i - 1)
+        }
+    }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$test_log"
