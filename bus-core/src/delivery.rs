@@ -163,7 +163,12 @@ impl Delivery {
         };
         // If this future is dropped mid-way, `guard` abandons the delivery.
         let guard = AbandonOnDrop(Some(settle));
-        let result = guard.0.as_ref().expect("set above").settle(settlement).await;
+        let result = guard
+            .0
+            .as_ref()
+            .expect("set above")
+            .settle(settlement)
+            .await;
         let mut guard = guard;
         let settle = guard.0.take().expect("set above");
         match result {

@@ -232,7 +232,12 @@ mod tests {
         let e = Envelope::new("a", "x");
         assert_eq!(e.id, e.correlation_id);
         assert!(e.causation_id.is_none());
-        assert_eq!(uuid::Uuid::parse_str(e.id.as_str()).unwrap().get_version_num(), 7);
+        assert_eq!(
+            uuid::Uuid::parse_str(e.id.as_str())
+                .unwrap()
+                .get_version_num(),
+            7
+        );
     }
 
     #[test]

@@ -146,7 +146,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Backpressure | ErrorKind::Handler
+            ErrorKind::Connection
+                | ErrorKind::Timeout
+                | ErrorKind::Backpressure
+                | ErrorKind::Handler
         )
     }
 

@@ -110,7 +110,10 @@ impl Envelope {
             let version: u32 = version.parse().map_err(|e| {
                 Error::with_source(
                     ErrorKind::Serialization,
-                    format!("schema version `{version}` of `{}` is not a number", self.kind),
+                    format!(
+                        "schema version `{version}` of `{}` is not a number",
+                        self.kind
+                    ),
                     e,
                 )
             })?;
