@@ -16,9 +16,15 @@
 //!   panic never stops it; this layer is for middleware that should see the failure.)
 
 pub mod dead_letter;
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod metrics;
 pub mod panic;
 pub mod retry;
 pub mod timeout;
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod tracing;
 
 pub use dead_letter::{DeadLetterLayer, DeadLettering, Redrive};
 pub use panic::{CatchPanic, CatchPanicLayer, Panicked};
