@@ -16,6 +16,8 @@
 //!   panic never stops it; this layer is for middleware that should see the failure.)
 
 pub mod dead_letter;
+/// Deduplication: a message already processed is acknowledged without running the handler again.
+pub mod idempotency;
 #[cfg(feature = "opentelemetry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
 pub mod metrics;
