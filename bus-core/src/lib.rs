@@ -17,6 +17,12 @@
 //!   `conformance` module).
 //!
 //! Most applications depend on the `bus` facade crate, which re-exports this one.
+//!
+//! # Features
+//! - `opentelemetry`: tracing and metrics middleware (`middleware::tracing`,
+//!   `middleware::metrics`).
+//! - `redis`, `postgres`: the Redis and PostgreSQL idempotency stores.
+//! - `conformance`: the adapter conformance suite (not semver-stable).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod broker;

@@ -491,8 +491,10 @@ struct Running {
 impl Running {
     fn spawn<H: Handler>(&mut self, delivery: Delivery, handler: Arc<H>, settle_attempts: u32) {
         let key = delivery.envelope().key.clone();
-        let span = tracing::debug_span!(
-            "process",
+        // Trace level and not named like the OpenTelemetry `process {topic}` span: log context
+        // for the handler's own events, not a second span per message in exported traces.
+        let span = tracing::trace_span!(
+            "bus.delivery",
             message_id = %delivery.envelope().id,
             kind = %delivery.envelope().kind,
             attempt = delivery.attempt(),
