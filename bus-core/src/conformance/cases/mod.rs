@@ -1,0 +1,33 @@
+//! The cases of the suite, one async function each, taking the [`Harness`](super::Harness).
+//!
+//! [`conformance_suite!`](crate::conformance_suite) turns each into a test; an adapter can also
+//! call one directly from a test of its own. A case panics when the adapter fails it, and
+//! prints `skipped: <case>: <reason>` and returns when the adapter's
+//! [`Capabilities`](crate::Capabilities) say it cannot do what the case needs.
+
+mod groups;
+mod lifecycle;
+mod messages;
+mod requests;
+mod settlement;
+
+pub use groups::{
+    acked_messages_not_redelivered_after_resubscribe, concurrent_subscribe_close,
+    fan_out_two_groups, group_members_share_work, per_key_order_across_members,
+    per_key_order_single_subscriber, private_subscriptions_each_get_all, queue_competing_consumers,
+    queue_keeps_messages_until_consumed, resubscribe_in_same_group_loses_nothing,
+};
+pub use lifecycle::{
+    broker_restart_loses_no_confirmed_message, oversize_payload_rejected,
+    publish_after_close_fails_closed, subscription_close_ends_stream,
+};
+pub use messages::{
+    binary_payload, correlation_and_causation_survive, empty_payload, many_headers,
+    publish_batch_round_trip, round_trip_many, topics_do_not_cross, trace_context_survives,
+    typed_message_round_trip,
+};
+pub use requests::{request_no_responders, request_reply_round_trip, request_timeout};
+pub use settlement::{
+    dropped_delivery_is_redelivered, nack_after_delay_waits, nack_now_redelivers,
+    reject_dead_letters_from_queue, reject_dead_letters_from_topic,
+};
