@@ -341,6 +341,7 @@ macro_rules! conformance_suite {
             binary_payload,
             empty_payload,
             many_headers,
+            too_many_headers_rejected,
             correlation_and_causation_survive,
             trace_context_survives,
             typed_message_round_trip,

@@ -118,11 +118,12 @@ pub async fn empty_payload(h: Harness) {
 pub async fn many_headers(h: Harness) {
     const CASE: &str = "many_headers";
     const COUNT: usize = 25;
-    if let Some(max) = h.capabilities().max_headers {
+    let caps = h.capabilities();
+    if let Some(max) = caps.max_headers {
         if max < COUNT {
             skip(
                 CASE,
-                format!("the adapter declares at most {max} headers (Capabilities::max_headers), fewer than {COUNT}"),
+                format!("{} declares at most {max} headers (Capabilities::max_headers), fewer than {COUNT}", caps.name),
             );
             return;
         }
@@ -138,6 +139,46 @@ pub async fn many_headers(h: Harness) {
         .with_header("x_conf.mixed-name_01", "names with dots and underscores");
     assert_eq!(envelope.headers.len(), COUNT);
     round_trip_topic_and_queue(&h, "hdrs", envelope, CASE).await;
+}
+
+/// Where the adapter declares a header limit `n`: `n` headers arrive intact, and `n + 1` fail
+/// with `ErrorKind::HeadersTooLarge` on publish and on send.
+pub async fn too_many_headers_rejected(h: Harness) {
+    const CASE: &str = "too_many_headers_rejected";
+    let caps = h.capabilities();
+    let Some(max) = caps.max_headers else {
+        skip(
+            CASE,
+            format!(
+                "{} declares no header limit (Capabilities::max_headers is None)",
+                caps.name
+            ),
+        );
+        return;
+    };
+    let with_headers = |count: usize| {
+        (0..count).fold(Envelope::new("conf.headers", "counted"), |e, i| {
+            e.with_header(format!("x-conf-h{i:02}"), format!("value {i}"))
+        })
+    };
+    let too_many = with_headers(max + 1);
+    let expect_too_large = |result: crate::Result<()>, how: &str| match result {
+        Ok(()) => panic!(
+            "{CASE}: {how} with {} headers (limit {max}) succeeded",
+            max + 1
+        ),
+        Err(e) => assert_eq!(
+            e.kind(),
+            crate::ErrorKind::HeadersTooLarge,
+            "{CASE}: {how}: error kind ({e})"
+        ),
+    };
+    let topic = unique("hdrmax");
+    expect_too_large(h.broker.publish(&topic, too_many.clone()).await, "publish");
+    expect_too_large(h.broker.send(&unique("hdrmaxq"), too_many).await, "send");
+    if max > 0 {
+        round_trip_topic_and_queue(&h, "hdrmax", with_headers(max), CASE).await;
+    }
 }
 
 /// Correlation and causation ids survive the broker, for a chain of messages

@@ -23,8 +23,8 @@ pub use lifecycle::{
 };
 pub use messages::{
     binary_payload, correlation_and_causation_survive, empty_payload, many_headers,
-    publish_batch_round_trip, round_trip_many, topics_do_not_cross, trace_context_survives,
-    typed_message_round_trip,
+    publish_batch_round_trip, round_trip_many, too_many_headers_rejected, topics_do_not_cross,
+    trace_context_survives, typed_message_round_trip,
 };
 pub use requests::{request_no_responders, request_reply_round_trip, request_timeout};
 pub use settlement::{
