@@ -47,6 +47,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "quickstart (cargo run -q -p examples --example quickstart)"
 cargo run -q -p examples --example quickstart
 
+step "retry → dead-letter example (cargo run -q -p examples --example retry_dlq)"
+cargo run -q -p examples --example retry_dlq
+
+step "tracing across two services (cargo run -q -p examples --example tracing_two_services)"
+cargo run -q -p examples --example tracing_two_services
+
 step "all checks passed"
 # One closing line with the totals of every `test result:` line cargo printed.
 awk '/^test result:/ {
