@@ -1,11 +1,33 @@
-//! The NATS adapter of `bus`, over `async-nats`.
+//! The NATS adapter of `bus`, over `async-nats`: topics and queues on JetStream (or topics on
+//! core NATS when durability is not wanted), native request-reply.
 //!
-//! **Not built yet.** This crate is an empty placeholder so the workspace has its final shape;
-//! issue #4 fills it. Until then `bus::connect` answers a `nats` URL with a clear
-//! `ErrorKind::Config` error, and nothing here pretends to work.
+//! Connect with [`NatsBroker::connect`] (`nats://host:4222?…`, see [`NatsConfig::from_url`])
+//! or, through the facade, `bus::connect("nats://127.0.0.1:4222")`.
+//!
+#![doc = include_str!("../../docs/adapters/nats.md")]
+
+mod broker;
+mod config;
+mod error;
+pub mod names;
+mod publisher;
+mod request;
+mod subscriber;
+mod wire;
+
+pub use broker::NatsBroker;
+pub use config::{Credentials, NatsConfig, Storage};
 
 /// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = false;
+pub const IMPLEMENTED: bool = true;
 
-/// The issue that builds this adapter.
+/// The issue that built this adapter.
 pub const TRACKING_ISSUE: u32 = 4;
+
+/// The names of the headers carrying the envelope's CloudEvents attributes on NATS.
+pub mod header_names {
+    pub use crate::wire::{
+        CE_CAUSATIONID, CE_CORRELATIONID, CE_DATACONTENTTYPE, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
+        CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE,
+    };
+}

@@ -1,0 +1,383 @@
+//! The connection: the client, the JetStream context, the streams made so far, and close.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use bus_core::{async_trait, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
+use tokio::sync::watch;
+
+use crate::config::{NatsConfig, Storage};
+use crate::error;
+use crate::names::Names;
+use crate::wire;
+
+/// Which kind of stream backs a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A topic: limits retention, every consumer (group) reads every message.
+    Topic,
+    /// A queue: work-queue retention, one shared consumer, a message gone once acked.
+    Queue,
+}
+
+/// What every handle, subscription and delivery of one connection shares.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: NatsConfig,
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) names: Names,
+    /// Streams created or updated by this connection (by stream name).
+    streams: Mutex<HashSet<String>>,
+    closed: watch::Sender<bool>,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only inserts and removals happen under the lock: no invariant a panic could break.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(error::closed())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Completes once the connection is closed.
+    pub(crate) fn closed_signal(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// The server's limit on one message (headers and body together).
+    pub(crate) fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    /// Refuses a message the server would refuse: headers and payload over `max_payload`.
+    pub(crate) fn check_size(&self, headers: &async_nats::HeaderMap, payload: usize) -> Result<()> {
+        let max = self.max_payload();
+        let header_len = wire::header_len(headers);
+        if max > 0 && payload + header_len > max {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "a payload of {payload} bytes with {header_len} bytes of headers exceeds the \
+                     NATS server's max_payload of {max} bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stream backing `name` (a topic or a queue), created or updated on first use by this
+    /// connection.
+    pub(crate) async fn ensure_stream(&self, kind: Kind, name: &str) -> Result<String> {
+        let (stream, subject) = match kind {
+            Kind::Topic => (
+                self.names.topic_stream(name),
+                self.names.topic_subject(name),
+            ),
+            Kind::Queue => (
+                self.names.queue_stream(name),
+                self.names.queue_subject(name),
+            ),
+        };
+        if lock(&self.streams).contains(&stream) {
+            return Ok(stream);
+        }
+        let config = stream::Config {
+            name: stream.clone(),
+            description: Some(format!(
+                "bus {}: {name}",
+                if kind == Kind::Topic {
+                    "topic"
+                } else {
+                    "queue"
+                }
+            )),
+            subjects: vec![subject],
+            retention: match kind {
+                Kind::Topic => stream::RetentionPolicy::Limits,
+                Kind::Queue => stream::RetentionPolicy::WorkQueue,
+            },
+            storage: match self.config.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: self.config.replicas,
+            max_age: match (kind, self.config.max_age_secs) {
+                (Kind::Topic, Some(secs)) => Duration::from_secs(secs),
+                _ => Duration::ZERO,
+            },
+            ..stream::Config::default()
+        };
+        self.jetstream
+            .create_or_update_stream(config)
+            .await
+            .map_err(|e| error::stream(e, &stream))?;
+        lock(&self.streams).insert(stream.clone());
+        Ok(stream)
+    }
+
+    /// Forgets that a stream exists (it was deleted behind this connection's back).
+    pub(crate) fn forget_stream(&self, kind: Kind, name: &str) {
+        let stream = match kind {
+            Kind::Topic => self.names.topic_stream(name),
+            Kind::Queue => self.names.queue_stream(name),
+        };
+        lock(&self.streams).remove(&stream);
+    }
+
+    /// The durable pull consumer `config` names on `stream`: the existing one (keeping its
+    /// position) or a new one.
+    pub(crate) async fn consumer(
+        &self,
+        stream: &str,
+        config: &pull::Config,
+    ) -> Result<jetstream::consumer::PullConsumer> {
+        let name = config.durable_name.clone().unwrap_or_default();
+        match self
+            .jetstream
+            .get_consumer_from_stream::<pull::Config, _, _>(&name, stream)
+            .await
+        {
+            Ok(consumer) => Ok(consumer),
+            Err(_) => self
+                .jetstream
+                .create_consumer_on_stream(config.clone(), stream)
+                .await
+                .map_err(|e| error::consumer(e, &name, stream)),
+        }
+    }
+
+    /// Publishes to JetStream and waits for the server's acknowledgement (the message is
+    /// stored). Creates the stream if it went missing.
+    pub(crate) async fn publish_stored(
+        &self,
+        kind: Kind,
+        name: &str,
+        envelope: &Envelope,
+    ) -> Result<()> {
+        let ack = self.send_stored(kind, name, envelope).await?;
+        self.await_ack(kind, name, ack).await
+    }
+
+    /// Sends to JetStream without waiting for the acknowledgement.
+    pub(crate) async fn send_stored(
+        &self,
+        kind: Kind,
+        name: &str,
+        envelope: &Envelope,
+    ) -> Result<jetstream::context::PublishAckFuture> {
+        self.check()?;
+        let headers = wire::encode(envelope, &self.config.source);
+        self.check_size(&headers, envelope.payload.len())?;
+        self.ensure_stream(kind, name).await?;
+        let subject = match kind {
+            Kind::Topic => self.names.topic_subject(name),
+            Kind::Queue => self.names.queue_subject(name),
+        };
+        self.jetstream
+            .publish_with_headers(subject.clone(), headers, envelope.payload.clone())
+            .await
+            .map_err(|e| error::publish(e, &subject))
+    }
+
+    pub(crate) async fn await_ack(
+        &self,
+        kind: Kind,
+        name: &str,
+        ack: jetstream::context::PublishAckFuture,
+    ) -> Result<()> {
+        match ack.await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                    self.forget_stream(kind, name);
+                }
+                let subject = match kind {
+                    Kind::Topic => self.names.topic_subject(name),
+                    Kind::Queue => self.names.queue_subject(name),
+                };
+                Err(error::publish(e, &subject))
+            }
+        }
+    }
+}
+
+/// A connection to NATS: JetStream for topics (or core NATS with `durable=false`) and queues,
+/// core NATS request-reply.
+///
+/// Clones share the connection. See the crate docs for what maps to what.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> bus_core::Result<()> {
+/// use adapter_nats::NatsBroker;
+/// use bus_core::{Envelope, Publisher, SubscribeOptions, Subscriber};
+///
+/// let broker = NatsBroker::connect("nats://127.0.0.1:4222").await?;
+/// let mut billing = broker.subscribe("orders", SubscribeOptions::group("billing")).await?;
+/// broker.publish("orders", Envelope::new("order.placed", "{}")).await?;
+/// let delivery = billing.next().await.expect("open")?;
+/// delivery.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct NatsBroker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl NatsBroker {
+    /// Connects with the settings in `url` (see [`NatsConfig::from_url`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for an invalid URL; connection errors as
+    /// [`NatsBroker::connect_with`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(NatsConfig::from_url(url)?).await
+    }
+
+    /// Connects with `config`. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] (or `Timeout`, `Rejected` for bad credentials) when the server
+    /// cannot be reached. A server without JetStream is found out on the first stream `bus`
+    /// needs ([`ErrorKind::Unsupported`]).
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the connection attempt.
+    pub async fn connect_with(config: NatsConfig) -> Result<Self> {
+        let shown = config.redacted_url();
+        let options = config.connect_options().await?;
+        let client = options
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| error::connect(e, &shown))?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout())
+            .build(client.clone());
+        let (closed, _) = watch::channel(false);
+        tracing::debug!(url = %shown, "connected to NATS");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                names: Names::new(&config.prefix),
+                config,
+                client,
+                jetstream,
+                streams: Mutex::new(HashSet::new()),
+                closed,
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+
+    /// The underlying `async-nats` client, for what `bus` does not cover.
+    #[must_use]
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The JetStream context `bus` uses.
+    #[must_use]
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.jetstream
+    }
+
+    /// The NATS subject a topic's messages are published on (for plain NATS clients).
+    #[must_use]
+    pub fn topic_subject(&self, topic: &str) -> String {
+        self.inner.names.topic_subject(topic)
+    }
+
+    /// The JetStream stream holding a topic's messages.
+    #[must_use]
+    pub fn topic_stream(&self, topic: &str) -> String {
+        self.inner.names.topic_stream(topic)
+    }
+
+    /// The NATS subject a queue's messages are sent on.
+    #[must_use]
+    pub fn queue_subject(&self, queue: &str) -> String {
+        self.inner.names.queue_subject(queue)
+    }
+
+    /// The JetStream work-queue stream holding a queue's messages.
+    #[must_use]
+    pub fn queue_stream(&self, queue: &str) -> String {
+        self.inner.names.queue_stream(queue)
+    }
+
+    /// The NATS subject requests to `topic` are sent on.
+    #[must_use]
+    pub fn request_subject(&self, topic: &str) -> String {
+        self.inner.names.request_subject(topic)
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    fn capabilities(&self) -> Capabilities {
+        let config = &self.inner.config;
+        let stored = config.storage == Storage::File;
+        let base = Capabilities {
+            name: "nats",
+            durable: config.durable && stored,
+            consumer_groups: true,
+            per_key_order: true,
+            per_key_order_across_members: false,
+            request_reply: Support::Native,
+            no_responders_detection: true,
+            delayed_redelivery: Support::Native,
+            dead_letter: Support::Emulated,
+            prompt_redelivery_of_dropped: true,
+            max_payload_bytes: Some(self.inner.max_payload()),
+            max_headers: None,
+        };
+        if config.durable {
+            base
+        } else {
+            Capabilities {
+                delayed_redelivery: Support::Unsupported(
+                    "topics are on core NATS subjects (durable=false): no redelivery, so no \
+                     delay",
+                ),
+                prompt_redelivery_of_dropped: false,
+                ..base
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.send_replace(true) {
+            return Ok(());
+        }
+        // Acknowledgements already handed to the client go out before we return.
+        match tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::with_source(
+                ErrorKind::Connection,
+                "flushing the NATS connection on close",
+                e,
+            )),
+            Err(_) => Err(Error::timeout(
+                "flushing the NATS connection on close took over 5 s",
+            )),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! From `async-nats` errors to `bus` errors: the kind chosen from the client's error kind, the
+//! client's error kept as the typed source (downcast it to e.g.
+//! `async_nats::jetstream::context::PublishError` to see everything the client said).
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::{ConnectErrorKind, RequestErrorKind};
+use bus_core::{Error, ErrorKind};
+
+pub(crate) fn connect(error: async_nats::ConnectError, url: &str) -> Error {
+    let kind = match error.kind() {
+        ConnectErrorKind::ServerParse | ConnectErrorKind::Tls => ErrorKind::Config,
+        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+            ErrorKind::Rejected
+        }
+        ConnectErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(kind, format!("connecting to NATS at {url}"), error)
+}
+
+pub(crate) fn publish(error: async_nats::jetstream::context::PublishError, subject: &str) -> Error {
+    let kind = match error.kind() {
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+        PublishErrorKind::StreamNotFound => ErrorKind::NotFound,
+        PublishErrorKind::MaxAckPending => ErrorKind::Backpressure,
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            ErrorKind::Rejected
+        }
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(
+        kind,
+        format!("publishing to JetStream subject `{subject}`"),
+        error,
+    )
+}
+
+pub(crate) fn core_publish(error: async_nats::PublishError, subject: &str) -> Error {
+    Error::with_source(
+        ErrorKind::Connection,
+        format!("publishing to NATS subject `{subject}`"),
+        error,
+    )
+}
+
+pub(crate) fn flush(error: async_nats::client::FlushError, subject: &str) -> Error {
+    Error::with_source(
+        ErrorKind::Connection,
+        format!("flushing the publish to NATS subject `{subject}`"),
+        error,
+    )
+}
+
+pub(crate) fn subscribe(error: async_nats::SubscribeError, subject: &str) -> Error {
+    Error::with_source(
+        ErrorKind::Connection,
+        format!("subscribing to NATS subject `{subject}`"),
+        error,
+    )
+}
+
+pub(crate) fn stream(error: CreateStreamError, stream: &str) -> Error {
+    let kind = match error.kind() {
+        CreateStreamErrorKind::TimedOut => ErrorKind::Timeout,
+        CreateStreamErrorKind::JetStreamUnavailable => ErrorKind::Unsupported,
+        CreateStreamErrorKind::EmptyStreamName | CreateStreamErrorKind::InvalidStreamName => {
+            ErrorKind::Config
+        }
+        // e.g. a stream whose storage differs from the configuration cannot be updated.
+        CreateStreamErrorKind::JetStream(_) => ErrorKind::Rejected,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(
+        kind,
+        format!("creating or updating JetStream stream `{stream}`"),
+        error,
+    )
+}
+
+pub(crate) fn consumer(error: ConsumerError, consumer: &str, stream: &str) -> Error {
+    let kind = match error.kind() {
+        ConsumerErrorKind::TimedOut => ErrorKind::Timeout,
+        ConsumerErrorKind::InvalidName | ConsumerErrorKind::InvalidConsumerType => {
+            ErrorKind::Config
+        }
+        ConsumerErrorKind::JetStream(_) => ErrorKind::Rejected,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(
+        kind,
+        format!("creating JetStream consumer `{consumer}` on stream `{stream}`"),
+        error,
+    )
+}
+
+pub(crate) fn request(error: async_nats::RequestError, topic: &str, timeout: Duration) -> Error {
+    match error.kind() {
+        RequestErrorKind::TimedOut => Error::with_source(
+            ErrorKind::Timeout,
+            format!("no reply from `{topic}` within {timeout:?}"),
+            error,
+        ),
+        RequestErrorKind::NoResponders => Error::with_source(
+            ErrorKind::NoResponders,
+            format!("nobody serves requests on `{topic}`"),
+            error,
+        ),
+        _ => Error::with_source(
+            ErrorKind::Connection,
+            format!("sending a request to `{topic}`"),
+            error,
+        ),
+    }
+}
+
+/// An acknowledgement (ack, nak, term, progress) the client could not send.
+pub(crate) fn settle(error: async_nats::Error, what: &str) -> Error {
+    Error::with_source(
+        ErrorKind::Connection,
+        format!("sending the {what} to JetStream"),
+        error,
+    )
+}
+
+pub(crate) fn closed() -> Error {
+    Error::closed("the NATS connection of this bus was closed")
+}

@@ -1,0 +1,115 @@
+//! From `bus` names (topics, queues, groups) to NATS subjects, stream and consumer names.
+//!
+//! A `bus` name may hold any character; NATS gives `.` (token separator), `*` and `>`
+//! (wildcards) and whitespace a meaning, and stream and consumer names cannot contain `.` at
+//! all. So every name is encoded into one subject token: letters, digits and `-` stay as they
+//! are, every other byte (including `_` and `.`) becomes `_XX` (two upper-case hex digits).
+//! The encoding is injective, so two names never share a subject or a stream.
+
+/// Encodes `name` into a NATS subject token / stream-name fragment (see the module docs).
+#[must_use]
+pub fn encode(name: &str) -> String {
+    if name.is_empty() {
+        // `_` alone is never the output of a non-empty name (escapes are `_XX`).
+        return "_".to_owned();
+    }
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("_{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Subjects and stream names under one prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The subject a topic's messages are published on.
+    pub(crate) fn topic_subject(&self, topic: &str) -> String {
+        format!("{}.t.{}", self.prefix, encode(topic))
+    }
+
+    /// The stream holding a topic's messages.
+    pub(crate) fn topic_stream(&self, topic: &str) -> String {
+        format!("{}-t-{}", self.prefix, encode(topic))
+    }
+
+    /// The subject a queue's messages are sent on.
+    pub(crate) fn queue_subject(&self, queue: &str) -> String {
+        format!("{}.q.{}", self.prefix, encode(queue))
+    }
+
+    /// The work-queue stream holding a queue's messages.
+    pub(crate) fn queue_stream(&self, queue: &str) -> String {
+        format!("{}-q-{}", self.prefix, encode(queue))
+    }
+
+    /// The subject requests to `topic` are sent on.
+    pub(crate) fn request_subject(&self, topic: &str) -> String {
+        format!("{}.r.{}", self.prefix, encode(topic))
+    }
+}
+
+/// The durable consumer of a named group.
+pub(crate) fn group_consumer(group: &str) -> String {
+    format!("g-{}", encode(group))
+}
+
+/// The one durable consumer every consumer of a queue shares.
+pub(crate) const QUEUE_CONSUMER: &str = "workers";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_differ_stay_different() {
+        let names = [
+            "orders",
+            "orders.a",
+            "orders-a",
+            "orders_a",
+            "orders.a.b",
+            "orders.ab",
+            "orders.*",
+            "orders.>",
+            "orders a",
+            "orders_2E",
+            "",
+            "_",
+        ];
+        let encoded: std::collections::HashSet<String> = names.iter().map(|n| encode(n)).collect();
+        assert_eq!(encoded.len(), names.len(), "{encoded:?}");
+        for e in &encoded {
+            assert!(
+                e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{e}"
+            );
+        }
+        assert_eq!(encode("orders.placed"), "orders_2Eplaced");
+        assert_eq!(encode("a>b*"), "a_3Eb_2A");
+    }
+
+    #[test]
+    fn subjects_are_single_safe_tokens() {
+        let names = Names::new("bus");
+        assert_eq!(names.topic_subject("orders.eu"), "bus.t.orders_2Eeu");
+        assert_eq!(names.topic_stream("orders.eu"), "bus-t-orders_2Eeu");
+        assert_eq!(names.queue_subject("jobs"), "bus.q.jobs");
+        assert_eq!(names.request_subject("rpc.add"), "bus.r.rpc_2Eadd");
+    }
+}

@@ -1,0 +1,595 @@
+//! Subscriptions: JetStream pull consumers (groups, private subscriptions, queues) and core
+//! NATS subscriptions, and how their deliveries are settled.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::{self};
+use bus_core::middleware::dead_letter;
+use bus_core::{
+    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
+    Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::broker::{Inner, Kind};
+use crate::names::{self, QUEUE_CONSUMER};
+use crate::{error, wire, NatsBroker};
+
+/// How often the server sends idle heartbeats on a pull; two missed ones restart the pull.
+const HEARTBEAT: Duration = Duration::from_millis(400);
+/// How long one pull request stays open on the server. Short, because a pull request cannot
+/// be cancelled: closing a subscription waits this long before handing messages back, since
+/// nats-server 2.9 may still send a redelivery to the closed pull, where it would be lost
+/// until the ack wait (and it then miscounts the consumer's position).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// A private subscription's consumer is removed by the server after this long without pulls
+/// (when the process died before closing it).
+const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
+
+#[async_trait]
+impl Subscriber for NatsBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        let inner = &self.inner;
+        inner.check()?;
+        if !inner.config.durable {
+            return subscribe_core(inner, topic, options).await;
+        }
+        let stream = inner.ensure_stream(Kind::Topic, topic).await?;
+        let (name, private) = match &options.group {
+            Some(group) => (names::group_consumer(group), false),
+            None => (format!("p-{}", bus_core::MessageId::new()), true),
+        };
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(match &options.group {
+                Some(group) => format!("bus group `{group}` of topic `{topic}`"),
+                None => format!("bus private subscription of topic `{topic}`"),
+            }),
+            // A group gets what is published after it first subscribed; an existing consumer
+            // keeps its position (the policy only applies on creation).
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: inner.config.ack_wait(),
+            // Unlimited: the retry middleware decides when a message is dead-lettered.
+            max_deliver: -1,
+            inactive_threshold: if private {
+                PRIVATE_INACTIVE
+            } else {
+                Duration::ZERO
+            },
+            ..pull::Config::default()
+        };
+        let consumer = inner.consumer(&stream, &config).await?;
+        let source = PullSource::new(
+            inner.clone(),
+            consumer,
+            Spec {
+                stream,
+                config,
+                source: topic.to_owned(),
+                group: options.group.clone(),
+                private,
+            },
+            options.prefetch.unwrap_or(inner.config.prefetch),
+        );
+        Ok(Subscription::new(Box::new(source)))
+    }
+}
+
+pub(crate) async fn consume(
+    broker: &NatsBroker,
+    queue: &str,
+    options: ConsumeOptions,
+) -> Result<Subscription> {
+    let inner = &broker.inner;
+    inner.check()?;
+    let stream = inner.ensure_stream(Kind::Queue, queue).await?;
+    let config = pull::Config {
+        durable_name: Some(QUEUE_CONSUMER.to_owned()),
+        description: Some(format!("bus consumers of queue `{queue}`")),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: inner.config.ack_wait(),
+        max_deliver: -1,
+        ..pull::Config::default()
+    };
+    let consumer = inner.consumer(&stream, &config).await?;
+    let source = PullSource::new(
+        inner.clone(),
+        consumer,
+        Spec {
+            stream,
+            config,
+            source: queue.to_owned(),
+            group: None,
+            private: false,
+        },
+        options.prefetch.unwrap_or(inner.config.prefetch),
+    );
+    Ok(Subscription::new(Box::new(source)))
+}
+
+/// What a pull source reads from, and how to make its consumer again.
+#[derive(Debug, Clone)]
+struct Spec {
+    stream: String,
+    config: pull::Config,
+    /// The topic or queue name, as the user gave it.
+    source: String,
+    group: Option<String>,
+    /// A private subscription: its consumer is deleted when it closes.
+    private: bool,
+}
+
+/// A JetStream pull consumer behind a subscription. Pulling starts on the first call to
+/// `next` (so a subscription that is never read takes no message from its group), in a task
+/// that hands messages over a channel, which makes `next` cancel safe.
+struct PullSource {
+    inner: Arc<Inner>,
+    spec: Arc<Spec>,
+    batch: usize,
+    consumer: Option<PullConsumer>,
+    messages: Option<mpsc::Receiver<jetstream::Message>>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    closed: watch::Receiver<bool>,
+    done: bool,
+}
+
+impl fmt::Debug for PullSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PullSource")
+            .field("stream", &self.spec.stream)
+            .field("consumer", &self.spec.config.durable_name)
+            .field("batch", &self.batch)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PullSource {
+    fn new(inner: Arc<Inner>, consumer: PullConsumer, spec: Spec, batch: usize) -> Self {
+        let closed = inner.closed_signal();
+        Self {
+            inner,
+            spec: Arc::new(spec),
+            batch: batch.max(1),
+            consumer: Some(consumer),
+            messages: None,
+            stop: watch::channel(false).0,
+            task: None,
+            closed,
+            done: false,
+        }
+    }
+
+    fn start(&mut self) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(1);
+        self.messages = Some(rx);
+        self.task = Some(self.inner.runtime.spawn(pull_loop(
+            self.inner.clone(),
+            self.spec.clone(),
+            consumer,
+            self.batch,
+            tx,
+            self.stop.subscribe(),
+        )));
+    }
+
+    /// Stops pulling and hands back what was pulled but not handed out; then deletes a
+    /// private consumer.
+    fn shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.done = true;
+        let _ = self.stop.send(true);
+        let task = self.task.take();
+        let messages = self.messages.take();
+        let inner = self.inner.clone();
+        let spec = self.spec.clone();
+        async move {
+            if let Some(task) = task {
+                let _ = task.await;
+                // The pull's last request is still open on the server until it expires: wait it
+                // out (see PULL_EXPIRES) before anything is handed back.
+                tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(100)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), inner.client.flush()).await;
+            }
+            if spec.private {
+                let name = spec.config.durable_name.clone().unwrap_or_default();
+                let _ = inner
+                    .jetstream
+                    .delete_consumer_from_stream(&name, &spec.stream)
+                    .await;
+                return;
+            }
+            if let Some(mut messages) = messages {
+                messages.close();
+                while let Some(message) = messages.recv().await {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PullSource {
+    fn drop(&mut self) {
+        if !self.done {
+            let shutdown = self.shutdown();
+            self.inner.runtime.spawn(shutdown);
+        }
+    }
+}
+
+#[async_trait]
+impl DeliverySource for PullSource {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if self.done || self.inner.is_closed() {
+            return None;
+        }
+        self.start();
+        let messages = self.messages.as_mut()?;
+        tokio::select! {
+            message = messages.recv() => {
+                let message = message?;
+                Some(Ok(delivery(&self.inner, &self.spec, message)))
+            }
+            _ = self.closed.wait_for(|closed| *closed) => None,
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if !self.done {
+            self.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// Pulls from `consumer` into `tx` until told to stop, starting over (with the consumer looked
+/// up or made again) after errors such as a server restart.
+async fn pull_loop(
+    inner: Arc<Inner>,
+    spec: Arc<Spec>,
+    consumer: PullConsumer,
+    batch: usize,
+    tx: mpsc::Sender<jetstream::Message>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut closed = inner.closed_signal();
+    let mut consumer = Some(consumer);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() || inner.is_closed() {
+            return;
+        }
+        let current = match consumer.take() {
+            Some(c) => Ok(c),
+            None => inner.consumer(&spec.stream, &spec.config).await,
+        };
+        let pulled = match current {
+            Ok(c) => c
+                .stream()
+                .max_messages_per_batch(batch)
+                .heartbeat(HEARTBEAT)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match pulled {
+            Ok(mut messages) => loop {
+                let item = tokio::select! {
+                    item = messages.next() => item,
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = closed.wait_for(|c| *c) => return,
+                };
+                match item {
+                    Some(Ok(message)) => {
+                        backoff = Duration::from_millis(100);
+                        let permit = tokio::select! {
+                            permit = tx.reserve() => permit.ok(),
+                            _ = stop.wait_for(|s| *s) => None,
+                        };
+                        match permit {
+                            Some(permit) => permit.send(message),
+                            None => {
+                                // Nobody will take it: hand it back to the consumer now.
+                                let _ = message.ack_with(AckKind::Nak(None)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(
+                            stream = %spec.stream,
+                            error = %e,
+                            "pulling from JetStream failed; pulling again"
+                        );
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => tracing::warn!(
+                stream = %spec.stream,
+                error = %e,
+                "starting a JetStream pull failed; retrying in {backoff:?}"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -> Delivery {
+    let (attempt, id, time) = match message.info() {
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            Some(format!("{}:{}", info.stream, info.stream_sequence)),
+            u64::try_from(info.published.unix_timestamp_nanos())
+                .ok()
+                .map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n)),
+        ),
+        Err(_) => (1, None, None),
+    };
+    let (message, acker) = message.split();
+    let envelope = wire::decode(
+        message.headers.as_ref(),
+        message.payload,
+        wire::Defaults {
+            id,
+            kind: spec.source.clone(),
+            time,
+        },
+    );
+    Delivery::new(
+        envelope.clone(),
+        attempt,
+        spec.source.clone(),
+        spec.group.clone(),
+        Box::new(JetStreamSettle {
+            inner: inner.clone(),
+            acker: Arc::new(acker),
+            envelope,
+            source: spec.source.clone(),
+            group: spec.group.clone(),
+            attempt,
+        }),
+    )
+}
+
+/// Settles one JetStream delivery: ack, nak (with delay), term after dead-lettering, progress.
+struct JetStreamSettle {
+    inner: Arc<Inner>,
+    acker: Arc<Acker>,
+    envelope: Envelope,
+    source: String,
+    group: Option<String>,
+    attempt: u32,
+}
+
+impl fmt::Debug for JetStreamSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamSettle")
+            .field("id", &self.envelope.id)
+            .field("source", &self.source)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends the dead letter of `envelope` to the queue named by `headers::dead_letter_queue`.
+async fn dead_letter(
+    inner: &Inner,
+    envelope: &Envelope,
+    source: &str,
+    group: Option<&str>,
+    attempts: u32,
+    reason: &str,
+) -> Result<()> {
+    let dead = dead_letter::mark(
+        envelope.clone(),
+        &dead_letter::DeadLetterInfo {
+            reason,
+            source,
+            group,
+            attempts,
+            first_failure: None,
+        },
+    );
+    inner
+        .publish_stored(Kind::Queue, &headers::dead_letter_queue(source), &dead)
+        .await
+}
+
+#[async_trait]
+impl Settle for JetStreamSettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        let (kind, what) = match settlement {
+            Settlement::Ack => (AckKind::Ack, "ack"),
+            Settlement::Nack(Redeliver::After(delay)) => (AckKind::Nak(Some(delay)), "nak"),
+            Settlement::Nack(_) => (AckKind::Nak(None), "nak"),
+            Settlement::Reject { reason } => {
+                // The dead letter is stored first: if that fails, the delivery stays unsettled.
+                dead_letter(
+                    &self.inner,
+                    &self.envelope,
+                    &self.source,
+                    self.group.as_deref(),
+                    self.attempt,
+                    &reason,
+                )
+                .await?;
+                (AckKind::Term, "term")
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "the NATS adapter does not know the settlement {other:?}"
+                )))
+            }
+        };
+        self.acker
+            .ack_with(kind)
+            .await
+            .map_err(|e| error::settle(e, what))
+    }
+
+    async fn in_progress(&self) -> Result<()> {
+        self.acker
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| error::settle(e, "progress"))
+    }
+
+    fn abandon(&self) {
+        let acker = self.acker.clone();
+        // If this fails, JetStream redelivers after the ack wait anyway.
+        self.inner.runtime.spawn(async move {
+            let _ = acker.ack_with(AckKind::Nak(None)).await;
+        });
+    }
+}
+
+/// A topic on core NATS (`durable=false`): a plain subscription, or a queue group for a
+/// named group.
+async fn subscribe_core(
+    inner: &Arc<Inner>,
+    topic: &str,
+    options: SubscribeOptions,
+) -> Result<Subscription> {
+    let subject = inner.names.topic_subject(topic);
+    let subscriber = match &options.group {
+        Some(group) => {
+            inner
+                .client
+                .queue_subscribe(subject.clone(), names::encode(group))
+                .await
+        }
+        None => inner.client.subscribe(subject.clone()).await,
+    }
+    .map_err(|e| error::subscribe(e, &subject))?;
+    Ok(Subscription::new(Box::new(CoreSource {
+        inner: inner.clone(),
+        closed: inner.closed_signal(),
+        subscriber: Some(subscriber),
+        source: topic.to_owned(),
+        group: options.group,
+    })))
+}
+
+struct CoreSource {
+    inner: Arc<Inner>,
+    closed: watch::Receiver<bool>,
+    subscriber: Option<async_nats::Subscriber>,
+    source: String,
+    group: Option<String>,
+}
+
+impl fmt::Debug for CoreSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreSource")
+            .field("source", &self.source)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl DeliverySource for CoreSource {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if self.inner.is_closed() {
+            return None;
+        }
+        let subscriber = self.subscriber.as_mut()?;
+        let message = tokio::select! {
+            message = subscriber.next() => message?,
+            _ = self.closed.wait_for(|closed| *closed) => return None,
+        };
+        let envelope = wire::decode(
+            message.headers.as_ref(),
+            message.payload,
+            wire::Defaults {
+                id: None,
+                kind: self.source.clone(),
+                time: None,
+            },
+        );
+        Some(Ok(Delivery::new(
+            envelope.clone(),
+            1,
+            self.source.clone(),
+            self.group.clone(),
+            Box::new(CoreSettle {
+                inner: self.inner.clone(),
+                envelope,
+                source: self.source.clone(),
+                group: self.group.clone(),
+            }),
+        )))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if let Some(mut subscriber) = self.subscriber.take() {
+            let _ = subscriber.unsubscribe().await;
+        }
+        Ok(())
+    }
+}
+
+/// Settles a core NATS delivery: nothing to acknowledge, no redelivery; a reject still sends
+/// the dead letter to the (JetStream) dead-letter queue.
+struct CoreSettle {
+    inner: Arc<Inner>,
+    envelope: Envelope,
+    source: String,
+    group: Option<String>,
+}
+
+impl fmt::Debug for CoreSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreSettle")
+            .field("id", &self.envelope.id)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Settle for CoreSettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => Ok(()),
+            Settlement::Reject { reason } => {
+                dead_letter(
+                    &self.inner,
+                    &self.envelope,
+                    &self.source,
+                    self.group.as_deref(),
+                    1,
+                    &reason,
+                )
+                .await
+            }
+            _ => Err(Error::unsupported(
+                "core NATS topics (durable=false) cannot redeliver: nack is unsupported",
+            )),
+        }
+    }
+
+    fn abandon(&self) {
+        // Core NATS has delivered and forgotten it: not durable, as the capabilities say.
+    }
+}
