@@ -33,7 +33,7 @@ const DEFAULT_URL: &str = "memory://";
 /// | scheme | adapter (cargo feature) | query parameters |
 /// |---|---|---|
 /// | `memory://` | in-process broker (`memory`) | `capacity`, `publish_timeout_ms`, `max_payload`, `max_headers` |
-/// | `nats://` | NATS (`nats`), issue #4 | |
+/// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
 /// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`), issue #5 | |
 /// | `kafka://` | Kafka (`kafka`), issue #6 | |
 /// | `sqs://` | AWS SQS and SNS (`sqs`), issue #7 | |
@@ -60,6 +60,13 @@ pub struct BusConfig {
     #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<adapter_memory::MemoryConfig>,
+
+    /// Settings of the NATS adapter, used with `nats://` URLs (the URL's address and query
+    /// parameters override the section's).
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<adapter_nats::NatsConfig>,
 }
 
 fn default_url() -> String {
@@ -80,6 +87,8 @@ impl BusConfig {
             url: url.into(),
             #[cfg(feature = "memory")]
             memory: None,
+            #[cfg(feature = "nats")]
+            nats: None,
         }
     }
 
@@ -117,6 +126,15 @@ impl BusConfig {
     #[must_use]
     pub fn with_memory(mut self, memory: adapter_memory::MemoryConfig) -> Self {
         self.memory = Some(memory);
+        self
+    }
+
+    /// Sets the settings of the NATS adapter.
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[must_use]
+    pub fn with_nats(mut self, nats: adapter_nats::NatsConfig) -> Self {
+        self.nats = Some(nats);
         self
     }
 
@@ -166,6 +184,8 @@ impl fmt::Debug for BusConfig {
         d.field("url", &self.redacted_url());
         #[cfg(feature = "memory")]
         d.field("memory", &self.memory);
+        #[cfg(feature = "nats")]
+        d.field("nats", &self.nats);
         d.finish()
     }
 }
