@@ -47,6 +47,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "quickstart (cargo run -q -p examples --example quickstart)"
 cargo run -q -p examples --example quickstart
 
+step "quickstart on RabbitMQ (BUS_URL=\$BUS_TEST_RABBITMQ_URL cargo run -q -p examples --features rabbitmq --example quickstart)"
+BUS_URL=$BUS_TEST_RABBITMQ_URL cargo run -q -p examples --features rabbitmq --example quickstart
+
 step "retry → dead-letter example (cargo run -q -p examples --example retry_dlq)"
 cargo run -q -p examples --example retry_dlq
 

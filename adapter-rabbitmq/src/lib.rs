@@ -1,11 +1,67 @@
-//! The RabbitMQ adapter of `bus`, over `lapin`.
+//! The RabbitMQ adapter of `bus`, over [`lapin`].
 //!
-//! **Not built yet.** This crate is an empty placeholder so the workspace has its final shape;
-//! issue #5 fills it. Until then `bus::connect` answers a `rabbitmq` URL with a clear
-//! `ErrorKind::Config` error, and nothing here pretends to work.
+//! [`RabbitMqBroker`] implements every `bus` pattern on RabbitMQ 3.10 or later, without
+//! plugins:
+//!
+//! - **Topics** are routing keys on one durable topic exchange (`bus.topics`); each consumer
+//!   group is a durable queue `<topic>@<group>` bound to it (classic, or quorum with
+//!   [`RabbitMqConfig::quorum_queues`]). A group keeps what is published after it first
+//!   subscribed, whether or not a member is connected. A subscription without a group gets an
+//!   exclusive, auto-deleted queue. Publishing to a topic nobody subscribed to drops the
+//!   message, as on the memory broker.
+//! - **Work queues** are durable queues of the same name, reached through the default exchange
+//!   with `mandatory` set, declared on first use: a send is never silently dropped.
+//! - **Publisher confirms**: `publish` and `send` return once the broker confirmed the message
+//!   (persistent, delivery mode 2).
+//! - **Settlement**: manual acks with a `basic.qos` prefetch. `ack` is `basic.ack`.
+//!   `nack(Now)` stores the next attempt at the back of the queue and acks this one (RabbitMQ's
+//!   own requeue does not count attempts on classic queues; the count travels in the
+//!   `bus-attempt` header). `nack(After(d))` goes through a per-queue, per-delay TTL queue
+//!   (`<queue>.retry.<ms>ms`, `x-message-ttl`) that dead-letters back to the queue through the
+//!   default exchange. `reject` sends the message with the dead-letter reason headers to the
+//!   queue `<topic or queue>.dlq`, confirmed, then acks (a `basic.reject` into a dead-letter
+//!   exchange cannot add headers). A delivery dropped unsettled is stored again as the next
+//!   attempt from a spawned task (or requeued with `basic.nack` if that fails).
+//! - **Request-reply** uses direct reply-to; a request to a topic nobody serves is returned by
+//!   the broker (mandatory) and fails fast with `NoResponders`.
+//! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);
+//!   subscriptions re-attach their consumers by themselves. A publish returns `Ok` only once
+//!   confirmed, so a confirmed message is never lost.
+//! - **On the wire**: AMQP properties (`message_id`, `correlation_id`, `timestamp`, `type`,
+//!   `content_type`) plus the CloudEvents AMQP binding's `cloudEvents:*` application
+//!   properties, and the envelope's headers (including `traceparent`) in the headers table.
+//!
+//! See docs/adapters/rabbitmq.md for the whole mapping, the capabilities and the limits.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod config;
+mod error;
+mod link;
+mod publisher;
+mod requests;
+mod subscriber;
+mod wire;
+
+pub use config::{PropertiesHook, RabbitMqConfig};
+pub use publisher::RabbitMqBroker;
+
+/// Re-exported so the escape hatch ([`RabbitMqConfig::with_properties`]) and downcasts of
+/// error sources use the same lapin as the adapter.
+pub use lapin;
 
 /// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = false;
+pub const IMPLEMENTED: bool = true;
 
 /// The issue that builds this adapter.
 pub const TRACKING_ISSUE: u32 = 5;
+
+/// Connects to the RabbitMQ at `url` with the default configuration.
+///
+/// # Errors
+/// As [`RabbitMqBroker::connect`].
+pub async fn connect(url: &str) -> bus_core::Result<RabbitMqBroker> {
+    RabbitMqBroker::connect(url).await
+}
+
+/// The CloudEvents AMQP binding's prefix of application-property names (`cloudEvents:`).
+pub const CLOUDEVENTS_PREFIX: &str = wire::CE_PREFIX;

@@ -34,7 +34,7 @@ const DEFAULT_URL: &str = "memory://";
 /// |---|---|---|
 /// | `memory://` | in-process broker (`memory`) | `capacity`, `publish_timeout_ms`, `max_payload`, `max_headers` |
 /// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
-/// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`), issue #5 | |
+/// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
 /// | `kafka://` | Kafka (`kafka`), issue #6 | |
 /// | `sqs://` | AWS SQS and SNS (`sqs`), issue #7 | |
 ///
@@ -67,6 +67,13 @@ pub struct BusConfig {
     #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<adapter_nats::NatsConfig>,
+
+    /// Settings of the RabbitMQ adapter, used with `amqp://` and `amqps://` URLs (the URL
+    /// given here replaces the section's own `url`).
+    #[cfg(feature = "rabbitmq")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<adapter_rabbitmq::RabbitMqConfig>,
 }
 
 fn default_url() -> String {
@@ -89,6 +96,8 @@ impl BusConfig {
             memory: None,
             #[cfg(feature = "nats")]
             nats: None,
+            #[cfg(feature = "rabbitmq")]
+            rabbitmq: None,
         }
     }
 
@@ -126,6 +135,15 @@ impl BusConfig {
     #[must_use]
     pub fn with_memory(mut self, memory: adapter_memory::MemoryConfig) -> Self {
         self.memory = Some(memory);
+        self
+    }
+
+    /// Sets the settings of the RabbitMQ adapter.
+    #[cfg(feature = "rabbitmq")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+    #[must_use]
+    pub fn with_rabbitmq(mut self, rabbitmq: adapter_rabbitmq::RabbitMqConfig) -> Self {
+        self.rabbitmq = Some(rabbitmq);
         self
     }
 
@@ -186,6 +204,8 @@ impl fmt::Debug for BusConfig {
         d.field("memory", &self.memory);
         #[cfg(feature = "nats")]
         d.field("nats", &self.nats);
+        #[cfg(feature = "rabbitmq")]
+        d.field("rabbitmq", &self.rabbitmq);
         d.finish()
     }
 }
@@ -235,6 +255,86 @@ fn redact(url: &str) -> String {
 
 /// Applies the query parameters of a `memory://` URL onto `base`.
 #[cfg(feature = "memory")]
+/// The RabbitMQ settings for `url`: the section (or the defaults) with the URL, and the
+/// query parameters `bus` knows taken out of it (`prefetch`, `quorum_queues`,
+/// `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`); lapin's own
+/// (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) stay in
+/// the URL. Any other parameter is an error.
+#[cfg(feature = "rabbitmq")]
+pub(crate) fn rabbitmq_from_url(
+    url: &Url,
+    mut base: adapter_rabbitmq::RabbitMqConfig,
+) -> Result<adapter_rabbitmq::RabbitMqConfig> {
+    const LAPIN_PARAMS: &[&str] = &[
+        "heartbeat",
+        "frame_max",
+        "channel_max",
+        "connection_timeout",
+        "auth_mechanism",
+    ];
+    let shown = redact(url.as_str());
+    let mut kept = Vec::new();
+    let mut unknown = Vec::new();
+    for (name, value) in url.query_pairs() {
+        let number = || -> Result<u64> {
+            value.parse::<u64>().map_err(|error| {
+                Error::with_source(
+                    ErrorKind::Config,
+                    format!("`{shown}`: `{name}` must be a non-negative number, got `{value}`"),
+                    error,
+                )
+            })
+        };
+        match &*name {
+            "prefetch" => {
+                base.prefetch = u16::try_from(number()?)
+                    .map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Config,
+                            format!("`{shown}`: `prefetch` must be at most 65535"),
+                            e,
+                        )
+                    })?
+                    .max(1);
+            }
+            "quorum_queues" => {
+                base.quorum_queues = match &*value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(Error::config(format!(
+                            "`{shown}`: `quorum_queues` must be true or false, got `{value}`"
+                        )))
+                    }
+                }
+            }
+            "connection_name" => base.connection_name = Some(value.clone().into_owned()),
+            "max_payload" => {
+                base.max_payload = usize::try_from(number()?).unwrap_or(usize::MAX);
+            }
+            "confirm_timeout_ms" => base.confirm_timeout_ms = number()?,
+            "reconnect_timeout_ms" => base.reconnect_timeout_ms = number()?,
+            other if LAPIN_PARAMS.contains(&other) => {
+                kept.push((name.clone().into_owned(), value.clone().into_owned()));
+            }
+            other => unknown.push(format!("`{other}`")),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(Error::config(format!(
+            "`{shown}`: unknown query parameters {}",
+            unknown.join(", ")
+        )));
+    }
+    let mut url = url.clone();
+    url.set_query(None);
+    if !kept.is_empty() {
+        url.query_pairs_mut().extend_pairs(kept);
+    }
+    base.url = url.into();
+    Ok(base)
+}
+
 pub(crate) fn memory_from_url(
     url: &Url,
     mut base: adapter_memory::MemoryConfig,

@@ -49,11 +49,7 @@ pub(crate) fn feature_off(scheme: &str, feature: &str) -> Error {
 
 /// The error for an adapter that is compiled in but not built yet: it only exports its status.
 #[cfg_attr(
-    not(any(
-        feature = "rabbitmq",
-        feature = "kafka",
-        feature = "sqs"
-    )),
+    not(any(feature = "kafka", feature = "sqs")),
     allow(dead_code)
 )]
 pub(crate) fn not_built(scheme: &str, adapter: &str, tracking_issue: u32) -> Error {
@@ -81,11 +77,6 @@ fn memory(_url: &Url, _config: &BusConfig) -> Result<Bus> {
 // that issue replaces the body with the adapter's constructor (and adds its `BusConfig`
 // section). Flipping `IMPLEMENTED` without doing so stops the build here, rather than leaving
 // `bus::connect` refusing an adapter that works.
-#[cfg(feature = "rabbitmq")]
-const _: () = assert!(
-    !adapter_rabbitmq::IMPLEMENTED,
-    "adapter-rabbitmq is implemented: connect to it in bus/src/scheme.rs"
-);
 #[cfg(feature = "kafka")]
 const _: () = assert!(
     !adapter_kafka::IMPLEMENTED,
@@ -111,15 +102,17 @@ async fn nats(url: &Url, _config: &BusConfig) -> Result<Bus> {
     Err(feature_off(url.scheme(), "nats"))
 }
 
+#[cfg(feature = "rabbitmq")]
+async fn rabbitmq(url: &Url, config: &BusConfig) -> Result<Bus> {
+    let base = config.rabbitmq.clone().unwrap_or_default();
+    let rabbitmq_config = crate::config::rabbitmq_from_url(url, base)?;
+    let broker = adapter_rabbitmq::RabbitMqBroker::with_config(rabbitmq_config).await?;
+    Ok(Bus::new(broker))
+}
+
+#[cfg(not(feature = "rabbitmq"))]
 async fn rabbitmq(url: &Url, _config: &BusConfig) -> Result<Bus> {
-    #[cfg(feature = "rabbitmq")]
-    return Err(not_built(
-        url.scheme(),
-        "RabbitMQ",
-        adapter_rabbitmq::TRACKING_ISSUE,
-    ));
-    #[cfg(not(feature = "rabbitmq"))]
-    return Err(feature_off(url.scheme(), "rabbitmq"));
+    Err(feature_off(url.scheme(), "rabbitmq"))
 }
 
 async fn kafka(url: &Url, _config: &BusConfig) -> Result<Bus> {
@@ -205,24 +198,19 @@ mod tests {
         #[cfg(not(feature = "nats"))]
         check_adapter("nats://127.0.0.1:4222", "nats", false, None).await;
 
-        #[cfg(feature = "rabbitmq")]
-        let rabbitmq = Some(adapter_rabbitmq::TRACKING_ISSUE);
+        // RabbitMQ is built: with its feature on, a URL either connects or fails as a
+        // connection would (rabbitmq_query_params_are_checked covers that side).
         #[cfg(not(feature = "rabbitmq"))]
-        let rabbitmq = None;
-        check_adapter(
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            "rabbitmq",
-            rabbitmq.is_some(),
-            rabbitmq,
-        )
-        .await;
-        check_adapter(
-            "amqps://127.0.0.1:5671",
-            "rabbitmq",
-            rabbitmq.is_some(),
-            rabbitmq,
-        )
-        .await;
+        {
+            check_adapter(
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "rabbitmq",
+                false,
+                None,
+            )
+            .await;
+            check_adapter("amqps://127.0.0.1:5671", "rabbitmq", false, None).await;
+        }
 
         #[cfg(feature = "kafka")]
         let kafka = Some(adapter_kafka::TRACKING_ISSUE);
@@ -241,6 +229,18 @@ mod tests {
             sqs,
         )
         .await;
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[tokio::test]
+    async fn rabbitmq_query_params_are_checked() {
+        let err = connect_err("amqp://guest:guest@127.0.0.1:5672/%2f?colour=blue").await;
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("`colour`"), "{err}");
+        // Nothing listens on port 1: a connection error, never a Config one, and no password.
+        let err = connect_err("amqp://guest:hunter2@127.0.0.1:1/%2f?prefetch=5").await;
+        assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[cfg(not(feature = "memory"))]

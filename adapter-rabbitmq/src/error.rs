@@ -1,0 +1,67 @@
+//! lapin's errors as bus errors, with lapin's error kept as the typed source.
+
+use bus_core::{Error, ErrorKind};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+/// Maps a lapin error met while `doing` something to a bus [`Error`]; the lapin error stays
+/// reachable through [`Error::source_ref`] (downcast to [`lapin::Error`]).
+pub(crate) fn map(error: lapin::Error, doing: &str) -> Error {
+    let kind = kind_of(&error);
+    Error::with_source(kind, format!("{doing}: {error}"), error)
+}
+
+/// The bus error kind of a lapin error.
+pub(crate) fn kind_of(error: &lapin::Error) -> ErrorKind {
+    match error {
+        lapin::Error::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorKind::NotFound,
+            AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => ErrorKind::PayloadTooLarge,
+            // RabbitMQ refuses a message over `max_message_size` with 406 and this text.
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                if amqp
+                    .get_message()
+                    .as_str()
+                    .contains("larger than configured max size") =>
+            {
+                ErrorKind::PayloadTooLarge
+            }
+            AMQPErrorKind::Soft(_) => ErrorKind::Rejected,
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => ErrorKind::Connection,
+            AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR) => ErrorKind::PayloadTooLarge,
+            AMQPErrorKind::Hard(_) => ErrorKind::Connection,
+        },
+        lapin::Error::ParsingError(_) | lapin::Error::SerialisationError(_) => {
+            ErrorKind::Serialization
+        }
+        lapin::Error::InvalidProtocolVersion(_) => ErrorKind::Config,
+        _ => ErrorKind::Connection,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    #[test]
+    fn broker_refusals_map_to_kinds_and_keep_the_source() {
+        let too_big = lapin::Error::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - message size 200 is larger than configured max size 100".into(),
+        ));
+        let err = map(too_big, "publishing");
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+        assert!(err
+            .source_ref()
+            .unwrap()
+            .downcast_ref::<lapin::Error>()
+            .is_some());
+        let missing = lapin::Error::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+            "NOT_FOUND - no queue 'q'".into(),
+        ));
+        assert_eq!(kind_of(&missing), ErrorKind::NotFound);
+        let io = lapin::Error::IOError(std::sync::Arc::new(std::io::Error::other("reset")));
+        assert!(map(io, "x").is_retryable());
+    }
+}

@@ -1,0 +1,240 @@
+//! Request-reply over direct reply-to (`amq.rabbitmq.reply-to`).
+//!
+//! Requests are published, mandatory, to the request exchange with the escaped topic as
+//! routing key; each responder group consumes an auto-deleted queue bound there. When no
+//! responder queue is bound the broker returns the request at once: that is
+//! `ErrorKind::NoResponders`. Replies come back on the requester's channel, which consumes
+//! the direct reply-to pseudo-queue, and are matched to their request by causation id (a reply
+//! is caused by its request).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bus_core::{
+    async_trait, Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSource, Requester,
+    Requests, Responder, Result, ServeOptions,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio::sync::oneshot;
+
+use crate::error::map;
+use crate::link::{confirmed, Confirmed};
+use crate::publisher::{check_name, Inner};
+use crate::subscriber::{prefetch, Endpoint, Source};
+use crate::{wire, RabbitMqBroker};
+
+/// RabbitMQ's direct reply-to pseudo-queue.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The responder group of `ServeOptions::default()`.
+const DEFAULT_GROUP: &str = "default";
+
+type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The requester's channel (consuming direct reply-to) and the requests awaiting replies.
+#[derive(Debug, Default)]
+pub(crate) struct Replies {
+    channel: tokio::sync::Mutex<Option<Channel>>,
+    pending: Pending,
+}
+
+impl Replies {
+    /// The channel requests are published on, with its reply consumer; made again after a
+    /// connection loss.
+    async fn channel(&self, inner: &Inner) -> Result<Channel> {
+        let mut guard = self.channel.lock().await;
+        if let Some(channel) = guard.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let session = inner.link.session().await?;
+        let channel = session.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| map(e, "enabling publisher confirms"))?;
+        let mut replies = channel
+            .basic_consume(
+                REPLY_TO,
+                &format!("bus-replies-{}", MessageId::new()),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, "consuming direct reply-to"))?;
+        let pending = self.pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = replies.next().await {
+                let reply = wire::envelope(&delivery.properties, delivery.data).envelope;
+                let waiting = reply
+                    .causation_id
+                    .as_ref()
+                    .and_then(|request| lock(&pending).remove(request));
+                // A reply nobody waits for any more (timed out) is dropped.
+                if let Some(waiting) = waiting {
+                    let _ = waiting.send(reply);
+                }
+            }
+        });
+        *guard = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Removes a request from the pending map however the request ends.
+struct Forget<'a>(&'a Pending, MessageId);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
+    }
+}
+
+#[async_trait]
+impl Requester for RabbitMqBroker {
+    async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        let inner = &self.inner;
+        inner.link.check()?;
+        inner.validate(&request)?;
+        let key = wire::routing_key(topic);
+        check_name(&key, "topic")?;
+        let (tx, rx) = oneshot::channel();
+        lock(&inner.replies.pending).insert(request.id.clone(), tx);
+        let _forget = Forget(&inner.replies.pending, request.id.clone());
+        let work = async {
+            let channel = inner.replies.channel(inner).await?;
+            let props = wire::properties(&request, topic, 1).with_reply_to(REPLY_TO.into());
+            let confirm = channel
+                .basic_publish(
+                    &inner.config().request_exchange,
+                    &key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &request.payload,
+                    props,
+                )
+                .await
+                .map_err(|e| map(e, "publishing the request"))?;
+            match confirmed(confirm, inner.config().confirm_timeout()).await? {
+                Confirmed::Ack => {}
+                Confirmed::Returned(_) => {
+                    return Err(Error::new(
+                        ErrorKind::NoResponders,
+                        format!("nobody serves requests on `{topic}`"),
+                    ))
+                }
+            }
+            rx.await.map_err(|_| {
+                Error::new(
+                    ErrorKind::Connection,
+                    "the reply channel was lost before the reply came",
+                )
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout(format!(
+                "no reply from `{topic}` within {timeout:?}"
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl Responder for RabbitMqBroker {
+    async fn serve(&self, topic: &str, options: ServeOptions) -> Result<Requests> {
+        let inner = self.inner.clone();
+        inner.link.check()?;
+        let group = options.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+        let prefetch = prefetch(None, inner.config().prefetch);
+        let endpoint = Endpoint::Responder {
+            topic: topic.to_owned(),
+            group,
+        };
+        let source = Source::open(inner, endpoint, prefetch).await?;
+        Ok(Requests::new(Box::new(Serving { source })))
+    }
+}
+
+#[derive(Debug)]
+struct Serving {
+    source: Source,
+}
+
+#[async_trait]
+impl RequestSource for Serving {
+    async fn next(&mut self) -> Option<Result<Request>> {
+        let (delivery, channel, _queue) = match self.source.next_raw().await? {
+            Ok(raw) => raw,
+            Err(e) => return Some(Err(e)),
+        };
+        // A request is answered once or not at all: it is acked as it is handed out.
+        if let Err(e) = channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+        {
+            return Some(Err(map(e, "acknowledging the request")));
+        }
+        let received = wire::envelope(&delivery.properties, delivery.data);
+        Some(Ok(Request::new(
+            received.envelope,
+            Box::new(RabbitReply {
+                inner: self.source_inner(),
+                reply_to: received.reply_to,
+            }),
+        )))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.source.close().await
+    }
+}
+
+impl Serving {
+    fn source_inner(&self) -> Arc<Inner> {
+        self.source.inner()
+    }
+}
+
+#[derive(Debug)]
+struct RabbitReply {
+    inner: Arc<Inner>,
+    reply_to: Option<String>,
+}
+
+#[async_trait]
+impl Reply for RabbitReply {
+    async fn reply(&self, response: Envelope) -> Result<()> {
+        self.inner.link.check()?;
+        self.inner.validate(&response)?;
+        let Some(reply_to) = self.reply_to.as_deref() else {
+            return Err(Error::new(
+                ErrorKind::Rejected,
+                "the request carried no reply-to address",
+            ));
+        };
+        let props = wire::properties(&response, reply_to, 1);
+        // Not mandatory: a requester that gave up is gone, and its reply is dropped.
+        self.inner
+            .link
+            .publish("", reply_to, false, &response.payload, props)
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,513 @@
+//! Consuming: group, private and work queues with manual acks and a prefetch, re-attached
+//! after a connection loss; and the settlement of each delivery.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::middleware::dead_letter;
+use bus_core::{
+    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, ErrorKind,
+    MessageId, Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber,
+    Subscription,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Consumer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::map;
+use crate::publisher::{check_name, Inner};
+use crate::{wire, RabbitMqBroker};
+
+/// What a consumer reads from, and how to (re)declare it.
+#[derive(Debug, Clone)]
+pub(crate) enum Endpoint {
+    /// A consumer group's durable queue on a topic.
+    Group { topic: String, group: String },
+    /// A private subscription: an exclusive, auto-deleted queue on a topic.
+    Private { topic: String },
+    /// A durable work queue.
+    Queue { name: String },
+    /// A responder group's auto-deleted queue on the request exchange.
+    Responder { topic: String, group: String },
+}
+
+/// A consumer attached to its queue on its own channel.
+pub(crate) struct Attached {
+    pub(crate) channel: Channel,
+    consumer: Consumer,
+    pub(crate) queue: String,
+}
+
+impl Endpoint {
+    async fn attach(&self, inner: &Inner, prefetch: u16) -> Result<Attached> {
+        let session = inner.link.session().await?;
+        let channel = session.channel().await?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(|e| map(e, "setting the prefetch (basic.qos)"))?;
+        let config = inner.config();
+        let bind = |queue: String, exchange: String, topic: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_bind(
+                        &queue,
+                        &exchange,
+                        &wire::routing_key(&topic),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map(e, &format!("binding queue `{queue}` to `{topic}`")))?;
+                Ok::<String, Error>(queue)
+            }
+        };
+        let queue = match self {
+            Endpoint::Group { topic, group } => {
+                let queue = wire::group_queue(topic, group);
+                check_name(&queue, "group queue")?;
+                crate::link::declare_queue(&channel, &queue, &inner.link.queue_args()).await?;
+                bind(queue, config.topic_exchange.clone(), topic.clone()).await?
+            }
+            Endpoint::Private { topic } => {
+                let declared = channel
+                    .queue_declare(
+                        "",
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map(e, "declaring a private queue"))?;
+                let queue = declared.name().as_str().to_owned();
+                bind(queue, config.topic_exchange.clone(), topic.clone()).await?
+            }
+            Endpoint::Queue { name } => {
+                check_name(name, "queue")?;
+                crate::link::declare_queue(&channel, name, &inner.link.queue_args()).await?;
+                name.clone()
+            }
+            Endpoint::Responder { topic, group } => {
+                let queue = wire::responder_queue(topic, group);
+                check_name(&queue, "responder queue")?;
+                channel
+                    .queue_declare(
+                        &queue,
+                        QueueDeclareOptions {
+                            auto_delete: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map(e, &format!("declaring queue `{queue}`")))?;
+                bind(queue, config.request_exchange.clone(), topic.clone()).await?
+            }
+        };
+        let tag = format!("bus-{}", MessageId::new());
+        let consumer = channel
+            .basic_consume(
+                &queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, &format!("consuming from `{queue}`")))?;
+        Ok(Attached {
+            channel,
+            consumer,
+            queue,
+        })
+    }
+}
+
+/// A consumer that re-attaches itself after the connection or channel was lost.
+pub(crate) struct Source {
+    inner: Arc<Inner>,
+    endpoint: Endpoint,
+    prefetch: u16,
+    attached: Option<Attached>,
+    attaching: Option<JoinHandle<Result<Attached>>>,
+    closed: watch::Receiver<bool>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("endpoint", &self.endpoint)
+            .field("prefetch", &self.prefetch)
+            .field("queue", &self.attached.as_ref().map(|a| a.queue.as_str()))
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Source {
+    /// Attaches now, so that a group exists (and keeps messages) once `subscribe` returns.
+    pub(crate) async fn open(inner: Arc<Inner>, endpoint: Endpoint, prefetch: u16) -> Result<Self> {
+        inner.link.check()?;
+        let attached = endpoint.attach(&inner, prefetch).await?;
+        let closed = inner.link.closed_signal();
+        Ok(Self {
+            inner,
+            endpoint,
+            prefetch,
+            attached: Some(attached),
+            attaching: None,
+            closed,
+            done: false,
+        })
+    }
+
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    fn ended(&self) -> bool {
+        self.done || self.inner.link.is_closed()
+    }
+
+    /// The next raw delivery with the channel and queue it came from.
+    ///
+    /// Cancel safe: a re-attachment in progress runs in its own task and is picked up by the
+    /// next call; lapin's consumer stream loses nothing when its `next` is dropped.
+    pub(crate) async fn next_raw(
+        &mut self,
+    ) -> Option<Result<(lapin::message::Delivery, Channel, String)>> {
+        loop {
+            if self.ended() {
+                return None;
+            }
+            let mut closed = self.closed.clone();
+            let Some(attached) = self.attached.as_mut() else {
+                let inner = self.inner.clone();
+                let endpoint = self.endpoint.clone();
+                let prefetch = self.prefetch;
+                let task = self.attaching.get_or_insert_with(|| {
+                    tokio::spawn(async move { endpoint.attach(&inner, prefetch).await })
+                });
+                let result = tokio::select! {
+                    result = task => result,
+                    _ = closed.wait_for(|c| *c) => return None,
+                };
+                self.attaching = None;
+                match result {
+                    Ok(Ok(attached)) => {
+                        tracing::info!(queue = %attached.queue, "consumer re-attached");
+                        self.attached = Some(attached);
+                        continue;
+                    }
+                    Ok(Err(e)) if self.ended() || e.is_closed() => return None,
+                    Ok(Err(e)) => return Some(Err(e)),
+                    Err(join) => {
+                        return Some(Err(Error::with_source(
+                            ErrorKind::Other,
+                            "re-attaching the consumer failed",
+                            join,
+                        )))
+                    }
+                }
+            };
+            let item = tokio::select! {
+                item = attached.consumer.next() => item,
+                _ = closed.wait_for(|c| *c) => return None,
+            };
+            match item {
+                Some(Ok(delivery)) => {
+                    return Some(Ok((
+                        delivery,
+                        attached.channel.clone(),
+                        attached.queue.clone(),
+                    )))
+                }
+                Some(Err(e)) => {
+                    self.attached = None;
+                    if self.ended() {
+                        return None;
+                    }
+                    return Some(Err(map(e, "receiving (the consumer will re-attach)")));
+                }
+                None => {
+                    // Cancelled by the broker (queue deleted, node restarting) or the channel
+                    // closed: attach again.
+                    self.attached = None;
+                    if self.ended() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Stops consuming; what lapin had already buffered goes back to the queue. The channel
+    /// stays open while deliveries handed out are unsettled, so they can still be settled.
+    pub(crate) async fn close(&mut self) -> Result<()> {
+        self.done = true;
+        if let Some(task) = self.attaching.take() {
+            task.abort();
+        }
+        if let Some(mut attached) = self.attached.take() {
+            let tag = attached.consumer.tag();
+            if attached.channel.status().connected() {
+                let _ = attached
+                    .channel
+                    .basic_cancel(tag.as_str(), BasicCancelOptions::default())
+                    .await;
+                let drain = async {
+                    while let Some(Ok(d)) = attached.consumer.next().await {
+                        let _ = attached
+                            .channel
+                            .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true })
+                            .await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A topic subscription or queue consumer.
+#[derive(Debug)]
+struct Deliveries {
+    source: Source,
+    /// The topic or queue name deliveries report.
+    name: String,
+    group: Option<String>,
+}
+
+#[async_trait]
+impl DeliverySource for Deliveries {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let (delivery, channel, queue) = match self.source.next_raw().await? {
+            Ok(raw) => raw,
+            Err(e) => return Some(Err(e)),
+        };
+        let received = wire::envelope(&delivery.properties, delivery.data);
+        let state = Arc::new(SettleState {
+            inner: self.source.inner.clone(),
+            channel,
+            tag: delivery.delivery_tag,
+            queue,
+            source: self.name.clone(),
+            group: self.group.clone(),
+            envelope: received.envelope.clone(),
+            attempt: received.attempt,
+            forwarded: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        });
+        Some(Ok(Delivery::new(
+            received.envelope,
+            received.attempt,
+            self.name.clone(),
+            self.group.clone(),
+            Box::new(RabbitSettle(state)),
+        )))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.source.close().await
+    }
+}
+
+/// What settling one delivery needs.
+#[derive(Debug)]
+struct SettleState {
+    inner: Arc<Inner>,
+    /// Keeps the channel open until the delivery is settled.
+    channel: Channel,
+    tag: u64,
+    /// The queue it came from, where a redelivery goes back to.
+    queue: String,
+    source: String,
+    group: Option<String>,
+    envelope: Envelope,
+    attempt: u32,
+    /// The copy for the next attempt or the dead letter was already stored: a retried
+    /// settlement only acks.
+    forwarded: AtomicBool,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl SettleState {
+    async fn ack(&self) -> Result<()> {
+        self.channel
+            .basic_ack(self.tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| map(e, "acknowledging (basic.ack)"))
+    }
+
+    /// Stores the next attempt, now or through the TTL retry queue, then acks this one.
+    /// RabbitMQ's own requeue does not count attempts on classic queues, so the count travels
+    /// in the `bus-attempt` header of the copy.
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
+        if !self.forwarded.load(Ordering::Acquire) {
+            let props = wire::properties(&self.envelope, &self.source, self.attempt + 1);
+            let link = &self.inner.link;
+            match delay {
+                None => {
+                    link.send_to_queue(&self.queue, &self.envelope.payload, props)
+                        .await?
+                }
+                Some(delay) => {
+                    let retry = self.retry_queue(delay).await?;
+                    link.publish("", &retry, true, &self.envelope.payload, props)
+                        .await?
+                        .stored(&retry)?;
+                }
+            }
+            self.forwarded.store(true, Ordering::Release);
+        }
+        self.ack().await
+    }
+
+    /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL
+    /// ends they dead-letter, through the default exchange, back to this queue.
+    async fn retry_queue(&self, delay: Duration) -> Result<String> {
+        let ms = wire::delay_millis(delay);
+        let name = wire::retry_queue(&self.queue, delay);
+        check_name(&name, "retry queue")?;
+        let mut args = FieldTable::default();
+        let int = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
+        args.insert(ShortString::from("x-message-ttl"), int(ms));
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(self.queue.as_str().into()),
+        );
+        // Removed once idle for a while after its last message went back.
+        args.insert(
+            ShortString::from("x-expires"),
+            int(ms.saturating_add(600_000)),
+        );
+        let session = self.inner.link.session().await?;
+        session.ensure_queue(&name, &args).await?;
+        Ok(name)
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        if !self.forwarded.load(Ordering::Acquire) {
+            let dead = dead_letter::mark(
+                self.envelope.clone(),
+                &dead_letter::DeadLetterInfo {
+                    reason,
+                    source: &self.source,
+                    group: self.group.as_deref(),
+                    attempts: self.attempt,
+                    first_failure: None,
+                },
+            );
+            let dlq = headers::dead_letter_queue(&self.source);
+            self.inner.send(&dlq, &dead, 1).await?;
+            self.forwarded.store(true, Ordering::Release);
+        }
+        self.ack().await
+    }
+}
+
+#[derive(Debug)]
+struct RabbitSettle(Arc<SettleState>);
+
+#[async_trait]
+impl Settle for RabbitSettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => self.0.ack().await,
+            Settlement::Nack(Redeliver::After(delay)) => self.0.redeliver(Some(delay)).await,
+            Settlement::Nack(_) => self.0.redeliver(None).await,
+            Settlement::Reject { reason } => self.0.dead_letter(&reason).await,
+            _ => Err(Error::unsupported("unknown settlement")),
+        }
+    }
+
+    fn abandon(&self) {
+        let state = self.0.clone();
+        let Some(runtime) = state.runtime.clone() else {
+            // No runtime to act on: the message comes back when the channel closes.
+            return;
+        };
+        runtime.spawn(async move {
+            if state.redeliver(None).await.is_err() {
+                // Could not store the next attempt: let the broker requeue this one.
+                let _ = state
+                    .channel
+                    .basic_nack(
+                        state.tag,
+                        BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        },
+                    )
+                    .await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Subscriber for RabbitMqBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        let inner = self.inner.clone();
+        inner.link.check()?;
+        let endpoint = match &options.group {
+            Some(group) => Endpoint::Group {
+                topic: topic.to_owned(),
+                group: group.clone(),
+            },
+            None => Endpoint::Private {
+                topic: topic.to_owned(),
+            },
+        };
+        let prefetch = prefetch(options.prefetch, inner.config().prefetch);
+        let source = Source::open(inner, endpoint, prefetch).await?;
+        Ok(Subscription::new(Box::new(Deliveries {
+            source,
+            name: topic.to_owned(),
+            group: options.group,
+        })))
+    }
+}
+
+#[async_trait]
+impl Queue for RabbitMqBroker {
+    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+        self.inner.send(queue, &envelope, 1).await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
+        let inner = self.inner.clone();
+        inner.link.check()?;
+        let prefetch = prefetch(options.prefetch, inner.config().prefetch);
+        let endpoint = Endpoint::Queue {
+            name: queue.to_owned(),
+        };
+        let source = Source::open(inner, endpoint, prefetch).await?;
+        Ok(Subscription::new(Box::new(Deliveries {
+            source,
+            name: queue.to_owned(),
+            group: None,
+        })))
+    }
+}
+
+pub(crate) fn prefetch(asked: Option<usize>, default: u16) -> u16 {
+    asked.map_or(default, |n| u16::try_from(n).unwrap_or(u16::MAX).max(1))
+}
