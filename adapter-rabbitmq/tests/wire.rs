@@ -1,0 +1,333 @@
+//! The envelope on the wire, checked with raw lapin on the real broker
+//! (`BUS_TEST_RABBITMQ_URL`): what `bus` publishes carries the AMQP properties and the
+//! CloudEvents AMQP binding's application properties; what a plain AMQP client publishes is
+//! read by `bus` with sensible defaults. Plus the quorum-queue option and the payload limit.
+
+use std::time::Duration;
+
+use adapter_rabbitmq::lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable, ShortString};
+use adapter_rabbitmq::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
+use bus_core::conformance::broker_url;
+use bus_core::{
+    Broker, ConsumeOptions, Envelope, ErrorKind, MessageId, Publisher, Queue, Redeliver,
+    SubscribeOptions, Subscriber,
+};
+
+fn unique(tag: &str) -> String {
+    format!("wire.{tag}.{}", MessageId::new())
+}
+
+async fn raw(url: &str) -> (Connection, Channel) {
+    let props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let connection = Connection::connect(url, props).await.expect("raw connect");
+    let channel = connection.create_channel().await.expect("raw channel");
+    (connection, channel)
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}
+
+fn text(value: Option<&AMQPValue>) -> Option<String> {
+    match value? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+async fn get_one(channel: &Channel, queue: &str) -> adapter_rabbitmq::lapin::message::Delivery {
+    for _ in 0..100 {
+        if let Some(message) = channel
+            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            return message.delivery;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing arrived in `{queue}`");
+}
+
+#[tokio::test]
+async fn bus_publishes_amqp_properties_and_cloudevents_attributes() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let queue = unique("out");
+    let parent = Envelope::new("order.placed", "{}");
+    let sent = Envelope::new("payment.captured", r#"{"cents":42}"#)
+        .caused_by(&parent)
+        .with_key("order-42")
+        .with_content_type("application/json")
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .with_header("tracestate", "congo=t61rcWkgMzE")
+        .with_header("tenant", "acme");
+    broker.send(&queue, sent.clone()).await.expect("send");
+
+    let (connection, channel) = raw(&url).await;
+    let got = get_one(&channel, &queue).await;
+    let props = &got.properties;
+    assert_eq!(got.data, sent.payload.to_vec());
+    assert_eq!(
+        props.message_id().as_ref().map(ShortString::as_str),
+        Some(sent.id.as_str())
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(ShortString::as_str),
+        Some(parent.id.as_str())
+    );
+    assert_eq!(
+        props.kind().as_ref().map(ShortString::as_str),
+        Some("payment.captured")
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(ShortString::as_str),
+        Some("application/json")
+    );
+    assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+    let seconds = sent
+        .timestamp
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(props.timestamp(), &Some(seconds));
+    let ce = |name: &str| text(header(props, &format!("cloudEvents:{name}")));
+    assert_eq!(ce("specversion").as_deref(), Some("1.0"));
+    assert_eq!(ce("id").as_deref(), Some(sent.id.as_str()));
+    assert_eq!(ce("type").as_deref(), Some("payment.captured"));
+    assert_eq!(
+        ce("source").as_deref(),
+        Some(format!("/bus/{queue}").as_str())
+    );
+    assert_eq!(
+        ce("time"),
+        Some(bus_core::headers::format_time(sent.timestamp))
+    );
+    assert_eq!(ce("correlationid").as_deref(), Some(parent.id.as_str()));
+    assert_eq!(ce("causationid").as_deref(), Some(parent.id.as_str()));
+    assert_eq!(ce("partitionkey").as_deref(), Some("order-42"));
+    assert_eq!(
+        text(header(props, "traceparent")).as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        text(header(props, "tracestate")).as_deref(),
+        Some("congo=t61rcWkgMzE")
+    );
+    assert_eq!(text(header(props, "tenant")).as_deref(), Some("acme"));
+
+    let _ = channel
+        .queue_delete(&queue, QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn bus_reads_what_a_plain_amqp_client_publishes() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let queue = unique("in");
+    let topic = unique("topic");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let mut subscriber = broker
+        .subscribe(&topic, SubscribeOptions::group("raw-readers"))
+        .await
+        .expect("subscribe");
+    let (connection, channel) = raw(&url).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    // 1. A CloudEvent in AMQP binary mode, `cloudEvents_` prefix (the JMS-friendly form),
+    // and a non-string header value.
+    let mut table = FieldTable::default();
+    for (name, value) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "ext-1"),
+        ("cloudEvents_type", "com.example.thing.made"),
+        ("cloudEvents_source", "/other/service"),
+        ("cloudEvents_time", "2026-11-24T06:00:00.250Z"),
+        ("cloudEvents_correlationid", "conversation-7"),
+        ("cloudEvents_partitionkey", "thing-9"),
+        ("cloudEvents_myextension", "kept"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] {
+        table.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    table.insert("retries".into(), AMQPValue::LongInt(3));
+    let props = BasicProperties::default()
+        .with_content_type("text/plain".into())
+        .with_headers(table);
+    channel
+        .basic_publish("", &queue, BasicPublishOptions::default(), b"made", props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let d = consumer.next().await.expect("open").expect("delivery");
+    let e = d.envelope();
+    assert_eq!(e.id.as_str(), "ext-1");
+    assert_eq!(e.kind, "com.example.thing.made");
+    assert_eq!(e.correlation_id.as_str(), "conversation-7");
+    assert_eq!(e.causation_id, None);
+    assert_eq!(e.key.as_deref(), Some("thing-9"));
+    assert_eq!(e.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        e.timestamp,
+        bus_core::headers::parse_time("2026-11-24T06:00:00.250Z").unwrap()
+    );
+    assert_eq!(e.header("cloudEvents:myextension"), Some("kept"));
+    assert_eq!(e.header("retries"), Some("3"));
+    assert!(e.header("traceparent").is_some());
+    assert_eq!(&e.payload[..], b"made");
+    assert_eq!(d.attempt(), 1);
+    d.ack().await.expect("ack");
+
+    // 2. Native AMQP properties only.
+    let props = BasicProperties::default()
+        .with_message_id("native-1".into())
+        .with_correlation_id("native-conversation".into())
+        .with_type("legacy.event".into())
+        .with_timestamp(1_764_000_000);
+    channel
+        .basic_publish("", &queue, BasicPublishOptions::default(), b"x", props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let d = consumer.next().await.expect("open").expect("delivery");
+    let e = d.envelope();
+    assert_eq!(e.id.as_str(), "native-1");
+    assert_eq!(e.kind, "legacy.event");
+    assert_eq!(e.correlation_id.as_str(), "native-conversation");
+    assert_eq!(
+        e.timestamp,
+        std::time::UNIX_EPOCH + Duration::from_secs(1_764_000_000)
+    );
+    d.ack().await.expect("ack");
+
+    // 3. Nothing at all, to a topic through the topic exchange: defaults, never a panic.
+    channel
+        .basic_publish(
+            "bus.topics",
+            &topic,
+            BasicPublishOptions::default(),
+            &[0xff, 0x00],
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let d = subscriber.next().await.expect("open").expect("delivery");
+    let e = d.envelope();
+    assert!(!e.id.as_str().is_empty());
+    assert_eq!(e.correlation_id, e.id);
+    assert_eq!(e.kind, "");
+    assert_eq!(&e.payload[..], &[0xff, 0x00]);
+    assert_eq!(d.source(), topic);
+    assert_eq!(d.group(), Some("raw-readers"));
+    d.ack().await.expect("ack");
+
+    consumer.close().await.unwrap();
+    subscriber.close().await.unwrap();
+    for q in [queue, format!("{topic}@raw-readers")] {
+        let _ = channel
+            .queue_delete(&q, QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn quorum_queues_count_attempts_and_delay() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let config = RabbitMqConfig::new(&url).with_quorum_queues(true);
+    let broker = RabbitMqBroker::with_config(config).await.expect("connect");
+    let queue = unique("quorum");
+    broker
+        .send(&queue, Envelope::new("q.test", "again"))
+        .await
+        .expect("send");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = consumer.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 1);
+    d.nack(Redeliver::Now).await.expect("nack");
+    let d = consumer.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 2);
+    let started = std::time::Instant::now();
+    d.nack(Redeliver::After(Duration::from_millis(300)))
+        .await
+        .expect("nack after");
+    let d = consumer.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 3);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    d.ack().await.expect("ack");
+    consumer.close().await.unwrap();
+
+    let (connection, channel) = raw(&url).await;
+    let declared = channel
+        .queue_declare(
+            &queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    assert_eq!(declared.message_count(), 0);
+    for q in [queue.clone(), format!("{queue}.retry.300ms")] {
+        let _ = channel
+            .queue_delete(&q, QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn payload_over_the_limit_is_refused_before_sending() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let config = RabbitMqConfig::new(&url).with_max_payload(1000);
+    let broker = RabbitMqBroker::with_config(config).await.expect("connect");
+    assert_eq!(broker.capabilities().max_payload_bytes, Some(1000));
+    let err = broker
+        .publish(&unique("big"), Envelope::new("big", vec![0u8; 1001]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    broker.close().await.expect("close");
+}
