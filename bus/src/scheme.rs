@@ -48,10 +48,7 @@ pub(crate) fn feature_off(scheme: &str, feature: &str) -> Error {
 }
 
 /// The error for an adapter that is compiled in but not built yet: it only exports its status.
-#[cfg_attr(
-    not(any(feature = "kafka", feature = "sqs")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(any(feature = "kafka", feature = "sqs")), allow(dead_code))]
 pub(crate) fn not_built(scheme: &str, adapter: &str, tracking_issue: u32) -> Error {
     Error::config(format!(
         "`{scheme}://` URLs need the {adapter} adapter, which is not built yet \
