@@ -368,6 +368,11 @@ macro_rules! conformance_suite {
             publish_after_close_fails_closed,
             subscription_close_ends_stream,
             broker_restart_loses_no_confirmed_message,
+            retry_then_dead_letter_exact_counts,
+            idempotency_under_injected_duplicates,
+            per_key_order_under_concurrency_16,
+            graceful_shutdown_loses_nothing,
+            trace_id_continuity_publish_to_process,
         }
     };
 }

@@ -9,6 +9,7 @@ mod groups;
 mod lifecycle;
 mod messages;
 mod requests;
+mod runtime;
 mod settlement;
 
 pub use groups::{
@@ -27,6 +28,11 @@ pub use messages::{
     trace_context_survives, typed_message_round_trip,
 };
 pub use requests::{request_no_responders, request_reply_round_trip, request_timeout};
+pub use runtime::{
+    graceful_shutdown_loses_nothing, idempotency_under_injected_duplicates,
+    per_key_order_under_concurrency_16, retry_then_dead_letter_exact_counts,
+    trace_id_continuity_publish_to_process,
+};
 pub use settlement::{
     dropped_delivery_is_redelivered, nack_after_delay_waits, nack_now_redelivers,
     reject_dead_letters_from_queue, reject_dead_letters_from_topic,
