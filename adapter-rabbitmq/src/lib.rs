@@ -17,7 +17,7 @@
 //!   `nack(Now)` stores the next attempt at the back of the queue and acks this one (RabbitMQ's
 //!   own requeue does not count attempts on classic queues; the count travels in the
 //!   `bus-attempt` header). `nack(After(d))` goes through a per-queue, per-delay TTL queue
-//!   (`<queue>.retry.<ms>ms`, `x-message-ttl`) that dead-letters back to the queue through the
+//!   (`bus.retry.<ms>ms.<queue>`, `x-message-ttl`) that dead-letters back to the queue through the
 //!   default exchange. `reject` sends the message with the dead-letter reason headers to the
 //!   queue `<topic or queue>.dlq`, confirmed, then acks (a `basic.reject` into a dead-letter
 //!   exchange cannot add headers). A delivery dropped unsettled is stored again as the next
@@ -65,3 +65,9 @@ pub async fn connect(url: &str) -> bus_core::Result<RabbitMqBroker> {
 
 /// The CloudEvents AMQP binding's prefix of application-property names (`cloudEvents:`).
 pub const CLOUDEVENTS_PREFIX: &str = wire::CE_PREFIX;
+
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RabbitMqBroker>();
+    send_sync::<RabbitMqConfig>();
+};

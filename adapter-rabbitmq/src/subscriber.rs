@@ -304,6 +304,7 @@ impl DeliverySource for Deliveries {
             channel,
             tag: delivery.delivery_tag,
             queue,
+            private: matches!(self.source.endpoint, Endpoint::Private { .. }),
             source: self.name.clone(),
             group: self.group.clone(),
             envelope: received.envelope.clone(),
@@ -334,6 +335,8 @@ struct SettleState {
     tag: u64,
     /// The queue it came from, where a redelivery goes back to.
     queue: String,
+    /// Whether that queue is a private subscription's exclusive, server-named one.
+    private: bool,
     source: String,
     group: Option<String>,
     envelope: Envelope,
@@ -360,6 +363,11 @@ impl SettleState {
             let props = wire::properties(&self.envelope, &self.source, self.attempt + 1);
             let link = &self.inner.link;
             match delay {
+                // A private subscription's server-named queue cannot be declared by name.
+                None if self.private => link
+                    .publish("", &self.queue, true, &self.envelope.payload, props)
+                    .await?
+                    .stored(&self.queue)?,
                 None => {
                     link.send_to_queue(&self.queue, &self.envelope.payload, props)
                         .await?

@@ -231,9 +231,10 @@ pub(crate) fn responder_queue(topic: &str, group: &str) -> String {
     format!("bus.rpc.{}", group_queue(topic, group))
 }
 
-/// The TTL queue that holds messages nacked from `queue` for `delay` before they go back.
+/// The TTL queue that holds messages nacked from `queue` for `delay` before they go back:
+/// `bus.retry.<ms>ms.<queue>` (a prefix, as server-named queues start with the reserved `amq.`).
 pub(crate) fn retry_queue(queue: &str, delay: Duration) -> String {
-    format!("{queue}.retry.{}ms", delay_millis(delay))
+    format!("bus.retry.{}ms.{queue}", delay_millis(delay))
 }
 
 /// `delay` in whole milliseconds, rounded up (so the wait is never shorter than asked), at

@@ -307,7 +307,7 @@ async fn quorum_queues_count_attempts_and_delay() {
         .await
         .expect("the queue exists");
     assert_eq!(declared.message_count(), 0);
-    for q in [queue.clone(), format!("{queue}.retry.300ms")] {
+    for q in [queue.clone(), format!("bus.retry.300ms.{queue}")] {
         let _ = channel
             .queue_delete(&q, QueueDeleteOptions::default())
             .await;
@@ -329,5 +329,99 @@ async fn payload_over_the_limit_is_refused_before_sending() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    broker.close().await.expect("close");
+}
+
+/// With the adapter's own check lifted, the broker's refusal of a message over its
+/// `max_message_size` (128 MiB by default) comes back as `PayloadTooLarge`, and the connection
+/// keeps working.
+#[tokio::test]
+async fn broker_refusal_of_an_oversize_message_is_payload_too_large() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let config = RabbitMqConfig::new(&url).with_max_payload(usize::MAX);
+    let broker = RabbitMqBroker::with_config(config).await.expect("connect");
+    let queue = unique("huge");
+    let huge = Envelope::new("huge", vec![b'x'; 128 * 1024 * 1024 + 1]);
+    let err = broker.send(&queue, huge).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    assert!(err
+        .source_ref()
+        .and_then(|s| s.downcast_ref::<adapter_rabbitmq::lapin::Error>())
+        .is_some());
+    let small = Envelope::new("small", "still works");
+    broker
+        .send(&queue, small.clone())
+        .await
+        .expect("send after the refusal");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = consumer.next().await.expect("open").expect("delivery");
+    assert_eq!(d.envelope().id, small.id);
+    d.ack().await.expect("ack");
+    consumer.close().await.unwrap();
+    let (connection, channel) = raw(&url).await;
+    let _ = channel
+        .queue_delete(&queue, QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
+
+/// A private subscription's queue is exclusive and named by the server (`amq.gen-…`): nack,
+/// delayed nack, drop and reject work there too.
+#[tokio::test]
+async fn private_subscription_settles_every_way() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let topic = unique("private");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let sent = Envelope::new("p.test", "settle me");
+    broker.publish(&topic, sent.clone()).await.expect("publish");
+    let d = sub.next().await.expect("open").expect("delivery");
+    assert_eq!((d.envelope().id.clone(), d.attempt()), (sent.id.clone(), 1));
+    d.nack(Redeliver::Now).await.expect("nack now");
+    let d = sub.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 2);
+    d.nack(Redeliver::After(Duration::from_millis(200)))
+        .await
+        .expect("nack after");
+    let d = sub.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 3);
+    drop(d);
+    let d = sub.next().await.expect("open").expect("delivery");
+    assert_eq!(d.attempt(), 4);
+    d.reject("private poison").await.expect("reject");
+    let dlq = bus_core::headers::dead_letter_queue(&topic);
+    let mut dead = broker
+        .consume(&dlq, ConsumeOptions::default())
+        .await
+        .expect("consume the DLQ");
+    let d = dead.next().await.expect("open").expect("dead letter");
+    assert_eq!(d.envelope().id, sent.id);
+    assert_eq!(
+        d.envelope().header(bus_core::headers::DLQ_REASON),
+        Some("private poison")
+    );
+    assert_eq!(
+        d.envelope().header(bus_core::headers::DLQ_ATTEMPTS),
+        Some("4")
+    );
+    d.ack().await.expect("ack");
+    dead.close().await.unwrap();
+    sub.close().await.unwrap();
+    let (connection, channel) = raw(&url).await;
+    let _ = channel
+        .queue_delete(&dlq, QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
     broker.close().await.expect("close");
 }
