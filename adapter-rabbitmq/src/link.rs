@@ -374,6 +374,12 @@ impl Link {
                     .connection
                     .close(200, "bus: closed by the application");
                 match tokio::time::timeout(Duration::from_secs(5), closing).await {
+                    // A channel or the connection already closing (a dropped subscription's
+                    // channel, say) is no failure to close.
+                    Ok(Err(
+                        lapin::Error::InvalidChannelState(_)
+                        | lapin::Error::InvalidConnectionState(_),
+                    )) => {}
                     Ok(result) => result.map_err(|e| map(e, "closing the connection"))?,
                     Err(_) => {
                         return Err(Error::timeout(
