@@ -173,7 +173,7 @@ impl PullSource {
         let Some(consumer) = self.consumer.take() else {
             return;
         };
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(self.batch);
         self.messages = Some(rx);
         self.task = Some(self.inner.runtime.spawn(pull_loop(
             self.inner.clone(),
@@ -290,22 +290,22 @@ async fn pull_loop(
             Ok(mut messages) => loop {
                 let item = tokio::select! {
                     item = messages.next() => item,
-                    _ = stop.wait_for(|s| *s) => return,
-                    _ = closed.wait_for(|c| *c) => return,
+                    () = stopped(&mut stop) => return hand_back(&mut messages).await,
+                    () = stopped(&mut closed) => return,
                 };
                 match item {
                     Some(Ok(message)) => {
                         backoff = Duration::from_millis(100);
                         let permit = tokio::select! {
                             permit = tx.reserve() => permit.ok(),
-                            _ = stop.wait_for(|s| *s) => None,
+                            () = stopped(&mut stop) => None,
                         };
                         match permit {
                             Some(permit) => permit.send(message),
                             None => {
                                 // Nobody will take it: hand it back to the consumer now.
                                 let _ = message.ack_with(AckKind::Nak(None)).await;
-                                return;
+                                return hand_back(&mut messages).await;
                             }
                         }
                     }
@@ -331,6 +331,21 @@ async fn pull_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Completes once the flag is set (or its sender is gone).
+async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+/// Naks what the pull already holds in its buffer (and what arrives for its open requests
+/// meanwhile), so a closing subscription hands it back at once instead of after the ack wait.
+async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+    {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
     }
 }
 
