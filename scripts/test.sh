@@ -50,6 +50,9 @@ cargo run -q -p examples --example quickstart
 step "quickstart on RabbitMQ (BUS_URL=\$BUS_TEST_RABBITMQ_URL cargo run -q -p examples --features rabbitmq --example quickstart)"
 BUS_URL=$BUS_TEST_RABBITMQ_URL cargo run -q -p examples --features rabbitmq --example quickstart
 
+step "quickstart on NATS (BUS_URL=\$BUS_TEST_NATS_URL cargo run -q -p examples --features nats --example quickstart)"
+BUS_URL=$BUS_TEST_NATS_URL cargo run -q -p examples --features nats --example quickstart
+
 step "retry → dead-letter example (cargo run -q -p examples --example retry_dlq)"
 cargo run -q -p examples --example retry_dlq
 
