@@ -307,6 +307,19 @@ async fn quorum_queues_count_attempts_and_delay() {
         .await
         .expect("the queue exists");
     assert_eq!(declared.message_count(), 0);
+    // It is a quorum queue: redeclaring it as a classic one is refused.
+    let mut classic = FieldTable::default();
+    classic.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let refused = channel.queue_declare(&queue, durable, classic).await;
+    assert!(refused.is_err(), "{queue} is not a quorum queue");
+    let channel = connection.create_channel().await.expect("channel");
     for q in [queue.clone(), format!("bus.retry.300ms.{queue}")] {
         let _ = channel
             .queue_delete(&q, QueueDeleteOptions::default())

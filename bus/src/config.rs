@@ -35,7 +35,7 @@ const DEFAULT_URL: &str = "memory://";
 /// | `memory://` | in-process broker (`memory`) | `capacity`, `publish_timeout_ms`, `max_payload`, `max_headers` |
 /// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
 /// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
-/// | `kafka://` | Kafka (`kafka`), issue #6 | |
+/// | `kafka://` | Kafka (`kafka`) | `partitions`, `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`, `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`, `sasl_mechanism`; user info sets the SASL user and password |
 /// | `sqs://` | AWS SQS and SNS (`sqs`), issue #7 | |
 ///
 /// Query parameters of the URL override the same setting in the adapter's section. An
@@ -74,6 +74,13 @@ pub struct BusConfig {
     #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<adapter_rabbitmq::RabbitMqConfig>,
+
+    /// Settings of the Kafka adapter, used with `kafka://` URLs (the URL's brokers and query
+    /// parameters override the section's).
+    #[cfg(feature = "kafka")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<adapter_kafka::KafkaConfig>,
 }
 
 fn default_url() -> String {
@@ -98,6 +105,8 @@ impl BusConfig {
             nats: None,
             #[cfg(feature = "rabbitmq")]
             rabbitmq: None,
+            #[cfg(feature = "kafka")]
+            kafka: None,
         }
     }
 
@@ -144,6 +153,15 @@ impl BusConfig {
     #[must_use]
     pub fn with_rabbitmq(mut self, rabbitmq: adapter_rabbitmq::RabbitMqConfig) -> Self {
         self.rabbitmq = Some(rabbitmq);
+        self
+    }
+
+    /// Sets the settings of the Kafka adapter.
+    #[cfg(feature = "kafka")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+    #[must_use]
+    pub fn with_kafka(mut self, kafka: adapter_kafka::KafkaConfig) -> Self {
+        self.kafka = Some(kafka);
         self
     }
 
@@ -206,6 +224,8 @@ impl fmt::Debug for BusConfig {
         d.field("nats", &self.nats);
         #[cfg(feature = "rabbitmq")]
         d.field("rabbitmq", &self.rabbitmq);
+        #[cfg(feature = "kafka")]
+        d.field("kafka", &self.kafka);
         d.finish()
     }
 }
@@ -508,6 +528,58 @@ mod tests {
         let err =
             serde_json::from_str::<BusConfig>(r#"{"url":"memory://","memroy":{}}"#).unwrap_err();
         assert!(err.to_string().contains("memroy"), "{err}");
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    mod rabbitmq {
+        use super::*;
+        use adapter_rabbitmq::RabbitMqConfig;
+
+        fn parse(url: &str, base: RabbitMqConfig) -> Result<RabbitMqConfig> {
+            rabbitmq_from_url(&Url::parse(url).unwrap(), base)
+        }
+
+        #[test]
+        fn query_params_override_the_section_and_lapin_params_stay_in_the_url() {
+            let base = RabbitMqConfig::default()
+                .with_prefetch(7)
+                .with_connection_name("from-section");
+            let config = parse(
+                "amqp://u:p@mq:5672/%2f?prefetch=50&quorum_queues=true&heartbeat=10&max_payload=1024",
+                base,
+            )
+            .unwrap();
+            assert_eq!(config.prefetch, 50);
+            assert!(config.quorum_queues);
+            assert_eq!(config.max_payload, 1024);
+            assert_eq!(config.connection_name.as_deref(), Some("from-section"));
+            assert_eq!(config.url, "amqp://u:p@mq:5672/%2f?heartbeat=10");
+        }
+
+        #[test]
+        fn unknown_and_bad_params_are_config_errors() {
+            let err = parse("amqp://mq/?colour=blue", RabbitMqConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("`colour`"), "{err}");
+            for url in [
+                "amqp://mq/?prefetch=lots",
+                "amqp://mq/?prefetch=70000",
+                "amqp://mq/?quorum_queues=maybe",
+            ] {
+                let err = parse(url, RabbitMqConfig::default()).unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
+            }
+        }
+
+        #[test]
+        fn the_section_reads_through_serde_and_hides_the_password() {
+            let config: BusConfig = serde_json::from_str(
+                r#"{"url":"amqp://app:hunter2@mq:5672/%2f","rabbitmq":{"prefetch":10,"url":"amqp://x:hunter2@y/"}}"#,
+            )
+            .unwrap();
+            assert_eq!(config.rabbitmq.as_ref().unwrap().prefetch, 10);
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+        }
     }
 
     #[cfg(feature = "memory")]
