@@ -13,7 +13,10 @@ use std::time::Duration;
 use adapter_rabbitmq::lapin::options::QueueDeleteOptions;
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
 use bus_core::conformance::broker_url;
-use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
+use bus_core::{
+    Broker, Envelope, MessageId, Publisher, Requester, Responder, ServeOptions, SubscribeOptions,
+    Subscriber,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -51,6 +54,21 @@ async fn restart_mid_stream_loses_no_confirmed_message() {
         .subscribe(&topic, SubscribeOptions::group(group).with_prefetch(200))
         .await
         .expect("subscribe");
+
+    // A responder served across the restart: it must re-attach, and the requester's direct
+    // reply-to channel must be made again.
+    let rpc_topic = format!("{topic}.rpc");
+    let mut requests = broker
+        .serve(&rpc_topic, ServeOptions::default())
+        .await
+        .expect("serve");
+    let responder = tokio::spawn(async move {
+        while let Some(item) = requests.next().await {
+            if let Ok(request) = item {
+                let _ = request.reply(Envelope::new("restart.pong", "pong")).await;
+            }
+        }
+    });
 
     let (received_tx, mut received) = mpsc::unbounded_channel::<MessageId>();
     let (stop, mut stopped) = watch::channel(false);
@@ -108,6 +126,32 @@ async fn restart_mid_stream_loses_no_confirmed_message() {
         .expect("restart task");
     let published_in = started.elapsed();
 
+    let asked = Instant::now();
+    let reply = loop {
+        match broker
+            .request(
+                &rpc_topic,
+                Envelope::new("restart.ping", "ping"),
+                Duration::from_secs(2),
+            )
+            .await
+        {
+            Ok(reply) => break reply,
+            Err(e) => {
+                assert!(
+                    asked.elapsed() < Duration::from_secs(60),
+                    "request-reply did not recover within 60 s of the restart: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(reply.kind, "restart.pong");
+    println!(
+        "restart: request-reply answered {:?} after the restart",
+        asked.elapsed()
+    );
+
     let mut counts: HashMap<MessageId, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while !confirmed.iter().all(|id| counts.contains_key(id)) {
@@ -149,6 +193,7 @@ async fn restart_mid_stream_loses_no_confirmed_message() {
         let _ = connection.close(200, "done").await;
     }
     broker.close().await.expect("close");
+    let _ = responder.await;
 
     assert!(
         broker.connection_generation() >= 2,
