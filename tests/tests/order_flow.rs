@@ -237,6 +237,7 @@ async fn order_flow(bus: Bus) {
         consumer.stop().await.expect("consumer stops cleanly");
     }
     pricing.abort();
+    bus.close().await.expect("close");
 
     let seen = observed.lock().unwrap();
     let mut billed = seen.billed.clone();
@@ -267,8 +268,6 @@ async fn order_flow(bus: Bus) {
             "payment {number} names its cause"
         );
     }
-    drop(seen);
-    bus.close().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
