@@ -71,6 +71,13 @@ impl Session {
         Ok(())
     }
 
+    /// Declares the durable queue `queue` now, whether or not it was declared before: for
+    /// queues with `x-expires`, which only a declaration or a consumer keeps alive.
+    pub(crate) async fn declare_again(&self, queue: &str, args: &FieldTable) -> Result<()> {
+        let channel = self.channel().await?;
+        declare_queue(&channel, queue, args).await
+    }
+
     /// Forgets that `queue` was declared (it was deleted behind our back).
     pub(crate) fn forget_queue(&self, queue: &str) {
         lock(&self.declared).remove(queue);

@@ -401,13 +401,15 @@ impl SettleState {
             ShortString::from("x-dead-letter-routing-key"),
             AMQPValue::LongString(self.queue.as_str().into()),
         );
-        // Removed once idle for a while after its last message went back.
+        // Removed ten minutes after the last message was put in (and so after it went back).
         args.insert(
             ShortString::from("x-expires"),
             int(ms.saturating_add(600_000)),
         );
+        // Declared every time: publishing does not count as use for `x-expires`, and a
+        // queue expiring with messages in it would lose them.
         let session = self.inner.link.session().await?;
-        session.ensure_queue(&name, &args).await?;
+        session.declare_again(&name, &args).await?;
         Ok(name)
     }
 
