@@ -570,6 +570,29 @@ mod tests {
     }
 
     #[test]
+    fn serde_section_reads_credentials_and_defaults() {
+        let config: NatsConfig = serde_json::from_str(
+            r#"{"url":"nats://10.0.0.2:4222","credentials":{"user_password":{"user":"svc","password":"pw"}},"prefetch":8,"storage":"memory"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.prefetch, 8);
+        assert_eq!(config.storage, Storage::Memory);
+        assert!(config.durable);
+        assert_eq!(
+            config.credentials,
+            Credentials::UserPassword {
+                user: "svc".into(),
+                password: "pw".into()
+            }
+        );
+        assert!(!format!("{config:?}").contains("\"pw\""));
+        let back: NatsConfig =
+            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        assert_eq!(back, config);
+        assert!(serde_json::from_str::<NatsConfig>(r#"{"prefetsh":1}"#).is_err());
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug() {
         let config = NatsConfig::from_url("nats://alice:hunter2@127.0.0.1:4222").unwrap();
         let shown = format!("{config:?}");

@@ -291,7 +291,7 @@ async fn pull_loop(
                 let item = tokio::select! {
                     item = messages.next() => item,
                     () = stopped(&mut stop) => return hand_back(&mut messages).await,
-                    () = stopped(&mut closed) => return,
+                    () = stopped(&mut closed) => return hand_back(&mut messages).await,
                 };
                 match item {
                     Some(Ok(message)) => {
