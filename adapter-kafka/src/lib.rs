@@ -1,11 +1,244 @@
-//! The Kafka adapter of `bus`, over `rdkafka`.
+//! The Kafka adapter of `bus`, over [`rdkafka`].
 //!
-//! **Not built yet.** This crate is an empty placeholder so the workspace has its final shape;
-//! issue #6 fills it. Until then `bus::connect` answers a `kafka` URL with a clear
-//! `ErrorKind::Config` error, and nothing here pretends to work.
+//! [`KafkaBroker`] implements every `bus` pattern on a Kafka cluster (or a Kafka-API broker
+//! such as tansu):
+//!
+//! | bus | Kafka |
+//! |---|---|
+//! | topic | a topic, created through the admin API with [`KafkaConfig::partitions`] |
+//! | key | the record key: the default partitioner keeps one key in one partition, in order |
+//! | group | a consumer group; a subscription without a group gets a group of its own |
+//! | queue | a topic consumed by one group named after the queue |
+//! | ack | the partition's offset is committed once every message before it is settled |
+//! | nack (now or after a delay) | a copy goes to `<topic>.retry` with the next attempt number and a not-before time |
+//! | reject | the dead letter goes to `<topic>.dlq` (read it with `Queue::consume`) |
+//! | request-reply | a reply topic per connection; the reply's causation id is the request's id |
+//!
+//! On the wire the envelope follows the CloudEvents Kafka binding in binary mode (`ce_id`,
+//! `ce_type`, `ce_source`, `ce_specversion`, `ce_time`, `ce_correlationid`, `ce_causationid`,
+//! `content-type`), application headers as they are, the key as the record key.
+//! See `docs/adapters/kafka.md` for the whole mapping, the guarantees and the limits.
+//!
+//! ```no_run
+//! use adapter_kafka::{KafkaBroker, KafkaConfig};
+//! use bus_core::{Envelope, Publisher};
+//! # async fn run() -> bus_core::Result<()> {
+//! let broker = KafkaBroker::connect(KafkaConfig::from_url("kafka://127.0.0.1:9092")?).await?;
+//! broker.publish("orders", Envelope::new("order.placed", "{}").with_key("o-1")).await?;
+//! # Ok(()) }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-/// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = false;
+mod config;
+mod error;
+mod names;
+mod offsets;
+mod publisher;
+mod requests;
+mod subscriber;
+mod wire;
 
-/// The issue that builds this adapter.
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{
+    Broker, Capabilities, ConsumeOptions, Envelope, Publisher, Queue, Requester, Requests,
+    Responder, Result, ServeOptions, SubscribeOptions, Subscriber, Subscription, Support,
+};
+
+pub use config::{Compression, KafkaConfig};
+pub use rdkafka;
+
+use publisher::Shared;
+use requests::{Inbox, KafkaRequests};
+use subscriber::{Spec, Start};
+
+/// Whether this adapter is implemented. The facade reads it.
+pub const IMPLEMENTED: bool = true;
+
+/// The issue that built this adapter.
 pub const TRACKING_ISSUE: u32 = 6;
+
+/// A connection to Kafka: publisher, subscriber, queues and request-reply.
+///
+/// Cheap to share behind an `Arc`; every subscription runs its own consumer (and thread).
+#[derive(Debug)]
+pub struct KafkaBroker {
+    shared: Arc<Shared>,
+    inbox: Inbox,
+}
+
+impl KafkaBroker {
+    /// Connects with `config`: creates the producer and admin client and checks that the
+    /// brokers answer.
+    ///
+    /// # Errors
+    /// [`Config`](bus_core::ErrorKind::Config) for an invalid configuration,
+    /// [`Connection`](bus_core::ErrorKind::Connection) when no broker answers within
+    /// 10 seconds.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let shared = Arc::new(Shared::new(config)?);
+        let probe = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            probe
+                .producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map(|_| ())
+                .map_err(|e| error::map(e, "connecting to Kafka"))
+        })
+        .await
+        .map_err(|e| bus_core::Error::with_source(bus_core::ErrorKind::Other, "probe task", e))??;
+        Ok(Self {
+            shared,
+            inbox: Inbox::default(),
+        })
+    }
+
+    /// Connects to `kafka://host:port[,host:port…][?query]` (see [`KafkaConfig::from_url`]).
+    ///
+    /// # Errors
+    /// As [`KafkaConfig::from_url`] and [`KafkaBroker::connect`].
+    pub async fn connect_url(url: &str) -> Result<Self> {
+        Self::connect(KafkaConfig::from_url(url)?).await
+    }
+
+    /// The configuration in use.
+    #[must_use]
+    pub fn config(&self) -> &KafkaConfig {
+        &self.shared.config
+    }
+
+    fn spec(
+        &self,
+        source: &str,
+        group: String,
+        user_group: Option<String>,
+        start: Start,
+        prefetch: Option<usize>,
+    ) -> Spec {
+        Spec {
+            source: source.to_owned(),
+            group,
+            user_group,
+            start,
+            prefetch: prefetch.unwrap_or(self.shared.config.prefetch),
+            retries: true,
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaBroker {
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
+        self.shared.produce(topic, &envelope, &[]).await
+    }
+
+    async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        self.shared.check_open()?;
+        names::check_topic(topic)?;
+        for e in &envelopes {
+            self.shared.check_size(e)?;
+        }
+        self.shared.ensure_topics(&[topic], None).await?;
+        // Enqueued in order (the futures are polled in order) and awaited together, so the
+        // batch goes out in a few produce requests; the idempotent producer keeps the order.
+        let sends = envelopes.iter().map(|e| self.shared.send(topic, e, &[]));
+        futures::future::try_join_all(sends).await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        let (group, user_group) = match options.group {
+            Some(group) => (group.clone(), Some(group)),
+            None => (names::private_group(), None),
+        };
+        let spec = self.spec(topic, group, user_group, Start::Latest, options.prefetch);
+        let source = subscriber::open(&self.shared, spec).await?;
+        Ok(Subscription::new(Box::new(source)))
+    }
+}
+
+#[async_trait]
+impl Queue for KafkaBroker {
+    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+        self.shared.produce(queue, &envelope, &[]).await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
+        let spec = self.spec(
+            queue,
+            names::queue_group(queue),
+            None,
+            Start::Earliest,
+            options.prefetch,
+        );
+        let source = subscriber::open(&self.shared, spec).await?;
+        Ok(Subscription::new(Box::new(source)))
+    }
+}
+
+#[async_trait]
+impl Requester for KafkaBroker {
+    async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.inbox
+            .request(&self.shared, topic, request, timeout)
+            .await
+    }
+}
+
+#[async_trait]
+impl Responder for KafkaBroker {
+    async fn serve(&self, topic: &str, options: ServeOptions) -> Result<Requests> {
+        let group = options
+            .group
+            .unwrap_or_else(|| names::responder_group(topic));
+        let mut spec = self.spec(topic, group.clone(), Some(group), Start::Latest, None);
+        spec.retries = false;
+        let source = subscriber::open(&self.shared, spec).await?;
+        Ok(Requests::new(Box::new(KafkaRequests {
+            shared: self.shared.clone(),
+            source,
+        })))
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "kafka",
+            durable: true,
+            consumer_groups: true,
+            per_key_order: true,
+            per_key_order_across_members: true,
+            request_reply: Support::Emulated,
+            no_responders_detection: false,
+            delayed_redelivery: Support::Emulated,
+            dead_letter: Support::Emulated,
+            prompt_redelivery_of_dropped: true,
+            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
+            max_headers: None,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.close();
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.flush(Duration::from_secs(5))).await;
+        Ok(())
+    }
+}
+
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<KafkaBroker>();
+    send_sync::<KafkaConfig>();
+};

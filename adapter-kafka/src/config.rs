@@ -1,0 +1,487 @@
+//! Configuration of the Kafka adapter: bootstrap servers, client id, topic settings, consumer
+//! and producer tuning, SASL/TLS, and an escape hatch to any rdkafka `ClientConfig` key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bus_core::{Error, Result};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+/// Compression of produced message batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Compression {
+    /// No compression (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard: needs this crate's `zstd` feature (librdkafka built with zstd).
+    Zstd,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        Ok(match text {
+            "none" => Compression::None,
+            "gzip" => Compression::Gzip,
+            "snappy" => Compression::Snappy,
+            "lz4" => Compression::Lz4,
+            "zstd" => Compression::Zstd,
+            other => {
+                return Err(Error::config(format!(
+                    "unknown Kafka compression `{other}` (none, gzip, snappy, lz4, zstd)"
+                )))
+            }
+        })
+    }
+}
+
+/// How the adapter connects to Kafka and how it lays `bus` out on it.
+///
+/// Read from serde (the `[kafka]` section of `BusConfig`), from a URL with
+/// [`KafkaConfig::from_url`], or built in code:
+///
+/// ```
+/// use adapter_kafka::{Compression, KafkaConfig};
+/// let config = KafkaConfig::from_url("kafka://127.0.0.1:9092?partitions=6&client_id=billing")?
+///     .with_compression(Compression::Lz4)
+///     .with_client_option("socket.keepalive.enable", "true");
+/// assert_eq!(config.partitions, 6);
+/// # Ok::<(), bus_core::Error>(())
+/// ```
+///
+/// `Debug` output never shows the SASL password, the TLS key password, or the values of
+/// [`client_options`](KafkaConfig::client_options) (which may hold secrets).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// `host:port` of one or more brokers, comma-separated (`bootstrap.servers`).
+    pub bootstrap_servers: String,
+    /// The client id the brokers see (`client.id`), and the CloudEvents `source` of what this
+    /// adapter publishes (`bus://<client_id>`).
+    pub client_id: String,
+    /// Partitions of the topics `bus` creates. More partitions let more members of a group
+    /// share the work; per-key order holds within a partition whatever the count.
+    pub partitions: i32,
+    /// Replication factor of the topics `bus` creates.
+    pub replication: i32,
+    /// Compression of produced batches.
+    pub compression: Compression,
+    /// How long the producer waits to fill a batch (`linger.ms`).
+    pub linger_ms: u64,
+    /// How long a publish may wait for the broker's acknowledgement, retries included
+    /// (`message.timeout.ms`); then it fails with a timeout.
+    pub publish_timeout_ms: u64,
+    /// The largest message the producer sends (`message.max.bytes`); larger payloads fail with
+    /// `PayloadTooLarge` before anything is sent.
+    pub max_payload_bytes: usize,
+    /// Idempotent producer (`enable.idempotence`): on by default, so the producer's own
+    /// retries never duplicate or reorder a message.
+    pub idempotence: bool,
+    /// Consumer session timeout (`session.timeout.ms`): how soon the group notices a member
+    /// that died without leaving.
+    pub session_timeout_ms: u64,
+    /// How many unsettled deliveries a subscription holds by default, when
+    /// `SubscribeOptions::prefetch` does not say.
+    pub prefetch: usize,
+    /// `security.protocol`: `plaintext` (default), `ssl`, `sasl_plaintext`, `sasl_ssl`.
+    pub security_protocol: Option<String>,
+    /// `sasl.mechanism`, e.g. `PLAIN`, `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password` (never shown in `Debug`).
+    pub sasl_password: Option<String>,
+    /// `ssl.ca.location`: CA certificate file.
+    pub ssl_ca_location: Option<String>,
+    /// `ssl.certificate.location`: client certificate file.
+    pub ssl_certificate_location: Option<String>,
+    /// `ssl.key.location`: client key file.
+    pub ssl_key_location: Option<String>,
+    /// `ssl.key.password` (never shown in `Debug`).
+    pub ssl_key_password: Option<String>,
+    /// Any other rdkafka `ClientConfig` key, applied last to every client (producer,
+    /// consumers, admin), so it can override what `bus` sets.
+    pub client_options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            client_id: "bus".into(),
+            partitions: 3,
+            replication: 1,
+            compression: Compression::None,
+            linger_ms: 5,
+            publish_timeout_ms: 30_000,
+            max_payload_bytes: 1_000_000,
+            idempotence: true,
+            session_timeout_ms: 10_000,
+            prefetch: 256,
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
+            client_options: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// A configuration for the brokers at `bootstrap_servers` (`host:port[,host:port…]`).
+    #[must_use]
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads `kafka://host:port[,host:port…][?query]`. Query parameters: `partitions`,
+    /// `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`,
+    /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`,
+    /// `sasl_mechanism`; user info in the URL sets the SASL user name and password.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) for another scheme, a missing host,
+    /// or a bad query value.
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::default().merge_url(url)
+    }
+
+    /// Applies `url` (as [`from_url`](KafkaConfig::from_url) reads it) over this configuration.
+    ///
+    /// # Errors
+    /// As [`from_url`](KafkaConfig::from_url).
+    pub fn merge_url(mut self, url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| Error::config(format!("`{url}` is not a kafka:// URL")))?;
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = authority.trim_end_matches('/');
+        let hosts = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                self.sasl_username = Some(decode(user));
+                if !password.is_empty() {
+                    self.sasl_password = Some(decode(password));
+                }
+                hosts
+            }
+            None => authority,
+        };
+        if hosts.is_empty() {
+            return Err(Error::config(format!("`{url}` names no Kafka broker")));
+        }
+        self.bootstrap_servers = hosts.to_owned();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let value = value.into_owned();
+            let bad = |e: &dyn fmt::Display| {
+                Error::config(format!("kafka URL parameter `{name}={value}`: {e}"))
+            };
+            match &*name {
+                "partitions" => self.partitions = value.parse().map_err(|e| bad(&e))?,
+                "replication" => self.replication = value.parse().map_err(|e| bad(&e))?,
+                "client_id" => self.client_id = value,
+                "compression" => self.compression = Compression::parse(&value)?,
+                "linger_ms" => self.linger_ms = value.parse().map_err(|e| bad(&e))?,
+                "publish_timeout_ms" => {
+                    self.publish_timeout_ms = value.parse().map_err(|e| bad(&e))?;
+                }
+                "max_payload" => self.max_payload_bytes = value.parse().map_err(|e| bad(&e))?,
+                "idempotence" => self.idempotence = value.parse().map_err(|e| bad(&e))?,
+                "session_timeout_ms" => {
+                    self.session_timeout_ms = value.parse().map_err(|e| bad(&e))?;
+                }
+                "prefetch" => self.prefetch = value.parse().map_err(|e| bad(&e))?,
+                "security_protocol" => self.security_protocol = Some(value),
+                "sasl_mechanism" => self.sasl_mechanism = Some(value),
+                other => {
+                    return Err(Error::config(format!(
+                        "unknown kafka URL parameter `{other}`"
+                    )))
+                }
+            }
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Sets the partitions of created topics.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Sets the replication factor of created topics.
+    #[must_use]
+    pub fn with_replication(mut self, replication: i32) -> Self {
+        self.replication = replication;
+        self
+    }
+
+    /// Sets the client id.
+    #[must_use]
+    pub fn with_client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.client_id = client_id.into();
+        self
+    }
+
+    /// Sets the compression.
+    #[must_use]
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Sets `linger.ms`.
+    #[must_use]
+    pub fn with_linger_ms(mut self, linger_ms: u64) -> Self {
+        self.linger_ms = linger_ms;
+        self
+    }
+
+    /// Sets the payload limit.
+    #[must_use]
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// Turns the idempotent producer on or off.
+    #[must_use]
+    pub fn with_idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
+    }
+
+    /// Sets the default prefetch.
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets SASL credentials (and the mechanism).
+    #[must_use]
+    pub fn with_sasl(
+        mut self,
+        mechanism: impl Into<String>,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.sasl_mechanism = Some(mechanism.into());
+        self.sasl_username = Some(username.into());
+        self.sasl_password = Some(password.into());
+        self
+    }
+
+    /// Sets `security.protocol`.
+    #[must_use]
+    pub fn with_security_protocol(mut self, protocol: impl Into<String>) -> Self {
+        self.security_protocol = Some(protocol.into());
+        self
+    }
+
+    /// Sets any rdkafka `ClientConfig` key (the escape hatch), applied to every client.
+    #[must_use]
+    pub fn with_client_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.client_options.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the values that would otherwise fail late.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) naming the bad value.
+    pub fn validate(&self) -> Result<()> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(Error::config("kafka: bootstrap_servers is empty"));
+        }
+        if self.partitions < 1 || self.replication < 1 {
+            return Err(Error::config(
+                "kafka: partitions and replication must be at least 1",
+            ));
+        }
+        if self.compression == Compression::Zstd && !cfg!(feature = "zstd") {
+            return Err(Error::config(
+                "kafka: zstd compression needs adapter-kafka's `zstd` feature",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings every client shares: servers, client id, security, then the escape hatch.
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id);
+        let optional = [
+            ("security.protocol", &self.security_protocol),
+            ("sasl.mechanism", &self.sasl_mechanism),
+            ("sasl.username", &self.sasl_username),
+            ("sasl.password", &self.sasl_password),
+            ("ssl.ca.location", &self.ssl_ca_location),
+            ("ssl.certificate.location", &self.ssl_certificate_location),
+            ("ssl.key.location", &self.ssl_key_location),
+            ("ssl.key.password", &self.ssl_key_password),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                c.set(key, value);
+            }
+        }
+        c
+    }
+
+    /// Applies the escape hatch last.
+    pub(crate) fn finish(&self, mut c: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.client_options {
+            c.set(key, value);
+        }
+        c
+    }
+
+    pub(crate) fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("enable.idempotence", self.idempotence.to_string())
+            .set("acks", "all")
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("message.timeout.ms", self.publish_timeout_ms.to_string())
+            .set("compression.type", self.compression.as_str())
+            // Room for headers and the batch framing over the payload limit.
+            .set(
+                "message.max.bytes",
+                (self.max_payload_bytes + 64 * 1024).to_string(),
+            );
+        self.finish(c)
+    }
+
+    pub(crate) fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Start offsets are chosen explicitly at assignment (see subscriber.rs).
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (self.session_timeout_ms / 5).max(100).to_string(),
+            )
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .set("fetch.wait.max.ms", "100")
+            .set("enable.partition.eof", "false");
+        self.finish(c)
+    }
+
+    pub(crate) fn source(&self) -> String {
+        format!("bus://{}", self.client_id)
+    }
+}
+
+fn decode(text: &str) -> String {
+    url::form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("client_id", &self.client_id)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("compression", &self.compression)
+            .field("linger_ms", &self.linger_ms)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("idempotence", &self.idempotence)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("prefetch", &self.prefetch)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &redacted(&self.sasl_password))
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &redacted(&self.ssl_key_password))
+            .field(
+                "client_options",
+                &self.client_options.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_sets_servers_credentials_and_options() {
+        let c = KafkaConfig::from_url(
+            "kafka://app:s%40cret@k1:9092,k2:9092?partitions=6&compression=lz4&client_id=billing",
+        )
+        .unwrap();
+        assert_eq!(c.bootstrap_servers, "k1:9092,k2:9092");
+        assert_eq!(c.sasl_username.as_deref(), Some("app"));
+        assert_eq!(c.sasl_password.as_deref(), Some("s@cret"));
+        assert_eq!(c.partitions, 6);
+        assert_eq!(c.compression, Compression::Lz4);
+        assert_eq!(c.client_id, "billing");
+        assert!(KafkaConfig::from_url("nats://x").is_err());
+        assert!(KafkaConfig::from_url("kafka://h:1?bogus=1").is_err());
+        assert!(KafkaConfig::from_url("kafka://h:1?partitions=0").is_err());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = KafkaConfig::new("h:1")
+            .with_sasl("PLAIN", "app", "hunter2")
+            .with_client_option("ssl.keystore.password", "topsecret");
+        let text = format!("{c:?}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("topsecret"),
+            "{text}"
+        );
+        assert!(text.contains("app"));
+    }
+
+    #[test]
+    fn serde_defaults_fill_missing_fields() {
+        let c: KafkaConfig =
+            serde_json::from_str(r#"{"bootstrap_servers":"h:1","compression":"gzip"}"#).unwrap();
+        assert_eq!(c.compression, Compression::Gzip);
+        assert!(c.idempotence);
+        assert_eq!(c.partitions, 3);
+    }
+}

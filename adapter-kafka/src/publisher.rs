@@ -1,0 +1,201 @@
+//! Producing: topic creation through the admin API, the idempotent producer, delivery reports.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bus_core::{Envelope, Error, ErrorKind, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio::sync::watch;
+
+use crate::{error, names, wire, KafkaConfig};
+
+/// What every part of one connection shares: the producer, the admin client, the topics
+/// known to exist, and whether the connection is closed.
+pub(crate) struct Shared {
+    pub(crate) config: KafkaConfig,
+    pub(crate) producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    created: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+    pub(crate) closed_tx: watch::Sender<bool>,
+    pub(crate) source: String,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let producer: FutureProducer = config
+            .producer_config()
+            .create()
+            .map_err(|e| error::map(e, "creating the Kafka producer"))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .finish(config.client_config())
+            .create()
+            .map_err(|e| error::map(e, "creating the Kafka admin client"))?;
+        let (closed_tx, _) = watch::channel(false);
+        Ok(Self {
+            source: config.source(),
+            config,
+            producer,
+            admin,
+            created: Mutex::new(HashSet::new()),
+            closed: AtomicBool::new(false),
+            closed_tx,
+        })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed("the Kafka connection is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.closed_tx.send(true);
+    }
+
+    /// Creates the topics that this connection has not seen yet, with the configured
+    /// partitions and replication (or `partitions` when given). A topic that already exists is
+    /// fine.
+    pub(crate) async fn ensure_topics(
+        &self,
+        topics: &[&str],
+        partitions: Option<i32>,
+    ) -> Result<()> {
+        let missing: Vec<&str> = {
+            let created = self.created.lock().expect("topic set poisoned");
+            topics
+                .iter()
+                .copied()
+                .filter(|t| !created.contains(*t))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let partitions = partitions.unwrap_or(self.config.partitions);
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    partitions,
+                    TopicReplication::Fixed(self.config.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+        let results = self
+            .admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(|e| error::map(e, format!("creating topics {missing:?}")))?;
+        for result in results {
+            match result {
+                Ok(name) | Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    self.created
+                        .lock()
+                        .expect("topic set poisoned")
+                        .insert(name);
+                }
+                Err((name, code)) => {
+                    let kind = match code {
+                        RDKafkaErrorCode::InvalidTopic
+                        | RDKafkaErrorCode::InvalidPartitions
+                        | RDKafkaErrorCode::InvalidReplicationFactor => ErrorKind::Config,
+                        RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed => ErrorKind::Rejected,
+                        _ => ErrorKind::Connection,
+                    };
+                    return Err(Error::with_source(
+                        kind,
+                        format!("creating Kafka topic `{name}` failed: {code}"),
+                        rdkafka::error::KafkaError::AdminOp(code),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces `envelope` to `topic` (created if needed) and waits for the broker's
+    /// acknowledgement.
+    pub(crate) async fn produce(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        extra: &[(&str, &str)],
+    ) -> Result<()> {
+        self.check_open()?;
+        names::check_topic(topic.trim_end_matches(".dlq"))?;
+        self.check_size(envelope)?;
+        self.ensure_topics(&[topic], None).await?;
+        self.send(topic, envelope, extra).await
+    }
+
+    pub(crate) fn check_size(&self, envelope: &Envelope) -> Result<()> {
+        let max = self.config.max_payload_bytes;
+        if envelope.payload.len() > max {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes is over the Kafka adapter's limit of {max} bytes \
+                     (KafkaConfig::max_payload_bytes)",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends to a topic known to exist.
+    pub(crate) async fn send(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        extra: &[(&str, &str)],
+    ) -> Result<()> {
+        let headers = wire::encode(envelope, &self.source, extra);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&envelope.payload[..])
+            .headers(headers);
+        if let Some(key) = &envelope.key {
+            record = record.key(key.as_bytes());
+        }
+        let queue_timeout = Timeout::After(Duration::from_millis(self.config.publish_timeout_ms));
+        match self.producer.send(record, queue_timeout).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(error::map(
+                e,
+                format!("publishing to Kafka topic `{topic}`"),
+            )),
+        }
+    }
+
+    /// Flushes what the producer still holds, for close.
+    pub(crate) fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(Timeout::After(timeout));
+    }
+}

@@ -1,0 +1,152 @@
+//! Request-reply: requests on the request topic, replies on one reply topic per requester
+//! connection, tied together by the request's id (the reply's causation id).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{Envelope, Error, MessageId, Reply, Request, RequestSource, Result};
+use tokio::sync::{oneshot, OnceCell};
+
+use crate::publisher::Shared;
+use crate::subscriber::{self, KafkaSource, Spec, Start};
+use crate::{names, wire};
+
+type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>>;
+
+/// The reply topic of this connection and the requests waiting for a reply.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    topic: OnceCell<String>,
+    pending: Pending,
+}
+
+impl Inbox {
+    async fn topic(&self, shared: &Arc<Shared>) -> Result<&str> {
+        let topic = self
+            .topic
+            .get_or_try_init(|| async {
+                let topic = format!("bus.replies.{}", uuid::Uuid::now_v7());
+                shared.ensure_topics(&[&topic], Some(1)).await?;
+                let mut source = subscriber::open(
+                    shared,
+                    Spec {
+                        source: topic.clone(),
+                        group: names::private_group(),
+                        user_group: None,
+                        start: Start::Earliest,
+                        prefetch: 256,
+                        retries: false,
+                    },
+                )
+                .await?;
+                let pending = self.pending.clone();
+                tokio::spawn(async move {
+                    while let Some((delivery, _)) = source.next_item().await {
+                        let reply = delivery.envelope().clone();
+                        let _ = delivery.ack().await;
+                        let Some(request_id) = reply.causation_id.clone() else {
+                            continue;
+                        };
+                        let waiter = pending
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(&request_id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(reply);
+                        }
+                    }
+                    source.shut_down().await;
+                });
+                Ok::<_, Error>(topic)
+            })
+            .await?;
+        Ok(topic)
+    }
+
+    pub(crate) async fn request(
+        &self,
+        shared: &Arc<Shared>,
+        topic: &str,
+        request: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope> {
+        shared.check_open()?;
+        let reply_to = self.topic(shared).await?.to_owned();
+        let (tx, rx) = oneshot::channel();
+        let id = request.id.clone();
+        self.lock().insert(id.clone(), tx);
+        let outcome = async {
+            shared
+                .produce(topic, &request, &[(wire::REPLY_TO, &reply_to)])
+                .await?;
+            match rx.await {
+                Ok(reply) => Ok(reply),
+                Err(_) => Err(Error::closed("the Kafka connection closed")),
+            }
+        };
+        let result = match tokio::time::timeout(timeout, outcome).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout(format!(
+                "no reply to the request on `{topic}` within {timeout:?}"
+            ))),
+        };
+        self.lock().remove(&id);
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, oneshot::Sender<Envelope>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Serves a request topic: each request is acknowledged as it is handed out (a request is
+/// answered once or times out; it is not redelivered).
+#[derive(Debug)]
+pub(crate) struct KafkaRequests {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) source: KafkaSource,
+}
+
+#[async_trait]
+impl RequestSource for KafkaRequests {
+    async fn next(&mut self) -> Option<Result<Request>> {
+        loop {
+            let (delivery, reply_to) = self.source.next_item().await?;
+            let envelope = delivery.envelope().clone();
+            if let Err(e) = delivery.ack().await {
+                return Some(Err(e.into()));
+            }
+            let Some(reply_to) = reply_to else {
+                tracing::debug!(id = %envelope.id, "request without a reply topic, skipped");
+                continue;
+            };
+            let reply = KafkaReply {
+                shared: self.shared.clone(),
+                reply_to,
+            };
+            return Some(Ok(Request::new(envelope, Box::new(reply))));
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.source.shut_down().await;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct KafkaReply {
+    shared: Arc<Shared>,
+    reply_to: String,
+}
+
+#[async_trait]
+impl Reply for KafkaReply {
+    async fn reply(&self, response: Envelope) -> Result<()> {
+        self.shared.produce(&self.reply_to, &response, &[]).await
+    }
+}

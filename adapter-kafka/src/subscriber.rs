@@ -1,0 +1,658 @@
+//! Consuming: one consumer per subscription, on a thread of its own, feeding deliveries to
+//! the async side; offsets committed per partition only as far as everything is settled.
+//!
+//! Each subscription runs an rdkafka `BaseConsumer` on a dedicated thread. The thread polls,
+//! turns records into deliveries, and keeps per partition an [`OffsetTracker`]; it commits the
+//! contiguous settled prefix every 100 ms, at revocation and at close. Partition assignments
+//! get an epoch: a delivery settled after its partition was revoked changes nothing (the new
+//! owner gets the message again, as at-least-once allows), and stale deliveries still buffered
+//! are not handed out.
+//!
+//! The subscription reads the topic and its retry topic (`<topic>.retry`). A nack produces a
+//! copy to the retry topic with the next attempt number, the time before which it must not
+//! come back, and the group it is meant for; the consumer of that group holds it locally until
+//! then. A dropped delivery is handed out again from memory (its offset was never committed),
+//! and if the consumer dies first, the group reads it again from Kafka.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
+use bus_core::Redeliver;
+use bus_core::{headers, Delivery, DeliverySource, Envelope, Error, Result, Settle, Settlement};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::offsets::OffsetTracker;
+use crate::publisher::Shared;
+use crate::{error, names, wire};
+
+/// Where a group starts reading a partition it has never committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// At the end: what is published after the group first subscribed (topics).
+    Latest,
+    /// At the beginning: everything kept (queues).
+    Earliest,
+}
+
+/// What to consume and how.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    /// The topic or queue name the user gave (the Kafka topic of the same name).
+    pub(crate) source: String,
+    /// The Kafka consumer group id.
+    pub(crate) group: String,
+    /// The group as deliveries report it.
+    pub(crate) user_group: Option<String>,
+    pub(crate) start: Start,
+    pub(crate) prefetch: usize,
+    /// Whether to read the retry topic too (not for reply inboxes).
+    pub(crate) retries: bool,
+}
+
+struct PartState {
+    epoch: u64,
+    tracker: OffsetTracker,
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<(String, i32), PartState>,
+    next_epoch: u64,
+    /// Assignments (rebalances) seen so far.
+    assignments: u64,
+}
+
+impl State {
+    fn is_current(&self, topic: &str, partition: i32, epoch: u64, offset: i64) -> bool {
+        self.parts
+            .get(&(topic.to_owned(), partition))
+            .is_some_and(|p| p.epoch == epoch && p.tracker.is_unsettled(offset))
+    }
+
+    fn settle(&mut self, topic: &str, partition: i32, epoch: u64, offset: i64) {
+        if let Some(p) = self.parts.get_mut(&(topic.to_owned(), partition)) {
+            if p.epoch == epoch {
+                p.tracker.settle(offset);
+            }
+        }
+    }
+
+    /// The offsets to commit: every partition whose contiguous settled prefix moved.
+    fn to_commit(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), p) in &self.parts {
+            if let Some(offset) = p.tracker.to_commit() {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+            }
+        }
+        tpl
+    }
+
+    fn mark_committed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let (Some(p), Offset::Offset(o)) = (
+                self.parts.get_mut(&(e.topic().to_owned(), e.partition())),
+                e.offset(),
+            ) {
+                p.tracker.mark_committed(o);
+            }
+        }
+    }
+}
+
+type SharedState = Arc<Mutex<State>>;
+
+fn lock(state: &SharedState) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One received record, on its way to becoming a [`Delivery`].
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    pub(crate) envelope: Envelope,
+    pub(crate) attempt: u32,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    pub(crate) reply_to: Option<String>,
+}
+
+/// The consumer context: chooses start offsets at assignment and commits at revocation.
+struct Ctx {
+    state: SharedState,
+    start: Start,
+    assigned: watch::Sender<u64>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                commit(consumer, &self.state, CommitMode::Sync);
+                lock(&self.state).parts.clear();
+                let _ = consumer.unassign();
+            }
+            other => {
+                tracing::warn!(error = ?other, "Kafka rebalance error");
+                lock(&self.state).parts.clear();
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl Ctx {
+    /// Starts each assigned partition at the group's committed offset, or, for a group that
+    /// never committed there, at the end (topics) or the beginning (queues), and commits that
+    /// start at once: so a group receives everything published after it first subscribed,
+    /// even if its first member leaves before anything arrives.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let timeout = Duration::from_secs(10);
+        let committed = consumer.committed_offsets(tpl.clone(), timeout).ok();
+        let mut assignment = TopicPartitionList::new();
+        let mut first = TopicPartitionList::new();
+        let mut starts = Vec::new();
+        for e in tpl.elements() {
+            let (topic, partition) = (e.topic(), e.partition());
+            let known = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(topic, partition))
+                .map(|c| c.offset());
+            let start = match known {
+                Some(Offset::Offset(o)) if o >= 0 => Some(o),
+                _ => {
+                    let marks = watermarks(consumer, topic, partition);
+                    let o = marks.map(|(low, high)| match self.start {
+                        Start::Latest => high,
+                        Start::Earliest => low,
+                    });
+                    if let Some(o) = o {
+                        let _ = first.add_partition_offset(topic, partition, Offset::Offset(o));
+                    }
+                    o
+                }
+            };
+            let offset = match (start, self.start) {
+                (Some(o), _) => Offset::Offset(o),
+                (None, Start::Latest) => Offset::End,
+                (None, Start::Earliest) => Offset::Beginning,
+            };
+            let _ = assignment.add_partition_offset(topic, partition, offset);
+            starts.push(((topic.to_owned(), partition), start));
+        }
+        if first.count() > 0 {
+            if let Err(e) = consumer.commit(&first, CommitMode::Sync) {
+                tracing::warn!(error = %e, "committing a new group's start offsets failed");
+            }
+        }
+        {
+            let mut state = lock(&self.state);
+            state.parts.clear();
+            for (key, start) in starts {
+                state.next_epoch += 1;
+                let epoch = state.next_epoch;
+                state.parts.insert(
+                    key,
+                    PartState {
+                        epoch,
+                        tracker: OffsetTracker::starting_at(start),
+                    },
+                );
+            }
+            state.assignments += 1;
+        }
+        if let Err(e) = consumer.assign(&assignment) {
+            tracing::warn!(error = %e, "assigning partitions failed");
+        }
+        self.assigned.send_modify(|n| *n += 1);
+    }
+}
+
+fn watermarks(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    for _ in 0..5 {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+            Ok(marks) => return Some(marks),
+            Err(e) => {
+                tracing::debug!(error = %e, topic, partition, "fetching watermarks");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    None
+}
+
+fn commit(consumer: &BaseConsumer<Ctx>, state: &SharedState, mode: CommitMode) {
+    let tpl = lock(state).to_commit();
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => lock(state).mark_committed(&tpl),
+        Err(e) => tracing::debug!(error = %e, "committing offsets failed; will try again"),
+    }
+}
+
+/// Starts consuming as `spec` says; returns once the consumer has its first assignment.
+pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource> {
+    shared.check_open()?;
+    names::check_topic(&spec.source)?;
+    let retry = names::retry_topic(&spec.source);
+    let mut topics = vec![spec.source.as_str()];
+    if spec.retries {
+        topics.push(retry.as_str());
+    }
+    shared.ensure_topics(&topics, None).await?;
+
+    let state: SharedState = Arc::default();
+    let (assigned_tx, mut assigned_rx) = watch::channel(0u64);
+    let ctx = Ctx {
+        state: state.clone(),
+        start: spec.start,
+        assigned: assigned_tx,
+    };
+    let consumer: BaseConsumer<Ctx> = shared
+        .config
+        .consumer_config(&spec.group)
+        .create_with_context(ctx)
+        .map_err(|e| error::map(e, "creating a Kafka consumer"))?;
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| error::map(e, format!("subscribing to {topics:?}")))?;
+
+    let prefetch = spec.prefetch.max(1);
+    let (tx, rx) = mpsc::channel(prefetch);
+    let (redeliver_tx, redeliver_rx) = mpsc::unbounded_channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = oneshot::channel();
+    let worker = Worker {
+        consumer,
+        state: state.clone(),
+        tx,
+        stop: stop.clone(),
+        shared: shared.clone(),
+        group: spec.group.clone(),
+        retry_topic: retry,
+        stash: VecDeque::new(),
+        delayed: BTreeMap::new(),
+        seq: 0,
+        paused: false,
+    };
+    thread::Builder::new()
+        .name(format!("bus-kafka-{}", spec.source))
+        .spawn(move || {
+            worker.run();
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| {
+            Error::with_source(
+                bus_core::ErrorKind::Other,
+                "spawning the consumer thread",
+                e,
+            )
+        })?;
+
+    // The group's start is fixed at the first assignment: wait for it, so that what is
+    // published after subscribe returns is received.
+    let wait = Duration::from_millis(shared.config.session_timeout_ms) * 3;
+    if tokio::time::timeout(wait, assigned_rx.wait_for(|n| *n > 0))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            group = spec.group,
+            "no partition assignment within {wait:?}; the subscription starts anyway"
+        );
+    }
+    Ok(KafkaSource {
+        shared: shared.clone(),
+        spec,
+        state,
+        rx,
+        redeliver_tx,
+        redeliver_rx,
+        stop,
+        done: Some(done_rx),
+        closed: shared.closed_tx.subscribe(),
+    })
+}
+
+struct Worker {
+    consumer: BaseConsumer<Ctx>,
+    state: SharedState,
+    tx: mpsc::Sender<Item>,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    group: String,
+    retry_topic: String,
+    /// Received, due, waiting for room in the channel.
+    stash: VecDeque<Item>,
+    /// Retry copies waiting for their not-before time.
+    delayed: BTreeMap<(SystemTime, u64), Item>,
+    seq: u64,
+    paused: bool,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut last_commit = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) && !self.shared.is_closed() {
+            self.release_due();
+            if !self.forward() {
+                break;
+            }
+            self.flow_control();
+            if last_commit.elapsed() >= Duration::from_millis(100) {
+                commit(&self.consumer, &self.state, CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            match self.consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(message)) => {
+                    if let Some((item, not_before)) =
+                        route(&self.state, &self.group, &self.retry_topic, &message)
+                    {
+                        match not_before {
+                            Some(at) => {
+                                self.seq += 1;
+                                self.delayed.insert((at, self.seq), item);
+                            }
+                            None => self.stash.push_back(item),
+                        }
+                    }
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "Kafka consumer error"),
+                None => {}
+            }
+        }
+        commit(&self.consumer, &self.state, CommitMode::Sync);
+        // Dropping the consumer leaves the group (the revocation commits once more).
+        self.consumer.unsubscribe();
+        lock(&self.state).parts.clear();
+    }
+
+    fn release_due(&mut self) {
+        let now = SystemTime::now();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.stash.push_back(entry.remove());
+        }
+    }
+
+    /// Moves stashed items into the channel while it has room; `false` once the source is gone.
+    fn forward(&mut self) -> bool {
+        while let Some(item) = self.stash.pop_front() {
+            match self.tx.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.stash.push_front(item);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+
+    /// Pauses fetching while the subscriber is behind, so memory stays bounded.
+    fn flow_control(&mut self) {
+        let behind = self.stash.len() > 1024;
+        if behind == self.paused {
+            return;
+        }
+        if let Ok(assignment) = self.consumer.assignment() {
+            let result = if behind {
+                self.consumer.pause(&assignment)
+            } else {
+                self.consumer.resume(&assignment)
+            };
+            if result.is_ok() {
+                self.paused = behind;
+            }
+        }
+    }
+}
+
+/// Turns a record into an item for this consumer, with its not-before time if it must wait;
+/// `None` for records that are not for it (another group's retries, revoked partitions).
+fn route<M: Message>(
+    state: &SharedState,
+    group: &str,
+    retry_topic: &str,
+    message: &M,
+) -> Option<(Item, Option<SystemTime>)> {
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let (envelope, internal) = wire::decode(message);
+    let is_retry = topic == retry_topic;
+    let epoch = {
+        let mut state = lock(state);
+        let p = state.parts.get_mut(&(topic.to_owned(), partition))?;
+        p.tracker.track(offset);
+        if is_retry && internal.retry_group.as_deref() != Some(group) {
+            // Another group's retry: nothing to do here.
+            p.tracker.settle(offset);
+            return None;
+        }
+        p.epoch
+    };
+    let attempt = if is_retry {
+        internal.attempt.unwrap_or(2)
+    } else {
+        1
+    };
+    let not_before = internal
+        .not_before
+        .filter(|at| is_retry && *at > SystemTime::now());
+    let item = Item {
+        envelope,
+        attempt,
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        epoch,
+        reply_to: internal.reply_to,
+    };
+    Some((item, not_before))
+}
+
+/// The async side of a subscription.
+pub(crate) struct KafkaSource {
+    shared: Arc<Shared>,
+    spec: Spec,
+    state: SharedState,
+    rx: mpsc::Receiver<Item>,
+    redeliver_tx: mpsc::UnboundedSender<Item>,
+    redeliver_rx: mpsc::UnboundedReceiver<Item>,
+    stop: Arc<AtomicBool>,
+    done: Option<oneshot::Receiver<()>>,
+    closed: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("source", &self.spec.source)
+            .field("group", &self.spec.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// The next item still owned by this consumer, with its delivery.
+    pub(crate) async fn next_item(&mut self) -> Option<(Delivery, Option<String>)> {
+        loop {
+            if *self.closed.borrow() || self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            let item = tokio::select! {
+                biased;
+                item = self.redeliver_rx.recv() => item,
+                item = self.rx.recv() => match item {
+                    Some(item) => Some(item),
+                    None => return None,
+                },
+                _ = self.closed.changed() => return None,
+            };
+            let Some(item) = item else { continue };
+            let current =
+                lock(&self.state).is_current(&item.topic, item.partition, item.epoch, item.offset);
+            if !current {
+                continue;
+            }
+            let reply_to = item.reply_to.clone();
+            let delivery = Delivery::new(
+                item.envelope.clone(),
+                item.attempt,
+                self.spec.source.clone(),
+                self.spec.user_group.clone(),
+                Box::new(KafkaSettle {
+                    shared: self.shared.clone(),
+                    state: self.state.clone(),
+                    redeliver: self.redeliver_tx.clone(),
+                    source: self.spec.source.clone(),
+                    group: self.spec.group.clone(),
+                    user_group: self.spec.user_group.clone(),
+                    item,
+                }),
+            );
+            return Some((delivery, reply_to));
+        }
+    }
+
+    /// Stops the consumer thread and waits (up to 30 s) until it has committed and left.
+    pub(crate) async fn shut_down(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl DeliverySource for KafkaSource {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.next_item().await.map(|(d, _)| Ok(d))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.shut_down().await;
+        Ok(())
+    }
+}
+
+/// Settles one delivery: marks its offset settled, after producing the retry copy or the dead
+/// letter it needs.
+struct KafkaSettle {
+    shared: Arc<Shared>,
+    state: SharedState,
+    redeliver: mpsc::UnboundedSender<Item>,
+    source: String,
+    group: String,
+    user_group: Option<String>,
+    item: Item,
+}
+
+impl std::fmt::Debug for KafkaSettle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettle")
+            .field("topic", &self.item.topic)
+            .field("partition", &self.item.partition)
+            .field("offset", &self.item.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSettle {
+    fn mark_settled(&self) {
+        let i = &self.item;
+        lock(&self.state).settle(&i.topic, i.partition, i.epoch, i.offset);
+    }
+}
+
+#[async_trait]
+impl Settle for KafkaSettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Nack(redeliver) => {
+                let delay = match redeliver {
+                    Redeliver::After(d) => d,
+                    _ => Duration::ZERO,
+                };
+                // The header keeps milliseconds: round up so the wait is never shorter.
+                let round_up = if delay.is_zero() {
+                    delay
+                } else {
+                    Duration::from_millis(1)
+                };
+                let not_before = headers::format_time(SystemTime::now() + delay + round_up);
+                let attempt = (self.item.attempt + 1).to_string();
+                let retry = names::retry_topic(&self.source);
+                self.shared.ensure_topics(&[&retry], None).await?;
+                self.shared
+                    .send(
+                        &retry,
+                        &self.item.envelope,
+                        &[
+                            (headers::ATTEMPT, &attempt),
+                            (wire::NOT_BEFORE, &not_before),
+                            (wire::RETRY_GROUP, &self.group),
+                            (wire::RETRY_ORIGIN, &self.source),
+                        ],
+                    )
+                    .await?;
+            }
+            Settlement::Reject { reason } => {
+                let dlq = headers::dead_letter_queue(&self.source);
+                let dead = mark(
+                    self.item.envelope.clone(),
+                    &DeadLetterInfo {
+                        reason: &reason,
+                        source: &self.source,
+                        group: self.user_group.as_deref(),
+                        attempts: self.item.attempt,
+                        first_failure: None,
+                    },
+                );
+                self.shared.ensure_topics(&[&dlq], None).await?;
+                self.shared.send(&dlq, &dead, &[]).await?;
+            }
+            _ => return Err(Error::unsupported("unknown settlement")),
+        }
+        self.mark_settled();
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        let mut again = self.item.clone();
+        again.attempt += 1;
+        // Handed out again from memory while this consumer still owns the partition; after a
+        // revocation the offset is uncommitted, so the group reads it again from Kafka.
+        let _ = self.redeliver.send(again);
+    }
+}
