@@ -9,7 +9,7 @@
 #   scripts/brokers.sh status  [broker...]   say which are up; exit 1 if any is down
 #   scripts/brokers.sh env     [broker...]   print the export lines only
 #
-# With no broker named, all of them: nats rabbitmq redis postgres.
+# With no broker named, all of them: nats rabbitmq redis postgres sqs.
 # Progress goes to stderr and the export lines to stdout, so that a caller can do
 #   broker_env=$(scripts/brokers.sh start) && eval "$broker_env"
 #
@@ -18,7 +18,7 @@
 # or sudo).
 set -euo pipefail
 
-ALL_BROKERS=(nats rabbitmq redis postgres)
+ALL_BROKERS=(nats rabbitmq redis postgres sqs)
 # Kafka (tansu, `cargo install tansu --locked --features dynostore`, 127.0.0.1:9092) and SQS
 # (moto, `pip install 'moto[server]'`, 127.0.0.1:4566) join this list with their adapters,
 # issues #6 and #7: add them to ALL_BROKERS and give each the five functions below
@@ -198,6 +198,40 @@ postgres_start() {
 postgres_stop() {
     as_root pg_ctlcluster --skip-systemctl-redirect "$(postgres_version)" main stop >&2 || true
     wait_down postgres 5432 "$STOP_TIMEOUT"
+}
+
+# --- SQS and SNS (moto in server mode) ------------------------------------------------------
+# moto keeps everything in memory: a restart loses every queue, topic and message.
+SQS_LOG=/var/log/moto-server.log
+SQS_PID=/run/moto-server.pid
+sqs_port() { echo 4566; }
+sqs_url() { echo "sqs://127.0.0.1:4566?region=us-east-1"; }
+sqs_install() {
+    command -v moto_server >/dev/null 2>&1 && return 0
+    command -v pip >/dev/null 2>&1 || command -v pip3 >/dev/null 2>&1 || apt_install python3-pip
+    say "pip install 'moto[server]'"
+    local pip
+    pip=$(command -v pip || command -v pip3)
+    "$pip" install -q 'moto[server]' >&2 || "$pip" install -q --break-system-packages 'moto[server]' >&2 ||
+        die "pip install 'moto[server]' failed"
+    hash -r
+    command -v moto_server >/dev/null 2>&1 || die "moto_server is not on PATH after pip install"
+}
+sqs_start() {
+    mkdir -p "$(dirname "$SQS_LOG")"
+    # setsid: the server outlives this script and the shell that ran it.
+    setsid moto_server -H 127.0.0.1 -p 4566 >"$SQS_LOG" 2>&1 </dev/null &
+    echo $! >"$SQS_PID"
+    wait_up sqs 4566 "$START_TIMEOUT" "$SQS_LOG"
+}
+sqs_stop() {
+    if [ -s "$SQS_PID" ] && kill -0 "$(cat "$SQS_PID")" 2>/dev/null; then
+        kill "$(cat "$SQS_PID")" 2>/dev/null || true
+    else
+        say "no moto_server pid in $SQS_PID; stop the process serving 127.0.0.1:4566 by hand"
+    fi
+    wait_down sqs 4566 "$STOP_TIMEOUT"
+    rm -f "$SQS_PID"
 }
 
 # --- commands -----------------------------------------------------------------------------

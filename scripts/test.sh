@@ -53,6 +53,9 @@ BUS_URL=$BUS_TEST_RABBITMQ_URL cargo run -q -p examples --features rabbitmq --ex
 step "quickstart on NATS (BUS_URL=\$BUS_TEST_NATS_URL cargo run -q -p examples --features nats --example quickstart)"
 BUS_URL=$BUS_TEST_NATS_URL cargo run -q -p examples --features nats --example quickstart
 
+step "quickstart on SQS (BUS_URL=\$BUS_TEST_SQS_URL cargo run -q -p examples --features sqs --example quickstart)"
+BUS_URL=$BUS_TEST_SQS_URL cargo run -q -p examples --features sqs --example quickstart
+
 step "retry → dead-letter example (cargo run -q -p examples --example retry_dlq)"
 cargo run -q -p examples --example retry_dlq
 

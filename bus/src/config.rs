@@ -36,7 +36,7 @@ const DEFAULT_URL: &str = "memory://";
 /// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
 /// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
 /// | `kafka://` | Kafka (`kafka`) | `partitions`, `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`, `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`, `sasl_mechanism`; user info sets the SASL user and password |
-/// | `sqs://` | AWS SQS and SNS (`sqs`), issue #7 | |
+/// | `sqs://` | AWS SQS and SNS (`sqs`): `sqs://host:port` is the endpoint `http://host:port`, `sqs://` alone is AWS | `region`, `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`, `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`, `name_prefix`, `source`, `max_message_bytes`, `tls` |
 ///
 /// Query parameters of the URL override the same setting in the adapter's section. An
 /// unknown parameter is an error, not silently ignored. Each `memory://` connection is its own
@@ -75,6 +75,13 @@ pub struct BusConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<adapter_rabbitmq::RabbitMqConfig>,
 
+    /// Settings of the SQS adapter, used with `sqs://` URLs (the URL's endpoint and query
+    /// parameters override the section's).
+    #[cfg(feature = "sqs")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqs: Option<adapter_sqs::SqsConfig>,
+
     /// Settings of the Kafka adapter, used with `kafka://` URLs (the URL's brokers and query
     /// parameters override the section's).
     #[cfg(feature = "kafka")]
@@ -105,6 +112,8 @@ impl BusConfig {
             nats: None,
             #[cfg(feature = "rabbitmq")]
             rabbitmq: None,
+            #[cfg(feature = "sqs")]
+            sqs: None,
             #[cfg(feature = "kafka")]
             kafka: None,
         }
@@ -144,6 +153,15 @@ impl BusConfig {
     #[must_use]
     pub fn with_memory(mut self, memory: adapter_memory::MemoryConfig) -> Self {
         self.memory = Some(memory);
+        self
+    }
+
+    /// Sets the settings of the SQS adapter.
+    #[cfg(feature = "sqs")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+    #[must_use]
+    pub fn with_sqs(mut self, sqs: adapter_sqs::SqsConfig) -> Self {
+        self.sqs = Some(sqs);
         self
     }
 
@@ -224,6 +242,8 @@ impl fmt::Debug for BusConfig {
         d.field("nats", &self.nats);
         #[cfg(feature = "rabbitmq")]
         d.field("rabbitmq", &self.rabbitmq);
+        #[cfg(feature = "sqs")]
+        d.field("sqs", &self.sqs);
         #[cfg(feature = "kafka")]
         d.field("kafka", &self.kafka);
         d.finish()

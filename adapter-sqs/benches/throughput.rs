@@ -1,0 +1,258 @@
+//! Throughput of the SQS adapter against the plain AWS SDK, on the same server in one run.
+//!
+//! Both sides run the same workload: a topic (SNS) fanned out to one group queue (SQS, raw
+//! delivery); `BUS_BENCH_MESSAGES` messages of 256 bytes published with `PublishBatch` (10 per
+//! call, 8 publishing tasks), then received with 2 long-polling loops of 10 per call and
+//! deleted with `DeleteMessageBatch`.
+//!
+//! ```text
+//! BUS_TEST_SQS_URL='sqs://127.0.0.1:4566?region=us-east-1' \
+//!     cargo bench -p adapter-sqs --bench throughput
+//! ```
+//!
+//! The default is 500 messages, not the contract's 100,000: moto scans a whole queue on every
+//! send and slows sharply as a queue fills (docs/adapters/sqs.md). The count is printed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adapter_sqs::aws_sdk_sns::types::PublishBatchRequestEntry;
+use adapter_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
+use adapter_sqs::{SqsBroker, SqsConfig};
+use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
+use tokio::sync::Mutex;
+
+const PAYLOAD: usize = 256;
+const PUBLISHERS: usize = 8;
+const BATCH: usize = 10;
+
+struct Run {
+    publish: Duration,
+    consume: Duration,
+}
+
+fn rate(count: usize, took: Duration) -> (f64, f64) {
+    let secs = took.as_secs_f64().max(1e-9);
+    let msgs = count as f64 / secs;
+    (msgs, msgs * PAYLOAD as f64 / 1_000_000.0)
+}
+
+async fn through_bus(config: SqsConfig, count: usize) -> Run {
+    let broker = SqsBroker::connect_with(config).await.expect("connect");
+    let topic = format!("bench.bus.{}", uuid::Uuid::now_v7());
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("bench").with_prefetch(100))
+        .await
+        .expect("subscribe");
+    let payload = vec![b'x'; PAYLOAD];
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (broker, topic, payload) = (broker.clone(), topic.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mine: Vec<usize> = (p..count).step_by(PUBLISHERS).collect();
+            for chunk in mine.chunks(BATCH) {
+                let batch = chunk
+                    .iter()
+                    .map(|_| Envelope::new("bench", payload.clone()))
+                    .collect();
+                broker.publish_batch(&topic, batch).await.expect("publish");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("publisher");
+    }
+    let publish = start.elapsed();
+    let start = Instant::now();
+    let mut seen = HashSet::new();
+    while seen.len() < count {
+        let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .expect("messages keep coming")
+            .expect("open")
+            .expect("delivery");
+        seen.insert(d.envelope().id.clone());
+        // Acks go out in DeleteMessageBatch calls; do not wait for each one.
+        tokio::spawn(async move {
+            let _ = d.ack().await;
+        });
+    }
+    let consume = start.elapsed();
+    sub.close().await.ok();
+    broker.close().await.ok();
+    Run { publish, consume }
+}
+
+async fn through_sdk(broker: &SqsBroker, count: usize) -> Run {
+    let (sqs, sns) = (broker.sqs_client().clone(), broker.sns_client().clone());
+    let name = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let topic_arn = sns
+        .create_topic()
+        .name(&name)
+        .send()
+        .await
+        .expect("topic")
+        .topic_arn()
+        .unwrap()
+        .to_owned();
+    let url = sqs
+        .create_queue()
+        .queue_name(&name)
+        .send()
+        .await
+        .expect("queue")
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("arn")
+        .attributes()
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    sns.subscribe()
+        .topic_arn(&topic_arn)
+        .protocol("sqs")
+        .endpoint(&arn)
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .expect("subscribe");
+    let body = "x".repeat(PAYLOAD);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (sns, topic_arn, body) = (sns.clone(), topic_arn.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mine: Vec<usize> = (p..count).step_by(PUBLISHERS).collect();
+            for chunk in mine.chunks(BATCH) {
+                let entries = chunk
+                    .iter()
+                    .map(|i| {
+                        PublishBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message(&body)
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                sns.publish_batch()
+                    .topic_arn(&topic_arn)
+                    .set_publish_batch_request_entries(Some(entries))
+                    .send()
+                    .await
+                    .expect("publish");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("publisher");
+    }
+    let publish = start.elapsed();
+    let start = Instant::now();
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let mut pollers = Vec::new();
+    for _ in 0..2 {
+        let (sqs, url, seen) = (sqs.clone(), url.clone(), seen.clone());
+        pollers.push(tokio::spawn(async move {
+            while seen.lock().await.len() < count {
+                let out = sqs
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .message_attribute_names("All")
+                    .send()
+                    .await
+                    .expect("receive");
+                let mut entries = Vec::new();
+                for (i, m) in out.messages().iter().enumerate() {
+                    seen.lock()
+                        .await
+                        .insert(m.message_id().unwrap_or_default().to_owned());
+                    entries.push(
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(m.receipt_handle().unwrap())
+                            .build()
+                            .unwrap(),
+                    );
+                }
+                if !entries.is_empty() {
+                    sqs.delete_message_batch()
+                        .queue_url(&url)
+                        .set_entries(Some(entries))
+                        .send()
+                        .await
+                        .expect("delete");
+                }
+            }
+        }));
+    }
+    for p in pollers {
+        p.await.expect("poller");
+    }
+    let consume = start.elapsed();
+    let _ = sqs.delete_queue().queue_url(&url).send().await;
+    let _ = sns.delete_topic().topic_arn(&topic_arn).send().await;
+    Run { publish, consume }
+}
+
+fn main() {
+    let Ok(url) = std::env::var("BUS_TEST_SQS_URL") else {
+        println!("skipped: set BUS_TEST_SQS_URL (e.g. sqs://127.0.0.1:4566?region=us-east-1)");
+        return;
+    };
+    let count: usize = std::env::var("BUS_BENCH_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(500);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let config = SqsConfig::from_url(&url)
+            .expect("sqs:// URL")
+            .with_wait_time(Duration::from_secs(1))
+            .with_pollers(2)
+            .with_batch_size(10);
+        let raw_broker = SqsBroker::connect_with(config.clone())
+            .await
+            .expect("connect");
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        println!(
+            "SQS throughput: {count} messages of {PAYLOAD} B (BUS_BENCH_MESSAGES; not 100,000: \
+             the local server slows sharply on deep queues) on {url}, {cores} cores (shared box)"
+        );
+        println!(
+            "publish: SNS PublishBatch, {BATCH} per call, {PUBLISHERS} tasks; consume: 2 \
+             pollers, 10 per receive, DeleteMessageBatch"
+        );
+        let raw = through_sdk(&raw_broker, count).await;
+        let bus = through_bus(config, count).await;
+        println!(
+            "{:<8} {:>10} {:>12} {:>8} {:>12} {:>12} {:>8}",
+            "side", "publish s", "msgs/s", "MB/s", "consume s", "msgs/s", "MB/s"
+        );
+        for (side, run) in [("raw sdk", &raw), ("bus", &bus)] {
+            let (pm, pb) = rate(count, run.publish);
+            let (cm, cb) = rate(count, run.consume);
+            println!(
+                "{side:<8} {:>10.2} {pm:>12.0} {pb:>8.3} {:>12.2} {cm:>12.0} {cb:>8.3}",
+                run.publish.as_secs_f64(),
+                run.consume.as_secs_f64()
+            );
+        }
+        raw_broker.close().await.ok();
+        let publish = raw.publish.as_secs_f64() / bus.publish.as_secs_f64();
+        let consume = raw.consume.as_secs_f64() / bus.consume.as_secs_f64();
+        println!("ratio publish={publish:.2} consume={consume:.2}");
+    });
+}

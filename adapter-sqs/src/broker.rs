@@ -1,0 +1,310 @@
+//! The connection: SDK clients, the queue and topic caches, and the resources `bus` creates.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::QueueAttributeName;
+use bus_core::{headers, Error, Result};
+use tokio::sync::watch;
+
+use crate::config::SqsConfig;
+use crate::error::map;
+use crate::names::{fnv1a, Names};
+use crate::wire::{self, Wire};
+
+/// What kind of queue to create: the attributes differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueRole {
+    /// A work queue or a group's queue: a redrive policy where configured.
+    Durable,
+    /// A dead-letter queue, private queue, reply or request queue: plain.
+    Plain,
+}
+
+/// Shared by the broker handle, its subscriptions and its deliveries.
+pub(crate) struct Inner {
+    pub(crate) sqs: aws_sdk_sqs::Client,
+    pub(crate) sns: aws_sdk_sns::Client,
+    pub(crate) config: SqsConfig,
+    pub(crate) names: Names,
+    queues: Mutex<HashMap<String, String>>,
+    topics: Mutex<HashMap<String, String>>,
+    wired: Mutex<HashSet<String>>,
+    closed: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    pub(crate) async fn connect(config: SqsConfig) -> Result<Self> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(endpoint) = &config.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &config.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                config.session_token.clone(),
+                None,
+                "bus-sqs-config",
+            ));
+        } else if config.endpoint.is_some() && config.access_key_id.is_none() {
+            // A local server (moto, ministack) takes any credentials; AWS itself is only
+            // reached without an endpoint, through the default chain.
+            if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+                loader = loader.test_credentials();
+            }
+        }
+        if let Some(hook) = &config.loader {
+            loader = hook(loader);
+        }
+        let shared = loader.load().await;
+        let mut sqs_builder = aws_sdk_sqs::config::Builder::from(&shared);
+        if let Some(hook) = &config.sqs_config {
+            sqs_builder = hook(sqs_builder);
+        }
+        let sqs = aws_sdk_sqs::Client::from_conf(sqs_builder.build());
+        let sns = aws_sdk_sns::Client::new(&shared);
+        // Fail fast on a wrong endpoint or credentials rather than at the first publish.
+        sqs.list_queues()
+            .max_results(1)
+            .send()
+            .await
+            .map_err(|e| map(e, "connecting to SQS"))?;
+        let names = Names::new(&config.name_prefix, config.fifo);
+        Ok(Self {
+            sqs,
+            sns,
+            config,
+            names,
+            queues: Mutex::default(),
+            topics: Mutex::default(),
+            wired: Mutex::default(),
+            closed: watch::channel(false).0,
+        })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// A receiver that sees `true` once the broker is closed.
+    pub(crate) fn closed_signal(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed("the SQS broker connection is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn encode(
+        &self,
+        envelope: &bus_core::Envelope,
+        extra: &[(&str, &str)],
+    ) -> Result<Wire> {
+        wire::encode(
+            envelope,
+            &self.config.source,
+            extra,
+            self.config.max_message_bytes,
+        )
+    }
+
+    /// The URL of the SQS queue `name`, created if needed (`CreateQueue` is idempotent).
+    /// `dead_letters` names the `bus` queue whose messages a redrive policy moves.
+    pub(crate) async fn queue_url(
+        &self,
+        name: &str,
+        role: QueueRole,
+        redrive_source: Option<&str>,
+    ) -> Result<String> {
+        if let Some(url) = self.queues.lock().expect("queue cache").get(name) {
+            return Ok(url.clone());
+        }
+        let mut create = self.sqs.create_queue().queue_name(name);
+        if self.config.fifo {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        if let (QueueRole::Durable, Some(count), Some(source)) =
+            (role, self.config.max_receive_count, redrive_source)
+        {
+            if !source.ends_with(".dlq") {
+                let dlq_name = self.names.queue(&headers::dead_letter_queue(source));
+                let dlq_url = Box::pin(self.queue_url(&dlq_name, QueueRole::Plain, None)).await?;
+                let dlq_arn = self.queue_arn(&dlq_url).await?;
+                let policy = serde_json::json!({
+                    "deadLetterTargetArn": dlq_arn,
+                    "maxReceiveCount": count.to_string(),
+                });
+                create = create.attributes(QueueAttributeName::RedrivePolicy, policy.to_string());
+            }
+        }
+        let url = match create.send().await {
+            Ok(out) => out.queue_url().unwrap_or_default().to_owned(),
+            // Exists with other attributes (made by an older configuration): use it as it is.
+            Err(e) if matches!(e.code(), Some("QueueAlreadyExists" | "QueueNameExists")) => self
+                .sqs
+                .get_queue_url()
+                .queue_name(name)
+                .send()
+                .await
+                .map_err(|e| map(e, &format!("looking up queue `{name}`")))?
+                .queue_url()
+                .unwrap_or_default()
+                .to_owned(),
+            Err(e) => return Err(map(e, &format!("creating queue `{name}`"))),
+        };
+        self.queues
+            .lock()
+            .expect("queue cache")
+            .insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    /// Forgets a cached queue URL (after deleting it, or when SQS says it is gone).
+    pub(crate) fn forget_queue(&self, name: &str) {
+        self.queues.lock().expect("queue cache").remove(name);
+    }
+
+    pub(crate) async fn queue_arn(&self, url: &str) -> Result<String> {
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| map(e, "reading a queue's ARN"))?;
+        out.attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+            .cloned()
+            .ok_or_else(|| Error::new(bus_core::ErrorKind::Other, "SQS returned no queue ARN"))
+    }
+
+    /// The ARN of the SNS topic behind `topic`, created if needed (`CreateTopic` is
+    /// idempotent).
+    pub(crate) async fn topic_arn(&self, topic: &str) -> Result<String> {
+        let name = self.names.topic(topic);
+        if let Some(arn) = self.topics.lock().expect("topic cache").get(&name) {
+            return Ok(arn.clone());
+        }
+        let mut create = self.sns.create_topic().name(&name);
+        if self.config.fifo {
+            create = create.attributes("FifoTopic", "true");
+        }
+        let arn = create
+            .send()
+            .await
+            .map_err(|e| map(e, &format!("creating SNS topic `{name}`")))?
+            .topic_arn()
+            .unwrap_or_default()
+            .to_owned();
+        self.topics
+            .lock()
+            .expect("topic cache")
+            .insert(name, arn.clone());
+        Ok(arn)
+    }
+
+    /// Subscribes the queue `queue_url` to `topic` with raw message delivery, after giving the
+    /// topic the right to send to it. Idempotent; returns the subscription ARN.
+    pub(crate) async fn wire_topic(
+        &self,
+        topic: &str,
+        queue_name: &str,
+        queue_url: &str,
+    ) -> Result<String> {
+        let topic_arn = self.topic_arn(topic).await?;
+        let queue_arn = self.queue_arn(queue_url).await?;
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "bus-sns-to-sqs",
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+            }],
+        });
+        self.sqs
+            .set_queue_attributes()
+            .queue_url(queue_url)
+            .attributes(QueueAttributeName::Policy, policy.to_string())
+            .send()
+            .await
+            .map_err(|e| {
+                map(
+                    e,
+                    &format!("allowing topic `{topic}` to send to `{queue_name}`"),
+                )
+            })?;
+        let out = self
+            .sns
+            .subscribe()
+            .topic_arn(&topic_arn)
+            .protocol("sqs")
+            .endpoint(&queue_arn)
+            .attributes("RawMessageDelivery", "true")
+            .return_subscription_arn(true)
+            .send()
+            .await
+            .map_err(|e| map(e, &format!("subscribing `{queue_name}` to topic `{topic}`")))?;
+        self.wired
+            .lock()
+            .expect("wired cache")
+            .insert(queue_name.to_owned());
+        Ok(out.subscription_arn().unwrap_or_default().to_owned())
+    }
+
+    pub(crate) fn is_wired(&self, queue_name: &str) -> bool {
+        self.wired.lock().expect("wired cache").contains(queue_name)
+    }
+
+    /// The FIFO parameters of a message: group = key (or the id, for unkeyed messages, which
+    /// then keep no order among themselves), deduplication id = the envelope id. Values SQS
+    /// would refuse (over 128 characters, other characters) are replaced by a stable hash.
+    pub(crate) fn fifo_ids(&self, envelope: &bus_core::Envelope) -> Option<(String, String)> {
+        if !self.config.fifo {
+            return None;
+        }
+        let group = envelope
+            .key
+            .clone()
+            .unwrap_or_else(|| envelope.id.to_string());
+        Some((fifo_safe(&group), fifo_safe(envelope.id.as_str())))
+    }
+}
+
+fn fifo_safe(value: &str) -> String {
+    let ok = !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        value.to_owned()
+    } else {
+        format!("h-{:016x}", fnv1a(value.as_bytes()))
+    }
+}
+
+/// Shared handle to [`Inner`].
+pub(crate) type Shared = Arc<Inner>;

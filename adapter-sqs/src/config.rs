@@ -1,0 +1,408 @@
+//! Configuration of the SQS adapter.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// A function that adjusts the shared AWS configuration loader (credentials providers, retry
+/// and timeout settings, HTTP client, …) before the SQS and SNS clients are built.
+pub type LoaderHook =
+    Arc<dyn Fn(aws_config::ConfigLoader) -> aws_config::ConfigLoader + Send + Sync>;
+
+/// A function that adjusts the SQS client's configuration builder: the escape hatch to every
+/// `aws_sdk_sqs::Config` setting this configuration does not name.
+pub type SqsConfigHook =
+    Arc<dyn Fn(aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder + Send + Sync>;
+
+/// SQS's largest message: body plus message attributes (names, types and values), in bytes.
+pub const SQS_MAX_MESSAGE_BYTES: usize = 262_144;
+
+/// The longest a message can be kept invisible: SQS's limit of 12 hours, in seconds.
+pub const SQS_MAX_VISIBILITY_SECS: u32 = 43_200;
+
+/// How to reach SQS and SNS and how to use them.
+///
+/// Reads through serde (an `[sqs]` section of `BusConfig`) or from an `sqs://` URL
+/// ([`SqsConfig::from_url`]). Without an endpoint the AWS SDK's defaults apply: the region and
+/// credentials come from the environment, profile files or instance metadata, exactly as for
+/// any AWS program. With an endpoint (a local server such as moto, or a VPC endpoint) the
+/// region still matters for signing, and credentials may be given here. The secret key and
+/// session token never appear in `Debug` output or in logs.
+///
+/// ```
+/// use adapter_sqs::SqsConfig;
+/// let config = SqsConfig::from_url("sqs://127.0.0.1:4566?region=us-east-1")
+///     .unwrap()
+///     .with_credentials("test", "s3cret")
+///     .with_pollers(4);
+/// assert_eq!(config.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SqsConfig {
+    /// The endpoint URL of both SQS and SNS (`http://127.0.0.1:4566` for a local server);
+    /// `None` for AWS's own endpoints.
+    pub endpoint: Option<String>,
+    /// The AWS region; `None` takes it from the environment (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// The access key id; with [`secret_access_key`](Self::secret_access_key) replaces the
+    /// default credential chain.
+    pub access_key_id: Option<String>,
+    /// The secret access key (never printed).
+    pub secret_access_key: Option<String>,
+    /// A session token for temporary credentials (never printed).
+    pub session_token: Option<String>,
+    /// Long-polling wait of each receive (`WaitTimeSeconds`), 0 to 20 seconds.
+    pub wait_time_secs: u32,
+    /// Messages per receive, send and delete call, 1 to 10 (SQS's batch limit).
+    pub batch_size: u32,
+    /// How long a received message stays invisible to other consumers before SQS redelivers
+    /// it, in seconds (`VisibilityTimeout` of each receive); extend it with
+    /// `Delivery::in_progress`.
+    pub visibility_timeout_secs: u32,
+    /// Concurrent receive loops per subscription.
+    pub pollers: usize,
+    /// How many received, unsettled deliveries a subscription buffers by default.
+    pub prefetch: usize,
+    /// Use FIFO queues and topics (`.fifo` names): per-key order through `MessageGroupId`,
+    /// deduplication by envelope id.
+    pub fifo: bool,
+    /// Attach a native redrive policy to group and work queues: after this many receives SQS
+    /// moves a message to the dead-letter queue itself. `None`: only `reject` dead-letters.
+    pub max_receive_count: Option<u32>,
+    /// Prepended to every queue and topic name `bus` creates (e.g. `dev-`), to share an
+    /// account between environments.
+    pub name_prefix: String,
+    /// The CloudEvents `source` attribute of published messages.
+    pub source: String,
+    /// The largest message accepted, in bytes, counting the body (after encoding) and every
+    /// message attribute. Larger messages fail with `PayloadTooLarge` before they are sent.
+    pub max_message_bytes: usize,
+    /// Adjusts the AWS configuration loader (code only, not serde).
+    #[serde(skip)]
+    pub loader: Option<LoaderHook>,
+    /// Adjusts the SQS client configuration (code only, not serde).
+    #[serde(skip)]
+    pub sqs_config: Option<SqsConfigHook>,
+}
+
+impl Default for SqsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            wait_time_secs: 20,
+            batch_size: 10,
+            visibility_timeout_secs: 30,
+            pollers: 2,
+            prefetch: 20,
+            fifo: false,
+            max_receive_count: None,
+            name_prefix: String::new(),
+            source: "bus".to_owned(),
+            max_message_bytes: SQS_MAX_MESSAGE_BYTES,
+            loader: None,
+            sqs_config: None,
+        }
+    }
+}
+
+impl fmt::Debug for SqsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("SqsConfig")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &hidden(&self.secret_access_key))
+            .field("session_token", &hidden(&self.session_token))
+            .field("wait_time_secs", &self.wait_time_secs)
+            .field("batch_size", &self.batch_size)
+            .field("visibility_timeout_secs", &self.visibility_timeout_secs)
+            .field("pollers", &self.pollers)
+            .field("prefetch", &self.prefetch)
+            .field("fifo", &self.fifo)
+            .field("max_receive_count", &self.max_receive_count)
+            .field("name_prefix", &self.name_prefix)
+            .field("source", &self.source)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("loader", &self.loader.as_ref().map(|_| "<hook>"))
+            .field("sqs_config", &self.sqs_config.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
+}
+
+impl PartialEq for SqsConfig {
+    fn eq(&self, other: &Self) -> bool {
+        fn same<T: ?Sized>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+        }
+        same(self.loader.as_ref(), other.loader.as_ref())
+            && same(self.sqs_config.as_ref(), other.sqs_config.as_ref())
+            && self.endpoint == other.endpoint
+            && self.region == other.region
+            && self.access_key_id == other.access_key_id
+            && self.secret_access_key == other.secret_access_key
+            && self.session_token == other.session_token
+            && self.wait_time_secs == other.wait_time_secs
+            && self.batch_size == other.batch_size
+            && self.visibility_timeout_secs == other.visibility_timeout_secs
+            && self.pollers == other.pollers
+            && self.prefetch == other.prefetch
+            && self.fifo == other.fifo
+            && self.max_receive_count == other.max_receive_count
+            && self.name_prefix == other.name_prefix
+            && self.source == other.source
+            && self.max_message_bytes == other.max_message_bytes
+    }
+}
+
+impl SqsConfig {
+    /// The configuration an `sqs://` URL describes (see [`apply_url`](Self::apply_url)).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a URL that does not parse or is not `sqs://`, and for an
+    /// unknown or invalid query parameter.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = Url::parse(url)
+            .map_err(|e| Error::with_source(ErrorKind::Config, "the SQS URL does not parse", e))?;
+        Self::default().apply_url(&parsed)
+    }
+
+    /// Applies an `sqs://` URL onto this configuration.
+    ///
+    /// `sqs://host:port` sets the endpoint `http://host:port` (`https` with `tls=true`);
+    /// `sqs://` without a host keeps AWS's own endpoints. Query parameters: `region`,
+    /// `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`,
+    /// `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`,
+    /// `name_prefix`, `source`, `max_message_bytes`, `tls`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for another scheme, an unknown parameter, or a bad value.
+    pub fn apply_url(mut self, url: &Url) -> Result<Self> {
+        if url.scheme() != "sqs" {
+            return Err(Error::config(format!(
+                "an SQS URL starts with `sqs://`, not `{}://`",
+                url.scheme()
+            )));
+        }
+        let mut tls = false;
+        for (name, value) in url.query_pairs() {
+            let number = || -> Result<u64> {
+                value.parse::<u64>().map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("SQS URL: `{name}` must be a non-negative number"),
+                        e,
+                    )
+                })
+            };
+            let flag = || -> Result<bool> {
+                match &*value {
+                    "true" | "1" | "yes" => Ok(true),
+                    "false" | "0" | "no" => Ok(false),
+                    _ => Err(Error::config(format!(
+                        "SQS URL: `{name}` must be true or false"
+                    ))),
+                }
+            };
+            let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            match &*name {
+                "region" => self.region = Some(value.into_owned()),
+                "access_key_id" => self.access_key_id = Some(value.into_owned()),
+                "secret_access_key" => self.secret_access_key = Some(value.into_owned()),
+                "session_token" => self.session_token = Some(value.into_owned()),
+                "wait_time_secs" => self.wait_time_secs = small(number()?).min(20),
+                "batch_size" => self.batch_size = small(number()?).clamp(1, 10),
+                "visibility_timeout_secs" => {
+                    self.visibility_timeout_secs = small(number()?).min(SQS_MAX_VISIBILITY_SECS);
+                }
+                "pollers" => self.pollers = usize::try_from(number()?).unwrap_or(1).max(1),
+                "prefetch" => self.prefetch = usize::try_from(number()?).unwrap_or(1).max(1),
+                "fifo" => self.fifo = flag()?,
+                "max_receive_count" => self.max_receive_count = Some(small(number()?).max(1)),
+                "name_prefix" => self.name_prefix = value.into_owned(),
+                "source" => self.source = value.into_owned(),
+                "max_message_bytes" => {
+                    self.max_message_bytes =
+                        usize::try_from(number()?).unwrap_or(SQS_MAX_MESSAGE_BYTES);
+                }
+                "tls" => tls = flag()?,
+                other => {
+                    return Err(Error::config(format!(
+                        "SQS URL: unknown query parameter `{other}`"
+                    )))
+                }
+            }
+        }
+        match url.host_str() {
+            Some(host) if !host.is_empty() => {
+                let scheme = if tls { "https" } else { "http" };
+                let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+                self.endpoint = Some(format!("{scheme}://{host}{port}"));
+            }
+            _ => {}
+        }
+        Ok(self)
+    }
+
+    /// Sets the endpoint of SQS and SNS.
+    #[must_use]
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sets the region.
+    #[must_use]
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Sets static credentials instead of the default credential chain.
+    #[must_use]
+    pub fn with_credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        self.access_key_id = Some(access_key_id.into());
+        self.secret_access_key = Some(secret_access_key.into());
+        self
+    }
+
+    /// Sets the long-polling wait (at most 20 s).
+    #[must_use]
+    pub fn with_wait_time(mut self, wait: Duration) -> Self {
+        self.wait_time_secs = u32::try_from(wait.as_secs()).unwrap_or(20).min(20);
+        self
+    }
+
+    /// Sets the batch size (1 to 10).
+    #[must_use]
+    pub fn with_batch_size(mut self, size: u32) -> Self {
+        self.batch_size = size.clamp(1, 10);
+        self
+    }
+
+    /// Sets the visibility timeout of received messages (at most 12 hours).
+    #[must_use]
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout_secs = u32::try_from(timeout.as_secs())
+            .unwrap_or(SQS_MAX_VISIBILITY_SECS)
+            .min(SQS_MAX_VISIBILITY_SECS);
+        self
+    }
+
+    /// Sets the number of concurrent receive loops per subscription (at least 1).
+    #[must_use]
+    pub fn with_pollers(mut self, pollers: usize) -> Self {
+        self.pollers = pollers.max(1);
+        self
+    }
+
+    /// Sets the default prefetch (at least 1).
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Uses FIFO queues and topics.
+    #[must_use]
+    pub fn with_fifo(mut self, fifo: bool) -> Self {
+        self.fifo = fifo;
+        self
+    }
+
+    /// Attaches a native redrive policy moving a message to the dead-letter queue after
+    /// `count` receives.
+    #[must_use]
+    pub fn with_max_receive_count(mut self, count: u32) -> Self {
+        self.max_receive_count = Some(count.max(1));
+        self
+    }
+
+    /// Sets the prefix of every queue and topic name.
+    #[must_use]
+    pub fn with_name_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.name_prefix = prefix.into();
+        self
+    }
+
+    /// Adjusts the AWS configuration loader before the clients are built.
+    ///
+    /// ```
+    /// use adapter_sqs::SqsConfig;
+    /// let config = SqsConfig::default().with_loader(|loader| loader.profile_name("billing"));
+    /// assert!(config.loader.is_some());
+    /// ```
+    #[must_use]
+    pub fn with_loader<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(aws_config::ConfigLoader) -> aws_config::ConfigLoader + Send + Sync + 'static,
+    {
+        self.loader = Some(Arc::new(hook));
+        self
+    }
+
+    /// Adjusts the SQS client's configuration builder.
+    #[must_use]
+    pub fn with_sqs_config<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder + Send + Sync + 'static,
+    {
+        self.sqs_config = Some(Arc::new(hook));
+        self
+    }
+
+    pub(crate) fn visibility(&self) -> i32 {
+        i32::try_from(self.visibility_timeout_secs.min(SQS_MAX_VISIBILITY_SECS)).unwrap_or(30)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_sets_endpoint_region_and_options() {
+        let c = SqsConfig::from_url(
+            "sqs://127.0.0.1:4566?region=us-east-1&pollers=3&fifo=true&secret_access_key=hunter2",
+        )
+        .unwrap();
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.region.as_deref(), Some("us-east-1"));
+        assert_eq!(c.pollers, 3);
+        assert!(c.fifo);
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let aws = SqsConfig::from_url("sqs://?region=eu-west-1").unwrap();
+        assert_eq!(aws.endpoint, None);
+        let err = SqsConfig::from_url("sqs://h?colour=blue").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(SqsConfig::from_url("nats://h").is_err());
+    }
+
+    #[test]
+    fn serde_reads_a_section() {
+        let c: SqsConfig =
+            serde_json::from_str(r#"{"region":"eu-west-1","batch_size":5}"#).unwrap();
+        assert_eq!(c.batch_size, 5);
+        assert_eq!(c.wait_time_secs, 20);
+        assert!(serde_json::from_str::<SqsConfig>(r#"{"regoin":"x"}"#).is_err());
+    }
+}

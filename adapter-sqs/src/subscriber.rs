@@ -1,0 +1,529 @@
+//! Receiving: concurrent long-polling loops per subscription, a buffer the subscription reads
+//! from, and settlement through delete, visibility changes and the dead-letter queue.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName};
+use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
+use bus_core::{
+    headers, Delivery, DeliverySource, Error, ErrorKind, Redeliver, Result, Settle, Settlement,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::broker::{QueueRole, Shared};
+use crate::config::SQS_MAX_VISIBILITY_SECS;
+use crate::error::{batch_entry, map};
+use crate::publisher::send_wire;
+use crate::wire;
+
+/// The queue a subscription reads and what its deliveries report.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The topic or queue name deliveries report as their source.
+    pub(crate) source: String,
+    pub(crate) group: Option<String>,
+    pub(crate) queue_name: String,
+    pub(crate) url: String,
+    /// For a private subscription: its SNS subscription ARN; the queue is deleted on close.
+    pub(crate) private: Option<String>,
+}
+
+/// One acknowledgement waiting for a `DeleteMessageBatch`.
+type AckRequest = (String, oneshot::Sender<Result<()>>);
+
+/// The receiving side of a subscription or queue consumer.
+pub(crate) struct SqsSource {
+    inner: Shared,
+    target: Target,
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: watch::Sender<bool>,
+    /// Set by the first `next()`: pollers receive nothing before somebody asks, so a
+    /// subscription opened and closed unused takes no message (and adds no receive count).
+    demand: watch::Sender<bool>,
+    /// `true` once closed; pollers hand deliveries to the buffer only under this lock while it
+    /// is `false`, so nothing lands in the buffer of a closed subscription.
+    gate: Arc<Mutex<bool>>,
+    broker_closed: watch::Receiver<bool>,
+    closed: bool,
+}
+
+impl fmt::Debug for SqsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsSource")
+            .field("target", &self.target)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the pollers of `target`, buffering up to `prefetch` received deliveries.
+pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource {
+    let prefetch = prefetch.max(1);
+    let (tx, rx) = mpsc::channel(prefetch);
+    let (stop, _) = watch::channel(false);
+    let (demand, _) = watch::channel(false);
+    let gate = Arc::new(Mutex::new(false));
+    let acks = spawn_acker(inner.clone(), target.url.clone());
+    let per_call = prefetch.min(inner.config.batch_size as usize).max(1);
+    for _ in 0..inner.config.pollers.max(1) {
+        let poller = Poller {
+            inner: inner.clone(),
+            target: target.clone(),
+            tx: tx.clone(),
+            stop: stop.subscribe(),
+            demand: demand.subscribe(),
+            gate: gate.clone(),
+            broker_closed: inner.closed_signal(),
+            acks: acks.clone(),
+            per_call,
+        };
+        tokio::spawn(poller.run());
+    }
+    SqsSource {
+        broker_closed: inner.closed_signal(),
+        inner,
+        target,
+        rx,
+        stop,
+        demand,
+        gate,
+        closed: false,
+    }
+}
+
+struct Poller {
+    inner: Shared,
+    target: Target,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: watch::Receiver<bool>,
+    demand: watch::Receiver<bool>,
+    gate: Arc<Mutex<bool>>,
+    broker_closed: watch::Receiver<bool>,
+    acks: mpsc::UnboundedSender<AckRequest>,
+    per_call: usize,
+}
+
+impl Poller {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow() || *self.broker_closed.borrow()
+    }
+
+    async fn run(mut self) {
+        tokio::select! {
+            asked = self.demand.wait_for(|asked| *asked) => if asked.is_err() { return },
+            _ = self.stop.wait_for(|stop| *stop) => return,
+            _ = self.broker_closed.wait_for(|closed| *closed) => return,
+        }
+        let mut backoff = Duration::from_millis(100);
+        while !self.stopped() {
+            // Receive only what the buffer has room for, so that nothing received waits
+            // unseen while its visibility timeout runs.
+            let permits = tokio::select! {
+                permits = self.tx.reserve_many(self.per_call) => match permits {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = self.stop.changed() => continue,
+                _ = self.broker_closed.changed() => continue,
+            };
+            let received = self
+                .inner
+                .sqs
+                .receive_message()
+                .queue_url(&self.target.url)
+                .max_number_of_messages(i32::try_from(self.per_call).unwrap_or(10))
+                .wait_time_seconds(i32::try_from(self.inner.config.wait_time_secs).unwrap_or(20))
+                .visibility_timeout(self.inner.config.visibility())
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .send()
+                .await;
+            match received {
+                Ok(out) => {
+                    backoff = Duration::from_millis(100);
+                    let deliveries: Vec<_> =
+                        out.messages().iter().map(|m| self.delivery(m)).collect();
+                    let gate = self.gate.lock().expect("subscription gate");
+                    if *gate {
+                        drop(gate);
+                        // Closed meanwhile: dropping them hands each back to SQS at once.
+                        drop(deliveries);
+                        return;
+                    }
+                    for (delivery, permit) in deliveries.into_iter().zip(permits) {
+                        permit.send(delivery);
+                    }
+                }
+                Err(e) => {
+                    let error = map(e, &format!("receiving from `{}`", self.target.queue_name));
+                    if self.stopped() {
+                        return;
+                    }
+                    let gone = error.kind() == ErrorKind::NotFound;
+                    if gone {
+                        self.inner.forget_queue(&self.target.queue_name);
+                    }
+                    if let Some(permit) = permits.into_iter().next() {
+                        permit.send(Err(error));
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => {}
+                        _ = self.broker_closed.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn delivery(&self, message: &Message) -> Result<Delivery> {
+        let receipt = message.receipt_handle().unwrap_or_default().to_owned();
+        let attempt = message
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(1);
+        let attributes: HashMap<String, String> = message
+            .message_attributes()
+            .map(|attrs| {
+                attrs
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        let text = value.string_value().map(str::to_owned).or_else(|| {
+                            use base64::Engine as _;
+                            value
+                                .binary_value()
+                                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+                        })?;
+                        Some((name.clone(), text))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let decoded = wire::decode(
+            message.body().unwrap_or_default(),
+            attributes,
+            message.message_id().unwrap_or_default(),
+        )
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Serialization,
+                format!(
+                    "a message in `{}` does not decode; it comes back after the visibility \
+                     timeout",
+                    self.target.queue_name
+                ),
+                e,
+            )
+        })?;
+        let mut envelope = decoded.envelope;
+        if let Some(reply_to) = decoded.reply_to {
+            // Only requests carry it; the responder side takes it out again.
+            envelope.headers.insert(wire::REPLY_TO.into(), reply_to);
+        }
+        let settle = SqsSettle {
+            inner: self.inner.clone(),
+            url: self.target.url.clone(),
+            receipt,
+            envelope: envelope.clone(),
+            source: self.target.source.clone(),
+            group: self.target.group.clone(),
+            attempt,
+            acks: self.acks.clone(),
+        };
+        Ok(Delivery::new(
+            envelope,
+            attempt,
+            self.target.source.clone(),
+            self.target.group.clone(),
+            Box::new(settle),
+        ))
+    }
+}
+
+/// Collects acknowledgements into `DeleteMessageBatch` calls: whatever is waiting when a call
+/// starts, up to the batch size, goes in it. Ends when every settle handle is gone.
+fn spawn_acker(inner: Shared, url: String) -> mpsc::UnboundedSender<AckRequest> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
+    tokio::spawn(async move {
+        let limit = inner.config.batch_size.clamp(1, 10) as usize;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < limit {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let entries: Vec<DeleteMessageBatchRequestEntry> = batch
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (receipt, _))| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(receipt)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let result = inner
+                .sqs
+                .delete_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            match result {
+                Ok(out) => {
+                    let mut failed: HashMap<String, Error> = out
+                        .failed()
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.id().to_owned(),
+                                batch_entry(f.code(), f.message(), "acknowledging (delete)"),
+                            )
+                        })
+                        .collect();
+                    for (i, (_, reply)) in batch.into_iter().enumerate() {
+                        let _ = reply.send(failed.remove(&i.to_string()).map_or(Ok(()), Err));
+                    }
+                }
+                Err(e) => {
+                    let kind = crate::error::kind_of(&e);
+                    let text = format!("acknowledging (delete): {e}");
+                    let mut source = Some(e);
+                    for (_, reply) in batch {
+                        let error = match source.take() {
+                            Some(e) => map(e, "acknowledging (delete)"),
+                            None => Error::new(kind, text.clone()),
+                        };
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// The SQS side of one delivery.
+struct SqsSettle {
+    inner: Shared,
+    url: String,
+    receipt: String,
+    envelope: bus_core::Envelope,
+    source: String,
+    group: Option<String>,
+    attempt: u32,
+    acks: mpsc::UnboundedSender<AckRequest>,
+}
+
+impl fmt::Debug for SqsSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsSettle")
+            .field("source", &self.source)
+            .field("message_id", &self.envelope.id)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqsSettle {
+    async fn set_visibility(&self, seconds: u32, doing: &str) -> Result<()> {
+        self.inner
+            .sqs
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(&self.receipt)
+            .visibility_timeout(i32::try_from(seconds.min(SQS_MAX_VISIBILITY_SECS)).unwrap_or(0))
+            .send()
+            .await
+            .map_err(|e| map(e, doing))?;
+        Ok(())
+    }
+
+    async fn delete(&self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.acks
+            .send((self.receipt.clone(), reply))
+            .map_err(|_| Error::closed("the acknowledgement batcher stopped"))?;
+        done.await
+            .map_err(|_| Error::closed("the acknowledgement batcher stopped"))?
+    }
+}
+
+/// Whole seconds of `delay`, rounded up (SQS counts visibility in seconds) and clamped to
+/// SQS's 12-hour limit.
+pub(crate) fn delay_secs(delay: Duration) -> u32 {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    u32::try_from(secs)
+        .unwrap_or(SQS_MAX_VISIBILITY_SECS)
+        .min(SQS_MAX_VISIBILITY_SECS)
+}
+
+#[async_trait]
+impl Settle for SqsSettle {
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => self.delete().await,
+            Settlement::Nack(Redeliver::After(delay)) => {
+                self.set_visibility(delay_secs(delay), "nack with delay (change visibility)")
+                    .await
+            }
+            Settlement::Nack(_) => self.set_visibility(0, "nack (change visibility)").await,
+            Settlement::Reject { reason } => {
+                let dead = mark(
+                    self.envelope.clone(),
+                    &DeadLetterInfo {
+                        reason: &reason,
+                        source: &self.source,
+                        group: self.group.as_deref(),
+                        attempts: self.attempt,
+                        first_failure: None,
+                    },
+                );
+                let dlq = headers::dead_letter_queue(&self.source);
+                let name = self.inner.names.queue(&dlq);
+                let url = self.inner.queue_url(&name, QueueRole::Plain, None).await?;
+                let wire = self.inner.encode(&dead, &[])?;
+                send_wire(
+                    &self.inner,
+                    &url,
+                    &dead,
+                    wire,
+                    &format!("dead-letter queue `{dlq}`"),
+                )
+                .await?;
+                self.delete().await
+            }
+            _ => Err(Error::unsupported(
+                "this settlement is not known to the SQS adapter",
+            )),
+        }
+    }
+
+    async fn in_progress(&self) -> Result<()> {
+        self.set_visibility(
+            self.inner.config.visibility_timeout_secs,
+            "extending visibility (in progress)",
+        )
+        .await
+    }
+
+    fn abandon(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to call SQS from: the message comes back after its visibility timeout.
+            return;
+        };
+        let sqs = self.inner.sqs.clone();
+        let url = self.url.clone();
+        let receipt = self.receipt.clone();
+        runtime.spawn(async move {
+            let _ = sqs
+                .change_message_visibility()
+                .queue_url(url)
+                .receipt_handle(receipt)
+                .visibility_timeout(0)
+                .send()
+                .await;
+        });
+    }
+}
+
+impl SqsSource {
+    fn stop_receiving(&mut self) {
+        self.closed = true;
+        *self.gate.lock().expect("subscription gate") = true;
+        self.stop.send_replace(true);
+        self.rx.close();
+        // Dropping what is buffered hands each message back to SQS at once (abandon).
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+async fn remove_private(inner: &Shared, target: &Target, subscription_arn: &str) -> Result<()> {
+    if !subscription_arn.is_empty() {
+        inner
+            .sns
+            .unsubscribe()
+            .subscription_arn(subscription_arn)
+            .send()
+            .await
+            .map_err(|e| map(e, "removing a private subscription"))?;
+    }
+    inner.forget_queue(&target.queue_name);
+    inner
+        .sqs
+        .delete_queue()
+        .queue_url(&target.url)
+        .send()
+        .await
+        .map_err(|e| map(e, "deleting a private subscription's queue"))?;
+    Ok(())
+}
+
+#[async_trait]
+impl DeliverySource for SqsSource {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if self.closed || *self.broker_closed.borrow() {
+            return None;
+        }
+        if !*self.demand.borrow() {
+            self.demand.send_replace(true);
+        }
+        // Both branches are cancel safe: a received message stays in the buffer until
+        // `recv` returns it.
+        tokio::select! {
+            biased;
+            _ = self.broker_closed.wait_for(|closed| *closed) => None,
+            item = self.rx.recv() => item,
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.stop_receiving();
+        if let Some(arn) = self.target.private.take() {
+            remove_private(&self.inner, &self.target, &arn).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SqsSource {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.stop_receiving();
+        if let Some(arn) = self.target.private.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (inner, target) = (self.inner.clone(), self.target.clone());
+                runtime.spawn(async move {
+                    let _ = remove_private(&inner, &target, &arn).await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_and_clamp() {
+        assert_eq!(delay_secs(Duration::from_millis(1)), 1);
+        assert_eq!(delay_secs(Duration::from_secs(1)), 1);
+        assert_eq!(delay_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(delay_secs(Duration::from_secs(100_000)), 43_200);
+    }
+}
