@@ -60,6 +60,22 @@ impl Session {
         Ok(channel)
     }
 
+    /// Refuses properties whose content-header frame would exceed the negotiated
+    /// `frame_max`: RabbitMQ answers such a frame by closing the whole connection.
+    pub(crate) fn check_headers(&self, properties: &BasicProperties) -> Result<()> {
+        let frame_max = self.connection.configuration().frame_max() as usize;
+        let size = crate::wire::header_frame_size(properties);
+        if frame_max > 0 && size > frame_max {
+            return Err(Error::new(
+                ErrorKind::HeadersTooLarge,
+                format!(
+                    "the message's headers take about {size} bytes, more than the frame size of                      {frame_max} bytes negotiated with the broker (frame_max)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Declares the durable work queue `queue` once per connection.
     pub(crate) async fn ensure_queue(&self, queue: &str, args: &FieldTable) -> Result<()> {
         if lock(&self.declared).contains(queue) {
@@ -306,6 +322,7 @@ impl Link {
         properties: BasicProperties,
     ) -> Result<Confirmed> {
         let session = self.session().await?;
+        session.check_headers(&properties)?;
         let channel = session.publisher().await?;
         let confirm = channel
             .basic_publish(

@@ -166,15 +166,22 @@ impl Publisher for RabbitMqBroker {
         let session = inner.link.session().await?;
         let channel = session.publisher().await?;
         // Pipelined: every message goes out, then the confirms are awaited in order.
+        let properties: Vec<_> = envelopes
+            .iter()
+            .map(|envelope| wire::properties(envelope, topic, 1))
+            .collect();
+        for props in &properties {
+            session.check_headers(props)?;
+        }
         let mut confirms = Vec::with_capacity(envelopes.len());
-        for envelope in &envelopes {
+        for (envelope, props) in envelopes.iter().zip(properties) {
             let confirm = channel
                 .basic_publish(
                     &inner.config().topic_exchange,
                     &key,
                     BasicPublishOptions::default(),
                     &envelope.payload,
-                    wire::properties(envelope, topic, 1),
+                    props,
                 )
                 .await
                 .map_err(|e| crate::error::map(e, "publishing"))?;

@@ -118,6 +118,7 @@ impl Requester for RabbitMqBroker {
         let work = async {
             let channel = inner.replies.channel(inner).await?;
             let props = wire::properties(&request, topic, 1).with_reply_to(REPLY_TO.into());
+            inner.link.session().await?.check_headers(&props)?;
             let confirm = channel
                 .basic_publish(
                     &inner.config().request_exchange,

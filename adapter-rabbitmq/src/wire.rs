@@ -88,6 +88,51 @@ pub(crate) fn properties(envelope: &Envelope, source: &str, attempt: u32) -> Bas
     props
 }
 
+/// An upper bound of the size of the AMQP content-header frame carrying `props`, which must
+/// fit in one frame (`frame_max`): the headers cannot be split like a body.
+pub(crate) fn header_frame_size(props: &BasicProperties) -> usize {
+    fn value_size(value: &AMQPValue) -> usize {
+        match value {
+            AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+            AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+            AMQPValue::FieldTable(t) => 4 + table_size(t),
+            AMQPValue::FieldArray(a) => {
+                4 + a
+                    .as_slice()
+                    .iter()
+                    .map(|v| 1 + value_size(v))
+                    .sum::<usize>()
+            }
+            AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+            _ => 9,
+        }
+    }
+    fn table_size(table: &FieldTable) -> usize {
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| 1 + k.as_str().len() + 1 + value_size(v))
+            .sum()
+    }
+    let short = |s: &Option<ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    // Frame header and end (8), class, weight, body size, flags (14), the fixed-size
+    // properties (timestamp, delivery mode, priority: 10), and room for the rest.
+    8 + 14
+        + 10
+        + 4
+        + props.headers().as_ref().map_or(0, table_size)
+        + short(props.message_id())
+        + short(props.correlation_id())
+        + short(props.kind())
+        + short(props.content_type())
+        + short(props.content_encoding())
+        + short(props.reply_to())
+        + short(props.expiration())
+        + short(props.user_id())
+        + short(props.app_id())
+        + short(props.cluster_id())
+}
+
 /// A header value as text: strings as they are (lossily for non-UTF-8 bytes), numbers and
 /// booleans printed, anything else in its debug form. Never fails.
 fn text(value: &AMQPValue) -> String {

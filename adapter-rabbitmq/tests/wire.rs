@@ -438,3 +438,44 @@ async fn private_subscription_settles_every_way() {
     let _ = connection.close(200, "done").await;
     broker.close().await.expect("close");
 }
+
+/// Headers must fit in one AMQP frame (`frame_max`, 128 KiB by default): larger ones fail with
+/// `HeadersTooLarge` before anything is sent, and the connection keeps working.
+#[tokio::test]
+async fn headers_larger_than_a_frame_are_refused() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let queue = unique("bighdr");
+    let big = Envelope::new("big", "x").with_header("x-big", "h".repeat(200 * 1024));
+    let err = broker.send(&queue, big).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::HeadersTooLarge, "{err}");
+    let err = broker
+        .publish(
+            &queue,
+            Envelope::new("big", "x").with_header("x-big", "h".repeat(200 * 1024)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::HeadersTooLarge, "{err}");
+    let small = Envelope::new("small", "x").with_header("x-ok", "h".repeat(1024));
+    broker
+        .send(&queue, small.clone())
+        .await
+        .expect("send after the refusal");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = consumer.next().await.expect("open").expect("delivery");
+    assert_eq!(d.envelope().id, small.id);
+    d.ack().await.expect("ack");
+    consumer.close().await.unwrap();
+    let (connection, channel) = raw(&url).await;
+    let _ = channel
+        .queue_delete(&queue, QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
