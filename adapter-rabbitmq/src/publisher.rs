@@ -96,6 +96,9 @@ impl RabbitMqBroker {
     /// # Errors
     /// [`ErrorKind::Connection`] when the broker cannot be reached, [`ErrorKind::Rejected`]
     /// when it refuses the credentials or virtual host.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the connection attempt.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::with_config(RabbitMqConfig::new(url)).await
     }
@@ -105,6 +108,9 @@ impl RabbitMqBroker {
     ///
     /// # Errors
     /// As [`connect`](RabbitMqBroker::connect).
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the connection attempt.
     pub async fn with_config(config: RabbitMqConfig) -> Result<Self> {
         let link = Link::connect(config).await?;
         Ok(Self {
