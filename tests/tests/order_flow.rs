@@ -288,3 +288,17 @@ async fn order_flow_on_rabbitmq() {
         order_flow(bus::connect(&url).await.expect("connect to RabbitMQ")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_flow_on_kafka() {
+    if let Some(url) = url("BUS_TEST_KAFKA_URL") {
+        order_flow(bus::connect(&url).await.expect("connect to Kafka")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_flow_on_sqs() {
+    if let Some(url) = url("BUS_TEST_SQS_URL") {
+        order_flow(bus::connect(&url).await.expect("connect to SQS")).await;
+    }
+}
