@@ -185,6 +185,13 @@ impl Inner {
     /// Forgets a cached queue URL (after deleting it, or when SQS says it is gone).
     pub(crate) fn forget_queue(&self, name: &str) {
         self.queues.lock().expect("queue cache").remove(name);
+        self.wired.lock().expect("wired cache").remove(name);
+    }
+
+    /// Forgets a cached topic ARN (when SNS says it is gone).
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        let name = self.names.topic(topic);
+        self.topics.lock().expect("topic cache").remove(&name);
     }
 
     pub(crate) async fn queue_arn(&self, url: &str) -> Result<String> {
@@ -283,7 +290,8 @@ impl Inner {
     }
 
     /// The FIFO parameters of a message: group = key (or the id, for unkeyed messages, which
-    /// then keep no order among themselves), deduplication id = the envelope id. Values SQS
+    /// then keep no order among themselves), deduplication id = the envelope id (or a fresh
+    /// one per call without `fifo_dedup_by_id`). Values SQS
     /// would refuse (over 128 characters, other characters) are replaced by a stable hash.
     pub(crate) fn fifo_ids(&self, envelope: &bus_core::Envelope) -> Option<(String, String)> {
         if !self.config.fifo {
@@ -293,7 +301,12 @@ impl Inner {
             .key
             .clone()
             .unwrap_or_else(|| envelope.id.to_string());
-        Some((fifo_safe(&group), fifo_safe(envelope.id.as_str())))
+        let dedup = if self.config.fifo_dedup_by_id {
+            fifo_safe(envelope.id.as_str())
+        } else {
+            uuid::Uuid::now_v7().simple().to_string()
+        };
+        Some((fifo_safe(&group), dedup))
     }
 }
 

@@ -73,6 +73,11 @@ pub struct SqsConfig {
     /// Use FIFO queues and topics (`.fifo` names): per-key order through `MessageGroupId`,
     /// deduplication by envelope id.
     pub fifo: bool,
+    /// On FIFO queues and topics, use the envelope id as `MessageDeduplicationId`, so SQS
+    /// drops a second publish of the same envelope within its 5-minute window (a retried
+    /// publish is not duplicated). `false`: a fresh id per publish call, every copy delivered
+    /// (the idempotency middleware then handles copies).
+    pub fifo_dedup_by_id: bool,
     /// Attach a native redrive policy to group and work queues: after this many receives SQS
     /// moves a message to the dead-letter queue itself. `None`: only `reject` dead-letters.
     pub max_receive_count: Option<u32>,
@@ -106,6 +111,7 @@ impl Default for SqsConfig {
             pollers: 2,
             prefetch: 20,
             fifo: false,
+            fifo_dedup_by_id: true,
             max_receive_count: None,
             name_prefix: String::new(),
             source: "bus".to_owned(),
@@ -131,6 +137,7 @@ impl fmt::Debug for SqsConfig {
             .field("pollers", &self.pollers)
             .field("prefetch", &self.prefetch)
             .field("fifo", &self.fifo)
+            .field("fifo_dedup_by_id", &self.fifo_dedup_by_id)
             .field("max_receive_count", &self.max_receive_count)
             .field("name_prefix", &self.name_prefix)
             .field("source", &self.source)
@@ -163,6 +170,7 @@ impl PartialEq for SqsConfig {
             && self.pollers == other.pollers
             && self.prefetch == other.prefetch
             && self.fifo == other.fifo
+            && self.fifo_dedup_by_id == other.fifo_dedup_by_id
             && self.max_receive_count == other.max_receive_count
             && self.name_prefix == other.name_prefix
             && self.source == other.source
@@ -187,7 +195,8 @@ impl SqsConfig {
     /// `sqs://host:port` sets the endpoint `http://host:port` (`https` with `tls=true`);
     /// `sqs://` without a host keeps AWS's own endpoints. Query parameters: `region`,
     /// `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`,
-    /// `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`,
+    /// `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `fifo_dedup_by_id`,
+    /// `max_receive_count`,
     /// `name_prefix`, `source`, `max_message_bytes`, `tls`.
     ///
     /// # Errors
@@ -233,6 +242,7 @@ impl SqsConfig {
                 "pollers" => self.pollers = usize::try_from(number()?).unwrap_or(1).max(1),
                 "prefetch" => self.prefetch = usize::try_from(number()?).unwrap_or(1).max(1),
                 "fifo" => self.fifo = flag()?,
+                "fifo_dedup_by_id" => self.fifo_dedup_by_id = flag()?,
                 "max_receive_count" => self.max_receive_count = Some(small(number()?).max(1)),
                 "name_prefix" => self.name_prefix = value.into_owned(),
                 "source" => self.source = value.into_owned(),
@@ -326,6 +336,14 @@ impl SqsConfig {
     #[must_use]
     pub fn with_fifo(mut self, fifo: bool) -> Self {
         self.fifo = fifo;
+        self
+    }
+
+    /// Sets whether FIFO deduplication uses the envelope id (see
+    /// [`fifo_dedup_by_id`](Self::fifo_dedup_by_id)).
+    #[must_use]
+    pub fn with_fifo_dedup_by_id(mut self, by_id: bool) -> Self {
+        self.fifo_dedup_by_id = by_id;
         self
     }
 

@@ -169,26 +169,16 @@ impl Publisher for SqsBroker {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
         self.inner.check_open()?;
         let wire = self.inner.encode(&envelope, &[])?;
-        let arn = self.inner.topic_arn(topic).await?;
-        let mut publish = self
-            .inner
-            .sns
-            .publish()
-            .topic_arn(arn)
-            .set_message_attributes(Some(sns_attributes(&wire)?))
-            .message(wire.body);
-        if let Some((group, dedup)) = self.inner.fifo_ids(&envelope) {
-            publish = publish
-                .message_group_id(group)
-                .message_deduplication_id(dedup);
+        match self.publish_wire(topic, &envelope, wire.clone()).await {
+            // The topic was deleted behind the cache (or the server restarted): create it
+            // again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.inner.forget_topic(topic);
+                self.publish_wire(topic, &envelope, wire).await
+            }
+            other => other,
         }
-        publish
-            .send()
-            .await
-            .map_err(|e| map(e, &format!("publishing to topic `{topic}`")))?;
-        Ok(())
     }
-
     /// Publishes with SNS `PublishBatch`, up to the configured batch size (10 at most) and
     /// 256 KiB per call. Order holds within a call; calls go one after the other.
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {
@@ -309,14 +299,19 @@ impl Queue for SqsBroker {
             .inner
             .queue_url(&name, QueueRole::Durable, Some(queue))
             .await?;
-        send_wire(
-            &self.inner,
-            &url,
-            &envelope,
-            wire,
-            &format!("queue `{queue}`"),
-        )
-        .await
+        let what = format!("queue `{queue}`");
+        match send_wire(&self.inner, &url, &envelope, wire.clone(), &what).await {
+            // Deleted behind the cache (or the server restarted): create it again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.inner.forget_queue(&name);
+                let url = self
+                    .inner
+                    .queue_url(&name, QueueRole::Durable, Some(queue))
+                    .await?;
+                send_wire(&self.inner, &url, &envelope, wire, &what).await
+            }
+            other => other,
+        }
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
@@ -388,6 +383,29 @@ impl Broker for SqsBroker {
         }
         self.inner.close();
         self.replies.close().await;
+        Ok(())
+    }
+}
+
+impl SqsBroker {
+    async fn publish_wire(&self, topic: &str, envelope: &Envelope, wire: Wire) -> Result<()> {
+        let arn = self.inner.topic_arn(topic).await?;
+        let mut publish = self
+            .inner
+            .sns
+            .publish()
+            .topic_arn(arn)
+            .set_message_attributes(Some(sns_attributes(&wire)?))
+            .message(wire.body);
+        if let Some((group, dedup)) = self.inner.fifo_ids(envelope) {
+            publish = publish
+                .message_group_id(group)
+                .message_deduplication_id(dedup);
+        }
+        publish
+            .send()
+            .await
+            .map_err(|e| map(e, &format!("publishing to topic `{topic}`")))?;
         Ok(())
     }
 }

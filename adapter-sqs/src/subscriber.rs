@@ -69,7 +69,14 @@ pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource
     let gate = Arc::new(Mutex::new(false));
     let acks = spawn_acker(inner.clone(), target.url.clone());
     let per_call = prefetch.min(inner.config.batch_size as usize).max(1);
-    for _ in 0..inner.config.pollers.max(1) {
+    // On FIFO queues one loop per subscription: SQS hands a message group to one receive at a
+    // time anyway, and one loop fills the buffer in the order SQS returned the messages.
+    let pollers = if inner.config.fifo {
+        1
+    } else {
+        inner.config.pollers.max(1)
+    };
+    for _ in 0..pollers {
         let poller = Poller {
             inner: inner.clone(),
             target: target.clone(),
