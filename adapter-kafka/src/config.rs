@@ -118,6 +118,13 @@ pub struct KafkaConfig {
     pub ssl_key_location: Option<String>,
     /// `ssl.key.password` (never shown in `Debug`).
     pub ssl_key_password: Option<String>,
+    /// How many offsets before a committed offset a consumer starts fetching (the records
+    /// before the committed offset are skipped), and the most records the producer puts in
+    /// one batch (`batch.num.messages`). Needed by brokers that return only the record
+    /// batches starting at or after the fetch offset, as tansu 0.6 does: without it a
+    /// consumer resuming in the middle of a batch would skip the batch's remaining records.
+    /// 0 turns it off (for Apache Kafka, which does not need it).
+    pub fetch_rewind: i64,
     /// Any other rdkafka `ClientConfig` key, applied last to every client (producer,
     /// consumers, admin), so it can override what `bus` sets.
     pub client_options: BTreeMap<String, String>,
@@ -137,6 +144,7 @@ impl Default for KafkaConfig {
             idempotence: true,
             session_timeout_ms: 10_000,
             prefetch: 256,
+            fetch_rewind: 500,
             security_protocol: None,
             sasl_mechanism: None,
             sasl_username: None,
@@ -162,7 +170,8 @@ impl KafkaConfig {
 
     /// Reads `kafka://host:port[,host:port…][?query]`. Query parameters: `partitions`,
     /// `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`,
-    /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`,
+    /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `fetch_rewind`,
+    /// `security_protocol`,
     /// `sasl_mechanism`; user info in the URL sets the SASL user name and password.
     ///
     /// # Errors
@@ -217,6 +226,7 @@ impl KafkaConfig {
                     self.session_timeout_ms = value.parse().map_err(|e| bad(&e))?;
                 }
                 "prefetch" => self.prefetch = value.parse().map_err(|e| bad(&e))?,
+                "fetch_rewind" => self.fetch_rewind = value.parse().map_err(|e| bad(&e))?,
                 "security_protocol" => self.security_protocol = Some(value),
                 "sasl_mechanism" => self.sasl_mechanism = Some(value),
                 other => {
@@ -322,6 +332,9 @@ impl KafkaConfig {
         if self.bootstrap_servers.trim().is_empty() {
             return Err(Error::config("kafka: bootstrap_servers is empty"));
         }
+        if self.fetch_rewind < 0 {
+            return Err(Error::config("kafka: fetch_rewind must not be negative"));
+        }
         if self.partitions < 1 || self.replication < 1 {
             return Err(Error::config(
                 "kafka: partitions and replication must be at least 1",
@@ -378,6 +391,12 @@ impl KafkaConfig {
                 "message.max.bytes",
                 (self.max_payload_bytes + 64 * 1024).to_string(),
             );
+        if self.fetch_rewind > 0 {
+            c.set(
+                "batch.num.messages",
+                self.fetch_rewind.min(1_000_000).to_string(),
+            );
+        }
         self.finish(c)
     }
 
@@ -426,6 +445,7 @@ impl fmt::Debug for KafkaConfig {
             .field("idempotence", &self.idempotence)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("prefetch", &self.prefetch)
+            .field("fetch_rewind", &self.fetch_rewind)
             .field("security_protocol", &self.security_protocol)
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)

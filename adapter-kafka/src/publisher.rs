@@ -1,8 +1,8 @@
 //! Producing: topic creation through the admin API, the idempotent producer, delivery reports.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::{Envelope, Error, ErrorKind, Result};
@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     pub(crate) closed_tx: watch::Sender<bool>,
     pub(crate) source: String,
+    /// Per group: deliveries dropped after their subscription closed, still being handed back.
+    handbacks: Mutex<HashMap<String, Arc<watch::Sender<usize>>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -56,6 +58,7 @@ impl Shared {
             created: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
             closed_tx,
+            handbacks: Mutex::default(),
         })
     }
 
@@ -69,6 +72,16 @@ impl Shared {
         } else {
             Ok(())
         }
+    }
+
+    /// The count of hand-backs in flight for `group`.
+    pub(crate) fn handbacks(&self, group: &str) -> Arc<watch::Sender<usize>> {
+        self.handbacks
+            .lock()
+            .expect("hand-back map poisoned")
+            .entry(group.to_owned())
+            .or_insert_with(|| Arc::new(watch::channel(0).0))
+            .clone()
     }
 
     pub(crate) fn close(&self) {

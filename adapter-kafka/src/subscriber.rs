@@ -60,6 +60,9 @@ pub(crate) struct Spec {
 struct PartState {
     epoch: u64,
     tracker: OffsetTracker,
+    /// Records below this offset were fetched only because of the rewind (see `Ctx::assign`)
+    /// and are skipped.
+    floor: i64,
 }
 
 #[derive(Default)]
@@ -68,6 +71,9 @@ struct State {
     next_epoch: u64,
     /// Assignments (rebalances) seen so far.
     assignments: u64,
+    /// The subscription is closing or closed: its last revocation keeps the trackers, so that
+    /// deliveries settled after the close are still committed (see `KafkaSettle::settle`).
+    closing: bool,
 }
 
 impl State {
@@ -132,6 +138,7 @@ pub(crate) struct Item {
 struct Ctx {
     state: SharedState,
     start: Start,
+    rewind: i64,
     assigned: watch::Sender<u64>,
 }
 
@@ -148,7 +155,11 @@ impl ConsumerContext for Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 commit(consumer, &self.state, CommitMode::Sync);
-                lock(&self.state).parts.clear();
+                let mut state = lock(&self.state);
+                if !state.closing {
+                    state.parts.clear();
+                }
+                drop(state);
                 let _ = consumer.unassign();
             }
             other => {
@@ -191,8 +202,15 @@ impl Ctx {
                     o
                 }
             };
+            // Fetch a little before a committed offset: brokers that only return record
+            // batches starting at or after the fetch offset (tansu 0.6) would otherwise skip
+            // the rest of the batch the offset falls in. The records before it are skipped here.
+            let rewound = match known {
+                Some(Offset::Offset(o)) if o >= 0 => (o - self.rewind).max(0),
+                _ => start.unwrap_or(0),
+            };
             let offset = match (start, self.start) {
-                (Some(o), _) => Offset::Offset(o),
+                (Some(_), _) => Offset::Offset(rewound),
                 (None, Start::Latest) => Offset::End,
                 (None, Start::Earliest) => Offset::Beginning,
             };
@@ -215,6 +233,7 @@ impl Ctx {
                     PartState {
                         epoch,
                         tracker: OffsetTracker::starting_at(start),
+                        floor: start.unwrap_or(0),
                     },
                 );
             }
@@ -262,11 +281,18 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
     }
     shared.ensure_topics(&topics, None).await?;
 
+    // Deliveries of an earlier subscription of this group, dropped after it closed, are being
+    // handed back (and their offsets committed): join once that is done, or they and the
+    // acked ones after them would come again.
+    let mut handbacks = shared.handbacks(&spec.group).subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(10), handbacks.wait_for(|n| *n == 0)).await;
+
     let state: SharedState = Arc::default();
     let (assigned_tx, mut assigned_rx) = watch::channel(0u64);
     let ctx = Ctx {
         state: state.clone(),
         start: spec.start,
+        rewind: shared.config.fetch_rewind,
         assigned: assigned_tx,
     };
     let consumer: BaseConsumer<Ctx> = shared
@@ -332,6 +358,7 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
         stop,
         done: Some(done_rx),
         closed: shared.closed_tx.subscribe(),
+        late_commits: Arc::default(),
     })
 }
 
@@ -382,10 +409,10 @@ impl Worker {
                 None => {}
             }
         }
+        lock(&self.state).closing = true;
         commit(&self.consumer, &self.state, CommitMode::Sync);
-        // Dropping the consumer leaves the group (the revocation commits once more).
-        self.consumer.unsubscribe();
-        lock(&self.state).parts.clear();
+        // Dropping the consumer (at the end of this function) leaves the group; the
+        // revocation commits once more.
     }
 
     fn release_due(&mut self) {
@@ -446,6 +473,9 @@ fn route<M: Message>(
     let epoch = {
         let mut state = lock(state);
         let p = state.parts.get_mut(&(topic.to_owned(), partition))?;
+        if offset < p.floor {
+            return None;
+        }
         p.tracker.track(offset);
         if is_retry && internal.retry_group.as_deref() != Some(group) {
             // Another group's retry: nothing to do here.
@@ -485,6 +515,7 @@ pub(crate) struct KafkaSource {
     stop: Arc<AtomicBool>,
     done: Option<oneshot::Receiver<()>>,
     closed: watch::Receiver<bool>,
+    late_commits: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -532,6 +563,7 @@ impl KafkaSource {
                     group: self.spec.group.clone(),
                     user_group: self.spec.user_group.clone(),
                     item,
+                    late_commits: self.late_commits.clone(),
                 }),
             );
             return Some((delivery, reply_to));
@@ -567,6 +599,7 @@ impl DeliverySource for KafkaSource {
 
 /// Settles one delivery: marks its offset settled, after producing the retry copy or the dead
 /// letter it needs.
+#[derive(Clone)]
 struct KafkaSettle {
     shared: Arc<Shared>,
     state: SharedState,
@@ -575,6 +608,8 @@ struct KafkaSettle {
     group: String,
     user_group: Option<String>,
     item: Item,
+    /// Serialises the commits made after the close, so an older offset never lands last.
+    late_commits: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for KafkaSettle {
@@ -591,6 +626,39 @@ impl KafkaSettle {
     fn mark_settled(&self) {
         let i = &self.item;
         lock(&self.state).settle(&i.topic, i.partition, i.epoch, i.offset);
+    }
+
+    /// After the subscription closed, its consumer no longer commits: a delivery settled now
+    /// is committed here, by a short-lived client of the same group (a plain offset commit,
+    /// which Kafka accepts for a group; at worst a later member sees a duplicate, never a
+    /// loss, since only the contiguous settled prefix is committed).
+    async fn commit_after_close(&self) {
+        if !lock(&self.state).closing {
+            return;
+        }
+        let _serial = self.late_commits.lock().await;
+        let tpl = {
+            let state = lock(&self.state);
+            if !state.closing {
+                return;
+            }
+            state.to_commit()
+        };
+        if tpl.count() == 0 {
+            return;
+        }
+        let config = self.shared.config.consumer_config(&self.group);
+        let state = self.state.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config.create()?;
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            lock(&state).mark_committed(&tpl);
+            Ok::<_, rdkafka::error::KafkaError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::debug!(error = %e, "committing after close failed");
+        }
     }
 }
 
@@ -645,10 +713,28 @@ impl Settle for KafkaSettle {
             _ => return Err(Error::unsupported("unknown settlement")),
         }
         self.mark_settled();
+        self.commit_after_close().await;
         Ok(())
     }
 
     fn abandon(&self) {
+        if lock(&self.state).closing {
+            // The subscription is closed: nobody here will take it again. Hand it to the
+            // group through the retry topic (then its offset, and the acked ones after it,
+            // can be committed). Without a runtime the offset simply stays uncommitted.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let settle = self.clone();
+                let pending = self.shared.handbacks(&self.group);
+                pending.send_modify(|n| *n += 1);
+                runtime.spawn(async move {
+                    if let Err(e) = settle.settle(Settlement::Nack(Redeliver::Now)).await {
+                        tracing::debug!(error = %e, "handing back a dropped delivery failed");
+                    }
+                    pending.send_modify(|n| *n -= 1);
+                });
+            }
+            return;
+        }
         let mut again = self.item.clone();
         again.attempt += 1;
         // Handed out again from memory while this consumer still owns the partition; after a

@@ -57,6 +57,8 @@ async fn start(tansu: &PathBuf, dir: &std::path::Path) -> Child {
         .arg(format!("sqlite://{}/tansu.db", dir.display()))
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
+        // tansu reads the path of a sqlite:// URL relative to its working directory.
+        .current_dir("/")
         .kill_on_drop(true)
         .spawn()
         .expect("start tansu");
