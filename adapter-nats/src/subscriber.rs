@@ -21,12 +21,9 @@ use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
 use crate::{error, wire, NatsBroker};
 
-/// How often the server sends idle heartbeats on a pull; two missed ones restart the pull.
-const HEARTBEAT: Duration = Duration::from_millis(400);
-/// How long one pull request stays open on the server. Short, because a pull request cannot
-/// be cancelled: closing a subscription waits this long before handing messages back, since
-/// nats-server 2.9 may still send a redelivery to the closed pull, where it would be lost
-/// until the ack wait (and it then miscounts the consumer's position).
+/// How long one pull (batch) request stays open on the server. Short, because a pull request
+/// cannot be cancelled: closing a subscription waits for its open request to end before
+/// handing messages back, since the server may still send messages (redeliveries too) to it.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// A private subscription's consumer is removed by the server after this long without pulls
 /// (when the process died before closing it).
@@ -196,10 +193,9 @@ impl PullSource {
         let spec = self.spec.clone();
         async move {
             if let Some(task) = task {
+                // The task ends once its last batch request has ended on the server (filled or
+                // expired, at most PULL_EXPIRES), having handed back what that batch brought.
                 let _ = task.await;
-                // The pull's last request is still open on the server until it expires: wait it
-                // out (see PULL_EXPIRES) before anything is handed back.
-                tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(100)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), inner.client.flush()).await;
             }
             if spec.private {
@@ -256,6 +252,12 @@ impl DeliverySource for PullSource {
 
 /// Pulls from `consumer` into `tx` until told to stop, starting over (with the consumer looked
 /// up or made again) after errors such as a server restart.
+///
+/// Each pull is one batch request that ends by itself (filled, or expired after
+/// `PULL_EXPIRES`). When told to stop, the loop keeps reading the open batch until it ends,
+/// and only then naks what it holds: a nak while the request is still open would have the
+/// server redeliver the message to that same request, which is about to go away, and the
+/// message would then wait out the whole ack wait.
 async fn pull_loop(
     inner: Arc<Inner>,
     spec: Arc<Spec>,
@@ -275,11 +277,10 @@ async fn pull_loop(
             Some(c) => Ok(c),
             None => inner.consumer(&spec.stream, &spec.config).await,
         };
-        let pulled = match current {
+        let pulled = match &current {
             Ok(c) => c
-                .stream()
-                .max_messages_per_batch(batch)
-                .heartbeat(HEARTBEAT)
+                .batch()
+                .max_messages(batch)
                 .expires(PULL_EXPIRES)
                 .messages()
                 .await
@@ -287,39 +288,62 @@ async fn pull_loop(
             Err(e) => Err(e.to_string()),
         };
         match pulled {
-            Ok(mut messages) => loop {
-                let item = tokio::select! {
-                    item = messages.next() => item,
-                    () = stopped(&mut stop) => return hand_back(&mut messages).await,
-                    () = stopped(&mut closed) => return hand_back(&mut messages).await,
-                };
-                match item {
-                    Some(Ok(message)) => {
-                        backoff = Duration::from_millis(100);
-                        let permit = tokio::select! {
-                            permit = tx.reserve() => permit.ok(),
-                            () = stopped(&mut stop) => None,
-                        };
-                        match permit {
-                            Some(permit) => permit.send(message),
-                            None => {
-                                // Nobody will take it: hand it back to the consumer now.
-                                let _ = message.ack_with(AckKind::Nak(None)).await;
-                                return hand_back(&mut messages).await;
+            Ok(mut messages) => {
+                let mut stopping = false;
+                let mut hand_back = Vec::new();
+                let mut failed = false;
+                loop {
+                    let item = if stopping {
+                        messages.next().await
+                    } else {
+                        tokio::select! {
+                            item = messages.next() => item,
+                            () = stopped(&mut stop) => { stopping = true; continue; }
+                            () = stopped(&mut closed) => { stopping = true; continue; }
+                        }
+                    };
+                    match item {
+                        Some(Ok(message)) if stopping => hand_back.push(message),
+                        Some(Ok(message)) => {
+                            backoff = Duration::from_millis(100);
+                            let permit = tokio::select! {
+                                permit = tx.reserve() => permit.ok(),
+                                () = stopped(&mut stop) => None,
+                                () = stopped(&mut closed) => None,
+                            };
+                            match permit {
+                                Some(permit) => permit.send(message),
+                                None => {
+                                    // Nobody will take it: hand it back once the batch ends.
+                                    stopping = true;
+                                    hand_back.push(message);
+                                }
                             }
                         }
+                        Some(Err(e)) => {
+                            tracing::warn!(
+                                stream = %spec.stream,
+                                error = %e,
+                                "pulling from JetStream failed; pulling again"
+                            );
+                            failed = true;
+                            break;
+                        }
+                        None => break,
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(
-                            stream = %spec.stream,
-                            error = %e,
-                            "pulling from JetStream failed; pulling again"
-                        );
-                        break;
-                    }
-                    None => break,
                 }
-            },
+                for message in hand_back {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+                if stopping {
+                    return;
+                }
+                if !failed {
+                    // The batch ended normally: pull the next one with the same consumer.
+                    consumer = current.ok();
+                    continue;
+                }
+            }
             Err(e) => tracing::warn!(
                 stream = %spec.stream,
                 error = %e,
@@ -337,16 +361,6 @@ async fn pull_loop(
 /// Completes once the flag is set (or its sender is gone).
 async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
-}
-
-/// Naks what the pull already holds in its buffer (and what arrives for its open requests
-/// meanwhile), so a closing subscription hands it back at once instead of after the ack wait.
-async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(50), messages.next()).await
-    {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-    }
 }
 
 fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -> Delivery {
