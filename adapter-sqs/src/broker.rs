@@ -7,7 +7,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 use bus_core::{headers, Error, Result};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::SqsConfig;
 use crate::error::map;
@@ -32,7 +32,17 @@ pub(crate) struct Inner {
     queues: Mutex<HashMap<String, String>>,
     topics: Mutex<HashMap<String, String>>,
     wired: Mutex<HashSet<String>>,
+    senders: Mutex<HashMap<String, mpsc::UnboundedSender<SendRequest>>>,
+    receive_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     closed: watch::Sender<bool>,
+}
+
+/// One message waiting for a `SendMessageBatch` call.
+struct SendRequest {
+    wire: Wire,
+    fifo: Option<(String, String)>,
+    what: String,
+    done: oneshot::Sender<Result<()>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -93,6 +103,8 @@ impl Inner {
             queues: Mutex::default(),
             topics: Mutex::default(),
             wired: Mutex::default(),
+            senders: Mutex::default(),
+            receive_locks: Mutex::default(),
             closed: watch::channel(false).0,
         })
     }
@@ -180,6 +192,55 @@ impl Inner {
             .expect("queue cache")
             .insert(name.to_owned(), url.clone());
         Ok(url)
+    }
+
+    /// On FIFO queues, the lock every receive loop of this connection takes around its
+    /// `ReceiveMessage` on `url`: one receive at a time per queue, so that two members never
+    /// race for one message group even on servers that do not lock groups across concurrent
+    /// receives (moto). `None` on standard queues.
+    pub(crate) fn receive_lock(&self, url: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        if !self.config.fifo {
+            return None;
+        }
+        let mut locks = self.receive_locks.lock().expect("receive locks");
+        Some(locks.entry(url.to_owned()).or_default().clone())
+    }
+
+    /// Sends `wire` to the queue at `url` through that queue's batcher.
+    pub(crate) async fn send_batched(
+        &self,
+        url: &str,
+        wire: Wire,
+        fifo: Option<(String, String)>,
+        what: &str,
+    ) -> Result<()> {
+        let (done, result) = oneshot::channel();
+        let request = SendRequest {
+            wire,
+            fifo,
+            what: what.to_owned(),
+            done,
+        };
+        let sender = {
+            let mut senders = self.senders.lock().expect("send batchers");
+            senders
+                .entry(url.to_owned())
+                .or_insert_with(|| {
+                    spawn_sender(
+                        self.sqs.clone(),
+                        url.to_owned(),
+                        self.config.batch_size.clamp(1, 10) as usize,
+                        self.config.max_message_bytes,
+                    )
+                })
+                .clone()
+        };
+        sender
+            .send(request)
+            .map_err(|_| Error::closed("the send batcher stopped"))?;
+        result
+            .await
+            .map_err(|_| Error::closed("the send batcher stopped"))?
     }
 
     /// Forgets a cached queue URL (after deleting it, or when SQS says it is gone).
@@ -307,6 +368,124 @@ impl Inner {
             uuid::Uuid::now_v7().simple().to_string()
         };
         Some((fifo_safe(&group), dedup))
+    }
+}
+
+/// The batcher of one queue: takes what waits (up to `limit` messages and `max_bytes` in
+/// all), sends it in one `SendMessageBatch`, answers each sender, repeats. One call at a time,
+/// so sends keep their order (FIFO queues rely on it).
+fn spawn_sender(
+    sqs: aws_sdk_sqs::Client,
+    url: String,
+    limit: usize,
+    max_bytes: usize,
+) -> mpsc::UnboundedSender<SendRequest> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<SendRequest>();
+    tokio::spawn(async move {
+        let mut carried: Option<SendRequest> = None;
+        loop {
+            let first = match carried.take() {
+                Some(first) => first,
+                None => match rx.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let mut size = first.wire.size();
+            let mut batch = vec![first];
+            while batch.len() < limit {
+                match rx.try_recv() {
+                    Ok(next) if size + next.wire.size() <= max_bytes => {
+                        size += next.wire.size();
+                        batch.push(next);
+                    }
+                    Ok(next) => {
+                        carried = Some(next);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            send_batch(&sqs, &url, batch).await;
+        }
+    });
+    tx
+}
+
+async fn send_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<SendRequest>) {
+    let mut entries = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for (i, request) in batch.into_iter().enumerate() {
+        let attributes = match crate::publisher::sqs_attributes(&request.wire) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = request.done.send(Err(e));
+                continue;
+            }
+        };
+        let mut entry = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+            .id(i.to_string())
+            .message_body(&request.wire.body)
+            .set_message_attributes(Some(attributes));
+        if let Some((group, dedup)) = &request.fifo {
+            entry = entry
+                .message_group_id(group)
+                .message_deduplication_id(dedup);
+        }
+        match entry.build() {
+            Ok(entry) => {
+                entries.push(entry);
+                waiting.push((i.to_string(), request));
+            }
+            Err(e) => {
+                let _ = request.done.send(Err(Error::with_source(
+                    bus_core::ErrorKind::Serialization,
+                    "a SendMessageBatch entry",
+                    e,
+                )));
+            }
+        }
+    }
+    if entries.is_empty() {
+        return;
+    }
+    let result = sqs
+        .send_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    match result {
+        Ok(out) => {
+            let mut failed: HashMap<&str, (&str, Option<&str>)> = out
+                .failed()
+                .iter()
+                .map(|f| (f.id(), (f.code(), f.message())))
+                .collect();
+            for (id, request) in waiting {
+                let outcome = match failed.remove(id.as_str()) {
+                    Some((code, message)) => Err(crate::error::batch_entry(
+                        code,
+                        message,
+                        &format!("sending to {}", request.what),
+                    )),
+                    None => Ok(()),
+                };
+                let _ = request.done.send(outcome);
+            }
+        }
+        Err(e) => {
+            let kind = crate::error::kind_of(&e);
+            let mut source = Some(e);
+            for (_, request) in waiting {
+                let doing = format!("sending to {}", request.what);
+                let error = match source.take() {
+                    Some(e) => map(e, &doing),
+                    None => Error::new(kind, format!("{doing}: the batch call failed")),
+                };
+                let _ = request.done.send(Err(error));
+            }
+        }
     }
 }
 

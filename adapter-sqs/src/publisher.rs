@@ -120,7 +120,8 @@ pub(crate) fn sqs_attributes(
         .collect()
 }
 
-/// Sends one encoded message to the queue at `url`.
+/// Sends one encoded message to the queue at `url`, through the queue's batcher: sends
+/// waiting at the same time go out in one `SendMessageBatch` call.
 pub(crate) async fn send_wire(
     inner: &Inner,
     url: &str,
@@ -128,19 +129,8 @@ pub(crate) async fn send_wire(
     wire: Wire,
     what: &str,
 ) -> Result<()> {
-    let mut send = inner
-        .sqs
-        .send_message()
-        .queue_url(url)
-        .set_message_attributes(Some(sqs_attributes(&wire)?))
-        .message_body(wire.body);
-    if let Some((group, dedup)) = inner.fifo_ids(envelope) {
-        send = send.message_group_id(group).message_deduplication_id(dedup);
-    }
-    send.send()
-        .await
-        .map_err(|e| map(e, &format!("sending to {what}")))?;
-    Ok(())
+    let fifo = inner.fifo_ids(envelope);
+    inner.send_batched(url, wire, fifo, what).await
 }
 
 /// Splits encoded messages into batches SQS and SNS accept: at most `batch_size` entries and

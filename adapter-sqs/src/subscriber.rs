@@ -32,6 +32,9 @@ pub(crate) struct Target {
     pub(crate) private: Option<String>,
 }
 
+/// The pause between empty receives when long polling is off (`wait_time_secs = 0`).
+const SHORT_POLL_PAUSE: Duration = Duration::from_millis(50);
+
 /// One acknowledgement waiting for a `DeleteMessageBatch`.
 type AckRequest = (String, oneshot::Sender<Result<()>>);
 
@@ -137,6 +140,11 @@ impl Poller {
                 _ = self.stop.changed() => continue,
                 _ = self.broker_closed.changed() => continue,
             };
+            let receive_lock = self.inner.receive_lock(&self.target.url);
+            let _one_at_a_time = match &receive_lock {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
             let received = self
                 .inner
                 .sqs
@@ -152,6 +160,15 @@ impl Poller {
             match received {
                 Ok(out) => {
                     backoff = Duration::from_millis(100);
+                    if out.messages().is_empty() && self.inner.config.wait_time_secs == 0 {
+                        // Short polling: do not spin on an empty queue.
+                        tokio::select! {
+                            () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
+                            _ = self.stop.changed() => {}
+                            _ = self.broker_closed.changed() => {}
+                        }
+                        continue;
+                    }
                     let deliveries: Vec<_> =
                         out.messages().iter().map(|m| self.delivery(m)).collect();
                     let gate = self.gate.lock().expect("subscription gate");
