@@ -215,7 +215,10 @@ pub async fn subscription_close_ends_stream(h: Harness) {
 pub async fn broker_restart_loses_no_confirmed_message(h: Harness) {
     const CASE: &str = "broker_restart_loses_no_confirmed_message";
     const BEFORE: usize = 30;
-    const DURING_MAX: usize = 100;
+    // Publishes while the broker restarts are paced, so they span the restart rather than
+    // finishing before the broker has even begun to stop.
+    const DURING_MAX: usize = 500;
+    const DURING_PACE: Duration = Duration::from_millis(20);
     const AFTER: usize = 20;
     let caps = h.capabilities();
     if !h.can_restart() {
@@ -284,6 +287,7 @@ pub async fn broker_restart_loses_no_confirmed_message(h: Harness) {
         match h.broker.publish(&topic, e).await {
             Ok(()) => {
                 confirmed.insert(id);
+                tokio::time::sleep(DURING_PACE).await;
             }
             Err(_) => {
                 failed += 1;
