@@ -270,13 +270,21 @@ impl Poller {
     }
 }
 
+/// `DeleteMessageBatch` calls in flight at once per subscription.
+const ACK_CALLS_IN_FLIGHT: usize = 4;
+
 /// Collects acknowledgements into `DeleteMessageBatch` calls: whatever is waiting when a call
-/// starts, up to the batch size, goes in it. Ends when every settle handle is gone.
+/// can start, up to the batch size, goes in it; up to [`ACK_CALLS_IN_FLIGHT`] calls at once.
+/// Ends when every settle handle is gone.
 fn spawn_acker(inner: Shared, url: String) -> mpsc::UnboundedSender<AckRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
     tokio::spawn(async move {
         let limit = inner.config.batch_size.clamp(1, 10) as usize;
+        let calls = Arc::new(tokio::sync::Semaphore::new(ACK_CALLS_IN_FLIGHT));
         while let Some(first) = rx.recv().await {
+            let Ok(call) = calls.clone().acquire_owned().await else {
+                return;
+            };
             let mut batch = vec![first];
             while batch.len() < limit {
                 match rx.try_recv() {
@@ -284,56 +292,64 @@ fn spawn_acker(inner: Shared, url: String) -> mpsc::UnboundedSender<AckRequest> 
                     Err(_) => break,
                 }
             }
-            let entries: Vec<DeleteMessageBatchRequestEntry> = batch
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (receipt, _))| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(receipt)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            let result = inner
-                .sqs
-                .delete_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match result {
-                Ok(out) => {
-                    let mut failed: HashMap<String, Error> = out
-                        .failed()
-                        .iter()
-                        .map(|f| {
-                            (
-                                f.id().to_owned(),
-                                batch_entry(f.code(), f.message(), "acknowledging (delete)"),
-                            )
-                        })
-                        .collect();
-                    for (i, (_, reply)) in batch.into_iter().enumerate() {
-                        let _ = reply.send(failed.remove(&i.to_string()).map_or(Ok(()), Err));
-                    }
-                }
-                Err(e) => {
-                    let kind = crate::error::kind_of(&e);
-                    let text = format!("acknowledging (delete): {e}");
-                    let mut source = Some(e);
-                    for (_, reply) in batch {
-                        let error = match source.take() {
-                            Some(e) => map(e, "acknowledging (delete)"),
-                            None => Error::new(kind, text.clone()),
-                        };
-                        let _ = reply.send(Err(error));
-                    }
-                }
-            }
+            let (inner, url) = (inner.clone(), url.clone());
+            tokio::spawn(async move {
+                delete_batch(&inner, &url, batch).await;
+                drop(call);
+            });
         }
     });
     tx
+}
+
+async fn delete_batch(inner: &Shared, url: &str, batch: Vec<AckRequest>) {
+    let entries: Vec<DeleteMessageBatchRequestEntry> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (receipt, _))| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(receipt)
+                .build()
+                .ok()
+        })
+        .collect();
+    let result = inner
+        .sqs
+        .delete_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    match result {
+        Ok(out) => {
+            let mut failed: HashMap<String, Error> = out
+                .failed()
+                .iter()
+                .map(|f| {
+                    (
+                        f.id().to_owned(),
+                        batch_entry(f.code(), f.message(), "acknowledging (delete)"),
+                    )
+                })
+                .collect();
+            for (i, (_, reply)) in batch.into_iter().enumerate() {
+                let _ = reply.send(failed.remove(&i.to_string()).map_or(Ok(()), Err));
+            }
+        }
+        Err(e) => {
+            let kind = crate::error::kind_of(&e);
+            let text = format!("acknowledging (delete): {e}");
+            let mut source = Some(e);
+            for (_, reply) in batch {
+                let error = match source.take() {
+                    Some(e) => map(e, "acknowledging (delete)"),
+                    None => Error::new(kind, text.clone()),
+                };
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }
 
 /// The SQS side of one delivery.
