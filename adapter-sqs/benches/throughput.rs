@@ -1,9 +1,14 @@
 //! Throughput of the SQS adapter against the plain AWS SDK, on the same server in one run.
 //!
 //! Both sides run the same workload: a topic (SNS) fanned out to one group queue (SQS, raw
-//! delivery); `BUS_BENCH_MESSAGES` messages of 256 bytes published with `PublishBatch` (10 per
-//! call, 8 publishing tasks), then received with 2 long-polling loops of 10 per call and
-//! deleted with `DeleteMessageBatch`.
+//! delivery); `BUS_BENCH_MESSAGES` messages of 256 bytes, with the same six CloudEvents
+//! attributes (`ce-id`, `ce-type`, …), published with `PublishBatch` (10 per call, 8
+//! publishing tasks), then received with 2 long-polling loops of 10 per call and deleted with
+//! `DeleteMessageBatch`.
+//!
+//! For larger counts use ministack (`pip install ministack`; `BIND_HOST=127.0.0.1
+//! GATEWAY_PORT=4567 SERVICES=sqs,sns ministack`), e.g. `BUS_BENCH_MESSAGES=10000
+//! BUS_TEST_SQS_URL='sqs://127.0.0.1:4567?region=us-east-1'`.
 //!
 //! ```text
 //! BUS_TEST_SQS_URL='sqs://127.0.0.1:4566?region=us-east-1' \
@@ -17,7 +22,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adapter_sqs::aws_sdk_sns::types::PublishBatchRequestEntry;
+use adapter_sqs::aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use adapter_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use adapter_sqs::{SqsBroker, SqsConfig};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
@@ -135,11 +140,30 @@ async fn through_sdk(broker: &SqsBroker, count: usize) -> Run {
                 let entries = chunk
                     .iter()
                     .map(|i| {
-                        PublishBatchRequestEntry::builder()
+                        // The same information bus sends: CloudEvents attributes.
+                        let id = uuid::Uuid::now_v7().to_string();
+                        let time = bus_core::headers::format_time(std::time::SystemTime::now());
+                        let mut entry = PublishBatchRequestEntry::builder()
                             .id(i.to_string())
-                            .message(&body)
-                            .build()
-                            .unwrap()
+                            .message(&body);
+                        for (name, value) in [
+                            ("ce-specversion", "1.0"),
+                            ("ce-id", id.as_str()),
+                            ("ce-source", "bench"),
+                            ("ce-type", "bench"),
+                            ("ce-time", time.as_str()),
+                            ("correlationid", id.as_str()),
+                        ] {
+                            entry = entry.message_attributes(
+                                name,
+                                MessageAttributeValue::builder()
+                                    .data_type("String")
+                                    .string_value(value)
+                                    .build()
+                                    .unwrap(),
+                            );
+                        }
+                        entry.build().unwrap()
                     })
                     .collect();
                 sns.publish_batch()
