@@ -331,3 +331,43 @@ async fn oversize_counts_attributes_and_keeps_the_sdk_error_typed() {
     assert!(err.source_ref().is_some());
     broker.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_missing_queue_is_not_found_with_the_sdk_error_as_source() {
+    use adapter_sqs::aws_sdk_sqs::config::http::HttpResponse;
+    use adapter_sqs::aws_sdk_sqs::error::SdkError;
+    use adapter_sqs::aws_sdk_sqs::operation::delete_message_batch::DeleteMessageBatchError;
+
+    let Some(broker) = broker(false).await else {
+        return;
+    };
+    let queue = unique("gone");
+    broker.send(&queue, Envelope::new("k", "v")).await.unwrap();
+    let mut sub = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("delivery");
+    sub.close().await.unwrap();
+    let url = queue_url(&broker, &broker.queue_name(&queue)).await;
+    broker
+        .sqs_client()
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .unwrap();
+    let err = d.ack().await.unwrap_err().into_parts().0;
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(
+        err.source_ref()
+            .unwrap()
+            .is::<SdkError<DeleteMessageBatchError, HttpResponse>>(),
+        "{err:?}"
+    );
+    broker.close().await.unwrap();
+}
