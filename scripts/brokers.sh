@@ -9,7 +9,7 @@
 #   scripts/brokers.sh status  [broker...]   say which are up; exit 1 if any is down
 #   scripts/brokers.sh env     [broker...]   print the export lines only
 #
-# With no broker named, all of them: nats rabbitmq redis postgres sqs.
+# With no broker named, all of them: nats rabbitmq redis postgres sqs kafka.
 # Progress goes to stderr and the export lines to stdout, so that a caller can do
 #   broker_env=$(scripts/brokers.sh start) && eval "$broker_env"
 #
@@ -18,11 +18,9 @@
 # or sudo).
 set -euo pipefail
 
-ALL_BROKERS=(nats rabbitmq redis postgres sqs)
-# Kafka (tansu, `cargo install tansu --locked --features dynostore`, 127.0.0.1:9092) and SQS
-# (moto, `pip install 'moto[server]'`, 127.0.0.1:4566) join this list with their adapters,
-# issues #6 and #7: add them to ALL_BROKERS and give each the five functions below
-# (<name>_port, <name>_url, <name>_install, <name>_start, <name>_stop).
+ALL_BROKERS=(nats rabbitmq redis postgres sqs kafka)
+# A broker joins this list with five functions below: <name>_port, <name>_url, <name>_install,
+# <name>_start, <name>_stop.
 
 START_TIMEOUT=${BUS_BROKER_START_TIMEOUT:-120}
 STOP_TIMEOUT=${BUS_BROKER_STOP_TIMEOUT:-60}
@@ -232,6 +230,54 @@ sqs_stop() {
     fi
     wait_down sqs 4566 "$STOP_TIMEOUT"
     rm -f "$SQS_PID"
+}
+
+# --- Kafka (tansu, a Kafka-API broker from crates.io) ----------------------------------------
+# Installed with cargo (about 25 minutes cold on 2 cores; an installed binary is reused).
+# Storage: BUS_KAFKA_STORAGE=memory (default: fast, a restart loses everything), sqlite
+# (/var/lib/tansu/tansu.db, survives restarts, slow), or a tansu storage URL.
+KAFKA_LOG=/var/log/tansu.log
+KAFKA_PID=/run/tansu.pid
+kafka_port() { echo 9092; }
+kafka_url() { echo "kafka://127.0.0.1:9092"; }
+kafka_bin() { command -v tansu 2>/dev/null || echo "$HOME/.cargo/bin/tansu"; }
+kafka_install() {
+    [ -x "$(kafka_bin)" ] && return 0
+    command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
+    say "cargo install tansu --locked --features dynostore,libsql (about 25 minutes cold)"
+    cargo install tansu --locked --features dynostore,libsql >&2 || die "cargo install tansu failed"
+    [ -x "$(kafka_bin)" ] || die "tansu is not in PATH or ~/.cargo/bin after cargo install"
+}
+kafka_start() {
+    local storage=${BUS_KAFKA_STORAGE:-memory}
+    case $storage in
+    memory) storage=memory://tansu/ ;;
+    sqlite)
+        mkdir -p /var/lib/tansu
+        storage=sqlite:///var/lib/tansu/tansu.db
+        ;;
+    esac
+    mkdir -p "$(dirname "$KAFKA_LOG")"
+    # setsid: the broker outlives this script and the shell that ran it. tansu reads the path
+    # of a sqlite:// URL relative to its working directory: start it in /.
+    local here=$PWD bin
+    bin=$(kafka_bin)
+    cd /
+    setsid "$bin" broker --listener-url tcp://127.0.0.1:9092 \
+        --advertised-listener-url tcp://localhost:9092 --storage-engine "$storage" \
+        >"$KAFKA_LOG" 2>&1 </dev/null &
+    echo $! >"$KAFKA_PID"
+    cd "$here"
+    wait_up kafka 9092 "$START_TIMEOUT" "$KAFKA_LOG"
+}
+kafka_stop() {
+    if [ -s "$KAFKA_PID" ] && kill -0 "$(cat "$KAFKA_PID")" 2>/dev/null; then
+        kill "$(cat "$KAFKA_PID")" 2>/dev/null || true
+    else
+        say "no tansu pid in $KAFKA_PID; stop the process serving 127.0.0.1:9092 by hand"
+    fi
+    wait_down kafka 9092 "$STOP_TIMEOUT"
+    rm -f "$KAFKA_PID"
 }
 
 # --- commands -----------------------------------------------------------------------------

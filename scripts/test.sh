@@ -56,6 +56,9 @@ BUS_URL=$BUS_TEST_NATS_URL cargo run -q -p examples --features nats --example qu
 step "quickstart on SQS (BUS_URL=\$BUS_TEST_SQS_URL cargo run -q -p examples --features sqs --example quickstart)"
 BUS_URL=$BUS_TEST_SQS_URL cargo run -q -p examples --features sqs --example quickstart
 
+step "quickstart on Kafka (BUS_URL=\$BUS_TEST_KAFKA_URL cargo run -q -p examples --features kafka --example quickstart)"
+BUS_URL=$BUS_TEST_KAFKA_URL cargo run -q -p examples --features kafka --example quickstart
+
 step "retry → dead-letter example (cargo run -q -p examples --example retry_dlq)"
 cargo run -q -p examples --example retry_dlq
 
