@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::Harness;
-use crate::{ConsumeOptions, Delivery, Envelope, MessageId, SubscribeOptions, Subscription};
+use crate::{
+    Capabilities, ConsumeOptions, Delivery, Envelope, MessageId, SubscribeOptions, Subscription,
+};
 
 /// A name no other run or case uses: `conf.<tag>.<uuid v7>`.
 pub(crate) fn unique(tag: &str) -> String {
@@ -19,6 +21,36 @@ pub(crate) fn unique(tag: &str) -> String {
 
 pub(crate) fn skip(case: &str, reason: impl Display) {
     println!("skipped: {case}: {reason}");
+}
+
+/// Skips `case` (returning `true`) when the adapter has no named consumer groups.
+pub(crate) fn no_groups(case: &str, caps: &Capabilities) -> bool {
+    if caps.consumer_groups {
+        return false;
+    }
+    skip(
+        case,
+        format!(
+            "{} has no named consumer groups (Capabilities::consumer_groups is false)",
+            caps.name
+        ),
+    );
+    true
+}
+
+/// Skips `case` (returning `true`) when the adapter does not keep per-key order.
+pub(crate) fn no_per_key_order(case: &str, caps: &Capabilities) -> bool {
+    if caps.per_key_order {
+        return false;
+    }
+    skip(
+        case,
+        format!(
+            "{} does not keep per-key order (Capabilities::per_key_order is false)",
+            caps.name
+        ),
+    );
+    true
 }
 
 pub(crate) fn ids(envelopes: &[Envelope]) -> HashSet<MessageId> {

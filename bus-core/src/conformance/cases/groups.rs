@@ -6,25 +6,11 @@ use std::time::Duration;
 
 use crate::conformance::support::{
     ack, assert_all_intact, assert_nothing_else, assert_per_key_order, assert_quiet,
-    assert_work_is_shared, consume, ids, next_within, publish, receive_all, recv, send, skip,
-    subscribe, unique, Members, Next, SEQ,
+    assert_work_is_shared, consume, ids, next_within, no_groups, no_per_key_order, publish,
+    receive_all, recv, send, skip, subscribe, unique, Members, Next, SEQ,
 };
 use crate::conformance::Harness;
-use crate::{Capabilities, ConsumeOptions, Delivery, Envelope, MessageId, SubscribeOptions};
-
-fn no_groups(case: &str, caps: &Capabilities) -> bool {
-    if caps.consumer_groups {
-        return false;
-    }
-    skip(
-        case,
-        format!(
-            "{} has no named consumer groups (Capabilities::consumer_groups is false)",
-            caps.name
-        ),
-    );
-    true
-}
+use crate::{ConsumeOptions, Delivery, Envelope, MessageId, SubscribeOptions};
 
 fn numbered(kind: &str, count: usize) -> Vec<Envelope> {
     (0..count)
@@ -177,15 +163,7 @@ pub async fn per_key_order_single_subscriber(h: Harness) {
     const KEYS: usize = 4;
     const PER_KEY: u32 = 15;
     const BATCH: usize = 10;
-    let caps = h.capabilities();
-    if !caps.per_key_order {
-        skip(
-            CASE,
-            format!(
-                "{} does not keep per-key order (Capabilities::per_key_order is false)",
-                caps.name
-            ),
-        );
+    if no_per_key_order(CASE, &h.capabilities()) {
         return;
     }
     let topic = unique("order");

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::conformance::support::{
-    ack, assert_per_key_order, assert_quiet, consume, publish, recv, skip, subscribe, unique, SEQ,
+    ack, assert_per_key_order, assert_quiet, consume, no_groups, no_per_key_order, publish, recv,
+    skip, subscribe, unique, SEQ,
 };
 use crate::conformance::Harness;
 use crate::middleware::idempotency::{IdempotencyLayer, MemoryStore};
@@ -359,14 +360,7 @@ pub async fn per_key_order_under_concurrency_16(h: Harness) {
     const PER_KEY: u32 = 12;
     const CONCURRENCY: usize = 16;
     let caps = h.capabilities();
-    if !caps.per_key_order {
-        skip(
-            CASE,
-            format!(
-                "{} does not keep per-key order (Capabilities::per_key_order is false)",
-                caps.name
-            ),
-        );
+    if no_per_key_order(CASE, &caps) {
         return;
     }
     let topic = unique("rtorder");
@@ -465,14 +459,7 @@ pub async fn graceful_shutdown_loses_nothing(h: Harness) {
     const MESSAGES: usize = 60;
     const CONCURRENCY: usize = 4;
     let caps = h.capabilities();
-    if !caps.consumer_groups {
-        skip(
-            CASE,
-            format!(
-                "{} has no named consumer groups (Capabilities::consumer_groups is false)",
-                caps.name
-            ),
-        );
+    if no_groups(CASE, &caps) {
         return;
     }
     if !caps.prompt_redelivery_of_dropped {
