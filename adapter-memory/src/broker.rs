@@ -113,7 +113,7 @@ impl Inner {
     }
 
     fn deadline(&self) -> Instant {
-        Instant::now() + self.config.publish_timeout()
+        headers::saturating_deadline(Instant::now(), self.config.publish_timeout())
     }
 
     fn queue(&self, name: &str) -> Arc<Buffer> {
@@ -454,7 +454,9 @@ impl Settle for MemorySettle {
                 if let Some(mut entry) = self.take_entry() {
                     entry.first_failure.get_or_insert_with(SystemTime::now);
                     let not_before = match redeliver {
-                        bus_core::Redeliver::After(delay) => Some(Instant::now() + delay),
+                        bus_core::Redeliver::After(delay) => {
+                            Some(headers::saturating_deadline(Instant::now(), delay))
+                        }
                         _ => None,
                     };
                     self.buffer.requeue(entry, not_before);

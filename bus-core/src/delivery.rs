@@ -63,6 +63,7 @@ pub struct Delivery {
     attempt: u32,
     source: String,
     group: Option<String>,
+    undecodable: Option<String>,
     settle: Option<Box<dyn Settle>>,
 }
 
@@ -81,8 +82,29 @@ impl Delivery {
             attempt: attempt.max(1),
             source: source.into(),
             group,
+            undecodable: None,
             settle: Some(settle),
         }
+    }
+
+    /// Marks the delivery as undecodable: what the broker delivered could not be read as a
+    /// message `bus` understands, for `reason`. Made by adapters, whose decoding never fails:
+    /// the envelope then holds what could be kept of the message (the raw body as payload, the
+    /// raw headers, an id derived from the broker's identity of the message), and the
+    /// [`Consumer`](crate::Consumer) dead-letters it with the reason instead of running the
+    /// handler.
+    #[must_use]
+    pub fn with_undecodable(mut self, reason: impl Into<String>) -> Self {
+        self.undecodable = Some(reason.into());
+        self
+    }
+
+    /// Why the message could not be decoded, if it could not (see
+    /// [`with_undecodable`](Delivery::with_undecodable)). Code that reads a subscription
+    /// directly should [`reject`](Delivery::reject) such a delivery with this reason.
+    #[must_use]
+    pub fn undecodable(&self) -> Option<&str> {
+        self.undecodable.as_deref()
     }
 
     /// The message.
@@ -218,6 +240,7 @@ impl fmt::Debug for Delivery {
             .field("attempt", &self.attempt)
             .field("source", &self.source)
             .field("group", &self.group)
+            .field("undecodable", &self.undecodable)
             .finish_non_exhaustive()
     }
 }

@@ -23,6 +23,25 @@ impl MessageId {
         Self(Arc::from(uuid::Uuid::now_v7().to_string()))
     }
 
+    /// A stable id derived from `parts`: the same parts always give the same id (a UUID v5 in a
+    /// namespace of `bus`'s own). Adapters use it for a message that arrives without an id, from
+    /// the broker's own identity of the message (stream sequence, partition and offset) or,
+    /// where the broker has none, a hash of its content, so that every redelivery of it carries
+    /// the same id and idempotency can recognise it.
+    #[must_use]
+    pub fn derived(parts: &[&[u8]]) -> Self {
+        // A fixed, random namespace: ids derived by bus never collide with other v5 ids.
+        const NAMESPACE: uuid::Uuid =
+            uuid::Uuid::from_u128(0x6f1c_2a1e_0d7b_5a8e_9c3f_4b2d_8e61_a907);
+        let mut name = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+        for part in parts {
+            // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+            name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            name.extend_from_slice(part);
+        }
+        Self::from(uuid::Uuid::new_v5(&NAMESPACE, &name))
+    }
+
     /// The id as text.
     #[must_use]
     pub fn as_str(&self) -> &str {
@@ -237,6 +256,17 @@ mod tests {
                 .unwrap()
                 .get_version_num(),
             7
+        );
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let a = MessageId::derived(&[b"stream", b"42"]);
+        assert_eq!(a, MessageId::derived(&[b"stream", b"42"]));
+        assert_ne!(a, MessageId::derived(&[b"stream4", b"2"]));
+        assert_eq!(
+            uuid::Uuid::parse_str(a.as_str()).unwrap().get_version_num(),
+            5
         );
     }
 

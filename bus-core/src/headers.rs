@@ -44,25 +44,151 @@ pub fn dead_letter_queue(topic_or_queue: &str) -> String {
     format!("{topic_or_queue}.dlq")
 }
 
+/// Set on a message whose CloudEvents `time` (or the broker's own timestamp) could not be
+/// read: the raw value as received. The envelope's timestamp is then the receive time.
+pub const RAW_TIME: &str = "bus-raw-time";
+
+/// Set on a message received with header values that are not UTF-8: the names of those
+/// headers, comma-separated. Their values are carried base64-encoded (standard alphabet).
+pub const BINARY_HEADERS: &str = "bus-binary-headers";
+
+/// The latest time `bus` formats and reads, 9999-12-31T23:59:59.999Z, in milliseconds since
+/// the Unix epoch. Later times saturate to it ([`format_time`], [`time_from_unix_millis`],
+/// [`saturating_add`]).
+pub const MAX_TIME_MILLIS: u64 = 253_402_300_799_999;
+
+/// [`MAX_TIME_MILLIS`] as a time.
+#[must_use]
+pub fn max_time() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(MAX_TIME_MILLIS)
+}
+
 /// Formats a time as RFC 3339 with millisecond precision, in UTC, as the dead-letter time
 /// headers and the CloudEvents `time` attribute carry it.
+///
+/// Never panics: a time before 1970 is written as the Unix epoch and one after the year 9999
+/// as [`max_time`].
 #[must_use]
 pub fn format_time(time: std::time::SystemTime) -> String {
+    let time = time.clamp(std::time::UNIX_EPOCH, max_time());
     humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// Parses an RFC 3339 time as written by [`format_time`] (or by another CloudEvents producer).
 ///
 /// # Errors
-/// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when `text` is not RFC 3339.
+/// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when `text` is not RFC 3339,
+/// or names a time before 1970 or after the year 9999.
 pub fn parse_time(text: &str) -> crate::Result<std::time::SystemTime> {
     humantime::parse_rfc3339_weak(text).map_err(|e| {
         crate::Error::with_source(
             crate::ErrorKind::Serialization,
-            format!("`{text}` is not an RFC 3339 time"),
+            format!("`{}` is not an RFC 3339 time", shorten(text, 64)),
             e,
         )
     })
+}
+
+/// The time `millis` milliseconds after the Unix epoch, or `None` when that is before 1970 or
+/// after [`max_time`] (a broker's timestamp field can hold either).
+#[must_use]
+pub fn time_from_unix_millis(millis: i64) -> Option<std::time::SystemTime> {
+    let millis = u64::try_from(millis)
+        .ok()
+        .filter(|m| *m <= MAX_TIME_MILLIS)?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(millis))
+}
+
+/// The time `secs` seconds after the Unix epoch, or `None` past [`max_time`].
+#[must_use]
+pub fn time_from_unix_secs(secs: u64) -> Option<std::time::SystemTime> {
+    time_from_unix_millis(i64::try_from(secs.checked_mul(1000)?).ok()?)
+}
+
+/// Milliseconds since the Unix epoch, saturating: 0 before 1970, at most those of
+/// [`max_time`].
+#[must_use]
+pub fn unix_millis(time: std::time::SystemTime) -> i64 {
+    let millis = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    i64::try_from(millis.min(u128::from(MAX_TIME_MILLIS))).unwrap_or(i64::MAX)
+}
+
+/// `time + delay`, saturating at [`max_time`] instead of panicking on a huge delay.
+#[must_use]
+pub fn saturating_add(
+    time: std::time::SystemTime,
+    delay: std::time::Duration,
+) -> std::time::SystemTime {
+    time.checked_add(delay)
+        .map_or(max_time(), |t| t.min(max_time()))
+}
+
+/// `instant + delay`, saturating about a hundred years ahead instead of panicking on a huge
+/// delay (tokio's own timers cap their deadlines the same way).
+#[must_use]
+pub fn saturating_deadline(
+    instant: tokio::time::Instant,
+    delay: std::time::Duration,
+) -> tokio::time::Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    instant.checked_add(delay.min(FAR)).unwrap_or(instant)
+}
+
+/// Checks a CloudEvents `specversion` received from the wire: `bus` reads the 1.x attributes
+/// and the 0.3 ones it maps (id, type, source, time). A message without the attribute is not a
+/// CloudEvent and is read leniently; one that names another version is undecodable.
+///
+/// # Errors
+/// The reason, for the dead letter, when the version is one `bus` does not read.
+pub fn check_specversion(specversion: &str) -> Result<(), String> {
+    let version = specversion.trim();
+    if version == "0.3" || version == "1" || version.starts_with("1.") {
+        Ok(())
+    } else {
+        Err(format!(
+            "unsupported CloudEvents specversion `{}` (bus reads 1.x and 0.3)",
+            shorten(version, 64)
+        ))
+    }
+}
+
+/// Inserts a header received as bytes: a UTF-8 value as it is; any other value base64-encoded,
+/// with its name added to [`BINARY_HEADERS`], so that nothing of it is lost. A name that is not
+/// UTF-8 is kept with its invalid bytes replaced (U+FFFD).
+pub fn insert_bytes(headers: &mut crate::Headers, name: &[u8], value: &[u8]) {
+    use base64::Engine as _;
+    let name = String::from_utf8_lossy(name).into_owned();
+    match std::str::from_utf8(value) {
+        Ok(text) => {
+            headers.insert(name, text.to_owned());
+        }
+        Err(_) => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+            let listed = match headers.get(BINARY_HEADERS) {
+                Some(list) if list.split(',').any(|n| n == name) => list.clone(),
+                Some(list) => format!("{list},{name}"),
+                None => name.clone(),
+            };
+            headers.insert(BINARY_HEADERS.to_owned(), listed);
+            headers.insert(name, encoded);
+        }
+    }
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), with `…` when cut: for reasons
+/// and log lines that quote data from outside.
+#[must_use]
+pub fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &text[..end]))
 }
 
 #[cfg(test)]
@@ -77,5 +203,48 @@ mod tests {
         assert_eq!(text, "2025-11-24T16:00:00.123Z");
         assert_eq!(parse_time(&text).unwrap(), t);
         assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn time_conversions_saturate() {
+        assert_eq!(
+            format_time(SystemTime::UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 1000);
+        assert_eq!(format_time(far), "9999-12-31T23:59:59.999Z");
+        assert_eq!(parse_time(&format_time(max_time())).unwrap(), max_time());
+        assert_eq!(time_from_unix_millis(i64::MAX), None);
+        assert_eq!(time_from_unix_millis(-1), None);
+        assert_eq!(time_from_unix_millis(0), Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(time_from_unix_secs(u64::MAX), None);
+        assert_eq!(unix_millis(far), 253_402_300_799_999);
+        assert_eq!(
+            unix_millis(SystemTime::UNIX_EPOCH - Duration::from_secs(5)),
+            0
+        );
+        assert_eq!(saturating_add(SystemTime::now(), Duration::MAX), max_time());
+        let now = tokio::time::Instant::now();
+        assert!(saturating_deadline(now, Duration::MAX) > now);
+    }
+
+    #[test]
+    fn specversions() {
+        assert!(check_specversion("1.0").is_ok());
+        assert!(check_specversion("0.3").is_ok());
+        let reason = check_specversion("9.9").unwrap_err();
+        assert!(reason.contains("`9.9`"), "{reason}");
+    }
+
+    #[test]
+    fn binary_header_values_are_kept_base64() {
+        let mut h = crate::Headers::new();
+        insert_bytes(&mut h, b"plain", b"text");
+        insert_bytes(&mut h, b"bin", &[0xff, 0x00]);
+        insert_bytes(&mut h, &[0xc3, 0x28], &[0x80]);
+        assert_eq!(h["plain"], "text");
+        assert_eq!(h["bin"], "/wA=");
+        assert_eq!(h[BINARY_HEADERS], "bin,\u{fffd}(");
+        assert_eq!(shorten("ééé", 3), "é…");
     }
 }

@@ -29,6 +29,10 @@
 //!             .with_receive_timeout(Duration::from_secs(20))
 //!             .with_restart(|| async {
 //!                 // stop and start the real broker, e.g. through scripts/brokers.sh
+//!             })
+//!             .with_raw_publish(|message| async move {
+//!                 // send `message` with the broker's own client, as another service would
+//!                 # let _ = message;
 //!             }),
 //!     )
 //! }
@@ -68,10 +72,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::{Broker, Capabilities};
 
+pub mod arbitrary;
 pub mod cases;
 mod support;
 
@@ -108,6 +114,24 @@ pub fn broker_url(var: &str) -> Option<String> {
 }
 
 type RestartHook = dyn Fn() -> BoxFuture<'static, ()> + Send + Sync;
+type RawPublishHook = dyn Fn(RawMessage) -> BoxFuture<'static, ()> + Send + Sync;
+
+/// A message sent with the broker's own client, not through `bus`: what a service in another
+/// language would send. Given to the hook of [`Harness::with_raw_publish`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RawMessage {
+    /// The queue, by the name a case gives [`Queue::send`](crate::Queue::send): the hook sends
+    /// to the broker resource the adapter maps that name onto (the case has consumed from it
+    /// already, so it exists).
+    pub queue: String,
+    /// CloudEvents attributes by their bare names (`specversion`, `id`, `type`, …), which the
+    /// hook writes as its broker's CloudEvents binding names them (`ce_id`, `cloudEvents:id`,
+    /// `ce-id`, …).
+    pub cloudevents: Vec<(String, String)>,
+    /// The body, as it is.
+    pub payload: Bytes,
+}
 
 /// What an adapter gives the suite: the broker connection under test, how to restart the real
 /// broker, and how long to wait.
@@ -118,6 +142,7 @@ type RestartHook = dyn Fn() -> BoxFuture<'static, ()> + Send + Sync;
 pub struct Harness {
     broker: Arc<dyn Broker>,
     restart: Option<Arc<RestartHook>>,
+    raw_publish: Option<Arc<RawPublishHook>>,
     receive_timeout: Duration,
     quiet_period: Duration,
     case_timeout: Duration,
@@ -137,6 +162,7 @@ impl Harness {
         Self {
             broker,
             restart: None,
+            raw_publish: None,
             receive_timeout: Self::DEFAULT_RECEIVE_TIMEOUT,
             quiet_period: Self::DEFAULT_QUIET_PERIOD,
             case_timeout: Self::DEFAULT_CASE_TIMEOUT,
@@ -154,6 +180,21 @@ impl Harness {
     {
         self.restart = Some(Arc::new(move || -> BoxFuture<'static, ()> {
             Box::pin(hook())
+        }));
+        self
+    }
+
+    /// Sets the hook that sends a [`RawMessage`] with the broker's own client, enabling the
+    /// cases about foreign and malformed input. The future it returns completes once the broker
+    /// has the message; it panics if sending failed.
+    #[must_use]
+    pub fn with_raw_publish<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(RawMessage) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.raw_publish = Some(Arc::new(move |message| -> BoxFuture<'static, ()> {
+            Box::pin(hook(message))
         }));
         self
     }
@@ -218,6 +259,24 @@ impl Harness {
         self.restart.is_some()
     }
 
+    /// Whether a raw-publish hook was given.
+    #[must_use]
+    pub fn can_raw_publish(&self) -> bool {
+        self.raw_publish.is_some()
+    }
+
+    /// Sends `message` with the broker's own client through the hook; returns `false` (doing
+    /// nothing) without one.
+    pub async fn raw_publish(&self, message: RawMessage) -> bool {
+        match &self.raw_publish {
+            Some(hook) => {
+                hook(message).await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Restarts the real broker through the hook; returns `false` (doing nothing) without one.
     ///
     /// # Cancel safety
@@ -238,6 +297,7 @@ impl fmt::Debug for Harness {
         f.debug_struct("Harness")
             .field("broker", &self.broker)
             .field("restart", &self.restart.is_some())
+            .field("raw_publish", &self.raw_publish.is_some())
             .field("receive_timeout", &self.receive_timeout)
             .field("quiet_period", &self.quiet_period)
             .field("case_timeout", &self.case_timeout)
@@ -373,6 +433,7 @@ macro_rules! conformance_suite {
             per_key_order_under_concurrency_16,
             graceful_shutdown_loses_nothing,
             trace_id_continuity_publish_to_process,
+            undecodable_message_is_dead_lettered,
         }
     };
 }

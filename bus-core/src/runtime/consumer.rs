@@ -47,8 +47,12 @@ const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 ///   and tried again with backoff ([`with_settle_attempts`](Consumer::with_settle_attempts)
 ///   times in all, while the error [is retryable](Error::is_retryable)); after that the
 ///   delivery is dropped unsettled, which makes the broker redeliver it.
-/// - **Panics.** A panicking handler is a failed attempt, settled as [`Outcome::Retry`]; the
-///   consumer carries on.
+/// - **Panics.** A panicking handler (or middleware) is a failed attempt, settled as
+///   [`Outcome::Retry`]; a panic while settling leaves the delivery unsettled, so the broker
+///   redelivers it. Either way the key is released and the consumer carries on.
+/// - **Undecodable messages.** A delivery the adapter marked
+///   [undecodable](Delivery::undecodable) is rejected to the dead-letter queue with the reason,
+///   without running the handler.
 /// - **Receive errors.** An error from the subscription is logged and receiving resumes after a
 ///   short, growing backoff. The end of the subscription ends the run once the deliveries
 ///   already received are handled.
@@ -371,36 +375,37 @@ pub struct ConsumerReport {
     /// Deliveries dropped unsettled because settling them kept failing; the broker redelivers
     /// them.
     pub unsettled: u64,
+    /// Deliveries the adapter marked undecodable ([`Delivery::undecodable`]): dead-lettered
+    /// with the reason without running the handler (so also counted in `rejected`, or in
+    /// `unsettled` if that failed).
+    pub undecodable: u64,
     /// Errors received from the subscription (not deliveries).
     pub receive_errors: u64,
 }
 
 impl ConsumerReport {
     /// Counts one finished task; returns the key it held, which is free again.
-    fn record(&mut self, joined: Result<(Id, Processed), JoinError>) -> Option<String> {
-        match joined {
-            Ok((_, processed)) => {
+    fn record(&mut self, joined: Joined) -> Option<String> {
+        match joined.result {
+            Ok(processed) => {
                 self.panicked += u64::from(processed.panicked);
+                self.undecodable += u64::from(processed.undecodable);
                 match processed.settled {
                     Some(Settled::Acked) => self.acked += 1,
                     Some(Settled::Retried) => self.retried += 1,
                     Some(Settled::Rejected) => self.rejected += 1,
                     None => self.unsettled += 1,
                 }
-                processed.key
             }
-            Err(error) if error.is_cancelled() => {
-                self.abandoned += 1;
-                None
-            }
+            Err(error) if error.is_cancelled() => self.abandoned += 1,
             Err(error) => {
-                // The handler's panics are caught; this one came from settling (an adapter bug).
-                // Unwinding dropped the delivery, so it is redelivered.
-                tracing::error!(%error, "settling a delivery panicked");
+                // Panics of the handler and of settling are caught in `process`; this is
+                // whatever is left. Unwinding dropped the delivery, so it is redelivered.
+                tracing::error!(%error, "a handler task failed");
                 self.unsettled += 1;
-                None
             }
         }
+        joined.key
     }
 }
 
@@ -475,10 +480,16 @@ enum Settled {
 }
 
 struct Processed {
-    key: Option<String>,
     panicked: bool,
+    undecodable: bool,
     /// `None` when the delivery was dropped unsettled.
     settled: Option<Settled>,
+}
+
+/// A finished handler task: the key it held, and what it did.
+struct Joined {
+    key: Option<String>,
+    result: Result<Processed, JoinError>,
 }
 
 /// The handler tasks, and the key each one holds.
@@ -505,17 +516,19 @@ impl Running {
         self.keys.insert(id, key);
     }
 
-    async fn join_next(&mut self) -> Option<Result<(Id, Processed), JoinError>> {
+    /// The next finished task, with the key it held: also for a task that failed, so that its
+    /// key is never left blocked.
+    async fn join_next(&mut self) -> Option<Joined> {
         let joined = self.tasks.join_next_with_id().await?;
         let id = match &joined {
             Ok((id, _)) => *id,
             Err(error) => error.id(),
         };
         let key = self.keys.remove(&id).flatten();
-        Some(joined.map(|(id, mut processed)| {
-            processed.key = key;
-            (id, processed)
-        }))
+        Some(Joined {
+            key,
+            result: joined.map(|(_, processed)| processed),
+        })
     }
 
     fn abort_all(&mut self) {
@@ -531,16 +544,30 @@ impl Running {
     }
 }
 
-/// Handles one delivery and settles it from the outcome.
+/// Handles one delivery and settles it from the outcome. A delivery the adapter could not
+/// decode is dead-lettered without running the handler. Panics of the handler (and of the
+/// middleware around it) are failed attempts; a panic while settling leaves the delivery
+/// unsettled. Either way the task ends normally, so the key it holds is released.
 async fn process<H: Handler>(
     handler: Arc<H>,
     delivery: Delivery,
     settle_attempts: u32,
 ) -> Processed {
-    let (outcome, panicked) = match AssertUnwindSafe(handler.handle(&delivery))
-        .catch_unwind()
-        .await
-    {
+    if let Some(reason) = delivery.undecodable() {
+        let reason = format!("undecodable: {reason}");
+        tracing::warn!(%reason, "dead-lettering a message that could not be decoded");
+        let settled = settle(delivery, Settlement::Reject { reason }, settle_attempts)
+            .await
+            .then_some(Settled::Rejected);
+        return Processed {
+            panicked: false,
+            undecodable: true,
+            settled,
+        };
+    }
+    // Calling `handle` inside the future also catches a panic before its first await.
+    let handled = AssertUnwindSafe(async { handler.handle(&delivery).await }).catch_unwind();
+    let (outcome, panicked) = match handled.await {
         Ok(outcome) => (outcome, false),
         Err(payload) => {
             let panic = Panicked::from_payload(payload.as_ref());
@@ -568,8 +595,8 @@ async fn process<H: Handler>(
         .await
         .then_some(settled);
     Processed {
-        key: None,
         panicked,
+        undecodable: false,
         settled,
     }
 }
@@ -580,9 +607,21 @@ async fn settle(mut delivery: Delivery, settlement: Settlement, attempts: u32) -
     let mut backoff = SETTLE_BACKOFF;
     let mut attempt = 1;
     loop {
-        match delivery.settle(settlement.clone()).await {
-            Ok(()) => return true,
-            Err(failed) => {
+        let settling = AssertUnwindSafe(delivery.settle(settlement.clone())).catch_unwind();
+        match settling.await {
+            Ok(Ok(())) => return true,
+            Err(payload) => {
+                // The adapter's settlement panicked (a bug there); the unwinding dropped the
+                // delivery unsettled, which hands it back to the broker.
+                let panic = Panicked::from_payload(payload.as_ref());
+                tracing::error!(
+                    panic = panic.message(),
+                    ?settlement,
+                    "settling panicked; the broker will redeliver the message"
+                );
+                return false;
+            }
+            Ok(Err(failed)) => {
                 let (error, returned) = failed.into_parts();
                 if attempt >= attempts || !error.is_retryable() {
                     tracing::error!(

@@ -34,6 +34,8 @@ struct FakeBroker {
     log: Mutex<Vec<Event>>,
     /// Settling the named message fails this many more times with this kind.
     failing: Mutex<HashMap<String, (u32, ErrorKind)>>,
+    /// Settling these messages panics (an adapter bug).
+    panicking: Mutex<HashSet<String>>,
     closed: AtomicBool,
     received: watch::Sender<usize>,
     settled: watch::Sender<usize>,
@@ -81,6 +83,11 @@ struct FakeSettle {
 #[async_trait]
 impl Settle for FakeSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
+        assert!(
+            !self.broker.panicking.lock().unwrap().contains(&self.name),
+            "settling {} panics",
+            self.name
+        );
         if let Some((left, kind)) = self.broker.failing.lock().unwrap().get_mut(&self.name) {
             if *left > 0 {
                 *left -= 1;
@@ -132,6 +139,7 @@ fn fake() -> (Feed, Subscription) {
     let broker = Arc::new(FakeBroker {
         log: Mutex::default(),
         failing: Mutex::default(),
+        panicking: Mutex::default(),
         closed: AtomicBool::new(false),
         received: watch::channel(0).0,
         settled: watch::channel(0).0,
@@ -152,14 +160,24 @@ fn fake() -> (Feed, Subscription) {
 impl Feed {
     /// Sends a message whose payload is `name`, with `key`.
     fn send(&self, name: &str, key: Option<&str>) {
+        let delivery = self.delivery(name, key);
+        self.tx.as_ref().unwrap().send(Ok(delivery)).unwrap();
+    }
+
+    /// Sends a message the adapter could not decode, for `reason`.
+    fn send_undecodable(&self, name: &str, key: Option<&str>, reason: &str) {
+        let delivery = self.delivery(name, key).with_undecodable(reason);
+        self.tx.as_ref().unwrap().send(Ok(delivery)).unwrap();
+    }
+
+    fn delivery(&self, name: &str, key: Option<&str>) -> Delivery {
         let mut envelope = Envelope::new("test", name.to_owned());
         envelope.key = key.map(str::to_owned);
         let settle = FakeSettle {
             name: name.to_owned(),
             broker: self.broker.clone(),
         };
-        let delivery = Delivery::new(envelope, 1, "topic", None, Box::new(settle));
-        self.tx.as_ref().unwrap().send(Ok(delivery)).unwrap();
+        Delivery::new(envelope, 1, "topic", None, Box::new(settle))
     }
 
     fn send_error(&self) {
@@ -514,6 +532,74 @@ async fn a_panicking_handler_is_retried_and_the_consumer_goes_on() {
     assert_eq!(settled["boom"], Settlement::Nack(Redeliver::Now));
     assert_eq!(settled["after"], Settlement::Ack);
     assert_eq!(settled["other"], Settlement::Ack);
+}
+
+#[tokio::test]
+async fn a_panicking_settlement_releases_its_key() {
+    let (mut feed, subscription) = fake();
+    feed.broker
+        .panicking
+        .lock()
+        .unwrap()
+        .insert("first".to_owned());
+    for name in ["first", "second", "third"] {
+        feed.send(name, Some("same-key"));
+    }
+    feed.end();
+    let handler = handler_fn(|_: Envelope, _: DeliveryInfo| async {});
+    // One slot and one waiting place: a key left blocked would wedge the whole consumer.
+    let run = Consumer::new(subscription, handler)
+        .with_concurrency(1)
+        .with_max_pending(1)
+        .run(pending());
+    let report = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the consumer is wedged behind the key whose settlement panicked")
+        .unwrap();
+
+    assert_eq!((report.received, report.acked, report.unsettled), (3, 2, 1));
+    assert_eq!(feed.broker.abandoned(), vec!["first".to_owned()]);
+    let settled = feed.broker.settlements();
+    assert_eq!(settled["second"], Settlement::Ack);
+    assert_eq!(settled["third"], Settlement::Ack);
+}
+
+#[tokio::test]
+async fn undecodable_deliveries_are_dead_lettered_without_the_handler() {
+    let (mut feed, subscription) = fake();
+    feed.send("before", Some("k"));
+    feed.send_undecodable("garbled", Some("k"), "bad bytes");
+    feed.send("after", Some("k"));
+    feed.end();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handler = handler_fn({
+        let seen = seen.clone();
+        move |envelope: Envelope, _: DeliveryInfo| {
+            seen.lock().unwrap().push(name_of(&envelope));
+            async {}
+        }
+    });
+    let report = Consumer::new(subscription, handler)
+        .run(pending())
+        .await
+        .unwrap();
+
+    assert_eq!(*seen.lock().unwrap(), vec!["before", "after"]);
+    assert_eq!(
+        (
+            report.received,
+            report.acked,
+            report.rejected,
+            report.undecodable
+        ),
+        (3, 2, 1, 1)
+    );
+    assert_eq!(
+        feed.broker.settlements()["garbled"],
+        Settlement::Reject {
+            reason: "undecodable: bad bytes".to_owned()
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@
 //! [`Capabilities`](crate::Capabilities) say it cannot do what the case needs.
 
 mod groups;
+mod hostile;
 mod lifecycle;
 mod messages;
 mod requests;
@@ -18,6 +19,7 @@ pub use groups::{
     per_key_order_single_subscriber, private_subscriptions_each_get_all, queue_competing_consumers,
     queue_keeps_messages_until_consumed, resubscribe_in_same_group_loses_nothing,
 };
+pub use hostile::undecodable_message_is_dead_lettered;
 pub use lifecycle::{
     broker_restart_loses_no_confirmed_message, oversize_payload_rejected,
     publish_after_close_fails_closed, subscription_close_ends_stream,
