@@ -224,6 +224,9 @@ impl Broker for KafkaBroker {
             delayed_redelivery: Support::Emulated,
             dead_letter: Support::Emulated,
             prompt_redelivery_of_dropped: true,
+            // Kafka does not count deliveries: the attempt travels in a header of the copy put
+            // on the retry topic, so a crash before settling does not count.
+            delivery_count: Support::Emulated,
             max_payload_bytes: Some(self.shared.config.max_payload_bytes),
             max_headers: None,
         }

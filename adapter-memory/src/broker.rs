@@ -311,6 +311,8 @@ impl Broker for MemoryBroker {
             delayed_redelivery: Support::Native,
             dead_letter: Support::Native,
             prompt_redelivery_of_dropped: true,
+            // Every delivery of an entry is counted, and a crash loses the whole broker anyway.
+            delivery_count: Support::Native,
             max_payload_bytes: self.inner.config.max_payload,
             max_headers: self.inner.config.max_headers,
         }

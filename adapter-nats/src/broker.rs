@@ -346,6 +346,8 @@ impl Broker for NatsBroker {
             delayed_redelivery: Support::Native,
             dead_letter: Support::Emulated,
             prompt_redelivery_of_dropped: true,
+            // JetStream's delivered count.
+            delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.max_payload()),
             max_headers: None,
         };
@@ -358,6 +360,9 @@ impl Broker for NatsBroker {
                      delay",
                 ),
                 prompt_redelivery_of_dropped: false,
+                delivery_count: Support::Unsupported(
+                    "topics are on core NATS subjects (durable=false): nothing is redelivered",
+                ),
                 ..base
             }
         }

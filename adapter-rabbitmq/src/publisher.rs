@@ -214,6 +214,8 @@ impl Broker for RabbitMqBroker {
             delayed_redelivery: Support::Emulated,
             dead_letter: Support::Emulated,
             prompt_redelivery_of_dropped: true,
+            // The attempt travels in a header of the copy republished on nack.
+            delivery_count: Support::Emulated,
             max_payload_bytes: Some(self.inner.config().max_payload),
             max_headers: None,
         }

@@ -362,6 +362,8 @@ impl Broker for SqsBroker {
                 Support::Emulated
             },
             prompt_redelivery_of_dropped: true,
+            // ApproximateReceiveCount.
+            delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.config.max_message_bytes),
             max_headers: None,
         }

@@ -84,6 +84,13 @@ pub struct Capabilities {
     /// A delivery dropped unsettled comes back while the subscription is still open (not only
     /// after a timeout the test cannot wait for).
     pub prompt_redelivery_of_dropped: bool,
+    /// [`Delivery::attempt`](crate::Delivery::attempt) counts every delivery of a message,
+    /// also those cut short by a consumer that crashed before settling: a message that kills
+    /// the process every time still reaches the dead-letter queue after the retry policy's
+    /// attempts. `Native` where the broker counts (NATS, SQS, RabbitMQ quorum queues),
+    /// `Emulated` where the adapter counts in a header it rewrites (the count then misses
+    /// deliveries cut short by a crash), `Unsupported` where nothing counts.
+    pub delivery_count: Support,
     /// The largest payload accepted, in bytes, if the adapter knows one.
     pub max_payload_bytes: Option<usize>,
     /// The most headers a message may carry, if limited (adapters that pack headers report
@@ -106,6 +113,9 @@ impl Default for Capabilities {
             ),
             dead_letter: Support::Unsupported("the adapter does not declare dead-lettering"),
             prompt_redelivery_of_dropped: false,
+            delivery_count: Support::Unsupported(
+                "the adapter does not declare how it counts deliveries",
+            ),
             max_payload_bytes: None,
             max_headers: None,
         }
