@@ -41,6 +41,16 @@ test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --all-features 2>&1 | tee "$test_log"
 
+step "property tests and their case counts (cargo test --workspace --all-features property_ -- --nocapture)"
+# They ran above too; this lists what each one checked. BUS_PROPTEST_SCALE=100 runs them larger.
+property_log=$(mktemp)
+trap 'rm -f "$test_log" "$property_log"' EXIT
+cargo test -q --workspace --all-features property_ -- --nocapture >"$property_log" 2>&1 || {
+    cat "$property_log"
+    exit 1
+}
+grep -E '^property ' "$property_log"
+
 step "docs (RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --all-features)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 
