@@ -112,7 +112,10 @@ async fn hostile_envelopes_are_handled_or_dead_lettered() {
             let failed = fails && envelope.kind != "good";
             async move {
                 if failed {
-                    Err(Error::new(ErrorKind::Timeout, "hostile test: this attempt fails"))
+                    Err(Error::new(
+                        ErrorKind::Timeout,
+                        "hostile test: this attempt fails",
+                    ))
                 } else {
                     Ok(())
                 }
@@ -175,7 +178,10 @@ async fn hostile_envelopes_are_handled_or_dead_lettered() {
     assert!(!consumer.is_finished(), "the consumer stopped");
 
     let mut dead_letters = broker
-        .consume(&headers::dead_letter_queue(topic), ConsumeOptions::default())
+        .consume(
+            &headers::dead_letter_queue(topic),
+            ConsumeOptions::default(),
+        )
         .await
         .unwrap();
     let dead = tokio::time::timeout(WAIT, dead_letters.next())
@@ -258,7 +264,10 @@ async fn nack_with_the_largest_delay_parks_the_message() {
             .is_err(),
         "the parked message came back at once"
     );
-    assert_eq!(headers::saturating_add(SystemTime::now(), Duration::MAX), headers::max_time());
+    assert_eq!(
+        headers::saturating_add(SystemTime::now(), Duration::MAX),
+        headers::max_time()
+    );
 }
 
 /// Whatever envelope is published comes out unchanged.
@@ -270,7 +279,7 @@ fn property_memory_round_trip() {
         .build()
         .unwrap();
     let broker = MemoryBroker::new();
-    let queue = std::cell::RefCell::new(
+    let queue = tokio::sync::Mutex::new(
         runtime
             .block_on(broker.consume("round-trip", ConsumeOptions::default()))
             .unwrap(),
@@ -282,7 +291,7 @@ fn property_memory_round_trip() {
         |envelope| {
             let got = runtime.block_on(async {
                 broker.send("round-trip", envelope.clone()).await.unwrap();
-                let delivery = queue.borrow_mut().next().await.unwrap().unwrap();
+                let delivery = queue.lock().await.next().await.unwrap().unwrap();
                 let got = delivery.envelope().clone();
                 delivery.ack().await.unwrap();
                 got
