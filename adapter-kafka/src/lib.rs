@@ -143,7 +143,7 @@ impl Publisher for KafkaBroker {
         self.shared.check_open()?;
         names::check_topic(topic)?;
         for e in &envelopes {
-            self.shared.check_size(e)?;
+            self.shared.check_envelope(e)?;
         }
         self.shared.ensure_topics(&[topic], None).await?;
         // Enqueued in order (the futures are polled in order) and awaited together, so the

@@ -163,12 +163,15 @@ impl Shared {
     ) -> Result<()> {
         self.check_open()?;
         names::check_topic(topic.trim_end_matches(".dlq"))?;
-        self.check_size(envelope)?;
+        self.check_envelope(envelope)?;
         self.ensure_topics(&[topic], None).await?;
         self.send(topic, envelope, extra).await
     }
 
-    pub(crate) fn check_size(&self, envelope: &Envelope) -> Result<()> {
+    /// Refuses, before anything is sent, an envelope over the payload limit or one a record
+    /// cannot carry exactly ([`wire::check`]).
+    pub(crate) fn check_envelope(&self, envelope: &Envelope) -> Result<()> {
+        wire::check(envelope)?;
         let max = self.config.max_payload_bytes;
         if envelope.payload.len() > max {
             return Err(Error::new(
@@ -194,8 +197,9 @@ impl Shared {
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .payload(&envelope.payload[..])
             .headers(headers);
-        if let Some(key) = &envelope.key {
-            record = record.key(key.as_bytes());
+        let key = wire::record_key(envelope);
+        if let Some(key) = &key {
+            record = record.key(key.as_ref());
         }
         let queue_timeout = Timeout::After(Duration::from_millis(self.config.publish_timeout_ms));
         match self.producer.send(record, queue_timeout).await {

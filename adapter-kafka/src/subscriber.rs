@@ -132,6 +132,8 @@ pub(crate) struct Item {
     offset: i64,
     epoch: u64,
     pub(crate) reply_to: Option<String>,
+    /// Why the record cannot be handed to a handler (see `wire::decode`).
+    pub(crate) undecodable: Option<String>,
 }
 
 /// The consumer context: chooses start offsets at assignment and commits at revocation.
@@ -468,7 +470,25 @@ fn route<M: Message>(
     message: &M,
 ) -> Option<(Item, Option<SystemTime>)> {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    let (envelope, internal) = wire::decode(message);
+    let record = wire::Record::of(message);
+    let received = SystemTime::now();
+    // Decoding cannot panic; if it ever did, the consumer thread would end and the
+    // subscription with it, so the record is dead-lettered instead.
+    let wire::Decoded {
+        envelope,
+        internal,
+        undecodable,
+    } = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wire::decode(&record, received)
+    }))
+    .unwrap_or_else(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        wire::salvage(&record, received, &text)
+    });
     let is_retry = topic == retry_topic;
     let epoch = {
         let mut state = lock(state);
@@ -485,7 +505,7 @@ fn route<M: Message>(
         p.epoch
     };
     let attempt = if is_retry {
-        internal.attempt.unwrap_or(2)
+        internal.attempt.unwrap_or(2).max(2)
     } else {
         1
     };
@@ -500,6 +520,7 @@ fn route<M: Message>(
         offset,
         epoch,
         reply_to: internal.reply_to,
+        undecodable,
     };
     Some((item, not_before))
 }
@@ -550,7 +571,8 @@ impl KafkaSource {
                 continue;
             }
             let reply_to = item.reply_to.clone();
-            let delivery = Delivery::new(
+            let undecodable = item.undecodable.clone();
+            let mut delivery = Delivery::new(
                 item.envelope.clone(),
                 item.attempt,
                 self.spec.source.clone(),
@@ -566,6 +588,9 @@ impl KafkaSource {
                     late_commits: self.late_commits.clone(),
                 }),
             );
+            if let Some(reason) = undecodable {
+                delivery = delivery.with_undecodable(reason);
+            }
             return Some((delivery, reply_to));
         }
     }
@@ -662,6 +687,35 @@ impl KafkaSettle {
     }
 }
 
+impl KafkaSettle {
+    /// Produces `dead` to `dlq`; one the broker refuses as too large goes again smaller
+    /// (application headers left out, then the payload too), with a note saying so and where
+    /// the original record is: a message that can be neither handled nor dead-lettered would
+    /// come back forever.
+    async fn send_dead_letter(&self, dlq: &str, dead: &Envelope) -> Result<()> {
+        let mut result = self.shared.send(dlq, dead, &[]).await;
+        let origin = format!(
+            "{}/{}@{}",
+            self.item.topic, self.item.partition, self.item.offset
+        );
+        for how in [wire::Shrink::Headers, wire::Shrink::Everything] {
+            match &result {
+                Err(e) if e.kind() == bus_core::ErrorKind::PayloadTooLarge => {
+                    tracing::warn!(
+                        error = %e,
+                        record = origin,
+                        "dead letter too large for Kafka; sending it shrunk ({how:?})"
+                    );
+                    let smaller = wire::shrink_dead_letter(dead, how, &origin);
+                    result = self.shared.send(dlq, &smaller, &[]).await;
+                }
+                _ => break,
+            }
+        }
+        result
+    }
+}
+
 #[async_trait]
 impl Settle for KafkaSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
@@ -678,8 +732,12 @@ impl Settle for KafkaSettle {
                 } else {
                     Duration::from_millis(1)
                 };
-                let not_before = headers::format_time(SystemTime::now() + delay + round_up);
-                let attempt = (self.item.attempt + 1).to_string();
+                // Saturates at the year 9999: a nack with `Duration::MAX` parks the message.
+                let not_before = headers::format_time(headers::saturating_add(
+                    SystemTime::now(),
+                    delay.saturating_add(round_up),
+                ));
+                let attempt = self.item.attempt.saturating_add(1).to_string();
                 let retry = names::retry_topic(&self.source);
                 self.shared.ensure_topics(&[&retry], None).await?;
                 self.shared
@@ -708,7 +766,7 @@ impl Settle for KafkaSettle {
                     },
                 );
                 self.shared.ensure_topics(&[&dlq], None).await?;
-                self.shared.send(&dlq, &dead, &[]).await?;
+                self.send_dead_letter(&dlq, &dead).await?;
             }
             _ => return Err(Error::unsupported("unknown settlement")),
         }
@@ -736,7 +794,7 @@ impl Settle for KafkaSettle {
             return;
         }
         let mut again = self.item.clone();
-        again.attempt += 1;
+        again.attempt = again.attempt.saturating_add(1);
         // Handed out again from memory while this consumer still owns the partition; after a
         // revocation the offset is uncommitted, so the group reads it again from Kafka.
         let _ = self.redeliver.send(again);

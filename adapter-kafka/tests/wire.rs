@@ -226,9 +226,11 @@ async fn plain_producer_records_arrive_as_envelopes() {
         .iter()
         .find(|e| &e.payload[..] == b"bare")
         .expect("the bare record");
-    assert!(
-        bare.id.as_str().starts_with(&format!("{topic}-")),
-        "a bare record's id is <topic>-<partition>-<offset>: {}",
+    let derived = uuid::Uuid::parse_str(bare.id.as_str()).expect("a derived id is a UUID");
+    assert_eq!(
+        derived.get_version_num(),
+        5,
+        "a bare record's id is derived from topic, partition and offset: {}",
         bare.id
     );
     assert_eq!(bare.correlation_id, bare.id);
