@@ -63,7 +63,7 @@ impl Session {
     /// Refuses properties whose content-header frame would exceed the negotiated
     /// `frame_max`: RabbitMQ answers such a frame by closing the whole connection.
     pub(crate) fn check_headers(&self, properties: &BasicProperties) -> Result<()> {
-        let frame_max = self.connection.configuration().frame_max() as usize;
+        let frame_max = self.frame_max();
         let size = crate::wire::header_frame_size(properties);
         if frame_max > 0 && size > frame_max {
             return Err(Error::new(
@@ -74,6 +74,11 @@ impl Session {
             ));
         }
         Ok(())
+    }
+
+    /// The largest frame the broker takes on this connection (0: no limit).
+    pub(crate) fn frame_max(&self) -> usize {
+        self.connection.configuration().frame_max() as usize
     }
 
     /// Declares the durable work queue `queue` once per connection.

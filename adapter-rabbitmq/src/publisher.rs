@@ -43,7 +43,7 @@ impl Inner {
         self.link.check()?;
         self.validate(envelope)?;
         check_name(queue, "queue")?;
-        let props = wire::properties(envelope, queue, attempt);
+        let props = wire::properties(envelope, queue, attempt)?;
         self.link
             .send_to_queue(queue, &envelope.payload, props)
             .await
@@ -142,7 +142,7 @@ impl Publisher for RabbitMqBroker {
         inner.validate(&envelope)?;
         let key = wire::routing_key(topic);
         check_name(&key, "topic")?;
-        let props = wire::properties(&envelope, topic, 1);
+        let props = wire::properties(&envelope, topic, 1)?;
         // Not mandatory: a topic no group subscribed to drops the message, as the memory
         // broker does.
         inner
@@ -172,10 +172,10 @@ impl Publisher for RabbitMqBroker {
         let session = inner.link.session().await?;
         let channel = session.publisher().await?;
         // Pipelined: every message goes out, then the confirms are awaited in order.
-        let properties: Vec<_> = envelopes
+        let properties = envelopes
             .iter()
             .map(|envelope| wire::properties(envelope, topic, 1))
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         for props in &properties {
             session.check_headers(props)?;
         }
@@ -214,8 +214,14 @@ impl Broker for RabbitMqBroker {
             delayed_redelivery: Support::Emulated,
             dead_letter: Support::Emulated,
             prompt_redelivery_of_dropped: true,
-            // The attempt travels in a header of the copy republished on nack.
-            delivery_count: Support::Emulated,
+            // Quorum queues count every delivery (`x-delivery-count`), also those cut short by a
+            // crash. On classic queues the attempt travels in a header of the copy republished
+            // on nack; a crash only sets the `redelivered` flag, read as "at least 2".
+            delivery_count: if self.inner.config().quorum_queues {
+                Support::Native
+            } else {
+                Support::Emulated
+            },
             max_payload_bytes: Some(self.inner.config().max_payload),
             max_headers: None,
         }

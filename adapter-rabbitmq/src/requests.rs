@@ -79,7 +79,9 @@ impl Replies {
         let pending = self.pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
-                let reply = wire::envelope(&delivery.properties, delivery.data).envelope;
+                let reply =
+                    wire::envelope(&delivery.properties, delivery.data, delivery.redelivered)
+                        .envelope;
                 let waiting = reply
                     .causation_id
                     .as_ref()
@@ -117,7 +119,7 @@ impl Requester for RabbitMqBroker {
         let _forget = Forget(&inner.replies.pending, request.id.clone());
         let work = async {
             let channel = inner.replies.channel(inner).await?;
-            let props = wire::properties(&request, topic, 1).with_reply_to(REPLY_TO.into());
+            let props = wire::properties(&request, topic, 1)?.with_reply_to(REPLY_TO.into());
             inner.link.session().await?.check_headers(&props)?;
             let confirm = channel
                 .basic_publish(
@@ -192,7 +194,7 @@ impl RequestSource for Serving {
         {
             return Some(Err(map(e, "acknowledging the request")));
         }
-        let received = wire::envelope(&delivery.properties, delivery.data);
+        let received = wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
         Some(Ok(Request::new(
             received.envelope,
             Box::new(RabbitReply {
@@ -230,7 +232,7 @@ impl Reply for RabbitReply {
                 "the request carried no reply-to address",
             ));
         };
-        let props = wire::properties(&response, reply_to, 1);
+        let props = wire::properties(&response, reply_to, 1)?;
         // Not mandatory: a requester that gave up is gone, and its reply is dropped.
         self.inner
             .link

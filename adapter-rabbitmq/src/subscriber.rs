@@ -17,7 +17,7 @@ use lapin::options::{
     BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Consumer};
+use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -298,7 +298,7 @@ impl DeliverySource for Deliveries {
             Ok(raw) => raw,
             Err(e) => return Some(Err(e)),
         };
-        let received = wire::envelope(&delivery.properties, delivery.data);
+        let received = wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
         let state = Arc::new(SettleState {
             inner: self.source.inner.clone(),
             channel,
@@ -312,13 +312,17 @@ impl DeliverySource for Deliveries {
             forwarded: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
-        Some(Ok(Delivery::new(
+        let delivery = Delivery::new(
             received.envelope,
             received.attempt,
             self.name.clone(),
             self.group.clone(),
             Box::new(RabbitSettle(state)),
-        )))
+        );
+        Some(Ok(match received.undecodable {
+            Some(reason) => delivery.with_undecodable(reason),
+            None => delivery,
+        }))
     }
 
     async fn close(&mut self) -> Result<()> {
@@ -360,7 +364,9 @@ impl SettleState {
     /// in the `bus-attempt` header of the copy.
     async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         if !self.forwarded.load(Ordering::Acquire) {
-            let props = wire::properties(&self.envelope, &self.source, self.attempt + 1);
+            let props = self
+                .copy_properties(&self.envelope, self.attempt.saturating_add(1))
+                .await?;
             let link = &self.inner.link;
             match delay {
                 // A private subscription's server-named queue cannot be declared by name.
@@ -382,6 +388,18 @@ impl SettleState {
             self.forwarded.store(true, Ordering::Release);
         }
         self.ack().await
+    }
+
+    /// The properties of a copy of `envelope` (its next attempt or its dead letter), made to
+    /// fit whatever it was received with.
+    async fn copy_properties(&self, envelope: &Envelope, attempt: u32) -> Result<BasicProperties> {
+        let frame_max = self.inner.link.session().await?.frame_max();
+        Ok(wire::properties_fitted(
+            envelope,
+            &self.source,
+            attempt,
+            frame_max,
+        ))
     }
 
     /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL
@@ -426,7 +444,14 @@ impl SettleState {
                 },
             );
             let dlq = headers::dead_letter_queue(&self.source);
-            self.inner.send(&dlq, &dead, 1).await?;
+            check_name(&dlq, "dead-letter queue")?;
+            // Not `Inner::send`: the dead letter goes as received, whatever its size or
+            // headers, or it would come back for ever.
+            let props = self.copy_properties(&dead, 1).await?;
+            self.inner
+                .link
+                .send_to_queue(&dlq, &dead.payload, props)
+                .await?;
             self.forwarded.store(true, Ordering::Release);
         }
         self.ack().await

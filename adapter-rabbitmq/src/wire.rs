@@ -1,10 +1,10 @@
 //! The envelope on the wire: AMQP 0-9-1 properties plus the CloudEvents AMQP binding's
 //! application properties (binary content mode), and the names of what the adapter declares.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use bus_core::{headers, Envelope, Headers, MessageId};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use bus_core::{headers, Envelope, Error, ErrorKind, Headers, MessageId, Result};
+use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
 /// The CloudEvents attribute prefix of the AMQP binding (`cloudEvents:`); `cloudEvents_` (the
@@ -23,20 +23,193 @@ pub(crate) mod ce {
     pub(crate) const CAUSATION: &str = "causationid";
     pub(crate) const PARTITIONKEY: &str = "partitionkey";
     pub(crate) const DATACONTENTTYPE: &str = "datacontenttype";
+    /// Every attribute the adapter writes or reads itself.
+    pub(crate) const MAPPED: [&str; 9] = [
+        ID,
+        TYPE,
+        SOURCE,
+        SPECVERSION,
+        TIME,
+        CORRELATION,
+        CAUSATION,
+        PARTITIONKEY,
+        DATACONTENTTYPE,
+    ];
 }
 
-/// AMQP short strings hold at most 255 bytes.
+/// RabbitMQ's own count of earlier deliveries of a message on a quorum queue.
+pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// Header of a redelivered or dead-lettered copy holding, as a JSON object, the headers whose
+/// names AMQP cannot carry (longer than 255 bytes, or one the adapter writes itself).
+pub(crate) const PACKED_HEADERS: &str = "bus-packed-headers";
+
+/// Header of a redelivered or dead-lettered copy naming (comma-separated) the headers that
+/// were shortened or left out so that the copy fits in one AMQP frame.
+pub(crate) const TRUNCATED_HEADERS: &str = "bus-truncated-headers";
+
+/// AMQP short strings (header names, `message_id`, `type`, …) hold at most 255 bytes.
+const SHORT_MAX: usize = 255;
+
 fn short(value: &str) -> Option<ShortString> {
-    (value.len() <= 255).then(|| ShortString::from(value))
+    (value.len() <= SHORT_MAX).then(|| ShortString::from(value))
 }
 
 fn long(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
+/// Header names the adapter writes or reads itself: an application header of that name would
+/// not come back as it was sent.
+fn reserved(name: &str) -> bool {
+    name == headers::ATTEMPT
+        || name == DELIVERY_COUNT
+        || name.starts_with(CE_PREFIX_ALT)
+        || name
+            .strip_prefix(CE_PREFIX)
+            .is_some_and(|attr| ce::MAPPED.contains(&attr))
+}
+
 /// The AMQP properties of `envelope`, published to `source` (a topic or queue name), on its
 /// `attempt`-th delivery (the attempt header is written from 2 on).
-pub(crate) fn properties(envelope: &Envelope, source: &str, attempt: u32) -> BasicProperties {
+///
+/// # Errors
+/// `HeadersTooLarge` for a header name longer than 255 bytes, `Serialization` for a header
+/// name the adapter uses itself (`cloudEvents:id`, `cloudEvents_…`, `bus-attempt`,
+/// `x-delivery-count`): either would not come back as it was sent.
+pub(crate) fn properties(
+    envelope: &Envelope,
+    source: &str,
+    attempt: u32,
+) -> Result<BasicProperties> {
+    for name in envelope.headers.keys() {
+        if name.len() > SHORT_MAX {
+            return Err(Error::new(
+                ErrorKind::HeadersTooLarge,
+                format!(
+                    "header name `{}` is {} bytes long; AMQP header names hold at most 255",
+                    headers::shorten(name, 64),
+                    name.len()
+                ),
+            ));
+        }
+        if reserved(name) {
+            return Err(Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "header `{}` is written by the RabbitMQ adapter itself (CloudEvents \
+                     attributes, `{}`, `{DELIVERY_COUNT}`); use another name",
+                    headers::shorten(name, 64),
+                    headers::ATTEMPT
+                ),
+            ));
+        }
+    }
+    let user = envelope
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()));
+    Ok(build(envelope, source, attempt, user))
+}
+
+/// The AMQP properties of a copy of a received `envelope` (its next attempt, or its dead
+/// letter), which must be stored whatever the envelope holds: headers AMQP cannot name are
+/// packed into [`PACKED_HEADERS`], and if the headers do not fit in a frame of `frame_max`
+/// bytes the longest values are shortened, then the largest headers left out, as
+/// [`TRUNCATED_HEADERS`] says. The dead-letter headers are shortened at most, never left out.
+pub(crate) fn properties_fitted(
+    envelope: &Envelope,
+    source: &str,
+    attempt: u32,
+    frame_max: usize,
+) -> BasicProperties {
+    /// Values are shortened to this many bytes, first.
+    const KEEP: usize = 256;
+    /// Room for the note header.
+    const NOTE: usize = 1024;
+    let mut carried: Vec<(String, String)> = Vec::with_capacity(envelope.headers.len());
+    let mut packed: Vec<(&str, &str)> = Vec::new();
+    let must_pack =
+        |name: &str| name.len() > SHORT_MAX || reserved(name) || name == TRUNCATED_HEADERS;
+    let packing = envelope.headers.keys().any(|name| must_pack(name));
+    for (name, value) in &envelope.headers {
+        if must_pack(name) || (packing && name == PACKED_HEADERS) {
+            packed.push((name, value));
+        } else {
+            carried.push((name.clone(), value.clone()));
+        }
+    }
+    if !packed.is_empty() {
+        let mut object = String::new();
+        json_object(&mut object, packed.into_iter());
+        carried.push((PACKED_HEADERS.to_owned(), object));
+    }
+    fn as_pairs(carried: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
+        carried.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+    let props = build(envelope, source, attempt, as_pairs(&carried));
+    let size = header_frame_size(&props);
+    if frame_max == 0 || size <= frame_max {
+        return props;
+    }
+    let mut excess = size - frame_max.saturating_sub(NOTE).max(1);
+    let mut cut: Vec<String> = Vec::new();
+    let mut order: Vec<usize> = (0..carried.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(carried[i].1.len()));
+    for &i in &order {
+        if excess == 0 || carried[i].1.len() <= KEEP + 3 {
+            break;
+        }
+        let (name, value) = &mut carried[i];
+        let shortened = headers::shorten(value, KEEP).into_owned();
+        excess = excess.saturating_sub(value.len() - shortened.len());
+        *value = shortened;
+        cut.push(name.clone());
+    }
+    if excess > 0 {
+        let entry = |(name, value): &(String, String)| 6 + name.len() + value.len();
+        let mut order: Vec<usize> = (0..carried.len())
+            .filter(|&i| !carried[i].0.starts_with("bus-dlq-"))
+            .collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(entry(&carried[i])));
+        let mut dropped = vec![false; carried.len()];
+        for i in order {
+            if excess == 0 {
+                break;
+            }
+            excess = excess.saturating_sub(entry(&carried[i]));
+            dropped[i] = true;
+            if !cut.contains(&carried[i].0) {
+                cut.push(carried[i].0.clone());
+            }
+        }
+        let mut i = 0;
+        carried.retain(|_| {
+            i += 1;
+            !dropped[i - 1]
+        });
+    }
+    let mut note = String::new();
+    for name in &cut {
+        if note.len() + name.len() + 1 > NOTE - 16 {
+            note.push('…');
+            break;
+        }
+        if !note.is_empty() {
+            note.push(',');
+        }
+        note.push_str(name);
+    }
+    carried.push((TRUNCATED_HEADERS.to_owned(), note));
+    build(envelope, source, attempt, as_pairs(&carried))
+}
+
+fn build<'a>(
+    envelope: &Envelope,
+    source: &str,
+    attempt: u32,
+    user: impl Iterator<Item = (&'a str, &'a str)>,
+) -> BasicProperties {
     let mut table = FieldTable::default();
     let mut ce = |name: &str, value: &str| {
         table.insert(ShortString::from(format!("{CE_PREFIX}{name}")), long(value));
@@ -53,7 +226,13 @@ pub(crate) fn properties(envelope: &Envelope, source: &str, attempt: u32) -> Bas
     if let Some(key) = &envelope.key {
         ce(ce::PARTITIONKEY, key);
     }
-    for (name, value) in &envelope.headers {
+    let content_type = envelope.content_type.as_deref();
+    let content_type_property = content_type.and_then(short);
+    if let (Some(content_type), None) = (content_type, &content_type_property) {
+        // Too long for the AMQP property: carried as the CloudEvents attribute instead.
+        ce(ce::DATACONTENTTYPE, content_type);
+    }
+    for (name, value) in user {
         if let Some(name) = short(name) {
             table.insert(name, long(value));
         }
@@ -64,11 +243,7 @@ pub(crate) fn properties(envelope: &Envelope, source: &str, attempt: u32) -> Bas
             AMQPValue::LongLongInt(i64::from(attempt)),
         );
     }
-    let seconds = envelope
-        .timestamp
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let seconds = u64::try_from(headers::unix_millis(envelope.timestamp) / 1000).unwrap_or(0);
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_timestamp(seconds)
@@ -82,7 +257,7 @@ pub(crate) fn properties(envelope: &Envelope, source: &str, attempt: u32) -> Bas
     if let Some(kind) = short(&envelope.kind) {
         props = props.with_type(kind);
     }
-    if let Some(content_type) = envelope.content_type.as_deref().and_then(short) {
+    if let Some(content_type) = content_type_property {
         props = props.with_content_type(content_type);
     }
     props
@@ -133,56 +308,260 @@ pub(crate) fn header_frame_size(props: &BasicProperties) -> usize {
         + short(props.cluster_id())
 }
 
-/// A header value as text: strings as they are (lossily for non-UTF-8 bytes), numbers and
-/// booleans printed, anything else in its debug form. Never fails.
-fn text(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::Timestamp(t) => headers::format_time(UNIX_EPOCH + Duration::from_secs(*t)),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
-        other => format!("{other:?}"),
+/// Standard base64 of `bytes`, as `bus` writes binary header values everywhere.
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A decimal value as text: `value` × 10^-`scale`.
+fn decimal(value: &DecimalValue) -> String {
+    let digits = value.value.to_string();
+    let scale = usize::from(value.scale);
+    if scale == 0 {
+        return digits;
+    }
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    format!("{whole}.{fraction}")
+}
+
+/// An AMQP timestamp (seconds) as RFC 3339, or as the number itself past the year 9999.
+fn timestamp(seconds: u64) -> String {
+    headers::time_from_unix_secs(seconds).map_or_else(|| seconds.to_string(), headers::format_time)
+}
+
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn json_bytes(out: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => json_string(out, text),
+        Err(_) => {
+            out.push_str("{\"base64\":");
+            json_string(out, &base64(bytes));
+            out.push('}');
+        }
     }
 }
 
-/// What a received message carries: its envelope and the attempt recorded in its headers.
+fn json_object<'a>(out: &mut String, entries: impl Iterator<Item = (&'a str, &'a str)>) {
+    out.push('{');
+    for (i, (name, value)) in entries.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(out, name);
+        out.push(':');
+        json_string(out, value);
+    }
+    out.push('}');
+}
+
+/// A nested header value as JSON: tables as objects, arrays as arrays, strings as strings
+/// (`{"base64": …}` for bytes that are not UTF-8), times as RFC 3339 strings, void as null.
+fn json(out: &mut String, value: &AMQPValue) {
+    fn number(out: &mut String, n: f64, text: String) {
+        if n.is_finite() {
+            out.push_str(&text);
+        } else {
+            json_string(out, &text);
+        }
+    }
+    match value {
+        AMQPValue::Boolean(b) => out.push_str(if *b { "true" } else { "false" }),
+        AMQPValue::ShortShortInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::ShortShortUInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::ShortInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::ShortUInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::LongInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::LongUInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::LongLongInt(n) => out.push_str(&n.to_string()),
+        AMQPValue::Float(n) => number(out, f64::from(*n), n.to_string()),
+        AMQPValue::Double(n) => number(out, *n, n.to_string()),
+        AMQPValue::DecimalValue(d) => out.push_str(&decimal(d)),
+        AMQPValue::ShortString(s) => json_string(out, s.as_str()),
+        AMQPValue::LongString(s) => json_bytes(out, s.as_bytes()),
+        AMQPValue::ByteArray(b) => json_bytes(out, b.as_slice()),
+        AMQPValue::Timestamp(t) => json_string(out, &timestamp(*t)),
+        AMQPValue::Void => out.push_str("null"),
+        AMQPValue::FieldArray(array) => {
+            out.push('[');
+            for (i, item) in array.as_slice().iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                json(out, item);
+            }
+            out.push(']');
+        }
+        AMQPValue::FieldTable(table) => {
+            out.push('{');
+            for (i, (name, item)) in table.inner().iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                json_string(out, name.as_str());
+                out.push(':');
+                json(out, item);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// A header value as text: strings as they are (lossily for bytes that are not UTF-8),
+/// numbers and booleans printed, decimals as decimals, times as RFC 3339, void as empty,
+/// tables and arrays as JSON. Never fails.
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(t) => timestamp(*t),
+        AMQPValue::Void => String::new(),
+        other => {
+            let mut out = String::new();
+            json(&mut out, other);
+            out
+        }
+    }
+}
+
+/// A count written in a header (`bus-attempt`, `x-delivery-count`), of whatever integer or
+/// text type, saturating at `u32::MAX`; `None` when it is no count.
+fn count(value: &AMQPValue) -> Option<u32> {
+    let n: u128 = match value {
+        AMQPValue::ShortShortInt(n) => u128::try_from(*n).ok()?,
+        AMQPValue::ShortShortUInt(n) => u128::from(*n),
+        AMQPValue::ShortInt(n) => u128::try_from(*n).ok()?,
+        AMQPValue::ShortUInt(n) => u128::from(*n),
+        AMQPValue::LongInt(n) => u128::try_from(*n).ok()?,
+        AMQPValue::LongUInt(n) => u128::from(*n),
+        AMQPValue::LongLongInt(n) => u128::try_from(*n).ok()?,
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) | AMQPValue::ByteArray(_) => {
+            text(value).trim().parse().ok()?
+        }
+        _ => return None,
+    };
+    Some(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// Headers that RabbitMQ rewrites as it redelivers or dead-letters a message: left out of the
+/// content hash that identifies a message without an id.
+fn volatile(name: &str) -> bool {
+    name == DELIVERY_COUNT
+        || name == headers::ATTEMPT
+        || name == "x-death"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// A stable id for a message that came without one: a hash of its body and of the
+/// properties and headers RabbitMQ does not change when it redelivers it.
+fn content_id(props: &BasicProperties, payload: &[u8]) -> MessageId {
+    fn part(meta: &mut Vec<u8>, bytes: &[u8]) {
+        meta.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        meta.extend_from_slice(bytes);
+    }
+    let mut meta = Vec::new();
+    for property in [
+        props.kind(),
+        props.correlation_id(),
+        props.content_type(),
+        props.content_encoding(),
+        props.app_id(),
+        props.user_id(),
+    ] {
+        part(
+            &mut meta,
+            property
+                .as_ref()
+                .map_or(&b""[..], |s| s.as_str().as_bytes()),
+        );
+    }
+    part(
+        &mut meta,
+        &props.timestamp().unwrap_or_default().to_be_bytes(),
+    );
+    if let Some(table) = props.headers() {
+        for (name, value) in table.inner() {
+            if !volatile(name.as_str()) {
+                part(&mut meta, name.as_str().as_bytes());
+                let mut rendered = String::new();
+                json(&mut rendered, value);
+                part(&mut meta, rendered.as_bytes());
+            }
+        }
+    }
+    MessageId::derived(&[b"amqp-content", &meta, payload])
+}
+
+/// What a received message carries: its envelope and the attempt it is on.
 #[derive(Debug)]
 pub(crate) struct Received {
     pub(crate) envelope: Envelope,
-    /// The attempt written by a previous nack or drop (1 when absent).
+    /// The attempt: the one written by a previous nack or drop (1 when absent), plus the
+    /// broker's redeliveries of this copy (`x-delivery-count` on quorum queues; at least one
+    /// when the `redelivered` flag is set).
     pub(crate) attempt: u32,
     /// The reply-to address, for requests.
     pub(crate) reply_to: Option<String>,
+    /// Why the message cannot be read as a `bus` message (it is then dead-lettered as it is).
+    pub(crate) undecodable: Option<String>,
 }
 
-/// Reads a message published by `bus` or by any other AMQP client. Missing attributes get
-/// defaults (a fresh id, an empty kind, the id as correlation id, the receive time).
-pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
+/// Reads a message published by `bus` or by any other AMQP client; never fails.
+///
+/// Missing attributes get defaults: an id derived from the message's content (stable across
+/// redeliveries), an empty kind, the id as correlation id, the receive time (the unreadable
+/// time is kept in [`headers::RAW_TIME`]). Header values that are not UTF-8 are kept base64
+/// ([`headers::BINARY_HEADERS`]), other types printed. A CloudEvent of a `specversion` `bus`
+/// does not read is marked undecodable.
+pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>, redelivered: bool) -> Received {
     let mut ce_attrs: Vec<(String, String)> = Vec::new();
     let mut user = Headers::new();
-    let mut attempt = 1u32;
+    let mut written_attempt = None;
+    let mut delivery_count = None;
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             let name = name.as_str();
             if name == headers::ATTEMPT {
-                attempt = text(value).trim().parse().unwrap_or(1).max(1);
+                written_attempt = count(value);
+            } else if name == DELIVERY_COUNT {
+                delivery_count = count(value);
             } else if let Some(attr) = name
                 .strip_prefix(CE_PREFIX)
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
                 ce_attrs.push((attr.to_owned(), text(value)));
             } else {
-                user.insert(name.to_owned(), text(value));
+                match value {
+                    AMQPValue::LongString(s) => {
+                        headers::insert_bytes(&mut user, name.as_bytes(), s.as_bytes());
+                    }
+                    AMQPValue::ByteArray(b) => {
+                        headers::insert_bytes(&mut user, name.as_bytes(), b.as_slice());
+                    }
+                    other => {
+                        user.insert(name.to_owned(), text(other));
+                    }
+                }
             }
         }
     }
@@ -192,45 +571,50 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
             .position(|(name, _)| name == attr)
             .map(|i| ce_attrs.swap_remove(i).1)
     };
+    let undecodable = take(ce::SPECVERSION).and_then(|v| headers::check_specversion(&v).err());
+    let property = |p: &Option<ShortString>| p.as_ref().map(|s| s.as_str().to_owned());
     let id: MessageId = take(ce::ID)
         .filter(|s| !s.is_empty())
-        .or_else(|| props.message_id().as_ref().map(|s| s.as_str().to_owned()))
+        .or_else(|| property(props.message_id()))
         .filter(|s| !s.is_empty())
-        .map_or_else(MessageId::new, MessageId::from);
+        .map_or_else(|| content_id(props, &payload), MessageId::from);
     let kind = take(ce::TYPE)
-        .or_else(|| props.kind().as_ref().map(|s| s.as_str().to_owned()))
+        .or_else(|| property(props.kind()))
         .unwrap_or_default();
     let correlation_id = take(ce::CORRELATION)
-        .or_else(|| {
-            props
-                .correlation_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
-        })
+        .or_else(|| property(props.correlation_id()))
         .filter(|s| !s.is_empty())
         .map_or_else(|| id.clone(), MessageId::from);
     let causation_id = take(ce::CAUSATION)
         .filter(|s| !s.is_empty())
         .map(MessageId::from);
-    let timestamp = take(ce::TIME)
-        .and_then(|t| headers::parse_time(&t).ok())
-        .or_else(|| {
-            props
-                .timestamp()
-                .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-        })
-        .unwrap_or_else(SystemTime::now);
+    let ce_time = take(ce::TIME);
+    let amqp_time = props
+        .timestamp()
+        .map(|s| (s, headers::time_from_unix_secs(s)));
+    let timestamp = match (ce_time, amqp_time) {
+        (Some(raw), amqp) => headers::parse_time(&raw).ok().or_else(|| {
+            user.insert(headers::RAW_TIME.to_owned(), raw);
+            amqp.and_then(|(_, time)| time)
+        }),
+        (None, Some((raw, time))) => time.or_else(|| {
+            user.insert(headers::RAW_TIME.to_owned(), raw.to_string());
+            None
+        }),
+        (None, None) => None,
+    }
+    .unwrap_or_else(SystemTime::now);
     let key = take(ce::PARTITIONKEY);
-    let content_type = props
-        .content_type()
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .or_else(|| take(ce::DATACONTENTTYPE));
+    let content_type = property(props.content_type()).or_else(|| take(ce::DATACONTENTTYPE));
     // The binding's own attributes are not application headers; other extensions are.
-    let _ = (take(ce::SOURCE), take(ce::SPECVERSION));
+    let _ = (take(ce::SOURCE), take(ce::DATACONTENTTYPE));
     for (attr, value) in ce_attrs {
         user.insert(format!("{CE_PREFIX}{attr}"), value);
     }
+    let attempt = written_attempt
+        .unwrap_or(1)
+        .max(1)
+        .saturating_add(delivery_count.unwrap_or(0).max(u32::from(redelivered)));
     let envelope = Envelope {
         id,
         kind,
@@ -245,7 +629,8 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
     Received {
         envelope,
         attempt,
-        reply_to: props.reply_to().as_ref().map(|s| s.as_str().to_owned()),
+        reply_to: property(props.reply_to()),
+        undecodable,
     }
 }
 
@@ -302,8 +687,8 @@ mod tests {
             .with_content_type("application/octet-stream")
             .with_header("traceparent", "00-abc-def-01")
             .with_header("tenant", "acme");
-        let props = properties(&sent, "payments", 3);
-        let got = envelope(&props, sent.payload.to_vec());
+        let props = properties(&sent, "payments", 3).unwrap();
+        let got = envelope(&props, sent.payload.to_vec(), false);
         assert_eq!(got.attempt, 3);
         let got = got.envelope;
         assert_eq!(got.id, sent.id);
@@ -320,7 +705,7 @@ mod tests {
 
     #[test]
     fn a_bare_message_gets_defaults() {
-        let got = envelope(&BasicProperties::default(), b"raw".to_vec());
+        let got = envelope(&BasicProperties::default(), b"raw".to_vec(), false);
         assert_eq!(got.attempt, 1);
         assert_eq!(got.envelope.correlation_id, got.envelope.id);
         assert_eq!(got.envelope.kind, "");
@@ -335,5 +720,465 @@ mod tests {
         assert_eq!(group_queue("orders", "billing"), "orders@billing");
         assert_eq!(delay_millis(Duration::from_micros(1500)), 2);
         assert_eq!(delay_millis(Duration::ZERO), 1);
+    }
+
+    fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (name, value) in entries {
+            table.insert(name.into(), value);
+        }
+        table
+    }
+
+    #[test]
+    fn timestamps_past_the_year_9999_do_not_panic() {
+        // Before: `UNIX_EPOCH + Duration::from_secs(u64::MAX)` panicked in the consumer task.
+        let headers_table = table(vec![
+            ("sent-at", AMQPValue::Timestamp(u64::MAX)),
+            ("epoch", AMQPValue::Timestamp(0)),
+        ]);
+        let props = BasicProperties::default()
+            .with_timestamp(u64::MAX)
+            .with_headers(headers_table);
+        let before = SystemTime::now();
+        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        assert!(got.timestamp >= before, "the receive time");
+        assert_eq!(
+            got.header(headers::RAW_TIME),
+            Some(u64::MAX.to_string().as_str())
+        );
+        assert_eq!(got.header("sent-at"), Some(u64::MAX.to_string().as_str()));
+        assert_eq!(got.header("epoch"), Some("1970-01-01T00:00:00.000Z"));
+
+        let props = BasicProperties::default().with_headers(table(vec![(
+            "cloudEvents:time",
+            long("10000-01-01T00:00:00Z"),
+        )]));
+        let got = envelope(&props, Vec::new(), false).envelope;
+        assert_eq!(got.header(headers::RAW_TIME), Some("10000-01-01T00:00:00Z"));
+        let props = BasicProperties::default().with_timestamp(0);
+        let got = envelope(&props, Vec::new(), false).envelope;
+        assert_eq!(got.timestamp, std::time::UNIX_EPOCH);
+        assert_eq!(got.header(headers::RAW_TIME), None);
+    }
+
+    #[test]
+    fn a_message_without_id_keeps_one_id_across_redeliveries() {
+        // Before: a fresh random id at every delivery.
+        let props = BasicProperties::default()
+            .with_type("legacy".into())
+            .with_headers(table(vec![("tenant", long("acme"))]));
+        let first = envelope(&props, b"body".to_vec(), false).envelope;
+        let redelivered = BasicProperties::default()
+            .with_type("legacy".into())
+            .with_headers(table(vec![
+                ("tenant", long("acme")),
+                (DELIVERY_COUNT, AMQPValue::LongLongInt(3)),
+            ]));
+        let again = envelope(&redelivered, b"body".to_vec(), true).envelope;
+        assert_eq!(first.id, again.id);
+        assert_eq!(first.correlation_id, first.id);
+        let other = envelope(&props, b"other body".to_vec(), false).envelope;
+        assert_ne!(first.id, other.id);
+        // Empty ids count as missing.
+        let empty = BasicProperties::default()
+            .with_message_id("".into())
+            .with_type("legacy".into())
+            .with_headers(table(vec![
+                ("tenant", long("acme")),
+                ("cloudEvents:id", long("")),
+            ]));
+        assert!(!envelope(&empty, b"body".to_vec(), false)
+            .envelope
+            .id
+            .as_str()
+            .is_empty());
+        // The copy stored on nack carries the derived id.
+        let copy = properties_fitted(&first, "q", 2, 0);
+        assert_eq!(
+            envelope(&copy, b"body".to_vec(), false).envelope.id,
+            first.id
+        );
+    }
+
+    #[test]
+    fn attempts_count_broker_redeliveries() {
+        let with = |entries: Vec<(&str, AMQPValue)>| {
+            BasicProperties::default().with_headers(table(entries))
+        };
+        let attempt = |props: &BasicProperties, redelivered: bool| {
+            envelope(props, Vec::new(), redelivered).attempt
+        };
+        assert_eq!(attempt(&BasicProperties::default(), false), 1);
+        assert_eq!(attempt(&BasicProperties::default(), true), 2);
+        let quorum = with(vec![(DELIVERY_COUNT, AMQPValue::LongLongInt(4))]);
+        assert_eq!(attempt(&quorum, true), 5);
+        let copy = with(vec![
+            (headers::ATTEMPT, AMQPValue::LongLongInt(3)),
+            (DELIVERY_COUNT, AMQPValue::LongLongInt(1)),
+        ]);
+        assert_eq!(attempt(&copy, true), 4);
+        let hostile = with(vec![
+            (headers::ATTEMPT, long("99999999999999999999")),
+            (DELIVERY_COUNT, AMQPValue::LongLongInt(i64::MAX)),
+        ]);
+        assert_eq!(attempt(&hostile, true), u32::MAX);
+        let nonsense = with(vec![
+            (headers::ATTEMPT, AMQPValue::LongLongInt(-5)),
+            (DELIVERY_COUNT, long("many")),
+        ]);
+        assert_eq!(attempt(&nonsense, false), 1);
+        let decoded = envelope(&hostile, Vec::new(), true).envelope;
+        assert!(decoded.headers.is_empty(), "{:?}", decoded.headers);
+    }
+
+    #[test]
+    fn unknown_specversion_is_undecodable_and_kept() {
+        let props = BasicProperties::default().with_headers(table(vec![
+            ("cloudEvents:specversion", long("9.9")),
+            ("cloudEvents:id", long("bad-1")),
+            ("cloudEvents:type", long("t")),
+        ]));
+        let got = envelope(&props, vec![0, 0xff], false);
+        let reason = got.undecodable.expect("undecodable");
+        assert!(reason.contains("9.9"), "{reason}");
+        assert_eq!(got.envelope.id.as_str(), "bad-1");
+        assert_eq!(&got.envelope.payload[..], &[0, 0xff]);
+        for version in ["1.0", "0.3"] {
+            let props = BasicProperties::default()
+                .with_headers(table(vec![("cloudEvents_specversion", long(version))]));
+            assert_eq!(envelope(&props, Vec::new(), false).undecodable, None);
+        }
+    }
+
+    #[test]
+    fn odd_header_values_become_text() {
+        let mut nested = FieldTable::default();
+        nested.insert("n".into(), AMQPValue::LongInt(-1));
+        nested.insert("b".into(), AMQPValue::ByteArray(vec![0xff, 0x01].into()));
+        nested.insert("v".into(), AMQPValue::Void);
+        let mut array = lapin::types::FieldArray::default();
+        array.push(AMQPValue::Boolean(true));
+        array.push(AMQPValue::Timestamp(0));
+        array.push(AMQPValue::Double(f64::NAN));
+        array.push(long("q\"uote"));
+        let props = BasicProperties::default().with_headers(table(vec![
+            ("table", AMQPValue::FieldTable(nested)),
+            ("array", AMQPValue::FieldArray(array)),
+            (
+                "decimal",
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 3,
+                    value: 12,
+                }),
+            ),
+            ("void", AMQPValue::Void),
+            ("bytes", AMQPValue::ByteArray(vec![0xff, 0xfe].into())),
+            ("latin1", AMQPValue::LongString(b"caf\xe9".to_vec().into())),
+            ("utf8-bytes", AMQPValue::ByteArray(b"plain".to_vec().into())),
+        ]));
+        let got = envelope(&props, Vec::new(), false).envelope;
+        assert_eq!(
+            got.header("table"),
+            Some(r#"{"b":{"base64":"/wE="},"n":-1,"v":null}"#)
+        );
+        assert_eq!(
+            got.header("array"),
+            Some(r#"[true,"1970-01-01T00:00:00.000Z","NaN","q\"uote"]"#)
+        );
+        assert_eq!(got.header("decimal"), Some("0.012"));
+        assert_eq!(got.header("void"), Some(""));
+        assert_eq!(got.header("bytes"), Some("//4="));
+        assert_eq!(got.header("latin1"), Some("Y2Fm6Q=="));
+        assert_eq!(got.header("utf8-bytes"), Some("plain"));
+        assert_eq!(got.header(headers::BINARY_HEADERS), Some("bytes,latin1"));
+    }
+
+    #[test]
+    fn headers_bus_cannot_carry_are_refused() {
+        // Before: a header name over 255 bytes was silently left out.
+        let long_name = Envelope::new("k", "x").with_header("n".repeat(256), "v");
+        let err = properties(&long_name, "q", 1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::HeadersTooLarge);
+        for name in [
+            "cloudEvents:id",
+            "cloudEvents_thing",
+            "bus-attempt",
+            DELIVERY_COUNT,
+        ] {
+            let reserved = Envelope::new("k", "x").with_header(name, "v");
+            let err = properties(&reserved, "q", 1).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Serialization, "{name}");
+        }
+        assert!(properties(
+            &Envelope::new("k", "x").with_header("cloudEvents:ext", "v"),
+            "q",
+            1
+        )
+        .is_ok());
+        // A long content type travels as the CloudEvents attribute.
+        let long_type = Envelope::new("k", "x").with_content_type("t".repeat(300));
+        let props = properties(&long_type, "q", 1).unwrap();
+        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        assert_eq!(got.content_type, long_type.content_type);
+    }
+
+    #[test]
+    fn copies_fit_in_a_frame_whatever_they_hold() {
+        let mut received = Envelope::new("k", "x")
+            .with_header("n".repeat(300), "packed")
+            .with_header(headers::DLQ_REASON, "r".repeat(10_000))
+            .with_header("big", "b".repeat(50_000));
+        for i in 0..5_000 {
+            received = received.with_header(format!("h{i:05}"), "v".repeat(10));
+        }
+        let frame_max = 8 * 1024;
+        let props = properties_fitted(&received, "q", 7, frame_max);
+        assert!(header_frame_size(&props) <= frame_max);
+        let got = envelope(&props, b"x".to_vec(), false);
+        assert_eq!(got.attempt, 7);
+        assert_eq!(got.envelope.id, received.id);
+        let reason = got.envelope.header(headers::DLQ_REASON).unwrap();
+        assert!(reason.starts_with("rrr") && reason.len() < 300, "{reason}");
+        let note = got.envelope.header(TRUNCATED_HEADERS).unwrap();
+        assert!(
+            note.contains("big") && note.contains(headers::DLQ_REASON),
+            "{note}"
+        );
+        // Without a size limit, nothing is cut and the odd name is packed.
+        let props = properties_fitted(&received, "q", 7, 0);
+        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        let packed = got.header(PACKED_HEADERS).unwrap();
+        assert_eq!(packed, format!(r#"{{"{}":"packed"}}"#, "n".repeat(300)));
+        assert_eq!(got.header("big").map(str::len), Some(50_000));
+        assert_eq!(got.header(TRUNCATED_HEADERS), None);
+    }
+
+    /// Any header value lapin can hand over, nested a few levels.
+    fn amqp_value() -> impl proptest::strategy::Strategy<Value = AMQPValue> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+            any::<i16>().prop_map(AMQPValue::ShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<f32>().prop_map(AMQPValue::Float),
+            any::<f64>().prop_map(AMQPValue::Double),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+            "\\PC{0,40}".prop_map(|s| AMQPValue::ShortString(s.into())),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::LongString(b.into())),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::ByteArray(b.into())),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            Just(AMQPValue::Void),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(|items| {
+                    let mut array = lapin::types::FieldArray::default();
+                    for item in items {
+                        array.push(item);
+                    }
+                    AMQPValue::FieldArray(array)
+                }),
+                proptest::collection::vec(("[a-z]{0,8}", inner), 0..6).prop_map(|entries| {
+                    let mut table = FieldTable::default();
+                    for (name, item) in entries {
+                        table.insert(name.into(), item);
+                    }
+                    AMQPValue::FieldTable(table)
+                }),
+            ]
+        })
+    }
+
+    /// Raw properties as any AMQP client may send them.
+    fn raw_properties() -> impl proptest::strategy::Strategy<Value = BasicProperties> {
+        use bus_core::conformance::arbitrary;
+        use proptest::prelude::*;
+        let short_text = || {
+            proptest::option::of(
+                arbitrary::text().prop_map(|s| headers::shorten(&s, 250).into_owned()),
+            )
+        };
+        let names = prop_oneof![
+            4 => "[a-zA-Z0-9_.-]{0,16}",
+            1 => proptest::sample::select(vec![
+                "cloudEvents:specversion", "cloudEvents:id", "cloudEvents:type",
+                "cloudEvents:time", "cloudEvents_time", "cloudEvents:correlationid",
+                "cloudEvents:causationid", "cloudEvents:partitionkey",
+                "cloudEvents:datacontenttype", "cloudEvents_ext", "bus-attempt",
+                "x-delivery-count", "x-death", "bus-binary-headers", "bus-raw-time",
+            ]).prop_map(str::to_owned),
+        ];
+        let special = proptest::collection::vec(
+            (
+                names,
+                prop_oneof![
+                    2 => arbitrary::text().prop_map(|s| long(&s)),
+                    1 => Just(long("9.9")),
+                    1 => Just(long("1.0")),
+                    1 => Just(long("2026-11-24T06:00:00Z")),
+                    2 => amqp_value(),
+                ],
+            ),
+            0..12,
+        );
+        (
+            (short_text(), short_text(), short_text(), short_text()),
+            proptest::option::of(any::<u64>()),
+            arbitrary::raw_headers(),
+            special,
+        )
+            .prop_map(
+                |((id, kind, correlation, content_type), time, raw, special)| {
+                    let mut table = FieldTable::default();
+                    for (name, value) in raw {
+                        let name = String::from_utf8_lossy(&name).into_owned();
+                        table.insert(name.into(), AMQPValue::LongString(value.into()));
+                    }
+                    for (name, value) in special {
+                        table.insert(name.into(), value);
+                    }
+                    let mut props = BasicProperties::default().with_headers(table);
+                    if let Some(id) = id {
+                        props = props.with_message_id(id.into());
+                    }
+                    if let Some(kind) = kind {
+                        props = props.with_type(kind.into());
+                    }
+                    if let Some(correlation) = correlation {
+                        props = props.with_correlation_id(correlation.into());
+                    }
+                    if let Some(content_type) = content_type {
+                        props = props.with_content_type(content_type.into());
+                    }
+                    if let Some(time) = time {
+                        props = props.with_timestamp(time);
+                    }
+                    props
+                },
+            )
+    }
+
+    #[test]
+    fn property_decode_never_panics() {
+        use bus_core::conformance::arbitrary;
+        use proptest::prelude::*;
+        let input = (raw_properties(), arbitrary::payload(), any::<bool>());
+        arbitrary::check(
+            "adapter-rabbitmq decode_never_panics",
+            256,
+            input,
+            |(props, payload, redelivered)| {
+                let got = envelope(&props, payload.to_vec(), redelivered);
+                let e = &got.envelope;
+                prop_assert!(!e.id.as_str().is_empty());
+                prop_assert!(!e.correlation_id.as_str().is_empty());
+                prop_assert!(e.timestamp <= headers::max_time());
+                prop_assert!(got.attempt > u32::from(redelivered));
+                prop_assert_eq!(&e.payload, &payload);
+                // Decoding again (a redelivery) gives the same id.
+                let again = envelope(&props, payload.to_vec(), true);
+                prop_assert_eq!(&again.envelope.id, &e.id);
+                // The copy stored on nack or dead-lettering is read back as the same message.
+                let copy = properties_fitted(e, "q", got.attempt.saturating_add(1), 0);
+                let back = envelope(&copy, payload.to_vec(), false);
+                prop_assert_eq!(&back.envelope.id, &e.id);
+                prop_assert_eq!(&back.envelope.kind, &e.kind);
+                prop_assert_eq!(&back.envelope.correlation_id, &e.correlation_id);
+                prop_assert_eq!(&back.envelope.key, &e.key);
+                prop_assert_eq!(&back.envelope.content_type, &e.content_type);
+                prop_assert_eq!(back.attempt, got.attempt.saturating_add(1));
+                prop_assert_eq!(back.undecodable, None);
+                if !e.headers.keys().any(|n| reserved(n) || n.len() > SHORT_MAX) {
+                    prop_assert_eq!(&back.envelope.headers, &e.headers);
+                    let skew = e
+                        .timestamp
+                        .duration_since(back.envelope.timestamp)
+                        .unwrap_or_default();
+                    prop_assert!(skew < Duration::from_millis(1));
+                }
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn property_envelope_round_trip() {
+        use bus_core::conformance::arbitrary;
+        use proptest::prelude::*;
+        let input = (arbitrary::envelope(), 1..=u32::MAX);
+        arbitrary::check(
+            "adapter-rabbitmq envelope_round_trip",
+            256,
+            input,
+            |(sent, attempt)| {
+                let props = match properties(&sent, "topic", attempt) {
+                    Ok(props) => props,
+                    Err(err) => {
+                        prop_assert!(
+                            sent.headers
+                                .keys()
+                                .any(|n| n.len() > SHORT_MAX || reserved(n)),
+                            "refused an envelope it can carry: {err}"
+                        );
+                        prop_assert!(matches!(
+                            err.kind(),
+                            ErrorKind::HeadersTooLarge | ErrorKind::Serialization
+                        ));
+                        return Ok(());
+                    }
+                };
+                let got = envelope(&props, sent.payload.to_vec(), false);
+                prop_assert_eq!(got.attempt, attempt);
+                prop_assert_eq!(got.undecodable, None);
+                prop_assert_eq!(got.envelope, sent);
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn property_copies_fit_the_frame() {
+        use bus_core::conformance::arbitrary;
+        use proptest::prelude::*;
+        let input = (
+            arbitrary::envelope(),
+            proptest::collection::vec(("[a-z]{1,300}", 0usize..20_000), 0..40),
+            4096usize..140_000,
+        );
+        arbitrary::check(
+            "adapter-rabbitmq copies_fit_the_frame",
+            64,
+            input,
+            |(mut received, extra, frame_max)| {
+                for (name, size) in extra {
+                    received.headers.insert(name, "x".repeat(size));
+                }
+                let dead = bus_core::middleware::dead_letter::mark(
+                    received.clone(),
+                    &bus_core::middleware::dead_letter::DeadLetterInfo {
+                        reason: "poison",
+                        source: "q",
+                        group: None,
+                        attempts: 3,
+                        first_failure: None,
+                    },
+                );
+                let props = properties_fitted(&dead, "q", 1, frame_max);
+                prop_assert!(header_frame_size(&props) <= frame_max);
+                let back = envelope(&props, Vec::new(), false).envelope;
+                prop_assert_eq!(&back.id, &received.id);
+                prop_assert_eq!(back.header(headers::DLQ_REASON), Some("poison"));
+                Ok(())
+            },
+        );
     }
 }
