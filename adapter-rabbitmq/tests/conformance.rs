@@ -1,6 +1,8 @@
 //! The shared conformance suite against the real RabbitMQ named by `BUS_TEST_RABBITMQ_URL`
 //! (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`), with a restart hook that stops and starts
-//! the server through `scripts/brokers.sh restart rabbitmq`.
+//! the server through `scripts/brokers.sh restart rabbitmq`, and a raw-publish hook that sends
+//! with plain lapin to the work queue, writing CloudEvents attributes as the AMQP binding names
+//! them (`cloudEvents:<attribute>` application properties).
 //!
 //! The payload limit is set to 1 MiB here (the broker's own default is 128 MiB, too large to
 //! allocate in a test), so the oversize case checks the adapter's refusal. Queues the cases
@@ -9,12 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
-use bus_core::conformance::{broker_url, Harness};
+use adapter_rabbitmq::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use adapter_rabbitmq::lapin::publisher_confirm::Confirmation;
+use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable};
+use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
+use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig, CLOUDEVENTS_PREFIX};
+use bus_core::conformance::{broker_url, Harness, RawMessage};
 
 async fn harness() -> Option<Harness> {
     let url = broker_url("BUS_TEST_RABBITMQ_URL")?;
-    let config = RabbitMqConfig::new(url)
+    let config = RabbitMqConfig::new(&url)
         .with_connection_name("bus-conformance")
         .with_max_payload(1024 * 1024)
         .with_queue_expires(Duration::from_secs(600))
@@ -25,8 +31,51 @@ async fn harness() -> Option<Harness> {
     Some(
         Harness::new(Arc::new(broker))
             .with_receive_timeout(Duration::from_secs(20))
-            .with_restart(restart_rabbitmq),
+            .with_restart(restart_rabbitmq)
+            .with_raw_publish(move |message| raw_publish(url.clone(), message)),
     )
+}
+
+/// Sends `message` with plain lapin, as another service would: to the work queue of that name
+/// through the default exchange, the CloudEvents attributes as `cloudEvents:*` headers.
+async fn raw_publish(url: String, message: RawMessage) {
+    let props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let connection = Connection::connect(&url, props).await.expect("raw connect");
+    let channel = connection.create_channel().await.expect("raw channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut table = FieldTable::default();
+    for (name, value) in &message.cloudevents {
+        table.insert(
+            format!("{CLOUDEVENTS_PREFIX}{name}").into(),
+            AMQPValue::LongString(value.as_str().into()),
+        );
+    }
+    let confirmation = channel
+        .basic_publish(
+            "",
+            &message.queue,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &message.payload,
+            BasicProperties::default().with_headers(table),
+        )
+        .await
+        .expect("raw publish")
+        .await
+        .expect("raw publish confirm");
+    assert!(
+        matches!(confirmation, Confirmation::Ack(None)),
+        "the raw message was not stored in `{}`: {confirmation:?}",
+        message.queue
+    );
+    let _ = connection.close(200, "done").await;
 }
 
 /// Stops and starts the real server; returns once it accepts connections again.
