@@ -180,15 +180,39 @@ impl Inner {
         envelope: &Envelope,
     ) -> Result<jetstream::context::PublishAckFuture> {
         self.check()?;
-        let headers = wire::encode(envelope, &self.config.source);
+        let headers = wire::encode(envelope, &self.config.source)?;
         self.check_size(&headers, envelope.payload.len())?;
+        self.send_encoded(kind, name, headers, envelope.payload.clone())
+            .await
+    }
+
+    /// Stores headers and payload already encoded, waiting for the acknowledgement.
+    pub(crate) async fn publish_encoded(
+        &self,
+        kind: Kind,
+        name: &str,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<()> {
+        self.check()?;
+        let ack = self.send_encoded(kind, name, headers, payload).await?;
+        self.await_ack(kind, name, ack).await
+    }
+
+    async fn send_encoded(
+        &self,
+        kind: Kind,
+        name: &str,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture> {
         self.ensure_stream(kind, name).await?;
         let subject = match kind {
             Kind::Topic => self.names.topic_subject(name),
             Kind::Queue => self.names.queue_subject(name),
         };
         self.jetstream
-            .publish_with_headers(subject.clone(), headers, envelope.payload.clone())
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| error::publish(e, &subject))
     }

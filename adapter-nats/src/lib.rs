@@ -10,6 +10,7 @@ mod broker;
 mod config;
 mod error;
 pub mod names;
+mod poison;
 mod publisher;
 mod request;
 mod subscriber;
@@ -28,6 +29,7 @@ pub const TRACKING_ISSUE: u32 = 4;
 pub mod header_names {
     pub use crate::wire::{
         CE_CAUSATIONID, CE_CORRELATIONID, CE_DATACONTENTTYPE, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
-        CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE,
+        CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE, DROPPED_HEADERS, NATS_MSG_ID,
+        ORIGINAL_PREFIX, TRUNCATED_PAYLOAD,
     };
 }

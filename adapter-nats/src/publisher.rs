@@ -9,7 +9,7 @@ impl NatsBroker {
     async fn publish_core(&self, topic: &str, envelope: &Envelope) -> Result<()> {
         let inner = &self.inner;
         inner.check()?;
-        let headers = wire::encode(envelope, &inner.config.source);
+        let headers = wire::encode(envelope, &inner.config.source)?;
         inner.check_size(&headers, envelope.payload.len())?;
         let subject = inner.names.topic_subject(topic);
         inner

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use bus_core::{
-    async_trait, Envelope, Reply, Request, RequestSource, Requester, Requests, Responder, Result,
-    ServeOptions,
+    async_trait, Envelope, Error, ErrorKind, Reply, Request, RequestSource, Requester, Requests,
+    Responder, Result, ServeOptions,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -23,7 +23,7 @@ impl Requester for NatsBroker {
     async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
         let inner = &self.inner;
         inner.check()?;
-        let headers = wire::encode(&request, &inner.config.source);
+        let headers = wire::encode(&request, &inner.config.source)?;
         inner.check_size(&headers, request.payload.len())?;
         let subject = inner.names.request_subject(topic);
         let reply = inner
@@ -37,15 +37,23 @@ impl Requester for NatsBroker {
             )
             .await
             .map_err(|e| error::request(e, topic, timeout))?;
-        Ok(wire::decode(
+        let received = wire::decode(
             reply.headers.as_ref(),
+            reply.status.map(|s| (s, reply.description.as_deref())),
             reply.payload,
             wire::Defaults {
                 id: None,
                 kind: topic.to_owned(),
                 time: None,
             },
-        ))
+        );
+        match received.undecodable {
+            None => Ok(received.envelope),
+            Some(reason) => Err(Error::new(
+                ErrorKind::Serialization,
+                format!("the reply to a request on `{topic}` is undecodable: {reason}"),
+            )),
+        }
     }
 }
 
@@ -101,15 +109,19 @@ impl RequestSource for Serving {
             let Some(reply_to) = message.reply else {
                 continue;
             };
+            // A request `bus` cannot read is still handed over (there is no dead-letter queue
+            // for requests): the responder sees what could be read of it.
             let envelope = wire::decode(
                 message.headers.as_ref(),
+                None,
                 message.payload,
                 wire::Defaults {
                     id: None,
                     kind: self.topic.clone(),
                     time: None,
                 },
-            );
+            )
+            .envelope;
             return Some(Ok(Request::new(
                 envelope,
                 Box::new(NatsReply {
@@ -146,7 +158,7 @@ impl Reply for NatsReply {
     async fn reply(&self, response: Envelope) -> Result<()> {
         let inner = &self.inner;
         inner.check()?;
-        let headers = wire::encode(&response, &inner.config.source);
+        let headers = wire::encode(&response, &inner.config.source)?;
         inner.check_size(&headers, response.payload.len())?;
         inner
             .client

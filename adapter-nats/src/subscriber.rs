@@ -2,12 +2,14 @@
 //! NATS subscriptions, and how their deliveries are settled.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self};
+use async_nats::StatusCode;
 use bus_core::middleware::dead_letter;
 use bus_core::{
     async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
@@ -19,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
-use crate::{error, wire, NatsBroker};
+use crate::{error, poison, wire, NatsBroker};
 
 /// How long one pull (batch) request stays open on the server. Short, because a pull request
 /// cannot be cancelled: closing a subscription waits for its open request to end before
@@ -28,6 +30,11 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// A private subscription's consumer is removed by the server after this long without pulls
 /// (when the process died before closing it).
 const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
+/// How much longer than `PULL_EXPIRES` to wait for the end of a pull request.
+const PULL_GRACE: Duration = Duration::from_secs(2);
+/// The longest delay a `-NAK` asks for: about a hundred years. Longer ones (up to
+/// `Duration::MAX`) are not valid JSON numbers for the server, which would redeliver at once.
+const MAX_NAK_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 #[async_trait]
 impl Subscriber for NatsBroker {
@@ -114,14 +121,14 @@ pub(crate) async fn consume(
 
 /// What a pull source reads from, and how to make its consumer again.
 #[derive(Debug, Clone)]
-struct Spec {
-    stream: String,
-    config: pull::Config,
+pub(crate) struct Spec {
+    pub(crate) stream: String,
+    pub(crate) config: pull::Config,
     /// The topic or queue name, as the user gave it.
-    source: String,
-    group: Option<String>,
+    pub(crate) source: String,
+    pub(crate) group: Option<String>,
     /// A private subscription: its consumer is deleted when it closes.
-    private: bool,
+    pub(crate) private: bool,
 }
 
 /// A JetStream pull consumer behind a subscription. Pulling starts on the first call to
@@ -269,6 +276,7 @@ async fn pull_loop(
     let mut closed = inner.closed_signal();
     let mut consumer = Some(consumer);
     let mut backoff = Duration::from_millis(100);
+    let mut seen_connects = inner.client.statistics().connects.load(Ordering::Relaxed);
     loop {
         if *stop.borrow() || inner.is_closed() {
             return;
@@ -277,14 +285,23 @@ async fn pull_loop(
             Some(c) => Ok(c),
             None => inner.consumer(&spec.stream, &spec.config).await,
         };
+        if let Ok(c) = &current {
+            // The connection was lost since the last look: perhaps because of a message the
+            // client cannot read, which would be redelivered (and cut the connection) for ever.
+            let connects = inner.client.statistics().connects.load(Ordering::Relaxed);
+            if connects != seen_connects {
+                match poison::sweep(&inner, &spec, c).await {
+                    Ok(()) => seen_connects = connects,
+                    Err(e) => tracing::warn!(
+                        stream = %spec.stream,
+                        error = %e,
+                        "looking for messages the client cannot read failed; trying again"
+                    ),
+                }
+            }
+        }
         let pulled = match &current {
-            Ok(c) => c
-                .batch()
-                .max_messages(batch)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(c) => PullBatch::start(&inner, c, batch).await,
             Err(e) => Err(e.to_string()),
         };
         match pulled {
@@ -358,6 +375,84 @@ async fn pull_loop(
     }
 }
 
+/// One pull request, read from its own inbox. Unlike `async-nats`' batch stream, this tells
+/// the server's status messages (no reply subject) from stored messages (replied to on
+/// `$JS.ACK.…`), so that a stored message whose header block carries a status line
+/// (`NATS/1.0 408 …`) is delivered (and found undecodable) rather than taken for the end of
+/// the request and redelivered for ever.
+struct PullBatch {
+    subscriber: async_nats::Subscriber,
+    context: jetstream::Context,
+    remaining: usize,
+    deadline: tokio::time::Instant,
+}
+
+impl PullBatch {
+    async fn start(
+        inner: &Inner,
+        consumer: &PullConsumer,
+        batch: usize,
+    ) -> std::result::Result<Self, String> {
+        let inbox = inner.client.new_inbox();
+        let subscriber = inner
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = pull::BatchConfig {
+            batch,
+            expires: Some(PULL_EXPIRES),
+            ..pull::BatchConfig::default()
+        };
+        consumer
+            .request_batch(request, inbox.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            subscriber,
+            context: inner.jetstream.clone(),
+            remaining: batch,
+            // The server ends the request at expiry (408); this bounds the wait when that
+            // status is lost with the connection.
+            deadline: tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE,
+        })
+    }
+
+    /// The next stored message, `None` once the request has ended, or the error status that
+    /// ended it.
+    async fn next(&mut self) -> Option<std::result::Result<jetstream::Message, String>> {
+        loop {
+            if self.remaining == 0 {
+                return None;
+            }
+            let message = tokio::time::timeout_at(self.deadline, self.subscriber.next())
+                .await
+                .ok()??;
+            if message
+                .reply
+                .as_ref()
+                .is_some_and(|reply| reply.starts_with("$JS.ACK."))
+            {
+                self.remaining -= 1;
+                return Some(Ok(jetstream::Message {
+                    message,
+                    context: self.context.clone(),
+                }));
+            }
+            match message.status {
+                Some(StatusCode::IDLE_HEARTBEAT) | None => {}
+                Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => return None,
+                Some(status) => {
+                    return Some(Err(format!(
+                        "the pull request ended with status {status} ({})",
+                        message.description.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+}
+
 /// Completes once the flag is set (or its sender is gone).
 async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
@@ -370,13 +465,14 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -
             Some(format!("{}:{}", info.stream, info.stream_sequence)),
             u64::try_from(info.published.unix_timestamp_nanos())
                 .ok()
-                .map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n)),
+                .and_then(|n| SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(n))),
         ),
         Err(_) => (1, None, None),
     };
     let (message, acker) = message.split();
-    let envelope = wire::decode(
+    let received = wire::decode(
         message.headers.as_ref(),
+        message.status.map(|s| (s, message.description.as_deref())),
         message.payload,
         wire::Defaults {
             id,
@@ -384,7 +480,8 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -
             time,
         },
     );
-    Delivery::new(
+    let envelope = received.envelope;
+    let delivery = Delivery::new(
         envelope.clone(),
         attempt,
         spec.source.clone(),
@@ -397,7 +494,11 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -
             group: spec.group.clone(),
             attempt,
         }),
-    )
+    );
+    match received.undecodable {
+        Some(reason) => delivery.with_undecodable(reason),
+        None => delivery,
+    }
 }
 
 /// Settles one JetStream delivery: ack, nak (with delay), term after dead-lettering, progress.
@@ -421,27 +522,86 @@ impl fmt::Debug for JetStreamSettle {
 }
 
 /// Sends the dead letter of `envelope` to the queue named by `headers::dead_letter_queue`.
-async fn dead_letter(
+///
+/// Never refused for its content: attributes NATS cannot carry are written as it can
+/// (`wire::encode_lossy`), and a dead letter over the server's `max_payload` loses its largest
+/// headers, then the end of its payload, saying so in headers, rather than not being stored
+/// (a message that can be neither handled nor dead-lettered would come back for ever).
+pub(crate) async fn dead_letter(
     inner: &Inner,
     envelope: &Envelope,
     source: &str,
     group: Option<&str>,
     attempts: u32,
     reason: &str,
+    msg_id: Option<String>,
 ) -> Result<()> {
     let dead = dead_letter::mark(
         envelope.clone(),
         &dead_letter::DeadLetterInfo {
-            reason,
+            reason: &headers::shorten(reason, 4096),
             source,
             group,
             attempts,
             first_failure: None,
         },
     );
+    let (mut map, payload) = fit(dead, &inner.config.source, inner.max_payload());
+    if let Some(id) = msg_id {
+        // JetStream drops a second copy stored within its duplicate window.
+        map.insert(wire::NATS_MSG_ID, id);
+    }
     inner
-        .publish_stored(Kind::Queue, &headers::dead_letter_queue(source), &dead)
+        .publish_encoded(
+            Kind::Queue,
+            &headers::dead_letter_queue(source),
+            map,
+            payload,
+        )
         .await
+}
+
+/// Encodes a dead letter within `max` bytes (0: no limit): see [`dead_letter`].
+fn fit(mut dead: Envelope, source: &str, max: usize) -> (async_nats::HeaderMap, bytes::Bytes) {
+    // Room for the notes and `Nats-Msg-Id`.
+    const SLACK: usize = 256;
+    let mut dropped = 0usize;
+    loop {
+        let map = wire::encode_lossy(&dead, source);
+        let size = wire::header_len(&map) + dead.payload.len();
+        if max == 0 || size + SLACK <= max {
+            return (map, dead.payload);
+        }
+        let mut over = size + SLACK - max;
+        let mut droppable: Vec<(String, usize)> = dead
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !name.starts_with("bus-dlq-") && !name.starts_with(wire::NOTE_PREFIX)
+            })
+            .map(|(name, value)| (name.clone(), name.len() + value.len() + 4))
+            .collect();
+        if droppable.is_empty() {
+            let original = dead.payload.len();
+            let keep = original.saturating_sub(over);
+            dead.payload = dead.payload.slice(..keep);
+            dead.headers
+                .entry(wire::TRUNCATED_PAYLOAD.to_owned())
+                .or_insert_with(|| original.to_string());
+            continue;
+        }
+        droppable.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
+        for (name, len) in droppable {
+            if over == 0 {
+                break;
+            }
+            dead.headers.remove(&name);
+            dropped += 1;
+            over = over.saturating_sub(len);
+        }
+        dead.headers
+            .insert(wire::DROPPED_HEADERS.to_owned(), dropped.to_string());
+    }
 }
 
 #[async_trait]
@@ -449,7 +609,9 @@ impl Settle for JetStreamSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
         let (kind, what) = match settlement {
             Settlement::Ack => (AckKind::Ack, "ack"),
-            Settlement::Nack(Redeliver::After(delay)) => (AckKind::Nak(Some(delay)), "nak"),
+            Settlement::Nack(Redeliver::After(delay)) => {
+                (AckKind::Nak(Some(delay.min(MAX_NAK_DELAY))), "nak")
+            }
             Settlement::Nack(_) => (AckKind::Nak(None), "nak"),
             Settlement::Reject { reason } => {
                 // The dead letter is stored first: if that fails, the delivery stays unsettled.
@@ -460,6 +622,7 @@ impl Settle for JetStreamSettle {
                     self.group.as_deref(),
                     self.attempt,
                     &reason,
+                    None,
                 )
                 .await?;
                 (AckKind::Term, "term")
@@ -547,8 +710,10 @@ impl DeliverySource for CoreSource {
             message = subscriber.next() => message?,
             _ = self.closed.wait_for(|closed| *closed) => return None,
         };
-        let envelope = wire::decode(
+        // No broker identity on core NATS: an id-less message gets one derived from its content.
+        let received = wire::decode(
             message.headers.as_ref(),
+            message.status.map(|s| (s, message.description.as_deref())),
             message.payload,
             wire::Defaults {
                 id: None,
@@ -556,7 +721,8 @@ impl DeliverySource for CoreSource {
                 time: None,
             },
         );
-        Some(Ok(Delivery::new(
+        let envelope = received.envelope;
+        let delivery = Delivery::new(
             envelope.clone(),
             1,
             self.source.clone(),
@@ -567,7 +733,11 @@ impl DeliverySource for CoreSource {
                 source: self.source.clone(),
                 group: self.group.clone(),
             }),
-        )))
+        );
+        Some(Ok(match received.undecodable {
+            Some(reason) => delivery.with_undecodable(reason),
+            None => delivery,
+        }))
     }
 
     async fn close(&mut self) -> Result<()> {
@@ -609,6 +779,7 @@ impl Settle for CoreSettle {
                     self.group.as_deref(),
                     1,
                     &reason,
+                    None,
                 )
                 .await
             }

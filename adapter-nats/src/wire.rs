@@ -20,10 +20,11 @@
 //! whitespace) travels as `bus-esc-<name>` with name and value percent-encoded, and is decoded
 //! on receipt. Every other header is written exactly as named.
 
+use std::str::FromStr;
 use std::time::SystemTime;
 
-use async_nats::HeaderMap;
-use bus_core::{headers, Envelope, Headers, MessageId};
+use async_nats::{HeaderMap, HeaderName, StatusCode};
+use bus_core::{headers, Envelope, Error, ErrorKind, Headers, MessageId, Result};
 use bytes::Bytes;
 
 /// The message id (`id`).
@@ -46,46 +47,119 @@ pub const CE_CORRELATIONID: &str = "ce-correlationid";
 pub const CE_CAUSATIONID: &str = "ce-causationid";
 /// The ordering key (partitioning extension `partitionkey`).
 pub const CE_PARTITIONKEY: &str = "ce-partitionkey";
+/// JetStream's de-duplication id, which a plain NATS producer may set: the id of a message
+/// without `ce-id`.
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+/// On a dead letter only: an envelope attribute NATS could not carry as it was (with a line
+/// break, or leading or trailing whitespace), as it was; the attribute itself then carries it
+/// with line breaks as spaces, trimmed. Named `bus-nats-original-<attribute>` (`ce-type`, …).
+pub const ORIGINAL_PREFIX: &str = "bus-nats-original-";
 const ESCAPED: &str = "bus-esc-";
+/// The prefix of the notes this adapter adds to a dead letter.
+pub(crate) const NOTE_PREFIX: &str = "bus-nats-";
+/// On a dead letter only: how many of its headers were left out because the dead letter
+/// would otherwise exceed the server's `max_payload` (the largest go first).
+pub const DROPPED_HEADERS: &str = "bus-nats-dropped-headers";
+/// On a dead letter only: the payload's length before its end was cut off to fit the server's
+/// `max_payload` (after every header that could go had gone).
+pub const TRUNCATED_PAYLOAD: &str = "bus-nats-truncated-payload";
 
 /// The NATS headers carrying `envelope`.
-pub(crate) fn encode(envelope: &Envelope, source: &str) -> HeaderMap {
+///
+/// # Errors
+/// [`ErrorKind::Serialization`] when an attribute would not come back as it is: an empty id or
+/// correlation id (read back as a derived one), an empty causation id (read back as none),
+/// or an id, kind, key or content type with CR or LF or leading or trailing whitespace (NATS
+/// header values cannot hold line breaks and lose that whitespace).
+pub(crate) fn encode(envelope: &Envelope, source: &str) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
-    attribute(&mut map, CE_SPECVERSION, "1.0");
-    attribute(&mut map, CE_ID, envelope.id.as_str());
-    attribute(&mut map, CE_TYPE, &envelope.kind);
-    attribute(&mut map, CE_SOURCE, source);
-    attribute(&mut map, CE_TIME, &headers::format_time(envelope.timestamp));
-    attribute(&mut map, CE_CORRELATIONID, envelope.correlation_id.as_str());
-    if let Some(causation) = &envelope.causation_id {
-        attribute(&mut map, CE_CAUSATIONID, causation.as_str());
+    let mut refused = None;
+    write_attributes(envelope, source, &mut map, |name, _| {
+        refused.get_or_insert(name);
+    });
+    if let Some(name) = refused {
+        return Err(Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "the envelope's `{name}` cannot travel in a NATS header as it is (empty where an \
+                 id is needed, or with a line break or leading or trailing whitespace)"
+            ),
+        ));
     }
-    if let Some(key) = &envelope.key {
-        attribute(&mut map, CE_PARTITIONKEY, key);
-    }
-    if let Some(content_type) = &envelope.content_type {
-        attribute(&mut map, CONTENT_TYPE, content_type);
-    }
-    for (name, value) in &envelope.headers {
+    write_user_headers(envelope, &mut map);
+    Ok(map)
+}
+
+/// The NATS headers carrying a dead letter: like [`encode`], but never refusing. An attribute
+/// NATS cannot carry is written with line breaks as spaces, trimmed (an empty id as a derived
+/// one), and its exact value kept in the header `bus-nats-original-<attribute>`, so that the
+/// dead letter is always stored.
+pub(crate) fn encode_lossy(envelope: &Envelope, source: &str) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    let mut originals = Headers::new();
+    write_attributes(envelope, source, &mut map, |name, value| {
+        originals.insert(format!("{ORIGINAL_PREFIX}{name}"), value.to_owned());
+    });
+    write_user_headers(envelope, &mut map);
+    for (name, value) in &originals {
         user_header(&mut map, name, value);
     }
     map
 }
 
-/// Writes a CloudEvents attribute. NATS header values cannot hold CR or LF and lose leading
-/// and trailing whitespace: such values (never made by `bus` itself) are written with line
-/// breaks as spaces, trimmed.
-fn attribute(map: &mut HeaderMap, name: &'static str, value: &str) {
-    if needs_escape_value(value) {
-        map.insert(name, value.replace(['\r', '\n'], " ").trim());
-    } else {
-        map.insert(name, value);
+/// Writes the CloudEvents attributes; calls `altered` with each one written differently from
+/// the envelope's value.
+fn write_attributes(
+    envelope: &Envelope,
+    source: &str,
+    map: &mut HeaderMap,
+    mut altered: impl FnMut(&'static str, &str),
+) {
+    let mut attribute = |name: &'static str, value: &str, id: bool| {
+        if (id && value.is_empty()) || needs_escape_value(value) {
+            altered(name, value);
+        }
+        let mut written = value.replace(['\r', '\n'], " ").trim().to_owned();
+        if id && written.is_empty() {
+            written = MessageId::derived(&[value.as_bytes()]).to_string();
+        }
+        map.insert(name, written);
+    };
+    attribute(CE_SPECVERSION, "1.0", false);
+    attribute(CE_ID, envelope.id.as_str(), true);
+    attribute(CE_TYPE, &envelope.kind, false);
+    // The configured source and the formatted time are not the envelope's: never refused.
+    let source = source.replace(['\r', '\n'], " ");
+    attribute(CE_SOURCE, source.trim(), false);
+    attribute(CE_TIME, &headers::format_time(envelope.timestamp), false);
+    attribute(CE_CORRELATIONID, envelope.correlation_id.as_str(), true);
+    if let Some(causation) = &envelope.causation_id {
+        attribute(CE_CAUSATIONID, causation.as_str(), true);
+    }
+    if let Some(key) = &envelope.key {
+        attribute(CE_PARTITIONKEY, key, false);
+    }
+    if let Some(content_type) = &envelope.content_type {
+        attribute(CONTENT_TYPE, content_type, false);
+    }
+}
+
+fn write_user_headers(envelope: &Envelope, map: &mut HeaderMap) {
+    for (name, value) in &envelope.headers {
+        user_header(map, name, value);
     }
 }
 
 /// Writes a user header, escaped when it would not come back intact (module docs).
 fn user_header(map: &mut HeaderMap, name: &str, value: &str) {
-    let reserved = name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
+    let has_prefix = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    // `Nats-…` headers mean something to JetStream (de-duplication, expected sequences,
+    // roll-ups): never written as a user header.
+    let reserved = has_prefix("ce-")
+        || has_prefix("nats-")
         || name.eq_ignore_ascii_case(CONTENT_TYPE)
         || name.starts_with(ESCAPED);
     let bad_name = name.is_empty() || name.bytes().any(|b| b == b':' || !(33..=126).contains(&b));
@@ -99,6 +173,8 @@ fn user_header(map: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
+/// Whether NATS would alter the value: it cannot hold line breaks, and the client trims
+/// (Unicode) whitespace at both ends when reading.
 fn needs_escape_value(value: &str) -> bool {
     value.contains(['\r', '\n'])
         || value.starts_with(char::is_whitespace)
@@ -155,7 +231,8 @@ pub(crate) fn header_len(map: &HeaderMap) -> usize {
 /// client).
 #[derive(Debug)]
 pub(crate) struct Defaults {
-    /// The id: e.g. the stream and sequence, stable across redeliveries.
+    /// The id: e.g. the stream and sequence, stable across redeliveries. Without one, an id
+    /// derived from the message's content.
     pub(crate) id: Option<String>,
     /// The kind: the topic or queue it was received from.
     pub(crate) kind: String,
@@ -163,65 +240,225 @@ pub(crate) struct Defaults {
     pub(crate) time: Option<SystemTime>,
 }
 
-/// The envelope of a received message; missing or malformed attributes get defaults.
-pub(crate) fn decode(map: Option<&HeaderMap>, payload: Bytes, defaults: Defaults) -> Envelope {
+/// A received message: its envelope, and why it cannot be handled if it cannot.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) envelope: Envelope,
+    /// Set when the message is undecodable (see `Delivery::with_undecodable`).
+    pub(crate) undecodable: Option<String>,
+}
+
+/// The envelope of a message as the client read it. Never fails: missing or malformed
+/// attributes get defaults; a message that is not one `bus` can read (a CloudEvents
+/// `specversion` it does not know, a status line in a stored message) is returned with the
+/// reason, and as much of it as could be kept.
+pub(crate) fn decode(
+    map: Option<&HeaderMap>,
+    status: Option<(StatusCode, Option<&str>)>,
+    payload: Bytes,
+    defaults: Defaults,
+) -> Received {
+    let mut fields = Vec::new();
+    if let Some(map) = map {
+        for (name, values) in map.iter() {
+            let name: &str = name.as_ref();
+            for value in values {
+                fields.push((name.to_owned(), value.as_str().to_owned()));
+            }
+        }
+    }
+    // The client's map has no order: sort, so that a derived id is the same every time.
+    fields.sort();
+    let problem = match status {
+        Some((code, description)) if code != StatusCode::OK => Some(format!(
+            "the message carries the status line `{} {}`, which only the server may send",
+            code.as_u16(),
+            headers::shorten(description.unwrap_or_default(), 64)
+        )),
+        _ => None,
+    };
+    build(fields, Headers::new(), payload, defaults, problem)
+}
+
+/// The envelope of a message from its raw header block (as `STREAM.MSG.GET` returns it), read
+/// leniently: lines without a colon become headers with an empty value, values that are not
+/// UTF-8 are kept base64-encoded (`bus_core::headers::insert_bytes`). Always undecodable, for
+/// `reason`: it is only read this way because the client could not read it.
+pub(crate) fn decode_raw(
+    block: &[u8],
+    payload: Bytes,
+    defaults: Defaults,
+    reason: String,
+) -> Received {
+    let mut fields = Vec::new();
+    let mut binary = Headers::new();
+    let mut lines = block
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    // The version line (`NATS/1.0`, maybe with a status): the reason says what was wrong.
+    let _ = lines.next();
+    for line in lines {
+        if line.is_empty() {
+            continue;
+        }
+        let (name, value) = match line.iter().position(|b| *b == b':') {
+            Some(at) => (&line[..at], line[at + 1..].trim_ascii()),
+            None => (line, &b""[..]),
+        };
+        match (std::str::from_utf8(name), std::str::from_utf8(value)) {
+            (Ok(name), Ok(value)) => fields.push((name.to_owned(), value.to_owned())),
+            _ => headers::insert_bytes(&mut binary, name, value),
+        }
+    }
+    build(fields, binary, payload, defaults, Some(reason))
+}
+
+/// Why `async-nats` (0.46) would fail to read this header block, if it would: it then drops
+/// the whole connection instead of the message, so such a message must never be delivered to
+/// it again.
+pub(crate) fn client_cannot_read(block: &[u8]) -> Option<String> {
+    let Ok(text) = std::str::from_utf8(block) else {
+        return Some("the header block is not UTF-8".to_owned());
+    };
+    let mut lines = text.lines().peekable();
+    let Some(version) = lines.next() else {
+        return Some("the header block has no version line".to_owned());
+    };
+    let Some(rest) = version.strip_prefix("NATS/1.0").map(str::trim) else {
+        return Some(format!(
+            "the header block starts with `{}`, not `NATS/1.0`",
+            headers::shorten(version, 64)
+        ));
+    };
+    let status = rest.split_once(' ').map_or(rest, |(s, _)| s.trim());
+    if !status.is_empty() && StatusCode::from_str(status).is_err() {
+        return Some(format!(
+            "the header block has the status `{}`, not a number from 100 to 999",
+            headers::shorten(status, 64)
+        ));
+    }
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((name, _)) = line.split_once(':') else {
+            return Some(format!(
+                "the header line `{}` has no colon",
+                headers::shorten(line, 64)
+            ));
+        };
+        if HeaderName::from_str(name).is_err() {
+            return Some(format!(
+                "the header name `{}` is not a NATS header name",
+                headers::shorten(name, 64)
+            ));
+        }
+        while lines
+            .next_if(|l| l.starts_with(char::is_whitespace))
+            .is_some()
+        {}
+    }
+    None
+}
+
+fn build(
+    fields: Vec<(String, String)>,
+    mut user: Headers,
+    payload: Bytes,
+    defaults: Defaults,
+    mut problem: Option<String>,
+) -> Received {
     let mut id = None;
+    let mut msg_id = None;
     let mut kind = None;
-    let mut time = None;
+    let mut raw_time = None;
     let mut correlation = None;
     let mut causation = None;
     let mut key = None;
     let mut content_type = None;
     let mut ce_content_type = None;
-    let mut user = Headers::new();
-    if let Some(map) = map {
-        for (name, values) in map.iter() {
-            let name: &str = name.as_ref();
-            let Some(value) = values.last().map(|v| v.as_str().to_owned()) else {
-                continue;
-            };
-            if let Some(escaped) = name.strip_prefix(ESCAPED) {
-                // Always a user header, whatever its decoded name looks like.
-                user.insert(pct_decode(escaped), pct_decode(&value));
-                continue;
-            }
-            let name = name.to_owned();
-            match name.to_ascii_lowercase().as_str() {
-                CE_ID => id = Some(value),
-                CE_TYPE => kind = Some(value),
-                CE_TIME => time = headers::parse_time(&value).ok(),
-                CE_CORRELATIONID => correlation = Some(value),
-                CE_CAUSATIONID => causation = Some(value),
-                CE_PARTITIONKEY => key = Some(value),
-                CONTENT_TYPE => content_type = Some(value),
-                CE_DATACONTENTTYPE => ce_content_type = Some(value),
-                CE_SOURCE | CE_SPECVERSION => {}
-                // JetStream's own headers (on republished or direct-get messages).
-                lower if lower.starts_with("nats-") => {}
-                _ => {
-                    user.insert(name, value);
+    let mut specversion = None;
+    for (name, value) in &fields {
+        if let Some(escaped) = name.strip_prefix(ESCAPED) {
+            // Always a user header, whatever its decoded name looks like.
+            user.insert(pct_decode(escaped), pct_decode(value));
+            continue;
+        }
+        let value = value.clone();
+        match name.to_ascii_lowercase().as_str() {
+            CE_ID => id = Some(value),
+            CE_TYPE => kind = Some(value),
+            CE_TIME => raw_time = Some(value),
+            CE_CORRELATIONID => correlation = Some(value),
+            CE_CAUSATIONID => causation = Some(value),
+            CE_PARTITIONKEY => key = Some(value),
+            CONTENT_TYPE => content_type = Some(value),
+            CE_DATACONTENTTYPE => ce_content_type = Some(value),
+            CE_SPECVERSION => specversion = Some(value),
+            CE_SOURCE => {}
+            lower => {
+                if lower == "nats-msg-id" {
+                    msg_id = Some(value.clone());
                 }
+                user.insert(name.clone(), value);
             }
         }
     }
-    let id: MessageId = match id.filter(|s| !s.is_empty()).or(defaults.id) {
+    if let Some(Err(reason)) = specversion.as_deref().map(headers::check_specversion) {
+        problem.get_or_insert(reason);
+    }
+    let id: MessageId = match id
+        .filter(|s| !s.is_empty())
+        .or(msg_id.filter(|s| !s.is_empty()))
+        .or(defaults.id)
+    {
         Some(id) => MessageId::from(id),
-        None => MessageId::new(),
+        None => content_id(&defaults.kind, &fields, &user, &payload),
     };
     let correlation_id = correlation
         .filter(|s| !s.is_empty())
         .map_or_else(|| id.clone(), MessageId::from);
-    Envelope {
-        id,
-        kind: kind.unwrap_or(defaults.kind),
-        correlation_id,
-        causation_id: causation.filter(|s| !s.is_empty()).map(MessageId::from),
-        timestamp: time.or(defaults.time).unwrap_or_else(SystemTime::now),
-        key,
-        content_type: content_type.or(ce_content_type),
-        headers: user,
-        payload,
+    let time = match raw_time {
+        None => None,
+        Some(raw) => match headers::parse_time(&raw) {
+            Ok(time) => Some(time),
+            Err(_) => {
+                user.insert(headers::RAW_TIME.to_owned(), raw);
+                None
+            }
+        },
+    };
+    Received {
+        envelope: Envelope {
+            id,
+            kind: kind.unwrap_or(defaults.kind),
+            correlation_id,
+            causation_id: causation.filter(|s| !s.is_empty()).map(MessageId::from),
+            timestamp: time.or(defaults.time).unwrap_or_else(SystemTime::now),
+            key,
+            content_type: content_type.or(ce_content_type),
+            headers: user,
+            payload,
+        },
+        undecodable: problem,
     }
+}
+
+/// An id for a message that names none and has no broker identity (core NATS): derived from
+/// where it came from and everything it carries, so that the same message gets the same id.
+fn content_id(
+    kind: &str,
+    fields: &[(String, String)],
+    user: &Headers,
+    payload: &[u8],
+) -> MessageId {
+    let mut parts: Vec<&[u8]> = vec![b"nats", kind.as_bytes()];
+    for (name, value) in fields.iter().map(|(n, v)| (n, v)).chain(user) {
+        parts.push(name.as_bytes());
+        parts.push(value.as_bytes());
+    }
+    parts.push(payload);
+    MessageId::derived(&parts)
 }
 
 #[cfg(test)]
@@ -229,9 +466,10 @@ mod tests {
     use super::*;
 
     fn round_trip(envelope: &Envelope) -> Envelope {
-        let map = encode(envelope, "test");
+        let map = encode(envelope, "test").expect("encodable");
         decode(
             Some(&map),
+            None,
             envelope.payload.clone(),
             Defaults {
                 id: None,
@@ -239,6 +477,7 @@ mod tests {
                 time: None,
             },
         )
+        .envelope
     }
 
     #[test]
@@ -273,7 +512,7 @@ mod tests {
             .with_header("ünïcödé name", "ünïcödé ✓ 漢字")
             .with_header("colon:name", "a:b%c")
             .with_header("bus-esc-x", "y");
-        let map = encode(&envelope, "test");
+        let map = encode(&envelope, "test").expect("encodable");
         assert_eq!(map.get(CE_ID).unwrap().as_str(), envelope.id.as_str());
         let got = round_trip(&envelope);
         assert_eq!(got.id, envelope.id);
@@ -285,13 +524,15 @@ mod tests {
     fn a_bare_message_gets_defaults() {
         let got = decode(
             None,
+            None,
             Bytes::from_static(b"raw"),
             Defaults {
                 id: Some("stream:7".into()),
                 kind: "orders".into(),
                 time: None,
             },
-        );
+        )
+        .envelope;
         assert_eq!(got.id.as_str(), "stream:7");
         assert_eq!(got.correlation_id.as_str(), "stream:7");
         assert_eq!(got.kind, "orders");
@@ -303,14 +544,242 @@ mod tests {
         map.insert("x-mine", "kept");
         let got = decode(
             Some(&map),
+            None,
             Bytes::new(),
             Defaults {
                 id: None,
                 kind: "t".into(),
                 time: None,
             },
-        );
+        )
+        .envelope;
         assert_eq!(got.content_type.as_deref(), Some("text/plain"));
         assert_eq!(got.header("x-mine"), Some("kept"));
+    }
+
+    fn defaults(id: Option<&str>) -> Defaults {
+        Defaults {
+            id: id.map(str::to_owned),
+            kind: "orders".into(),
+            time: None,
+        }
+    }
+
+    #[test]
+    fn foreign_oddities_are_read_leniently() {
+        let mut map = HeaderMap::new();
+        map.insert("ce-time", "not a time");
+        map.insert("ce-id", "");
+        map.insert("Nats-Msg-Id", "producer-7");
+        let got = decode(Some(&map), None, Bytes::new(), defaults(Some("s:1")));
+        assert!(got.undecodable.is_none());
+        assert_eq!(
+            got.envelope.id.as_str(),
+            "producer-7",
+            "Nats-Msg-Id is the id"
+        );
+        assert_eq!(got.envelope.header(headers::RAW_TIME), Some("not a time"));
+        assert_eq!(got.envelope.header("Nats-Msg-Id"), Some("producer-7"));
+
+        // No broker identity: the same content gets the same id.
+        let mut map = HeaderMap::new();
+        map.insert("b", "2");
+        map.insert("a", "1");
+        let one = decode(Some(&map), None, Bytes::from_static(b"x"), defaults(None));
+        let two = decode(Some(&map), None, Bytes::from_static(b"x"), defaults(None));
+        let other = decode(Some(&map), None, Bytes::from_static(b"y"), defaults(None));
+        assert_eq!(one.envelope.id, two.envelope.id);
+        assert_ne!(one.envelope.id, other.envelope.id);
+    }
+
+    #[test]
+    fn unknown_specversion_and_status_lines_are_undecodable() {
+        let mut map = HeaderMap::new();
+        map.insert("ce-specversion", "9.9");
+        map.insert("ce-id", "bad-1");
+        let got = decode(Some(&map), None, Bytes::new(), defaults(None));
+        assert!(got.undecodable.as_deref().unwrap().contains("9.9"));
+        assert_eq!(got.envelope.id.as_str(), "bad-1");
+
+        let got = decode(
+            None,
+            Some((StatusCode::TIMEOUT, Some("Request Timeout"))),
+            Bytes::new(),
+            defaults(Some("s:2")),
+        );
+        assert!(got.undecodable.as_deref().unwrap().contains("408"));
+    }
+
+    #[test]
+    fn what_the_client_cannot_read_is_found_and_read_leniently() {
+        for (block, readable) in [
+            (&b"NATS/1.0\r\nx: y\r\n\r\n"[..], true),
+            (b"NATS/1.0 408 Request Timeout\r\n\r\n", true),
+            (b"NATS/1.0\r\nx: \xff\r\n\r\n", false),
+            (b"NATS/1.0\r\nno colon\r\n\r\n", false),
+            (b"NATS/1.0\r\nbad name: v\r\n\r\n", false),
+            (b"NATS/1.0 abc\r\n\r\n", false),
+            (b"GARBAGE\r\n\r\n", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                client_cannot_read(block).is_none(),
+                readable,
+                "{:?}",
+                String::from_utf8_lossy(block)
+            );
+        }
+        let got = decode_raw(
+            b"NATS/1.0\r\nce-id: raw-1\r\nbin: \xff\r\nno colon\r\n\r\n",
+            Bytes::from_static(b"body"),
+            defaults(Some("s:3")),
+            "why".into(),
+        );
+        assert_eq!(got.undecodable.as_deref(), Some("why"));
+        assert_eq!(got.envelope.id.as_str(), "raw-1");
+        assert_eq!(got.envelope.header("bin"), Some("/w=="));
+        assert_eq!(got.envelope.header(headers::BINARY_HEADERS), Some("bin"));
+        assert_eq!(got.envelope.header("no colon"), Some(""));
+    }
+
+    #[test]
+    fn encode_refuses_what_nats_would_change_and_lossy_keeps_it() {
+        for envelope in [
+            Envelope::new("line\nbreak", ""),
+            Envelope::new(" padded", ""),
+            Envelope::new("k", "").with_id(""),
+            Envelope::new("k", "").with_key("key\r"),
+        ] {
+            let error = encode(&envelope, "test").expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::Serialization);
+            let map = encode_lossy(&envelope, "test");
+            let got = decode(Some(&map), None, Bytes::new(), defaults(None)).envelope;
+            let originals: Vec<_> = got
+                .headers
+                .keys()
+                .filter(|n| n.starts_with(ORIGINAL_PREFIX))
+                .collect();
+            assert_eq!(originals.len(), 1, "{envelope:?} -> {got:?}");
+        }
+        // A `Nats-` user header is not handed to JetStream.
+        let envelope = Envelope::new("k", "").with_header("Nats-Rollup", "all");
+        let map = encode(&envelope, "test").unwrap();
+        assert!(map.get("Nats-Rollup").is_none());
+        assert_eq!(round_trip(&envelope).headers, envelope.headers);
+    }
+
+    #[test]
+    fn property_decode_never_panics() {
+        use bus_core::conformance::arbitrary;
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            arbitrary::text(),
+            Just("9.9".to_owned()),
+            Just("9999-12-31T23:59:59.999Z".to_owned()),
+            Just("+10000-01-01T00:00:00Z".to_owned()),
+            Just("1969-12-31T23:59:59Z".to_owned()),
+        ];
+        let name = prop_oneof![
+            Just(CE_ID.to_owned()),
+            Just(CE_TIME.to_owned()),
+            Just(CE_SPECVERSION.to_owned()),
+            Just(CE_CORRELATIONID.to_owned()),
+            Just("bus-esc-%ZZ%".to_owned()),
+            Just(NATS_MSG_ID.to_owned()),
+            "[!-9;-~]{1,12}",
+        ];
+        let fields = proptest::collection::vec((name, value), 0..24);
+        arbitrary::check(
+            "nats decode never panics",
+            256,
+            (fields, arbitrary::raw_headers(), arbitrary::payload()),
+            |(fields, raw, payload)| {
+                let mut map = HeaderMap::new();
+                for (name, value) in &fields {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_str(name),
+                        async_nats::HeaderValue::from_str(value),
+                    ) {
+                        map.append(name, value);
+                    }
+                }
+                let got = decode(Some(&map), None, payload.clone(), defaults(None));
+                prop_assert!(!got.envelope.id.as_str().is_empty());
+                let mut block = b"NATS/1.0\r\n".to_vec();
+                for (name, value) in &raw {
+                    block.extend_from_slice(name);
+                    block.extend_from_slice(b": ");
+                    block.extend_from_slice(value);
+                    block.extend_from_slice(b"\r\n");
+                }
+                let _ = client_cannot_read(&block);
+                let got = decode_raw(&block, payload, defaults(Some("s:1")), "r".into());
+                prop_assert_eq!(got.envelope.id.as_str().is_empty(), false);
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn property_envelope_round_trip() {
+        use bus_core::conformance::arbitrary;
+        arbitrary::check(
+            "nats envelope round trip",
+            256,
+            arbitrary::envelope(),
+            |envelope| {
+                match encode(&envelope, "test") {
+                    Ok(map) => {
+                        // What the server relays is what the client parses: go through bytes.
+                        let got = decode(
+                            Some(&parse_like_the_client(&map)),
+                            None,
+                            envelope.payload.clone(),
+                            defaults(Some("s:1")),
+                        );
+                        proptest::prop_assert!(got.undecodable.is_none());
+                        proptest::prop_assert_eq!(&got.envelope, &envelope);
+                    }
+                    Err(error) => {
+                        proptest::prop_assert_eq!(error.kind(), ErrorKind::Serialization);
+                    }
+                }
+                // A dead letter is never refused, and keeps every header.
+                let map = encode_lossy(&envelope, "test");
+                let got = decode(
+                    Some(&parse_like_the_client(&map)),
+                    None,
+                    envelope.payload.clone(),
+                    defaults(Some("s:1")),
+                );
+                for (name, value) in &envelope.headers {
+                    proptest::prop_assert_eq!(got.envelope.headers.get(name), Some(value));
+                }
+                Ok(())
+            },
+        );
+    }
+
+    /// The headers as `async-nats` reads them back from the wire (0.46: lines, a colon, values
+    /// trimmed): asserts that the block is one it can read.
+    fn parse_like_the_client(map: &HeaderMap) -> HeaderMap {
+        let mut block = Vec::from(&b"NATS/1.0\r\n"[..]);
+        for (name, values) in map.iter() {
+            for value in values {
+                block.extend_from_slice(name.as_ref());
+                block.extend_from_slice(b": ");
+                block.extend_from_slice(value.as_str().as_bytes());
+                block.extend_from_slice(b"\r\n");
+            }
+        }
+        block.extend_from_slice(b"\r\n");
+        assert_eq!(client_cannot_read(&block), None);
+        let text = std::str::from_utf8(&block).unwrap();
+        let mut out = HeaderMap::new();
+        for line in text.lines().skip(1).filter(|l| !l.is_empty()) {
+            let (name, value) = line.split_once(':').unwrap();
+            out.append(HeaderName::from_str(name).unwrap(), value.trim());
+        }
+        out
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adapter_nats::{NatsBroker, NatsConfig};
-use bus_core::conformance::{broker_url, Harness};
+use bus_core::conformance::{broker_url, Harness, RawMessage};
 
 async fn harness() -> Option<Harness> {
     let url = broker_url("BUS_TEST_NATS_URL")?;
@@ -17,11 +17,36 @@ async fn harness() -> Option<Harness> {
     let broker = NatsBroker::connect_with(config)
         .await
         .expect("connect to the test NATS server");
+    let raw = async_nats::jetstream::new(
+        async_nats::connect(url.as_str())
+            .await
+            .expect("raw connect to the test NATS server"),
+    );
+    let names = broker.clone();
     Some(
         Harness::new(Arc::new(broker))
             .with_receive_timeout(Duration::from_secs(20))
-            .with_restart(restart_nats),
+            .with_restart(restart_nats)
+            .with_raw_publish(move |message: RawMessage| {
+                let raw = raw.clone();
+                let subject = names.queue_subject(&message.queue);
+                async move { raw_publish(&raw, subject, message).await }
+            }),
     )
+}
+
+/// Sends `message` as a plain JetStream client would, its CloudEvents attributes as `ce-*`
+/// headers (the CloudEvents NATS binding), onto the subject of the queue's stream.
+async fn raw_publish(raw: &async_nats::jetstream::Context, subject: String, message: RawMessage) {
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in &message.cloudevents {
+        headers.insert(format!("ce-{name}").as_str(), value.as_str());
+    }
+    raw.publish_with_headers(subject, headers, message.payload)
+        .await
+        .expect("raw publish")
+        .await
+        .expect("raw publish stored");
 }
 
 /// Stops and starts nats-server (JetStream data stays on disk) and waits until it is up.
