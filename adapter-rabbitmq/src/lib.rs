@@ -63,6 +63,15 @@ pub async fn connect(url: &str) -> bus_core::Result<RabbitMqBroker> {
     RabbitMqBroker::connect(url).await
 }
 
+/// Header of a redelivered or dead-lettered copy holding, as a JSON object of name → value, the
+/// received headers whose names AMQP cannot carry (longer than 255 bytes, or a name the adapter
+/// writes itself), so that the copy can be stored at all.
+pub const PACKED_HEADERS: &str = "bus-packed-headers";
+
+/// Header of a redelivered or dead-lettered copy naming (comma-separated) the headers that
+/// were shortened or left out so that the copy fits in one AMQP frame (`frame_max`).
+pub const TRUNCATED_HEADERS: &str = "bus-truncated-headers";
+
 /// The CloudEvents AMQP binding's prefix of application-property names (`cloudEvents:`).
 pub const CLOUDEVENTS_PREFIX: &str = wire::CE_PREFIX;
 

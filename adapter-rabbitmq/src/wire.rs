@@ -40,13 +40,7 @@ pub(crate) mod ce {
 /// RabbitMQ's own count of earlier deliveries of a message on a quorum queue.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
 
-/// Header of a redelivered or dead-lettered copy holding, as a JSON object, the headers whose
-/// names AMQP cannot carry (longer than 255 bytes, or one the adapter writes itself).
-pub(crate) const PACKED_HEADERS: &str = "bus-packed-headers";
-
-/// Header of a redelivered or dead-lettered copy naming (comma-separated) the headers that
-/// were shortened or left out so that the copy fits in one AMQP frame.
-pub(crate) const TRUNCATED_HEADERS: &str = "bus-truncated-headers";
+pub(crate) use crate::{PACKED_HEADERS, TRUNCATED_HEADERS};
 
 /// AMQP short strings (header names, `message_id`, `type`, …) hold at most 255 bytes.
 const SHORT_MAX: usize = 255;
@@ -129,8 +123,7 @@ pub(crate) fn properties_fitted(
     const NOTE: usize = 1024;
     let mut carried: Vec<(String, String)> = Vec::with_capacity(envelope.headers.len());
     let mut packed: Vec<(&str, &str)> = Vec::new();
-    let must_pack =
-        |name: &str| name.len() > SHORT_MAX || reserved(name) || name == TRUNCATED_HEADERS;
+    let must_pack = |name: &str| name.len() > SHORT_MAX || reserved(name);
     let packing = envelope.headers.keys().any(|name| must_pack(name));
     for (name, value) in &envelope.headers {
         if must_pack(name) || (packing && name == PACKED_HEADERS) {
@@ -169,7 +162,10 @@ pub(crate) fn properties_fitted(
     if excess > 0 {
         let entry = |(name, value): &(String, String)| 6 + name.len() + value.len();
         let mut order: Vec<usize> = (0..carried.len())
-            .filter(|&i| !carried[i].0.starts_with("bus-dlq-"))
+            .filter(|&i| {
+                let name = &carried[i].0;
+                !name.starts_with("bus-dlq-") && name != TRUNCATED_HEADERS
+            })
             .collect();
         order.sort_by_key(|&i| std::cmp::Reverse(entry(&carried[i])));
         let mut dropped = vec![false; carried.len()];
@@ -189,8 +185,18 @@ pub(crate) fn properties_fitted(
             !dropped[i - 1]
         });
     }
-    let mut note = String::new();
+    // What an earlier copy left out stays noted.
+    let mut note = match carried
+        .iter()
+        .position(|(name, _)| name == TRUNCATED_HEADERS)
+    {
+        Some(i) => headers::shorten(&carried.swap_remove(i).1, NOTE / 2).into_owned(),
+        None => String::new(),
+    };
     for name in &cut {
+        if name == TRUNCATED_HEADERS || note.split(',').any(|noted| noted == name) {
+            continue;
+        }
         if note.len() + name.len() + 1 > NOTE - 16 {
             note.push('…');
             break;
@@ -479,6 +485,7 @@ fn content_id(props: &BasicProperties, payload: &[u8]) -> MessageId {
         meta.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
         meta.extend_from_slice(bytes);
     }
+    // Absent and empty (or zero) properties differ: presence is hashed too.
     let mut meta = Vec::new();
     for property in [
         props.kind(),
@@ -488,17 +495,15 @@ fn content_id(props: &BasicProperties, payload: &[u8]) -> MessageId {
         props.app_id(),
         props.user_id(),
     ] {
-        part(
-            &mut meta,
-            property
-                .as_ref()
-                .map_or(&b""[..], |s| s.as_str().as_bytes()),
-        );
+        match property {
+            Some(value) => part(&mut meta, value.as_str().as_bytes()),
+            None => meta.push(0xff),
+        }
     }
-    part(
-        &mut meta,
-        &props.timestamp().unwrap_or_default().to_be_bytes(),
-    );
+    match props.timestamp() {
+        Some(seconds) => part(&mut meta, &seconds.to_be_bytes()),
+        None => meta.push(0xff),
+    }
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             if !volatile(name.as_str()) {
@@ -780,6 +785,15 @@ mod tests {
         assert_eq!(first.correlation_id, first.id);
         let other = envelope(&props, b"other body".to_vec(), false).envelope;
         assert_ne!(first.id, other.id);
+        // An absent property is not an empty or zero one.
+        let bare = envelope(&BasicProperties::default(), b"x".to_vec(), false).envelope;
+        let zero = BasicProperties::default().with_timestamp(0);
+        assert_ne!(bare.id, envelope(&zero, b"x".to_vec(), false).envelope.id);
+        let empty_type = BasicProperties::default().with_type("".into());
+        assert_ne!(
+            bare.id,
+            envelope(&empty_type, b"x".to_vec(), false).envelope.id
+        );
         // Empty ids count as missing.
         let empty = BasicProperties::default()
             .with_message_id("".into())
