@@ -126,7 +126,7 @@ fn corpus() -> Vec<(&'static str, BasicProperties, Vec<u8>)> {
         // float match fails), so no such message reaches a queue.
         ("double", AMQPValue::Double(-1.5e300)),
         // Not AMQPValue::ShortString: lapin writes it as `s`, which RabbitMQ reads as a
-        // short int, and the broker closes the connection (INTERNAL_ERROR).
+        // 16-bit integer.
     ]);
     let thousands = BasicProperties::default().with_headers(table(
         (0..4000)
