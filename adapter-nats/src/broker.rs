@@ -13,6 +13,10 @@ use crate::error;
 use crate::names::Names;
 use crate::wire;
 
+/// The largest header block JetStream stores with a message (the server refuses more, "header
+/// size exceeds maximum allowed of 64k"); core NATS has no such limit.
+pub(crate) const MAX_STORED_HEADER_LEN: usize = u16::MAX as usize;
+
 /// Which kind of stream backs a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -182,6 +186,16 @@ impl Inner {
         self.check()?;
         let headers = wire::encode(envelope, &self.config.source)?;
         self.check_size(&headers, envelope.payload.len())?;
+        let header_len = wire::header_len(&headers);
+        if header_len > MAX_STORED_HEADER_LEN {
+            return Err(Error::new(
+                ErrorKind::HeadersTooLarge,
+                format!(
+                    "{header_len} bytes of headers exceed the {MAX_STORED_HEADER_LEN} bytes \
+                     JetStream stores with a message"
+                ),
+            ));
+        }
         self.send_encoded(kind, name, headers, envelope.payload.clone())
             .await
     }

@@ -12,14 +12,14 @@ use async_nats::jetstream::{self};
 use async_nats::StatusCode;
 use bus_core::middleware::dead_letter;
 use bus_core::{
-    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
-    Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, MessageId,
+    Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Inner, Kind};
+use crate::broker::{Inner, Kind, MAX_STORED_HEADER_LEN};
 use crate::names::{self, QUEUE_CONSUMER};
 use crate::{error, poison, wire, NatsBroker};
 
@@ -524,8 +524,9 @@ impl fmt::Debug for JetStreamSettle {
 /// Sends the dead letter of `envelope` to the queue named by `headers::dead_letter_queue`.
 ///
 /// Never refused for its content: attributes NATS cannot carry are written as it can
-/// (`wire::encode_lossy`), and a dead letter over the server's `max_payload` loses its largest
-/// headers, then the end of its payload, saying so in headers, rather than not being stored
+/// (`wire::encode_lossy`), and a dead letter over the server's `max_payload` (or with more
+/// headers than JetStream stores) loses its largest headers, then the end of its payload,
+/// saying so in headers, rather than not being stored
 /// (a message that can be neither handled nor dead-lettered would come back for ever).
 pub(crate) async fn dead_letter(
     inner: &Inner,
@@ -561,18 +562,26 @@ pub(crate) async fn dead_letter(
         .await
 }
 
-/// Encodes a dead letter within `max` bytes (0: no limit): see [`dead_letter`].
+/// Encodes a dead letter within `max` bytes (0: no limit) and JetStream's header limit: see
+/// [`dead_letter`].
 fn fit(mut dead: Envelope, source: &str, max: usize) -> (async_nats::HeaderMap, bytes::Bytes) {
     // Room for the notes and `Nats-Msg-Id`.
     const SLACK: usize = 256;
+    // An attribute of a dead letter whose headers exceed JetStream's limit keeps at most this.
+    const MAX_ATTRIBUTE_LEN: usize = 1024;
+    let max = if max == 0 { usize::MAX } else { max };
     let mut dropped = 0usize;
+    let mut shortened = false;
+    let mut rounds = 0;
     loop {
         let map = wire::encode_lossy(&dead, source);
-        let size = wire::header_len(&map) + dead.payload.len();
-        if max == 0 || size + SLACK <= max {
+        let header_len = wire::header_len(&map) + SLACK;
+        let size = header_len + dead.payload.len();
+        let header_over = header_len.saturating_sub(MAX_STORED_HEADER_LEN);
+        if size <= max && header_over == 0 {
             return (map, dead.payload);
         }
-        let mut over = size + SLACK - max;
+        let mut over = size.saturating_sub(max).max(header_over);
         let mut droppable: Vec<(String, usize)> = dead
             .headers
             .iter()
@@ -581,7 +590,28 @@ fn fit(mut dead: Envelope, source: &str, max: usize) -> (async_nats::HeaderMap, 
             })
             .map(|(name, value)| (name.clone(), name.len() + value.len() + 4))
             .collect();
+        if droppable.is_empty() && header_over > 0 && !shortened {
+            // The attributes themselves are too long (a foreign 60 kB id): cut them down.
+            shortened = true;
+            let cut = |text: &str| headers::shorten(text, MAX_ATTRIBUTE_LEN).into_owned();
+            dead.id = MessageId::from(cut(dead.id.as_str()));
+            dead.correlation_id = MessageId::from(cut(dead.correlation_id.as_str()));
+            dead.causation_id = dead.causation_id.map(|c| MessageId::from(cut(c.as_str())));
+            dead.kind = cut(&dead.kind);
+            dead.key = dead.key.as_deref().map(cut);
+            dead.content_type = dead.content_type.as_deref().map(cut);
+            dead.headers.insert(
+                wire::SHORTENED_ATTRIBUTES.to_owned(),
+                MAX_ATTRIBUTE_LEN.to_string(),
+            );
+            continue;
+        }
         if droppable.is_empty() {
+            if rounds > 8 {
+                // Cannot happen with the limits above; never loop for ever on a dead letter.
+                return (map, dead.payload);
+            }
+            rounds += 1;
             let original = dead.payload.len();
             let keep = original.saturating_sub(over);
             dead.payload = dead.payload.slice(..keep);

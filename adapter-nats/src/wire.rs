@@ -60,6 +60,10 @@ pub(crate) const NOTE_PREFIX: &str = "bus-nats-";
 /// On a dead letter only: how many of its headers were left out because the dead letter
 /// would otherwise exceed the server's `max_payload` (the largest go first).
 pub const DROPPED_HEADERS: &str = "bus-nats-dropped-headers";
+/// On a dead letter only: set when its id, kind, key, content type, correlation or causation
+/// id were cut to this many bytes (with `…`), because its headers would otherwise exceed the
+/// 64 KiB JetStream stores.
+pub const SHORTENED_ATTRIBUTES: &str = "bus-nats-shortened-attributes";
 /// On a dead letter only: the payload's length before its end was cut off to fit the server's
 /// `max_payload` (after every header that could go had gone).
 pub const TRUNCATED_PAYLOAD: &str = "bus-nats-truncated-payload";
@@ -271,9 +275,13 @@ pub(crate) fn decode(
     fields.sort();
     let problem = match status {
         Some((code, description)) if code != StatusCode::OK => Some(format!(
-            "the message carries the status line `{} {}`, which only the server may send",
-            code.as_u16(),
-            headers::shorten(description.unwrap_or_default(), 64)
+            "the message carries the status line `{}`, which only the server may send",
+            format!(
+                "{} {}",
+                code.as_u16(),
+                headers::shorten(description.unwrap_or_default(), 64)
+            )
+            .trim_end()
         )),
         _ => None,
     };

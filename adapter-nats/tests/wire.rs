@@ -220,3 +220,32 @@ async fn next(sub: &mut bus_core::Subscription) -> bus_core::Delivery {
         .expect("open")
         .expect("no error")
 }
+
+/// `nack(After(Duration::MAX))` asks for the longest delay JetStream takes, not for none (a
+/// delay of `Duration::MAX` in nanoseconds is no JSON number the server reads, and it would
+/// redeliver at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_nack_delay_saturates() {
+    let Some(url) = broker_url("BUS_TEST_NATS_URL") else {
+        return;
+    };
+    let bus = NatsBroker::connect(&url).await.expect("connect");
+    let queue = unique("huge-delay");
+    let mut consumer = bus
+        .consume(&queue, Default::default())
+        .await
+        .expect("consume");
+    bus.send(&queue, Envelope::new("k", "later"))
+        .await
+        .expect("send");
+    let d = next(&mut consumer).await;
+    d.nack(bus_core::Redeliver::After(Duration::MAX))
+        .await
+        .expect("nack");
+    let again = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await;
+    assert!(
+        again.is_err(),
+        "redelivered at once after a nack with Duration::MAX: {again:?}"
+    );
+    let _ = consumer.close().await;
+}
