@@ -3,19 +3,27 @@
 //!
 //! No restart hook here: the test broker keeps its data in memory, so a restart would lose
 //! what it had confirmed, which proves nothing about the adapter. tests/restart.rs restarts a
-//! tansu of its own on SQLite storage instead.
+//! tansu of its own on SQLite storage instead. The raw-publish hook sends with a plain rdkafka
+//! producer, as a service that does not use `bus` would.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use adapter_kafka::rdkafka::message::{Header, OwnedHeaders};
+use adapter_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use adapter_kafka::rdkafka::ClientConfig;
 use adapter_kafka::{KafkaBroker, KafkaConfig};
-use bus_core::conformance::{broker_url, Harness};
+use bus_core::conformance::{broker_url, Harness, RawMessage};
 
 async fn harness() -> Option<Harness> {
     let url = broker_url("BUS_TEST_KAFKA_URL")?;
     let config = KafkaConfig::from_url(&url)
         .expect("BUS_TEST_KAFKA_URL is a valid kafka:// URL")
         .with_client_id("bus-conformance");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .create()
+        .expect("a plain rdkafka producer");
     let broker = KafkaBroker::connect(config)
         .await
         .expect("connect to the test Kafka broker");
@@ -23,8 +31,31 @@ async fn harness() -> Option<Harness> {
         Harness::new(Arc::new(broker))
             .with_receive_timeout(Duration::from_secs(30))
             .with_quiet_period(Duration::from_secs(1))
-            .with_case_timeout(Duration::from_secs(240)),
+            .with_case_timeout(Duration::from_secs(240))
+            .with_raw_publish(move |message| raw_publish(producer.clone(), message)),
     )
+}
+
+/// Produces `message` to the topic the adapter maps the queue onto (the same name), its
+/// CloudEvents attributes as the Kafka binding names them (`ce_<attribute>`).
+async fn raw_publish(producer: FutureProducer, message: RawMessage) {
+    let mut headers = OwnedHeaders::new();
+    for (name, value) in &message.cloudevents {
+        headers = headers.insert(Header {
+            key: &format!("ce_{name}"),
+            value: Some(value.as_bytes()),
+        });
+    }
+    producer
+        .send(
+            FutureRecord::<(), [u8]>::to(&message.queue)
+                .payload(&message.payload[..])
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("raw produce to the test Kafka broker");
 }
 
 bus_core::conformance_suite!(harness);
