@@ -225,7 +225,9 @@ impl Broker for KafkaBroker {
             dead_letter: Support::Emulated,
             prompt_redelivery_of_dropped: true,
             // Kafka does not count deliveries: the attempt travels in a header of the copy put
-            // on the retry topic, so a crash before settling does not count.
+            // on the retry topic. A delivery cut short by a crash is read again from the
+            // committed offset as attempt 1, so a message that kills the process every time
+            // comes back forever (docs/adapters/kafka.md, "Foreign and malformed messages").
             delivery_count: Support::Emulated,
             max_payload_bytes: Some(self.shared.config.max_payload_bytes),
             max_headers: None,

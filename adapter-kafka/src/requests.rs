@@ -117,8 +117,14 @@ impl RequestSource for KafkaRequests {
         loop {
             let (delivery, reply_to) = self.source.next_item().await?;
             let envelope = delivery.envelope().clone();
+            let undecodable = delivery.undecodable().map(str::to_owned);
             if let Err(e) = delivery.ack().await {
                 return Some(Err(e.into()));
+            }
+            if let Some(reason) = undecodable {
+                // Requests have no dead-letter queue: the requester times out.
+                tracing::warn!(id = %envelope.id, %reason, "undecodable request, skipped");
+                continue;
             }
             let Some(reply_to) = reply_to else {
                 tracing::debug!(id = %envelope.id, "request without a reply topic, skipped");
