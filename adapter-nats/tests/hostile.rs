@@ -439,9 +439,16 @@ async fn hostile_corpus_on_a_jetstream_queue() {
     }
 
     let good = Envelope::new("hostile.good", "sent after the corpus");
-    bus.send(&queue, good.clone())
-        .await
-        .expect("send the good message");
+    // The corpus may be cutting the connection right now: send again on retryable errors, as
+    // a service would (a second copy, should the first have been stored, is fine).
+    let mut tries = 0;
+    while let Err(error) = bus.send(&queue, good.clone()).await {
+        tries += 1;
+        assert!(
+            error.is_retryable() && tries < 5,
+            "send the good message: {error:?}"
+        );
+    }
 
     // Dead letters, read as they come.
     let (dead_tx, mut dead) = mpsc::unbounded_channel::<Envelope>();
@@ -646,6 +653,8 @@ async fn hostile_corpus_on_core_nats() {
         .subscribe(&topic, SubscribeOptions::group("hostile"))
         .await
         .expect("subscribe");
+    // The server has the subscription once it answered a PING sent after it.
+    bus.client().flush().await.expect("flush the subscription");
     let (handled_tx, mut handled) = mpsc::unbounded_channel::<Envelope>();
     let handler = handler_fn(move |envelope: Envelope, _: DeliveryInfo| {
         let _ = handled_tx.send(envelope);
@@ -675,21 +684,31 @@ async fn hostile_corpus_on_core_nats() {
         .await
         .expect("publish");
     client.flush().await.expect("flush");
-    // The client cannot read this one: it drops the connection and reconnects; core NATS has
-    // nothing to redeliver, so it is lost, and the consumer carries on.
+    let mut got: Vec<Envelope> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.iter().filter(|e| e.payload.as_ref() == b"bare").count() < 2
+        || !got.iter().any(|e| e.payload.as_ref() == b"odd")
+    {
+        let envelope = tokio::time::timeout_at(deadline, handled.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the corpus was not handled on core NATS: {got:?}"))
+            .expect("open");
+        got.push(envelope);
+    }
+    // The client cannot read this one: it drops the connection (losing whatever else was in
+    // flight on it) and reconnects; core NATS has nothing to redeliver, so it is lost, and the
+    // consumer carries on.
     raw_core_publish(&mut raw, &subject, &block(&[b"x-bin: \xff"]), b"poison").await;
     let good = Envelope::new("hostile.good", "after the corpus");
-    // The reconnect may still be under way: publish until the good message is in.
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    'wait: loop {
+    // The reconnect may still be under way: publish the good message until it is handled.
+    loop {
         let _ = bus_core::Publisher::publish(&bus, &topic, good.clone()).await;
         let round = tokio::time::Instant::now() + Duration::from_millis(500);
-        while let Ok(Some(envelope)) = tokio::time::timeout_at(round, handled.recv()).await {
+        if let Ok(Some(envelope)) = tokio::time::timeout_at(round, handled.recv()).await {
             let is_good = envelope.id == good.id;
             got.push(envelope);
             if is_good {
-                break 'wait;
+                break;
             }
         }
         assert!(
