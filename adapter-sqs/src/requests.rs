@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use bus_core::{
-    ConsumeOptions, Envelope, Error, Reply, Request, RequestSource, Requests, Result, Subscription,
+    headers, ConsumeOptions, Envelope, Error, Reply, Request, RequestSource, Requests, Result,
+    Subscription,
 };
 use tokio::sync::{oneshot, watch, OnceCell};
 
@@ -83,7 +84,7 @@ impl Replies {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = headers::saturating_deadline(tokio::time::Instant::now(), timeout);
         let work = async {
             let replies = self.reply_queue().await?;
             let name = self.inner.names.request_queue(topic);
@@ -168,19 +169,8 @@ async fn poll_replies(
         };
         let mut entries = Vec::new();
         for (i, message) in out.messages().iter().enumerate() {
-            let attributes = message
-                .message_attributes()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|(n, v)| Some((n.clone(), v.string_value()?.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if let Ok(decoded) = wire::decode(
-                message.body().unwrap_or_default(),
-                attributes,
-                message.message_id().unwrap_or_default(),
-            ) {
+            let decoded = wire::decode(wire::Received::from_message(message));
+            if decoded.undecodable.is_none() {
                 let reply = decoded.envelope;
                 let waiter = {
                     let mut pending = pending.lock().expect("pending replies");

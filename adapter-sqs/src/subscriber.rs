@@ -155,6 +155,7 @@ impl Poller {
                 .visibility_timeout(self.inner.config.visibility())
                 .message_attribute_names("All")
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
                 .send()
                 .await;
             match received {
@@ -169,8 +170,11 @@ impl Poller {
                         }
                         continue;
                     }
-                    let deliveries: Vec<_> =
-                        out.messages().iter().map(|m| self.delivery(m)).collect();
+                    let deliveries: Vec<_> = out
+                        .messages()
+                        .iter()
+                        .map(|m| Ok(self.delivery(m)))
+                        .collect();
                     let gate = self.gate.lock().expect("subscription gate");
                     if *gate {
                         drop(gate);
@@ -205,50 +209,28 @@ impl Poller {
         }
     }
 
-    fn delivery(&self, message: &Message) -> Result<Delivery> {
+    /// The delivery of `message`: always one, marked undecodable when it cannot be read (the
+    /// consumer dead-letters it), so that no message stays in the queue unread.
+    fn delivery(&self, message: &Message) -> Delivery {
         let receipt = message.receipt_handle().unwrap_or_default().to_owned();
         let attempt = message
             .attributes()
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
             .and_then(|n| n.parse::<u32>().ok())
             .unwrap_or(1);
-        let attributes: HashMap<String, String> = message
-            .message_attributes()
-            .map(|attrs| {
-                attrs
-                    .iter()
-                    .filter_map(|(name, value)| {
-                        let text = value.string_value().map(str::to_owned).or_else(|| {
-                            use base64::Engine as _;
-                            value
-                                .binary_value()
-                                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
-                        })?;
-                        Some((name.clone(), text))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let decoded = wire::decode(
-            message.body().unwrap_or_default(),
-            attributes,
-            message.message_id().unwrap_or_default(),
-        )
-        .map_err(|e| {
-            Error::with_source(
-                ErrorKind::Serialization,
-                format!(
-                    "a message in `{}` does not decode; it comes back after the visibility \
-                     timeout",
-                    self.target.queue_name
-                ),
-                e,
-            )
-        })?;
+        let decoded = wire::decode(wire::Received::from_message(message));
         let mut envelope = decoded.envelope;
         if let Some(reply_to) = decoded.reply_to {
             // Only requests carry it; the responder side takes it out again.
             envelope.headers.insert(wire::REPLY_TO.into(), reply_to);
+        }
+        if let Some(reason) = &decoded.undecodable {
+            tracing::warn!(
+                queue = %self.target.queue_name,
+                id = %envelope.id,
+                %reason,
+                "received a message that does not decode"
+            );
         }
         let settle = SqsSettle {
             inner: self.inner.clone(),
@@ -258,15 +240,20 @@ impl Poller {
             source: self.target.source.clone(),
             group: self.target.group.clone(),
             attempt,
+            received: std::time::Instant::now(),
             acks: self.acks.clone(),
         };
-        Ok(Delivery::new(
+        let delivery = Delivery::new(
             envelope,
             attempt,
             self.target.source.clone(),
             self.target.group.clone(),
             Box::new(settle),
-        ))
+        );
+        match decoded.undecodable {
+            Some(reason) => delivery.with_undecodable(reason),
+            None => delivery,
+        }
     }
 }
 
@@ -361,6 +348,8 @@ struct SqsSettle {
     source: String,
     group: Option<String>,
     attempt: u32,
+    /// When it was received: SQS refuses a visibility reaching beyond 12 hours from then.
+    received: std::time::Instant,
     acks: mpsc::UnboundedSender<AckRequest>,
 }
 
@@ -376,6 +365,10 @@ impl fmt::Debug for SqsSettle {
 
 impl SqsSettle {
     async fn set_visibility(&self, seconds: u32, doing: &str) -> Result<()> {
+        // SQS counts the 12 hours from the receive, and refuses a visibility beyond them.
+        let elapsed = u32::try_from(self.received.elapsed().as_secs()).unwrap_or(u32::MAX);
+        let left = SQS_MAX_VISIBILITY_SECS.saturating_sub(elapsed.saturating_add(1));
+        let seconds = seconds.min(left);
         self.inner
             .sqs
             .change_message_visibility()
@@ -401,7 +394,9 @@ impl SqsSettle {
 /// Whole seconds of `delay`, rounded up (SQS counts visibility in seconds) and clamped to
 /// SQS's 12-hour limit.
 pub(crate) fn delay_secs(delay: Duration) -> u32 {
-    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    let secs = delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0));
     u32::try_from(secs)
         .unwrap_or(SQS_MAX_VISIBILITY_SECS)
         .min(SQS_MAX_VISIBILITY_SECS)
@@ -431,7 +426,12 @@ impl Settle for SqsSettle {
                 let dlq = headers::dead_letter_queue(&self.source);
                 let name = self.inner.names.queue(&dlq);
                 let url = self.inner.queue_url(&name, QueueRole::Plain, None).await?;
-                let wire = self.inner.encode(&dead, &[])?;
+                // Cut to fit if it must: a message that cannot be dead-lettered would loop.
+                let (dead, wire) = wire::encode_dead_letter(
+                    dead,
+                    &self.inner.config.source,
+                    self.inner.config.max_message_bytes,
+                );
                 send_wire(
                     &self.inner,
                     &url,
@@ -565,5 +565,7 @@ mod tests {
         assert_eq!(delay_secs(Duration::from_secs(1)), 1);
         assert_eq!(delay_secs(Duration::from_millis(1500)), 2);
         assert_eq!(delay_secs(Duration::from_secs(100_000)), 43_200);
+        // Before: `as_secs() + 1` overflowed (a panic in debug builds).
+        assert_eq!(delay_secs(Duration::MAX), 43_200);
     }
 }

@@ -7,7 +7,7 @@
 //! | `ce-specversion` | `1.0` |
 //! | `ce-id` | `id` |
 //! | `ce-source` | the configured source |
-//! | `ce-type` | `kind` |
+//! | `ce-type` | `kind` (left out when empty) |
 //! | `ce-time` | `timestamp` (RFC 3339, milliseconds) |
 //! | `correlationid` | `correlation_id` |
 //! | `traceparent`, `tracestate` | W3C trace context headers, if any |
@@ -20,21 +20,30 @@
 //! | `bus-reply-to` | the reply queue URL of a request |
 //!
 //! SQS allows 10 attributes: the required ones take their own; the optional ones (trace
-//! context, causation id, key, content type, then the other headers by name) take the rest in that order, and when they are more
-//! than the slots left, the last slot holds `bus-packed` with the remainder. Headers whose name
-//! or value SQS would refuse as an attribute (other characters, an empty value) always go to
-//! `bus-packed`. A header whose name is one of the names above, or starts with `ce-` or
-//! `bus-header-`, travels as `bus-header-<name>`.
+//! context, causation id, key, content type, then the other headers by name) take the rest in
+//! that order, and when they are more than the slots left, the last slot holds `bus-packed`
+//! with the remainder. Attributes whose name or value SQS would refuse (other characters, an
+//! empty value), required ones included, always go to `bus-packed`. A header whose name is one
+//! of the names above, or starts with `ce-` or `bus-header-`, travels as `bus-header-<name>`.
+//! An envelope with an empty id or correlation id is refused: a reader takes a missing or
+//! empty id for the SQS message id.
 //!
 //! The body is the payload when it is non-empty UTF-8 text of characters SQS accepts; else
 //! it is base64 (standard alphabet, padded) with `bus-body-encoding: base64`, or a
 //! placeholder with `bus-body-encoding: empty` (SQS refuses empty bodies).
+//!
+//! Decoding never fails: what cannot be read (a `ce-specversion` `bus` does not read,
+//! `bus-packed` that is not a JSON object of strings, a `bus-body-encoding` that is unknown or
+//! does not match the body) makes the message undecodable, with the raw body as payload and the
+//! attributes kept as headers, for the consumer to dead-letter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use base64::Engine as _;
 use bus_core::{headers, Envelope, Error, ErrorKind, Headers, MessageId, Result};
+use bytes::Bytes;
 
 /// CloudEvents `specversion` (`1.0`).
 pub const CE_SPECVERSION: &str = "ce-specversion";
@@ -60,6 +69,8 @@ pub const PACKED: &str = "bus-packed";
 pub const BODY_ENCODING: &str = "bus-body-encoding";
 /// The reply queue URL of a request.
 pub const REPLY_TO: &str = "bus-reply-to";
+/// A header set on a dead letter that had to be cut to fit SQS's size limit: what was cut.
+pub const DLQ_TRUNCATED: &str = "bus-dlq-truncated";
 const HEADER_ESCAPE: &str = "bus-header-";
 const EMPTY_BODY: &str = "(empty)";
 /// SQS's limit on message attributes per message.
@@ -102,31 +113,70 @@ impl Wire {
 }
 
 /// Encodes `envelope`; `extra` are wire-only attributes (the reply queue of a request).
+///
+/// # Errors
+/// [`ErrorKind::Serialization`] for an empty id or correlation id (a receiver would read
+/// another id), [`ErrorKind::PayloadTooLarge`] over `max_bytes`.
 pub(crate) fn encode(
     envelope: &Envelope,
     source: &str,
     extra: &[(&str, &str)],
     max_bytes: usize,
 ) -> Result<Wire> {
-    let mut fixed: Vec<(String, String)> = vec![
+    for (what, value) in [
+        ("id", envelope.id.as_str()),
+        ("correlation id", envelope.correlation_id.as_str()),
+    ] {
+        if value.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "message {} has an empty {what}, which SQS cannot carry: a receiver reads a \
+                     missing or empty one as another id",
+                    envelope.id
+                ),
+            ));
+        }
+    }
+    let wire = build(envelope, source, extra);
+    let size = wire.size();
+    if size > max_bytes {
+        return Err(Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "message {} is {size} bytes on the wire (body and attributes), over the limit \
+                 of {max_bytes}",
+                headers::shorten(envelope.id.as_str(), 128)
+            ),
+        ));
+    }
+    Ok(wire)
+}
+
+/// The wire form of `envelope`, whatever its size.
+fn build(envelope: &Envelope, source: &str, extra: &[(&str, &str)]) -> Wire {
+    let mut required: Vec<(String, String)> = vec![
         (CE_SPECVERSION.into(), "1.0".into()),
         (CE_ID.into(), envelope.id.to_string()),
         (CE_SOURCE.into(), non_empty(source, "bus")),
-        (CE_TYPE.into(), non_empty(&envelope.kind, "-")),
-        (CE_TIME.into(), headers::format_time(envelope.timestamp)),
-        (CORRELATION_ID.into(), envelope.correlation_id.to_string()),
     ];
+    // An empty kind is left out (SQS refuses empty values); a reader's default is empty.
+    if !envelope.kind.is_empty() {
+        required.push((CE_TYPE.into(), envelope.kind.clone()));
+    }
+    required.push((CE_TIME.into(), headers::format_time(envelope.timestamp)));
+    required.push((CORRELATION_ID.into(), envelope.correlation_id.to_string()));
     for (name, value) in extra {
-        fixed.push(((*name).into(), (*value).into()));
+        required.push(((*name).into(), (*value).into()));
     }
     let body = match std::str::from_utf8(&envelope.payload) {
         _ if envelope.payload.is_empty() => {
-            fixed.push((BODY_ENCODING.into(), "empty".into()));
+            required.push((BODY_ENCODING.into(), "empty".into()));
             EMPTY_BODY.to_owned()
         }
         Ok(text) if text.chars().all(allowed_char) => text.to_owned(),
         _ => {
-            fixed.push((BODY_ENCODING.into(), "base64".into()));
+            required.push((BODY_ENCODING.into(), "base64".into()));
             base64::engine::general_purpose::STANDARD.encode(&envelope.payload)
         }
     };
@@ -161,77 +211,210 @@ pub(crate) fn encode(
         candidates.push((name, value.clone()));
     }
 
+    // Required values SQS would refuse (an id with control characters, …) travel packed.
+    let (fixed, mut forced): (Vec<_>, Vec<_>) =
+        required.into_iter().partition(|(_, v)| valid_value(v));
     let free = MAX_ATTRIBUTES - fixed.len();
     let (valid, invalid): (Vec<_>, Vec<_>) = candidates
         .into_iter()
         .partition(|(n, v)| valid_name(n) && valid_value(v));
+    forced.extend(invalid);
     let mut attributes = fixed;
-    if invalid.is_empty() && valid.len() <= free {
+    if forced.is_empty() && valid.len() <= free {
         attributes.extend(valid);
     } else {
         let mut valid = valid.into_iter();
         attributes.extend(valid.by_ref().take(free - 1));
-        let packed: BTreeMap<String, String> = valid.chain(invalid).collect();
-        attributes.push((PACKED.into(), serde_json::to_string(&packed)?));
+        let packed: BTreeMap<String, String> = valid.chain(forced).collect();
+        attributes.push((PACKED.into(), pack(&packed)));
     }
-    let wire = Wire { body, attributes };
-    let size = wire.size();
-    if size > max_bytes {
-        return Err(Error::new(
-            ErrorKind::PayloadTooLarge,
-            format!(
-                "message {} is {size} bytes on the wire (body and attributes), over the limit \
-                 of {max_bytes}",
-                envelope.id
-            ),
-        ));
-    }
-    Ok(wire)
+    Wire { body, attributes }
 }
 
-/// A message received: the envelope, and the wire-only attributes (`bus-reply-to`).
+/// `packed` as JSON made only of characters SQS accepts: serde_json escapes control
+/// characters, and U+FFFE and U+FFFF are escaped here.
+fn pack(packed: &BTreeMap<String, String>) -> String {
+    let json = serde_json::to_string(packed).unwrap_or_else(|_| "{}".to_owned());
+    if json.contains(['\u{fffe}', '\u{ffff}']) {
+        json.replace('\u{fffe}', "\\ufffe")
+            .replace('\u{ffff}', "\\uffff")
+    } else {
+        json
+    }
+}
+
+/// A message attribute as SQS delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AttributeValue {
+    /// `String`, `Number` and custom types based on them (`Number.int`, `String.x`).
+    Text(String),
+    /// `Binary` and custom types based on it.
+    Binary(Vec<u8>),
+}
+
+/// A received message as SQS delivered it.
+#[derive(Debug, Clone)]
+pub(crate) struct Received<'a> {
+    pub(crate) body: &'a str,
+    pub(crate) attributes: Vec<(String, AttributeValue)>,
+    /// SQS's message id, the same on every redelivery.
+    pub(crate) message_id: &'a str,
+    /// SQS's `SentTimestamp`, if it gave a readable one.
+    pub(crate) sent: Option<SystemTime>,
+}
+
+impl<'a> Received<'a> {
+    /// What `message` carries, with every message attribute whatever its data type.
+    pub(crate) fn from_message(message: &'a Message) -> Self {
+        let attributes = message
+            .message_attributes()
+            .map(|attrs| {
+                attrs
+                    .iter()
+                    .map(|(name, value)| {
+                        let text = || value.string_value().map(|s| AttributeValue::Text(s.into()));
+                        let binary = || {
+                            value
+                                .binary_value()
+                                .map(|b| AttributeValue::Binary(b.as_ref().to_vec()))
+                        };
+                        let read = if value.data_type().starts_with("Binary") {
+                            binary().or_else(text)
+                        } else {
+                            text().or_else(binary)
+                        };
+                        let read = read.unwrap_or_else(|| AttributeValue::Text(String::new()));
+                        (name.clone(), read)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sent = message
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+            .and_then(|millis| millis.parse::<i64>().ok())
+            .and_then(headers::time_from_unix_millis);
+        Self {
+            body: message.body().unwrap_or_default(),
+            attributes,
+            message_id: message.message_id().unwrap_or_default(),
+            sent,
+        }
+    }
+
+    /// The id of a message that names none: SQS's message id, or (should SQS give none) a
+    /// hash of the body and attributes. Both are the same on every redelivery.
+    fn fallback_id(&self) -> MessageId {
+        if !self.message_id.is_empty() {
+            return MessageId::from(self.message_id);
+        }
+        let mut sorted: Vec<&(String, AttributeValue)> = self.attributes.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut parts: Vec<&[u8]> = vec![self.body.as_bytes()];
+        for (name, value) in sorted {
+            parts.push(name.as_bytes());
+            parts.push(match value {
+                AttributeValue::Text(text) => text.as_bytes(),
+                AttributeValue::Binary(bytes) => bytes,
+            });
+        }
+        MessageId::derived(&parts)
+    }
+}
+
+/// A message received: the envelope, the wire-only attributes (`bus-reply-to`), and why it
+/// cannot be read, if it cannot.
 #[derive(Debug)]
 pub(crate) struct Decoded {
     pub(crate) envelope: Envelope,
     pub(crate) reply_to: Option<String>,
+    pub(crate) undecodable: Option<String>,
 }
 
-/// Decodes a received message. `attributes` are its string-valued message attributes;
-/// `fallback_id` (the SQS message id) names a message sent without `ce-id`.
-pub(crate) fn decode(
-    body: &str,
-    mut attributes: HashMap<String, String>,
-    fallback_id: &str,
-) -> Result<Decoded> {
-    if let Some(packed) = attributes.remove(PACKED) {
-        let packed: HashMap<String, String> = serde_json::from_str(&packed)?;
-        attributes.extend(packed);
+/// Decodes a received message; never fails (see the module docs). Lenient where the message
+/// is only incomplete: a missing or empty id is the SQS message id, a missing or empty
+/// correlation id the id, a missing or unreadable `ce-time` the time SQS got the message (the
+/// unreadable value kept in [`headers::RAW_TIME`]).
+pub(crate) fn decode(received: Received<'_>) -> Decoded {
+    let fallback_id = received.fallback_id();
+    let received_at = received.sent.unwrap_or_else(SystemTime::now);
+    let body = received.body;
+    let mut problems: Vec<String> = Vec::new();
+    // Wire attributes that could not be read, kept for the dead letter.
+    let mut kept = Headers::new();
+    let mut attributes: HashMap<String, String> = HashMap::new();
+    let mut binary: Vec<(String, Vec<u8>)> = Vec::new();
+    for (name, value) in received.attributes {
+        match value {
+            AttributeValue::Text(text) => {
+                attributes.insert(name, text);
+            }
+            AttributeValue::Binary(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => {
+                    attributes.insert(name, text);
+                }
+                Err(e) => binary.push((name, e.into_bytes())),
+            },
+        }
     }
-    let payload = match attributes.remove(BODY_ENCODING).as_deref() {
-        Some("empty") => bytes::Bytes::new(),
-        Some("base64") => base64::engine::general_purpose::STANDARD
-            .decode(body.trim())
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Serialization,
-                    "the message body is marked base64 but does not decode",
-                    e,
-                )
-            })?
-            .into(),
-        _ => bytes::Bytes::copy_from_slice(body.as_bytes()),
+    if let Some(packed) = attributes.remove(PACKED) {
+        match serde_json::from_str::<HashMap<String, String>>(&packed) {
+            Ok(entries) => attributes.extend(entries),
+            Err(e) => {
+                problems.push(format!(
+                    "attribute `{PACKED}` is not a JSON object of strings ({})",
+                    headers::shorten(&e.to_string(), 160)
+                ));
+                kept.insert(PACKED.into(), packed);
+            }
+        }
+    }
+    let raw_body = || Bytes::copy_from_slice(body.as_bytes());
+    let payload = match attributes.remove(BODY_ENCODING) {
+        None => raw_body(),
+        Some(encoding) => {
+            let decoded = match encoding.as_str() {
+                "base64" => base64::engine::general_purpose::STANDARD
+                    .decode(body.trim())
+                    .map(Bytes::from)
+                    .map_err(|e| format!("the body is marked `{BODY_ENCODING}: base64` but {e}")),
+                "empty" if body == EMPTY_BODY => Ok(Bytes::new()),
+                "empty" => Err(format!(
+                    "the body is marked `{BODY_ENCODING}: empty` but is not `{EMPTY_BODY}`"
+                )),
+                other => Err(format!(
+                    "unknown `{BODY_ENCODING}` `{}` (bus writes `base64` and `empty`)",
+                    headers::shorten(other, 64)
+                )),
+            };
+            decoded.unwrap_or_else(|problem| {
+                problems.push(problem);
+                kept.insert(BODY_ENCODING.into(), encoding);
+                raw_body()
+            })
+        }
     };
-    let id: MessageId = attributes
+    let specversion = attributes.remove(CE_SPECVERSION);
+    if let Some(Err(problem)) = specversion.as_deref().map(headers::check_specversion) {
+        problems.push(problem);
+    }
+    let source = attributes.remove(CE_SOURCE);
+    let id = attributes
         .remove(CE_ID)
-        .unwrap_or_else(|| fallback_id.to_owned())
-        .into();
+        .filter(|id| !id.is_empty())
+        .map_or(fallback_id, MessageId::from);
     let correlation_id = attributes
         .remove(CORRELATION_ID)
+        .filter(|id| !id.is_empty())
         .map_or_else(|| id.clone(), MessageId::from);
-    let timestamp = attributes
-        .remove(CE_TIME)
-        .and_then(|t| headers::parse_time(&t).ok())
-        .unwrap_or_else(SystemTime::now);
+    let mut raw_time = None;
+    let timestamp = match attributes.remove(CE_TIME) {
+        None => received_at,
+        Some(text) => headers::parse_time(&text).unwrap_or_else(|_| {
+            raw_time = Some(text);
+            received_at
+        }),
+    };
     let mut envelope = Envelope::new(attributes.remove(CE_TYPE).unwrap_or_default(), payload)
         .with_id(id)
         .with_correlation_id(correlation_id)
@@ -240,18 +423,218 @@ pub(crate) fn decode(
     envelope.key = attributes.remove(PARTITION_KEY);
     envelope.content_type = attributes.remove(CONTENT_TYPE);
     let reply_to = attributes.remove(REPLY_TO);
-    attributes.remove(CE_SPECVERSION);
-    attributes.remove(CE_SOURCE);
     let mut headers = Headers::new();
     for (name, value) in attributes {
-        let name = match name.strip_prefix(HEADER_ESCAPE) {
-            Some(original) => original.to_owned(),
-            None => name,
-        };
-        headers.insert(name, value);
+        headers.insert(unescape(name), value);
     }
+    for (name, bytes) in binary {
+        headers::insert_bytes(&mut headers, unescape(name).as_bytes(), &bytes);
+    }
+    if let Some(raw) = raw_time {
+        headers.insert(headers::RAW_TIME.into(), raw);
+    }
+    let undecodable = if problems.is_empty() {
+        None
+    } else {
+        // What the message said about itself goes to the dead letter with it.
+        kept.extend(
+            [(CE_SPECVERSION, specversion), (CE_SOURCE, source)]
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_owned(), value?))),
+        );
+        headers.extend(kept);
+        Some(problems.join("; "))
+    };
     envelope.headers = headers;
-    Ok(Decoded { envelope, reply_to })
+    Decoded {
+        envelope,
+        reply_to,
+        undecodable,
+    }
+}
+
+fn unescape(name: String) -> String {
+    match name.strip_prefix(HEADER_ESCAPE) {
+        Some(original) => original.to_owned(),
+        None => name,
+    }
+}
+
+/// How much of the reason a dead letter keeps when it has to be cut to fit.
+const CUT_REASON: usize = 4096;
+/// How much of each envelope field a dead letter keeps when it has to be cut to fit.
+const CUT_FIELD: usize = 1024;
+
+/// Encodes a dead letter so that SQS takes it whatever the message carried, since a message
+/// that can be neither handled nor dead-lettered would come back forever. Over `max_bytes` it
+/// is cut until it fits: first the application headers are dropped and a reason over 4 KiB is
+/// cut to 4 KiB, the largest first; then the id, kind, correlation and causation ids, key and
+/// content type are cut to 1 KiB each; then the payload. [`DLQ_TRUNCATED`] then says what was cut. Returns the envelope as sent.
+pub(crate) fn encode_dead_letter(
+    mut dead: Envelope,
+    source: &str,
+    max_bytes: usize,
+) -> (Envelope, Wire) {
+    if dead.id.as_str().is_empty() {
+        dead.id = MessageId::derived(&[&dead.payload]);
+    }
+    if dead.correlation_id.as_str().is_empty() {
+        dead.correlation_id = dead.id.clone();
+    }
+    let mut cut = Cut::default();
+    let mut stage = 0;
+    loop {
+        let candidate = cut.note(&dead, max_bytes);
+        let wire = build(&candidate, source, &[]);
+        let over = wire.size().saturating_sub(max_bytes);
+        if over == 0 {
+            return (candidate, wire);
+        }
+        match stage {
+            // The largest first: application headers are dropped, a reason over 4 KiB is cut.
+            0 => {
+                let mut largest: Vec<(usize, String)> = dead
+                    .headers
+                    .iter()
+                    .filter_map(|(name, value)| match name.as_str() {
+                        headers::DLQ_REASON if !cut.reason && value.len() > CUT_REASON => {
+                            Some((value.len() - CUT_REASON, name.clone()))
+                        }
+                        name if is_dead_letter_header(name) => None,
+                        _ => Some((name.len() + value.len(), name.clone())),
+                    })
+                    .collect();
+                largest.sort_unstable_by(|a, b| b.cmp(a));
+                if largest.is_empty() {
+                    stage = 1;
+                }
+                let mut freed = 0;
+                for (size, name) in largest {
+                    if freed >= over {
+                        break;
+                    }
+                    freed += size;
+                    if name == headers::DLQ_REASON {
+                        if let Some(reason) = dead.headers.get_mut(headers::DLQ_REASON) {
+                            *reason = headers::shorten(reason, CUT_REASON).into_owned();
+                        }
+                        cut.reason = true;
+                    } else {
+                        dead.headers.remove(&name);
+                        cut.headers += 1;
+                        cut.header_bytes += size;
+                    }
+                }
+            }
+            1 => {
+                let shorten = |text: &mut String, cut: &mut bool| {
+                    if text.len() > CUT_FIELD {
+                        *text = headers::shorten(text, CUT_FIELD).into_owned();
+                        *cut = true;
+                    }
+                };
+                let mut id = dead.id.to_string();
+                shorten(&mut id, &mut cut.fields);
+                dead.id = id.into();
+                let mut correlation = dead.correlation_id.to_string();
+                shorten(&mut correlation, &mut cut.fields);
+                dead.correlation_id = correlation.into();
+                if let Some(causation) = &dead.causation_id {
+                    let mut causation = causation.to_string();
+                    shorten(&mut causation, &mut cut.fields);
+                    dead.causation_id = Some(causation.into());
+                }
+                shorten(&mut dead.kind, &mut cut.fields);
+                for field in [&mut dead.key, &mut dead.content_type]
+                    .into_iter()
+                    .flatten()
+                {
+                    shorten(field, &mut cut.fields);
+                }
+                stage += 1;
+            }
+            2 if !dead.payload.is_empty() => {
+                let base64 = wire
+                    .attributes
+                    .iter()
+                    .any(|(n, v)| n == BODY_ENCODING && v == "base64");
+                let drop = if base64 { over / 4 * 3 + 3 } else { over };
+                let mut keep = dead.payload.len().saturating_sub(drop.max(1));
+                if let Ok(text) = std::str::from_utf8(&dead.payload) {
+                    while !text.is_char_boundary(keep) {
+                        keep -= 1;
+                    }
+                }
+                cut.payload.get_or_insert(dead.payload.len());
+                dead.payload = dead.payload.slice(..keep);
+            }
+            // Nothing left to cut (a limit below the dead-letter headers): SQS refuses it.
+            _ => return (candidate, wire),
+        }
+    }
+}
+
+/// What [`encode_dead_letter`] cut.
+#[derive(Debug, Default)]
+struct Cut {
+    reason: bool,
+    headers: usize,
+    header_bytes: usize,
+    fields: bool,
+    /// The payload's size before it was cut.
+    payload: Option<usize>,
+}
+
+impl Cut {
+    /// `dead` with the [`DLQ_TRUNCATED`] note, if anything was cut.
+    fn note(&self, dead: &Envelope, max_bytes: usize) -> Envelope {
+        let mut parts = Vec::new();
+        if self.reason {
+            parts.push(format!("reason cut to {CUT_REASON} bytes"));
+        }
+        if self.headers > 0 {
+            parts.push(format!(
+                "{} headers dropped ({} bytes)",
+                self.headers, self.header_bytes
+            ));
+        }
+        if self.fields {
+            parts.push(format!(
+                "id, kind, correlation and causation ids, key and content type cut to \
+                 {CUT_FIELD} bytes"
+            ));
+        }
+        if let Some(before) = self.payload {
+            parts.push(format!(
+                "payload cut from {before} to {} bytes",
+                dead.payload.len()
+            ));
+        }
+        let mut dead = dead.clone();
+        if !parts.is_empty() {
+            dead.headers.insert(
+                DLQ_TRUNCATED.into(),
+                format!(
+                    "cut to fit SQS's limit of {max_bytes} bytes: {}",
+                    parts.join("; ")
+                ),
+            );
+        }
+        dead
+    }
+}
+
+fn is_dead_letter_header(name: &str) -> bool {
+    [
+        headers::DLQ_REASON,
+        headers::DLQ_ORIGINAL_TOPIC,
+        headers::DLQ_GROUP,
+        headers::DLQ_ATTEMPTS,
+        headers::DLQ_FIRST_FAILURE,
+        headers::DLQ_DEAD_LETTERED_AT,
+        DLQ_TRUNCATED,
+    ]
+    .contains(&name)
 }
 
 fn non_empty(value: &str, default: &str) -> String {
@@ -293,9 +676,53 @@ fn valid_value(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bus_core::conformance::arbitrary;
+    use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
+    use proptest::prelude::*;
 
-    fn attrs(wire: &Wire) -> HashMap<String, String> {
-        wire.attributes.iter().cloned().collect()
+    const LIMIT: usize = 262_144;
+
+    fn received(wire: &Wire) -> Received<'_> {
+        Received {
+            body: &wire.body,
+            attributes: wire
+                .attributes
+                .iter()
+                .map(|(n, v)| (n.clone(), AttributeValue::Text(v.clone())))
+                .collect(),
+            message_id: "sqs-id",
+            sent: None,
+        }
+    }
+
+    fn raw<'a>(body: &'a str, attributes: &[(&str, &str)]) -> Received<'a> {
+        Received {
+            body,
+            attributes: attributes
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), AttributeValue::Text((*v).to_owned())))
+                .collect(),
+            message_id: "sqs-id",
+            sent: None,
+        }
+    }
+
+    /// What SQS would refuse in a message `encode` produced.
+    fn refusal(wire: &Wire) -> Option<String> {
+        if wire.attributes.len() > MAX_ATTRIBUTES {
+            return Some(format!("{} attributes", wire.attributes.len()));
+        }
+        if let Some((n, v)) = wire
+            .attributes
+            .iter()
+            .find(|(n, v)| !valid_name(n) || !valid_value(v))
+        {
+            return Some(format!("attribute {n:?} = {v:?}"));
+        }
+        if wire.body.is_empty() || !wire.body.chars().all(allowed_char) {
+            return Some(format!("body {:?}", wire.body));
+        }
+        None
     }
 
     #[test]
@@ -312,9 +739,9 @@ mod tests {
         for i in 0..30 {
             env.headers.insert(format!("h{i}"), format!("v{i}"));
         }
-        let wire = encode(&env, "svc", &[], 262_144).unwrap();
+        let wire = encode(&env, "svc", &[], LIMIT).unwrap();
         assert!(wire.attributes.len() <= MAX_ATTRIBUTES);
-        let back = decode(&wire.body, attrs(&wire), "x").unwrap().envelope;
+        let back = decode(received(&wire)).envelope;
         assert_eq!(back, env.with_timestamp(back.timestamp));
     }
 
@@ -322,25 +749,273 @@ mod tests {
     fn binary_and_empty_payloads_round_trip() {
         for payload in [vec![0u8, 159, 146, 150, 255], vec![], b"\x01ctl".to_vec()] {
             let env = Envelope::new("bin", payload.clone());
-            let wire = encode(&env, "svc", &[], 262_144).unwrap();
+            let wire = encode(&env, "svc", &[], LIMIT).unwrap();
             assert!(!wire.body.is_empty());
-            let back = decode(&wire.body, attrs(&wire), "x").unwrap().envelope;
+            let back = decode(received(&wire)).envelope;
             assert_eq!(back.payload.as_ref(), payload.as_slice());
         }
     }
 
     #[test]
     fn oversize_counts_attributes() {
-        let env = Envelope::new("big", vec![b'x'; 262_144]);
-        let err = encode(&env, "svc", &[], 262_144).unwrap_err();
+        let env = Envelope::new("big", vec![b'x'; LIMIT]);
+        let err = encode(&env, "svc", &[], LIMIT).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
     }
 
     #[test]
     fn bare_messages_get_defaults() {
-        let d = decode("hello", HashMap::new(), "sqs-id").unwrap();
+        let d = decode(raw("hello", &[]));
         assert_eq!(d.envelope.id.as_str(), "sqs-id");
         assert_eq!(d.envelope.correlation_id.as_str(), "sqs-id");
         assert_eq!(d.envelope.payload.as_ref(), b"hello");
+        assert_eq!(d.undecodable, None);
+    }
+
+    /// Before: an empty kind was sent as `-` and read back as `-`; an id with a control
+    /// character went out as an attribute SQS refuses.
+    #[test]
+    fn encode_changes_nothing_it_accepts_and_refuses_empty_ids() {
+        let env = Envelope::new("", "x")
+            .with_id("id\u{1}with control")
+            .with_correlation_id("c\u{ffff}");
+        let wire = encode(&env, "svc", &[], LIMIT).unwrap();
+        assert_eq!(refusal(&wire), None);
+        let back = decode(received(&wire)).envelope;
+        assert_eq!(back, env.clone().with_timestamp(back.timestamp));
+        let err = encode(&env.clone().with_id(""), "svc", &[], LIMIT).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Serialization);
+        let err = encode(&env.with_correlation_id(""), "svc", &[], LIMIT).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Serialization);
+    }
+
+    /// Before: `decode` returned an error for these, and the message came back after every
+    /// visibility timeout.
+    #[test]
+    fn malformed_bus_attributes_are_undecodable_with_the_raw_message_kept() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case<'_>; 6] = [
+            ("body", &[(PACKED, "not json")], PACKED),
+            ("body", &[(PACKED, "[1,2]")], PACKED),
+            ("body", &[(PACKED, r#"{"a":1}"#)], PACKED),
+            (
+                "%%% not base64",
+                &[(BODY_ENCODING, "base64")],
+                BODY_ENCODING,
+            ),
+            ("body", &[(BODY_ENCODING, "gzip")], BODY_ENCODING),
+            ("body", &[(BODY_ENCODING, "empty")], BODY_ENCODING),
+        ];
+        for (body, attributes, kept) in cases {
+            let mut all = vec![(CE_ID, "the-id"), ("tenant", "acme")];
+            all.extend_from_slice(attributes);
+            let d = decode(raw(body, &all));
+            let reason = d.undecodable.expect("undecodable");
+            assert!(reason.contains(kept), "{reason}");
+            assert_eq!(d.envelope.id.as_str(), "the-id");
+            assert_eq!(d.envelope.payload.as_ref(), body.as_bytes());
+            assert_eq!(d.envelope.header(kept), Some(attributes[0].1));
+            assert_eq!(d.envelope.header("tenant"), Some("acme"));
+            // Its dead letter keeps them too.
+            let (dead, wire) = encode_dead_letter(d.envelope.clone(), "svc", LIMIT);
+            assert_eq!(dead, d.envelope);
+            let back = decode(received(&wire));
+            assert_eq!(back.undecodable, None);
+            assert_eq!(
+                back.envelope,
+                dead.clone().with_timestamp(back.envelope.timestamp)
+            );
+        }
+        let d = decode(raw("x", &[(CE_SPECVERSION, "9.9"), (CE_SOURCE, "/far")]));
+        assert!(d.undecodable.unwrap().contains("9.9"));
+        assert_eq!(d.envelope.header(CE_SPECVERSION), Some("9.9"));
+        assert_eq!(d.envelope.header(CE_SOURCE), Some("/far"));
+    }
+
+    #[test]
+    fn odd_times_and_typed_attributes_are_read_leniently() {
+        for time in [
+            "1969-12-31T23:59:59Z",
+            "+10000-01-01T00:00:00Z",
+            "yesterday",
+            "0",
+        ] {
+            let d = decode(raw("x", &[(CE_TIME, time)]));
+            assert_eq!(d.undecodable, None);
+            assert_eq!(d.envelope.header(headers::RAW_TIME), Some(time));
+        }
+        let max = decode(raw("x", &[(CE_TIME, "9999-12-31T23:59:59.999Z")]));
+        assert_eq!(max.envelope.timestamp, headers::max_time());
+        let sent = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let mut r = raw("x", &[(CE_ID, "")]);
+        r.sent = Some(sent);
+        r.attributes
+            .push(("bin".into(), AttributeValue::Binary(vec![0xff, 0])));
+        r.attributes
+            .push(("utf8".into(), AttributeValue::Binary(b"text".to_vec())));
+        let d = decode(r).envelope;
+        assert_eq!(d.timestamp, sent);
+        assert_eq!(d.id.as_str(), "sqs-id");
+        assert_eq!(d.header("bin"), Some("/wA="));
+        assert_eq!(d.header(headers::BINARY_HEADERS), Some("bin"));
+        assert_eq!(d.header("utf8"), Some("text"));
+    }
+
+    #[test]
+    fn content_ids_are_stable() {
+        let mut a = raw("same", &[("x", "1"), ("y", "2")]);
+        a.message_id = "";
+        let mut b = raw("same", &[("y", "2"), ("x", "1")]);
+        b.message_id = "";
+        assert_eq!(decode(a.clone()).envelope.id, decode(b).envelope.id);
+        let mut c = a.clone();
+        c.body = "other";
+        assert_ne!(decode(a).envelope.id, decode(c).envelope.id);
+    }
+
+    /// Before: the dead letter was encoded like any message, so one over the limit (a 200 KiB
+    /// binary attribute is 267 KiB in base64) failed to send, and the message came back forever.
+    #[test]
+    fn dead_letters_are_cut_to_fit() {
+        let mut r = raw("body", &[(CE_ID, "big-one")]);
+        r.attributes.push((
+            "blob".into(),
+            AttributeValue::Binary(vec![0xff; 200 * 1024]),
+        ));
+        let envelope = decode(r).envelope;
+        let dead = mark(envelope, &info(&"why ".repeat(5_000)));
+        let (sent, wire) = encode_dead_letter(dead, "svc", LIMIT);
+        assert!(wire.size() <= LIMIT, "{}", wire.size());
+        assert_eq!(refusal(&wire), None);
+        assert_eq!(sent.id.as_str(), "big-one");
+        assert_eq!(sent.header("blob"), None);
+        let note = sent.header(DLQ_TRUNCATED).unwrap();
+        assert!(note.contains("1 headers dropped"), "{note}");
+        assert!(!note.contains("reason"), "{note}");
+        assert_eq!(sent.payload.as_ref(), b"body");
+    }
+
+    fn info(reason: &str) -> DeadLetterInfo<'_> {
+        DeadLetterInfo {
+            reason,
+            source: "orders",
+            group: Some("billing"),
+            attempts: 3,
+            first_failure: None,
+        }
+    }
+
+    #[test]
+    fn property_envelope_round_trip() {
+        arbitrary::check(
+            "adapter-sqs envelope_round_trip",
+            256,
+            arbitrary::envelope(),
+            |envelope| {
+                let wire = encode(&envelope, "svc", &[], usize::MAX)
+                    .map_err(|e| TestCaseError::fail(format!("refused: {e}")))?;
+                prop_assert_eq!(refusal(&wire), None);
+                let decoded = decode(received(&wire));
+                prop_assert_eq!(decoded.undecodable, None);
+                prop_assert_eq!(decoded.envelope, envelope);
+                Ok(())
+            },
+        );
+    }
+
+    fn attribute_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => proptest::sample::select(RESERVED.to_vec()).prop_map(str::to_owned),
+            2 => arbitrary::text(),
+            1 => arbitrary::text().prop_map(|t| format!("{HEADER_ESCAPE}{t}")),
+        ]
+    }
+
+    fn attribute_value() -> impl Strategy<Value = AttributeValue> {
+        prop_oneof![
+            3 => arbitrary::text().prop_map(AttributeValue::Text),
+            1 => Just(AttributeValue::Text("base64".into())),
+            1 => proptest::collection::btree_map(arbitrary::text(), arbitrary::text(), 0..8)
+                .prop_map(|m| AttributeValue::Text(serde_json::to_string(&m).unwrap())),
+            1 => arbitrary::payload().prop_map(|b| AttributeValue::Binary(b.to_vec())),
+        ]
+    }
+
+    fn raw_message() -> impl Strategy<Value = (String, Vec<(String, AttributeValue)>, String)> {
+        (
+            prop_oneof![
+                arbitrary::text(),
+                Just(EMPTY_BODY.to_owned()),
+                "[A-Za-z0-9+/=]{0,40}"
+            ],
+            proptest::collection::vec((attribute_name(), attribute_value()), 0..12),
+            prop_oneof![Just(String::new()), arbitrary::text()],
+        )
+    }
+
+    #[test]
+    fn property_decode_never_panics() {
+        arbitrary::check(
+            "adapter-sqs decode_never_panics",
+            256,
+            raw_message(),
+            |(body, attributes, message_id)| {
+                let again = attributes.clone();
+                let received = Received {
+                    body: &body,
+                    attributes,
+                    message_id: &message_id,
+                    sent: None,
+                };
+                let decoded = decode(received.clone());
+                prop_assert!(!decoded.envelope.id.as_str().is_empty());
+                prop_assert!(!decoded.envelope.correlation_id.as_str().is_empty());
+                // The same message again (a redelivery) gets the same id.
+                let redelivered = decode(Received {
+                    attributes: again,
+                    ..received
+                });
+                prop_assert_eq!(decoded.envelope.id, redelivered.envelope.id);
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn property_dead_letter_always_fits() {
+        const SMALL: usize = 16 * 1024;
+        let strategy = (
+            raw_message(),
+            arbitrary::envelope(),
+            prop_oneof![arbitrary::text(), "[a-z ]{3000,20000}"],
+            proptest::collection::vec("[a-z]{100,3000}", 0..8),
+        );
+        arbitrary::check(
+            "adapter-sqs dead_letter_always_fits",
+            256,
+            strategy,
+            |((body, attributes, message_id), envelope, reason, big)| {
+                let message = Received {
+                    body: &body,
+                    attributes,
+                    message_id: &message_id,
+                    sent: None,
+                };
+                for mut envelope in [decode(message).envelope, envelope] {
+                    for (i, value) in big.iter().enumerate() {
+                        envelope.headers.insert(format!("big-{i}"), value.clone());
+                    }
+                    let dead = mark(envelope, &info(&reason));
+                    let (sent, wire) = encode_dead_letter(dead, "svc", SMALL);
+                    prop_assert!(wire.size() <= SMALL, "{} bytes", wire.size());
+                    prop_assert_eq!(refusal(&wire), None);
+                    let back = decode(received(&wire));
+                    prop_assert_eq!(back.undecodable, None);
+                    let expected = sent.clone().with_timestamp(back.envelope.timestamp);
+                    prop_assert_eq!(back.envelope, expected);
+                }
+                Ok(())
+            },
+        );
     }
 }
