@@ -11,8 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapter_sqs::{SqsBroker, SqsConfig};
-use bus_core::conformance::{broker_url, Harness};
+use adapter_sqs::aws_sdk_sqs::types::MessageAttributeValue;
+use adapter_sqs::{attributes, SqsBroker, SqsConfig};
+use base64::Engine as _;
+use bus_core::conformance::{broker_url, Harness, RawMessage};
 
 async fn harness() -> Option<Harness> {
     connect(false).await
@@ -40,12 +42,68 @@ async fn connect(fifo: bool) -> Option<Harness> {
     let broker = SqsBroker::connect_with(config)
         .await
         .expect("connect to the test SQS server");
+    let raw = broker.clone();
     Some(
         Harness::new(Arc::new(broker))
+            .with_raw_publish(move |message| raw_publish(raw.clone(), message))
             .with_receive_timeout(Duration::from_secs(30))
             .with_quiet_period(Duration::from_secs(2))
             .with_case_timeout(Duration::from_secs(300)),
     )
+}
+
+/// Sends `message` with the plain SQS client, as a service in another language would: the
+/// CloudEvents attributes under their SQS binding names (`ce-id`, …; bare names for the
+/// extensions `bus` reads, `content-type` for `datacontenttype`), the payload as the body.
+/// SQS bodies are text of XML characters, so a payload that is not is sent as bus's own binding
+/// writes one: base64 with `bus-body-encoding: base64`.
+async fn raw_publish(broker: SqsBroker, message: RawMessage) {
+    let sqs = broker.sqs_client();
+    let url = sqs
+        .get_queue_url()
+        .queue_name(broker.queue_name(&message.queue))
+        .send()
+        .await
+        .expect("the case consumed from the queue, so it exists")
+        .queue_url()
+        .expect("a queue URL")
+        .to_owned();
+    let text = |value: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .expect("a string attribute")
+    };
+    let mut send = sqs.send_message().queue_url(url);
+    for (name, value) in &message.cloudevents {
+        let name = match name.as_str() {
+            "correlationid" | "causationid" | "partitionkey" => name.clone(),
+            "datacontenttype" => attributes::CONTENT_TYPE.to_owned(),
+            other => format!("ce-{other}"),
+        };
+        send = send.message_attributes(name, text(value));
+    }
+    let body = match std::str::from_utf8(&message.payload) {
+        Ok(body) if !body.is_empty() && !body.contains(|c: char| c.is_control()) => body.to_owned(),
+        _ if message.payload.is_empty() => {
+            send = send.message_attributes(attributes::BODY_ENCODING, text("empty"));
+            "(empty)".to_owned()
+        }
+        _ => {
+            send = send.message_attributes(attributes::BODY_ENCODING, text("base64"));
+            base64::engine::general_purpose::STANDARD.encode(&message.payload)
+        }
+    };
+    if broker.config().fifo {
+        send = send
+            .message_group_id("raw-client")
+            .message_deduplication_id(uuid::Uuid::now_v7().simple().to_string());
+    }
+    send.message_body(body)
+        .send()
+        .await
+        .expect("the raw client sends the message");
 }
 
 bus_core::conformance_suite!(harness);
