@@ -12,7 +12,10 @@
 //!    consumer rejects: the message moves to the dead-letter queue with its reason and attempt
 //!    count (see [`dead_letter`](crate::middleware::dead_letter)).
 //!
-//! A permanent error (not retryable by the policy's predicate) is rejected on the spot. A
+//! A delivery whose attempt is already past the policy's last (the broker counted deliveries
+//! that ended unsettled, e.g. because the handler crashed the process) is rejected without
+//! running the handler, so a message that kills its consumer still reaches the dead-letter
+//! queue. A permanent error (not retryable by the policy's predicate) is rejected on the spot. A
 //! handler that itself returns `Reject` is never retried.  A handler (or inner layer) that returns
 //! `Retry` with a delay skips the immediate retries: it wants the broker to wait.
 //!
@@ -38,7 +41,7 @@ use tower_layer::Layer;
 pub use policy::RetryPolicy;
 
 use crate::runtime::{Handler, Outcome};
-use crate::{Delivery, Error};
+use crate::{Delivery, Error, ErrorKind};
 
 /// A [`Layer`] that wraps a handler in [`Retry`].
 #[derive(Debug, Clone, Default)]
@@ -88,6 +91,21 @@ impl<H> Retry<H> {
 #[async_trait]
 impl<H: Handler> Handler for Retry<H> {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let attempt = delivery.attempt();
+        if attempt > self.policy.max_deliveries() {
+            // Past the last delivery without having been settled: the earlier ones ended
+            // without an outcome, most likely because the handler took the process down. Running
+            // it again would do the same, for ever.
+            let max = self.policy.max_deliveries();
+            tracing::warn!(message_id = %delivery.envelope().id, attempt, max, "delivered past the policy's last attempt: dead-lettering without running the handler");
+            return Outcome::reject(Error::new(
+                ErrorKind::Handler,
+                format!(
+                    "gave up after {max} deliveries: delivery {attempt} came after the earlier \
+                     ones ended unsettled (did the handler take the consumer down?)"
+                ),
+            ));
+        }
         let mut immediate = 0;
         loop {
             let (asked_after, error) = match self.inner.handle(delivery).await {
@@ -115,5 +133,54 @@ impl<H: Handler> Handler for Retry<H> {
                 .max(self.policy.redelivery_delay(attempt));
             return Outcome::retry_after(after, error);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::runtime::{handler_fn, DeliveryInfo};
+    use crate::{Envelope, Result, Settle, Settlement};
+
+    #[derive(Debug)]
+    struct Unsettled;
+
+    #[async_trait]
+    impl Settle for Unsettled {
+        async fn settle(&self, _: Settlement) -> Result<()> {
+            Ok(())
+        }
+        fn abandon(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_delivery_past_the_last_attempt_is_rejected_without_running_the_handler() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let handler =
+            RetryLayer::new(RetryPolicy::new().with_max_deliveries(3)).layer(handler_fn({
+                let runs = runs.clone();
+                move |_: Envelope, _: DeliveryInfo| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    async {}
+                }
+            }));
+        let delivery = |attempt| {
+            Delivery::new(
+                Envelope::new("k", "p"),
+                attempt,
+                "t",
+                None,
+                Box::new(Unsettled),
+            )
+        };
+        assert!(handler.handle(&delivery(3)).await.is_ack());
+        let outcome = handler.handle(&delivery(4)).await;
+        assert!(outcome.is_reject(), "{outcome:?}");
+        let reason = outcome.error().unwrap().message().to_owned();
+        assert!(reason.contains("gave up after 3 deliveries"), "{reason}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
