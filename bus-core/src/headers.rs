@@ -44,6 +44,13 @@ pub fn dead_letter_queue(topic_or_queue: &str) -> String {
     format!("{topic_or_queue}.dlq")
 }
 
+/// Set on a copy `bus` had to cut to fit the broker's limits (a dead letter or a redelivered
+/// copy of a message received with more than the broker carries): what was cut, as a
+/// comma-separated list of `header:<name>` (dropped), `value:<name>` (shortened), `id`,
+/// `kind`, `key`, and `payload:<bytes before>-><bytes after>`. The rest of the message is
+/// exactly as received.
+pub const TRUNCATED: &str = "bus-truncated";
+
 /// Set on a message whose CloudEvents `time` (or the broker's own timestamp) could not be
 /// read: the raw value as received. The envelope's timestamp is then the receive time.
 pub const RAW_TIME: &str = "bus-raw-time";
