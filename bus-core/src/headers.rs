@@ -132,6 +132,11 @@ pub fn saturating_add(
         .map_or(max_time(), |t| t.min(max_time()))
 }
 
+/// The longest delay `bus` waits or asks a broker to wait: about a hundred years. Longer
+/// delays (up to `Duration::MAX`) are taken as this one; brokers with a shorter maximum say
+/// theirs in their docs.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
 /// `instant + delay`, saturating about a hundred years ahead instead of panicking on a huge
 /// delay (tokio's own timers cap their deadlines the same way).
 #[must_use]
@@ -139,8 +144,7 @@ pub fn saturating_deadline(
     instant: tokio::time::Instant,
     delay: std::time::Duration,
 ) -> tokio::time::Instant {
-    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
-    instant.checked_add(delay.min(FAR)).unwrap_or(instant)
+    instant.checked_add(delay.min(MAX_DELAY)).unwrap_or(instant)
 }
 
 /// Checks a CloudEvents `specversion` received from the wire: `bus` reads the 1.x attributes
@@ -173,15 +177,29 @@ pub fn insert_bytes(headers: &mut crate::Headers, name: &[u8], value: &[u8]) {
         }
         Err(_) => {
             let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+            // `%` and `,` are escaped in the list, so that any name can be listed.
+            let escaped = name.replace('%', "%25").replace(',', "%2C");
             let listed = match headers.get(BINARY_HEADERS) {
-                Some(list) if list.split(',').any(|n| n == name) => list.clone(),
-                Some(list) => format!("{list},{name}"),
-                None => name.clone(),
+                Some(list) if list.split(',').any(|n| n == escaped) => list.clone(),
+                Some(list) => format!("{list},{escaped}"),
+                None => escaped,
             };
             headers.insert(BINARY_HEADERS.to_owned(), listed);
             headers.insert(name, encoded);
         }
     }
+}
+
+/// The names of the headers [`insert_bytes`] carried base64-encoded, read back from
+/// [`BINARY_HEADERS`].
+#[must_use]
+pub fn binary_header_names(headers: &crate::Headers) -> Vec<String> {
+    headers.get(BINARY_HEADERS).map_or_else(Vec::new, |list| {
+        list.split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| n.replace("%2C", ",").replace("%25", "%"))
+            .collect()
+    })
 }
 
 /// At most `max` bytes of `text` (cut at a character boundary), with `…` when cut: for reasons
@@ -249,9 +267,14 @@ mod tests {
         insert_bytes(&mut h, b"plain", b"text");
         insert_bytes(&mut h, b"bin", &[0xff, 0x00]);
         insert_bytes(&mut h, &[0xc3, 0x28], &[0x80]);
+        insert_bytes(&mut h, b"a,b%", &[0x81]);
         assert_eq!(h["plain"], "text");
         assert_eq!(h["bin"], "/wA=");
-        assert_eq!(h[BINARY_HEADERS], "bin,\u{fffd}(");
+        assert_eq!(h[BINARY_HEADERS], "bin,\u{fffd}(,a%2Cb%25");
+        assert_eq!(
+            binary_header_names(&h),
+            vec!["bin".to_owned(), "\u{fffd}(".to_owned(), "a,b%".to_owned()]
+        );
         assert_eq!(shorten("ééé", 3), "é…");
     }
 }
