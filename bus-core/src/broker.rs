@@ -93,6 +93,16 @@ pub trait DeliverySource: Send + fmt::Debug {
 
     /// Stops receiving. Deliveries already handed out can still be settled.
     async fn close(&mut self) -> Result<()>;
+
+    /// How long the broker leaves a delivery with this consumer, unsettled, before it hands
+    /// the message to another (NATS ack wait, SQS visibility timeout), where there is such a
+    /// timer and [`Delivery::in_progress`] restarts it. The [`Consumer`](crate::Consumer)
+    /// calls `in_progress` well within it for every delivery it holds. The default is `None`:
+    /// the broker keeps an unsettled delivery with its consumer as long as the connection
+    /// lives.
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A stream of [`Delivery`] from a topic (in a group) or a queue.
@@ -139,6 +149,13 @@ impl Subscription {
             return Ok(());
         }
         self.source.close().await
+    }
+
+    /// How long the broker leaves a delivery unsettled before redelivering it elsewhere, if it
+    /// has such a timer (see [`DeliverySource::lease`]).
+    #[must_use]
+    pub fn lease(&self) -> Option<Duration> {
+        self.source.lease()
     }
 
     /// The deliveries as a [`futures::Stream`], for use with stream combinators.

@@ -434,6 +434,7 @@ macro_rules! conformance_suite {
             graceful_shutdown_loses_nothing,
             trace_id_continuity_publish_to_process,
             undecodable_message_is_dead_lettered,
+            long_handler_is_not_redelivered,
         }
     };
 }

@@ -28,6 +28,10 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SETTLE_ATTEMPTS: u32 = 4;
 
 const SETTLE_BACKOFF: Duration = Duration::from_millis(100);
+/// The shortest interval between two lease extensions of one delivery.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// How many lease extensions of waiting deliveries are in flight at once.
+const KEEP_ALIVE_CONCURRENCY: usize = 16;
 const RECEIVE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -50,6 +54,12 @@ const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// - **Panics.** A panicking handler (or middleware) is a failed attempt, settled as
 ///   [`Outcome::Retry`]; a panic while settling leaves the delivery unsettled, so the broker
 ///   redelivers it. Either way the key is released and the consumer carries on.
+/// - **Leases.** Where the broker redelivers a message its consumer holds for too long
+///   ([`Subscription::lease`]: NATS ack wait, SQS visibility timeout), the consumer tells the
+///   broker every delivery is still in progress ([`Delivery::in_progress`]) at a third of that
+///   lease (or every [`with_lease_heartbeat`](Consumer::with_lease_heartbeat)), from receipt
+///   until settlement: while the handler runs and while the delivery waits for a slot or for
+///   its key. A slow handler is never run twice at once because of a timer.
 /// - **Undecodable messages.** A delivery the adapter marked
 ///   [undecodable](Delivery::undecodable) is rejected to the dead-letter queue with the reason,
 ///   without running the handler.
@@ -73,6 +83,7 @@ pub struct Consumer<H> {
     max_pending: Option<usize>,
     shutdown_timeout: Duration,
     settle_attempts: u32,
+    heartbeat: Option<Duration>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -86,7 +97,18 @@ impl<H: Handler> Consumer<H> {
             max_pending: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             settle_attempts: DEFAULT_SETTLE_ATTEMPTS,
+            heartbeat: None,
         }
+    }
+
+    /// Extends the lease of every delivery held (running or waiting) every `interval` (at
+    /// least 100 ms), instead of at a third of the subscription's
+    /// [lease](Subscription::lease). Also turns heartbeats on for a subscription that declares
+    /// no lease.
+    #[must_use]
+    pub fn with_lease_heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = Some(interval.max(MIN_HEARTBEAT));
+        self
     }
 
     /// Runs at most `concurrency` handlers at once (at least 1; default
@@ -165,8 +187,15 @@ impl<H: Handler> Consumer<H> {
             max_pending,
             shutdown_timeout,
             settle_attempts,
+            heartbeat,
         } = self;
         let max_pending = max_pending.unwrap_or(concurrency);
+        let heartbeat = heartbeat.or_else(|| {
+            subscription
+                .lease()
+                .map(|lease| (lease / 3).max(MIN_HEARTBEAT))
+        });
+        let mut next_heartbeat = heartbeat.map(|every| Instant::now() + every);
         let mut shutdown = pin!(shutdown);
 
         let mut report = ConsumerReport::default();
@@ -181,7 +210,7 @@ impl<H: Handler> Consumer<H> {
                 let Some(delivery) = waiting.pop_ready() else {
                     break;
                 };
-                running.spawn(delivery, handler.clone(), settle_attempts);
+                running.spawn(delivery, handler.clone(), settle_attempts, heartbeat);
             }
             if !receiving && running.is_empty() && waiting.is_empty() {
                 break false;
@@ -196,6 +225,10 @@ impl<H: Handler> Consumer<H> {
                     waiting.finished(key.as_deref());
                 }
                 () = sleep_until(resume_at), if resume_at.is_some() => resume_at = None,
+                () = sleep_until(next_heartbeat), if next_heartbeat.is_some() => {
+                    waiting.keep_alive().await;
+                    next_heartbeat = heartbeat.map(|every| Instant::now() + every);
+                }
                 item = subscription.next(), if can_receive => match item {
                     Some(Ok(delivery)) => {
                         report.received += 1;
@@ -291,6 +324,7 @@ impl<H> fmt::Debug for Consumer<H> {
             .field("max_pending", &self.max_pending.unwrap_or(self.concurrency))
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("settle_attempts", &self.settle_attempts)
+            .field("heartbeat", &self.heartbeat)
             .finish()
     }
 }
@@ -462,6 +496,22 @@ impl KeyQueue {
         self.len == 0
     }
 
+    /// Extends the lease of every waiting delivery, so that none is redelivered elsewhere while
+    /// it waits here for a slot or for its key.
+    async fn keep_alive(&self) {
+        let waiting: Vec<&Delivery> = self
+            .ready
+            .iter()
+            .chain(self.blocked.values().flatten())
+            .collect();
+        for some in waiting.chunks(KEEP_ALIVE_CONCURRENCY) {
+            let extended = futures::future::join_all(some.iter().map(|d| d.in_progress())).await;
+            if let Some(error) = extended.into_iter().find_map(Result::err) {
+                tracing::warn!(%error, "extending the lease of waiting deliveries failed");
+            }
+        }
+    }
+
     /// Drops every waiting delivery (abandoning them); returns how many.
     fn clear(&mut self) -> u64 {
         let dropped = self.len as u64;
@@ -500,7 +550,13 @@ struct Running {
 }
 
 impl Running {
-    fn spawn<H: Handler>(&mut self, delivery: Delivery, handler: Arc<H>, settle_attempts: u32) {
+    fn spawn<H: Handler>(
+        &mut self,
+        delivery: Delivery,
+        handler: Arc<H>,
+        settle_attempts: u32,
+        heartbeat: Option<Duration>,
+    ) {
         let key = delivery.envelope().key.clone();
         // Trace level and not named like the OpenTelemetry `process {topic}` span: log context
         // for the handler's own events, not a second span per message in exported traces.
@@ -511,7 +567,7 @@ impl Running {
             attempt = delivery.attempt(),
             source = delivery.source(),
         );
-        let task = process(handler, delivery, settle_attempts).instrument(span);
+        let task = process(handler, delivery, settle_attempts, heartbeat).instrument(span);
         let id = self.tasks.spawn(task).id();
         self.keys.insert(id, key);
     }
@@ -552,6 +608,7 @@ async fn process<H: Handler>(
     handler: Arc<H>,
     delivery: Delivery,
     settle_attempts: u32,
+    heartbeat: Option<Duration>,
 ) -> Processed {
     if let Some(reason) = delivery.undecodable() {
         let reason = format!("undecodable: {reason}");
@@ -567,6 +624,24 @@ async fn process<H: Handler>(
     }
     // Calling `handle` inside the future also catches a panic before its first await.
     let handled = AssertUnwindSafe(async { handler.handle(&delivery).await }).catch_unwind();
+    let handled = async {
+        let Some(every) = heartbeat else {
+            return handled.await;
+        };
+        // The lease is extended beside the handler, for as long as it runs.
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(error) = delivery.in_progress().await {
+                    tracing::warn!(%error, "extending the lease of a running delivery failed");
+                }
+            }
+        };
+        tokio::select! {
+            result = handled => result,
+            never = keep_alive => never,
+        }
+    };
     let (outcome, panicked) = match handled.await {
         Ok(outcome) => (outcome, false),
         Err(payload) => {

@@ -26,6 +26,7 @@ enum Event {
     Settle(String, Settlement),
     SettleFailed(String),
     Abandon(String),
+    Progress(String),
 }
 
 /// The broker side of the fake: what happened, in order.
@@ -58,6 +59,14 @@ impl FakeBroker {
             }
         }
         map
+    }
+
+    /// How many times the lease of `name` was extended.
+    fn progress(&self, name: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Progress(n) if n == name))
+            .count()
     }
 
     fn abandoned(&self) -> Vec<String> {
@@ -101,6 +110,11 @@ impl Settle for FakeSettle {
         Ok(())
     }
 
+    async fn in_progress(&self) -> Result<()> {
+        self.broker.push(Event::Progress(self.name.clone()));
+        Ok(())
+    }
+
     fn abandon(&self) {
         self.broker.push(Event::Abandon(self.name.clone()));
     }
@@ -110,6 +124,7 @@ impl Settle for FakeSettle {
 struct FakeSource {
     rx: mpsc::UnboundedReceiver<Result<Delivery>>,
     broker: Arc<FakeBroker>,
+    lease: Option<Duration>,
 }
 
 #[async_trait]
@@ -126,6 +141,10 @@ impl DeliverySource for FakeSource {
         self.broker.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
+
+    fn lease(&self) -> Option<Duration> {
+        self.lease
+    }
 }
 
 /// The test's end of the fake subscription.
@@ -135,6 +154,11 @@ struct Feed {
 }
 
 fn fake() -> (Feed, Subscription) {
+    fake_with_lease(None)
+}
+
+/// A fake subscription whose broker redelivers what is held longer than `lease`.
+fn fake_with_lease(lease: Option<Duration>) -> (Feed, Subscription) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broker = Arc::new(FakeBroker {
         log: Mutex::default(),
@@ -147,6 +171,7 @@ fn fake() -> (Feed, Subscription) {
     let source = FakeSource {
         rx,
         broker: broker.clone(),
+        lease,
     };
     (
         Feed {
@@ -890,4 +915,80 @@ fn public_types_are_send_and_sync() {
     send(&consumer);
     let run = consumer.run(async {});
     send(&run);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_are_extended_while_running_and_while_waiting() {
+    // A lease of 3 s: the consumer extends every delivery it holds every second.
+    let (mut feed, subscription) = fake_with_lease(Some(Duration::from_secs(3)));
+    feed.send("slow", Some("k"));
+    feed.send("behind", Some("k"));
+    feed.send("quick", Some("other"));
+    feed.end();
+    let handler = handler_fn(|envelope: Envelope, _: DeliveryInfo| async move {
+        if name_of(&envelope) == "slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+    let report = Consumer::new(subscription, handler)
+        .run(pending())
+        .await
+        .unwrap();
+
+    assert_eq!(report.acked, 3);
+    let broker = &feed.broker;
+    // Ten seconds of handling: nine or ten extensions, none after the ack.
+    assert!(
+        (9..=10).contains(&broker.progress("slow")),
+        "{:?}",
+        broker.events()
+    );
+    // Waiting behind it for those ten seconds: extended about as often.
+    assert!(
+        (8..=10).contains(&broker.progress("behind")),
+        "{:?}",
+        broker.events()
+    );
+    assert_eq!(
+        broker.progress("quick"),
+        0,
+        "settled at once, never extended"
+    );
+    let events = broker.events();
+    let acked = events
+        .iter()
+        .position(|e| matches!(e, Event::Settle(n, _) if n == "slow"))
+        .unwrap();
+    assert!(
+        !events[acked..].contains(&Event::Progress("slow".to_owned())),
+        "extended after settlement: {events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_lease_means_no_extensions_unless_asked() {
+    let (mut feed, subscription) = fake();
+    feed.send("slow", None);
+    feed.end();
+    let handler = handler_fn(|_: Envelope, _: DeliveryInfo| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    Consumer::new(subscription, handler)
+        .run(pending())
+        .await
+        .unwrap();
+    assert_eq!(feed.broker.progress("slow"), 0);
+
+    let (mut feed, subscription) = fake();
+    feed.send("slow", None);
+    feed.end();
+    let handler = handler_fn(|_: Envelope, _: DeliveryInfo| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    Consumer::new(subscription, handler)
+        .with_lease_heartbeat(Duration::from_secs(2))
+        .run(pending())
+        .await
+        .unwrap();
+    assert_eq!(feed.broker.progress("slow"), 2);
 }

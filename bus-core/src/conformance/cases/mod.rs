@@ -7,6 +7,7 @@
 
 mod groups;
 mod hostile;
+mod leases;
 mod lifecycle;
 mod messages;
 mod requests;
@@ -20,6 +21,7 @@ pub use groups::{
     queue_keeps_messages_until_consumed, resubscribe_in_same_group_loses_nothing,
 };
 pub use hostile::undecodable_message_is_dead_lettered;
+pub use leases::long_handler_is_not_redelivered;
 pub use lifecycle::{
     broker_restart_loses_no_confirmed_message, oversize_payload_rejected,
     publish_after_close_fails_closed, subscription_close_ends_stream,
