@@ -21,7 +21,7 @@
 //!   default exchange. `reject` sends the message with the dead-letter reason headers to the
 //!   queue `<topic or queue>.dlq`, confirmed, then acks (a `basic.reject` into a dead-letter
 //!   exchange cannot add headers). A delivery dropped unsettled is stored again as the next
-//!   attempt from a spawned task (or requeued with `basic.nack` if that fails).
+//!   attempt from a spawned task (or requeued with `basic.reject` if that fails).
 //! - **Request-reply** uses direct reply-to; a request to a topic nobody serves is returned by
 //!   the broker (mandatory) and fails fast with `NoResponders`.
 //! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);
@@ -63,14 +63,10 @@ pub async fn connect(url: &str) -> bus_core::Result<RabbitMqBroker> {
     RabbitMqBroker::connect(url).await
 }
 
-/// Header of a redelivered or dead-lettered copy holding, as a JSON object of name → value, the
-/// received headers whose names AMQP cannot carry (longer than 255 bytes, or a name the adapter
-/// writes itself), so that the copy can be stored at all.
-pub const PACKED_HEADERS: &str = "bus-packed-headers";
-
-/// Header of a redelivered or dead-lettered copy naming (comma-separated) the headers that
-/// were shortened or left out so that the copy fits in one AMQP frame (`frame_max`).
-pub const TRUNCATED_HEADERS: &str = "bus-truncated-headers";
+/// Prefix of the headers an undecodable message's dead letter keeps what it said about itself
+/// in: `bus-rabbitmq-original-specversion` and `bus-rabbitmq-original-source` (the copy is
+/// written as CloudEvents 1.0 from `bus`, so that it can be read from the dead-letter queue).
+pub const ORIGINAL_PREFIX: &str = "bus-rabbitmq-original-";
 
 /// The CloudEvents AMQP binding's prefix of application-property names (`cloudEvents:`).
 pub const CLOUDEVENTS_PREFIX: &str = wire::CE_PREFIX;

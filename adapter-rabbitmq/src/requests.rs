@@ -79,9 +79,14 @@ impl Replies {
         let pending = self.pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
-                let reply =
-                    wire::envelope(&delivery.properties, delivery.data, delivery.redelivered)
-                        .envelope;
+                let received =
+                    wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
+                let reply = received.envelope;
+                if let Some(reason) = received.undecodable {
+                    // Not handed over as a good reply: the requester times out.
+                    tracing::warn!(id = %reply.id, %reason, "undecodable reply, dropped");
+                    continue;
+                }
                 let waiting = reply
                     .causation_id
                     .as_ref()
@@ -183,25 +188,33 @@ struct Serving {
 #[async_trait]
 impl RequestSource for Serving {
     async fn next(&mut self) -> Option<Result<Request>> {
-        let (delivery, channel, _queue) = match self.source.next_raw().await? {
-            Ok(raw) => raw,
-            Err(e) => return Some(Err(e)),
-        };
-        // A request is answered once or not at all: it is acked as it is handed out.
-        if let Err(e) = channel
-            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-            .await
-        {
-            return Some(Err(map(e, "acknowledging the request")));
+        loop {
+            let (delivery, channel, _queue) = match self.source.next_raw().await? {
+                Ok(raw) => raw,
+                Err(e) => return Some(Err(e)),
+            };
+            // A request is answered once or not at all: it is acked as it is handed out.
+            if let Err(e) = channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await
+            {
+                return Some(Err(map(e, "acknowledging the request")));
+            }
+            let received =
+                wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
+            if let Some(reason) = received.undecodable {
+                // Requests have no dead-letter queue: the requester times out.
+                tracing::warn!(id = %received.envelope.id, %reason, "undecodable request, skipped");
+                continue;
+            }
+            return Some(Ok(Request::new(
+                received.envelope,
+                Box::new(RabbitReply {
+                    inner: self.source_inner(),
+                    reply_to: received.reply_to,
+                }),
+            )));
         }
-        let received = wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
-        Some(Ok(Request::new(
-            received.envelope,
-            Box::new(RabbitReply {
-                inner: self.source_inner(),
-                reply_to: received.reply_to,
-            }),
-        )))
     }
 
     async fn close(&mut self) -> Result<()> {

@@ -13,8 +13,8 @@ use bus_core::{
 };
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
@@ -422,7 +422,7 @@ impl SettleState {
         // Removed ten minutes after the last message was put in (and so after it went back).
         args.insert(
             ShortString::from("x-expires"),
-            int(ms.saturating_add(600_000)),
+            int(ms + wire::RETRY_QUEUE_EXPIRES_MS),
         );
         // Declared every time: publishing does not count as use for `x-expires`, and a
         // queue expiring with messages in it would lose them.
@@ -443,8 +443,8 @@ impl SettleState {
                     first_failure: None,
                 },
             );
+            // Its name was checked when subscribing.
             let dlq = headers::dead_letter_queue(&self.source);
-            check_name(&dlq, "dead-letter queue")?;
             // Not `Inner::send`: the dead letter goes as received, whatever its size or
             // headers, or it would come back for ever.
             let props = self.copy_properties(&dead, 1).await?;
@@ -481,16 +481,11 @@ impl Settle for RabbitSettle {
         };
         runtime.spawn(async move {
             if state.redeliver(None).await.is_err() {
-                // Could not store the next attempt: let the broker requeue this one.
+                // Could not store the next attempt: let the broker requeue this one
+                // (`basic.reject`, which RabbitMQ 4 quorum queues count as a delivery).
                 let _ = state
                     .channel
-                    .basic_nack(
-                        state.tag,
-                        BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        },
-                    )
+                    .basic_reject(state.tag, BasicRejectOptions { requeue: true })
                     .await;
             }
         });
@@ -502,6 +497,7 @@ impl Subscriber for RabbitMqBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
         let inner = self.inner.clone();
         inner.link.check()?;
+        check_dead_letter_name(topic)?;
         let endpoint = match &options.group {
             Some(group) => Endpoint::Group {
                 topic: topic.to_owned(),
@@ -530,6 +526,7 @@ impl Queue for RabbitMqBroker {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
         let inner = self.inner.clone();
         inner.link.check()?;
+        check_dead_letter_name(queue)?;
         let prefetch = prefetch(options.prefetch, inner.config().prefetch);
         let endpoint = Endpoint::Queue {
             name: queue.to_owned(),
@@ -541,6 +538,17 @@ impl Queue for RabbitMqBroker {
             group: None,
         })))
     }
+}
+
+/// Refuses, before consuming, a topic or queue whose dead-letter queue RabbitMQ cannot name
+/// (252 to 255 bytes long): its messages could be neither handled nor dead-lettered.
+fn check_dead_letter_name(source: &str) -> Result<()> {
+    check_name(&headers::dead_letter_queue(source), "dead-letter queue").map_err(|e| {
+        Error::config(format!(
+            "cannot consume from `{}`: {e}",
+            headers::shorten(source, 64)
+        ))
+    })
 }
 
 pub(crate) fn prefetch(asked: Option<usize>, default: u16) -> u16 {

@@ -20,7 +20,7 @@ use adapter_rabbitmq::lapin::options::{
 use adapter_rabbitmq::lapin::publisher_confirm::Confirmation;
 use adapter_rabbitmq::lapin::types::{AMQPValue, DecimalValue, FieldArray, FieldTable};
 use adapter_rabbitmq::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig, TRUNCATED_HEADERS};
+use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
 use bus_core::conformance::broker_url;
 use bus_core::middleware::{RetryLayer, RetryPolicy};
 use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo, HandlerBuilder};
@@ -30,7 +30,7 @@ use bus_core::{
 use tokio::sync::mpsc;
 
 const MAX_DELIVERIES: u32 = 3;
-/// Messages of this type fail in the handler every time.
+/// Messages of this type, or with this header, fail in the handler every time.
 const FAILS: &str = "hostile.fails";
 
 fn unique(tag: &str) -> String {
@@ -249,6 +249,22 @@ fn corpus() -> Vec<(&'static str, BasicProperties, Vec<u8>)> {
             near_frame,
             b"fails with headers that grow when dead-lettered".to_vec(),
         ),
+        (
+            "70kb-id-without-correlation-fails",
+            headers_only(vec![
+                ("cloudEvents:id", long("i".repeat(70_000))),
+                (FAILS, long("yes")),
+            ]),
+            b"its copies once carried the id twice".to_vec(),
+        ),
+        (
+            "50kb-of-0xff-type-fails",
+            headers_only(vec![
+                ("cloudEvents:type", long(vec![0xff; 50_000])),
+                (FAILS, long("yes")),
+            ]),
+            b"its type triples when read".to_vec(),
+        ),
     ]
 }
 
@@ -279,7 +295,7 @@ async fn hostile_corpus_neither_kills_nor_wedges_the_consumer() {
         handler_fn(move |envelope: Envelope, info: DeliveryInfo| {
             let events_tx = events_tx.clone();
             async move {
-                if envelope.kind == FAILS {
+                if envelope.kind == FAILS || envelope.header(FAILS).is_some() {
                     let _ = events_tx.send(Event::Failed(envelope.id.clone(), info.attempt()));
                     return Err(Error::new(ErrorKind::Handler, "this message always fails"));
                 }
@@ -427,7 +443,19 @@ fn expect(case: &str, outcome: &Event, failed_runs: usize) {
             assert_eq!(e.id.as_str(), "hostile-spec-2");
             assert_eq!(failed_runs, 0, "{case}: the handler saw it");
         }
-        ("always-fails-without-id" | "near-frame-binary-headers-fail", Event::DeadLettered(e)) => {
+        ("hostile-attempt-header", Event::DeadLettered(e)) => {
+            // A foreign attempt past the policy: dead-lettered without running the handler.
+            let reason = e.header(headers::DLQ_REASON).unwrap_or_default();
+            assert!(reason.contains("gave up after 3"), "{case}: {reason}");
+            assert_eq!(failed_runs, 0, "{case}: the handler saw it");
+        }
+        (
+            "always-fails-without-id"
+            | "near-frame-binary-headers-fail"
+            | "70kb-id-without-correlation-fails"
+            | "50kb-of-0xff-type-fails",
+            Event::DeadLettered(e),
+        ) => {
             let reason = e.header(headers::DLQ_REASON).unwrap_or_default();
             assert!(
                 reason.contains("gave up after 3 deliveries"),
@@ -436,17 +464,34 @@ fn expect(case: &str, outcome: &Event, failed_runs: usize) {
             assert_eq!(failed_runs, 3, "{case}: handler runs");
             if case == "near-frame-binary-headers-fail" {
                 // Base64 made the headers outgrow a frame: the copies were fitted, and say so.
-                let note = e.header(TRUNCATED_HEADERS).unwrap_or_default();
-                assert!(note.contains("binary-"), "{case}: {note:?}");
+                let note = e.header(headers::TRUNCATED).unwrap_or_default();
+                assert!(note.contains("value:binary-"), "{case}: {note:?}");
+            }
+            if case == "70kb-id-without-correlation-fails" {
+                assert_eq!(e.id.as_str().len(), 70_000, "{case}: the id is kept");
+            }
+            if case == "50kb-of-0xff-type-fails" {
+                let note = e.header(headers::TRUNCATED).unwrap_or_default();
+                assert!(note.split(',').any(|i| i == "kind"), "{case}: {note:?}");
+                assert!(
+                    e.kind.len() <= 1027,
+                    "{case}: kind of {} bytes",
+                    e.kind.len()
+                );
             }
         }
         (
-            "unknown-specversion" | "always-fails-without-id" | "near-frame-binary-headers-fail",
+            "unknown-specversion"
+            | "hostile-attempt-header"
+            | "always-fails-without-id"
+            | "near-frame-binary-headers-fail"
+            | "70kb-id-without-correlation-fails"
+            | "50kb-of-0xff-type-fails",
             _,
         ) => {
             panic!("{case}: expected a dead letter, got {outcome:?}")
         }
-        (_, Event::Handled(e, attempt)) => match case {
+        (_, Event::Handled(e, _)) => match case {
             "timestamp-u64-max" | "timestamp-year-10000" | "ce-time-garbage" => {
                 assert!(
                     e.header(headers::RAW_TIME).is_some(),
@@ -469,7 +514,6 @@ fn expect(case: &str, outcome: &Event, failed_runs: usize) {
             }
             "thousands-of-headers" => assert_eq!(e.headers.len(), 4000),
             "long-ids-and-type" => assert_eq!(e.id.as_str().len(), 40_000),
-            "hostile-attempt-header" => assert_eq!(*attempt, u32::MAX),
             _ => {}
         },
         (_, other) => panic!("{case}: expected it handled, got {other:?}"),

@@ -479,3 +479,260 @@ async fn headers_larger_than_a_frame_are_refused() {
     let _ = connection.close(200, "done").await;
     broker.close().await.expect("close");
 }
+
+/// The number of messages in `queue`, from a passive declaration.
+async fn depth(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare")
+        .message_count()
+}
+
+#[tokio::test]
+async fn nack_with_the_longest_delay_parks_the_message() {
+    // Before: x-message-ttl of i64::MAX ms, refused by RabbitMQ (PRECONDITION_FAILED): the nack
+    // failed and the message came back at once.
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let queue = unique("forever");
+    let mut sub = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let parked = Envelope::new("wire.parked", "later");
+    broker.send(&queue, parked.clone()).await.expect("send");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")
+        .expect("delivery");
+    delivery
+        .nack(Redeliver::After(Duration::MAX))
+        .await
+        .map_err(|e| e.to_string())
+        .expect("nack with Duration::MAX");
+    // RabbitMQ's longest TTL, less the ten minutes the retry queue outlives it.
+    let retry = format!("bus.retry.{}ms.{queue}", 4_294_967_295u64 - 600_000);
+    let (connection, channel) = raw(&url).await;
+    assert_eq!(depth(&channel, &retry).await, 1, "parked in `{retry}`");
+    assert_eq!(depth(&channel, &queue).await, 0, "not back in the queue");
+    // The consumer's channel is still usable.
+    let next = Envelope::new("wire.after", "next");
+    broker.send(&queue, next.clone()).await.expect("send");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")
+        .expect("delivery");
+    assert_eq!(delivery.envelope().id, next.id);
+    delivery
+        .ack()
+        .await
+        .map_err(|e| e.to_string())
+        .expect("ack");
+    sub.close().await.expect("close");
+    for q in [&retry, &queue] {
+        let _ = channel.queue_delete(q, QueueDeleteOptions::default()).await;
+    }
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_source_whose_dead_letter_queue_cannot_be_named_is_refused() {
+    // Before: consuming worked, and every dead letter failed (`<name>.dlq` over 255 bytes).
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let name = format!("{}.{}", unique("n"), "x".repeat(250));
+    let name = &name[..252];
+    let err = broker
+        .consume(name, ConsumeOptions::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let err = broker
+        .subscribe(name, SubscribeOptions::group("g"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    broker.close().await.expect("close");
+}
+
+/// Properties another client could send that `bus` cannot read (an unknown CloudEvents
+/// version), answering or asking `causation`.
+fn undecodable(causation: Option<&MessageId>) -> BasicProperties {
+    let mut table = FieldTable::default();
+    table.insert(
+        "cloudEvents:specversion".into(),
+        AMQPValue::LongString("9.9".into()),
+    );
+    if let Some(causation) = causation {
+        table.insert(
+            "cloudEvents:causationid".into(),
+            AMQPValue::LongString(causation.as_str().into()),
+        );
+    }
+    BasicProperties::default().with_headers(table)
+}
+
+#[tokio::test]
+async fn undecodable_requests_and_replies_are_not_served() {
+    use adapter_rabbitmq::lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, QueueBindOptions,
+    };
+    use bus_core::{Requester, Responder, ServeOptions};
+    use futures::StreamExt;
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let (connection, channel) = raw(&url).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+
+    // Requests: an undecodable one is skipped, the good one after it is served.
+    let topic = unique("rpc");
+    let mut requests = broker
+        .serve(&topic, ServeOptions::default())
+        .await
+        .expect("serve");
+    channel
+        .basic_publish(
+            "bus.requests",
+            &topic,
+            BasicPublishOptions::default(),
+            b"bad",
+            undecodable(None).with_reply_to("nowhere".into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let requester = broker.clone();
+    let good = Envelope::new("wire.ask", "good");
+    let asking = {
+        let (topic, good) = (topic.clone(), good.clone());
+        tokio::spawn(async move {
+            requester
+                .request(&topic, good, Duration::from_secs(10))
+                .await
+        })
+    };
+    let request = tokio::time::timeout(Duration::from_secs(10), requests.next())
+        .await
+        .expect("a request")
+        .expect("open")
+        .expect("request");
+    // Before: the undecodable request was handed out first.
+    assert_eq!(request.envelope().id, good.id);
+    request
+        .reply(Envelope::new("wire.answer", "ok"))
+        .await
+        .expect("reply");
+    asking.await.expect("task").expect("the reply");
+    requests.close().await.expect("close");
+
+    // Replies: an undecodable one is dropped; the good one after it is the reply.
+    let topic = unique("rpc-raw");
+    let responder_queue = unique("raw-responder");
+    channel
+        .queue_declare(
+            &responder_queue,
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .queue_bind(
+            &responder_queue,
+            "bus.requests",
+            &topic,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut raw_requests = channel
+        .basic_consume(
+            &responder_queue,
+            "raw-responder",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let requester = broker.clone();
+    let asked = Envelope::new("wire.ask", "raw");
+    let asking = {
+        let (topic, asked) = (topic.clone(), asked.clone());
+        tokio::spawn(async move {
+            requester
+                .request(&topic, asked, Duration::from_secs(10))
+                .await
+        })
+    };
+    let raw_request = raw_requests
+        .next()
+        .await
+        .expect("a raw request")
+        .expect("delivery");
+    raw_request
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    let reply_to = raw_request
+        .properties
+        .reply_to()
+        .clone()
+        .expect("reply-to")
+        .as_str()
+        .to_owned();
+    let good_reply = {
+        let mut table = FieldTable::default();
+        table.insert(
+            "cloudEvents:causationid".into(),
+            AMQPValue::LongString(asked.id.as_str().into()),
+        );
+        BasicProperties::default()
+            .with_message_id("good-reply".into())
+            .with_headers(table)
+    };
+    for (props, body) in [
+        (undecodable(Some(&asked.id)), &b"bad"[..]),
+        (good_reply, &b"good"[..]),
+    ] {
+        channel
+            .basic_publish("", &reply_to, BasicPublishOptions::default(), body, props)
+            .await
+            .expect("publish the reply")
+            .await
+            .expect("confirm");
+    }
+    let reply = asking.await.expect("task").expect("a reply");
+    // Before: the undecodable reply was taken as the answer.
+    assert_eq!(reply.id.as_str(), "good-reply");
+    assert_eq!(&reply.payload[..], b"good");
+    let _ = channel
+        .queue_delete(&responder_queue, QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
+    broker.close().await.expect("close");
+}
