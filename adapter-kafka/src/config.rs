@@ -379,6 +379,12 @@ impl KafkaConfig {
         c
     }
 
+    /// The largest record the producer sends (`message.max.bytes`): the payload limit, with
+    /// room for headers and the batch framing.
+    pub(crate) fn max_record_bytes(&self) -> usize {
+        self.max_payload_bytes.saturating_add(64 * 1024)
+    }
+
     pub(crate) fn producer_config(&self) -> ClientConfig {
         let mut c = self.client_config();
         c.set("enable.idempotence", self.idempotence.to_string())
@@ -386,11 +392,7 @@ impl KafkaConfig {
             .set("linger.ms", self.linger_ms.to_string())
             .set("message.timeout.ms", self.publish_timeout_ms.to_string())
             .set("compression.type", self.compression.as_str())
-            // Room for headers and the batch framing over the payload limit.
-            .set(
-                "message.max.bytes",
-                (self.max_payload_bytes + 64 * 1024).to_string(),
-            );
+            .set("message.max.bytes", self.max_record_bytes().to_string());
         if self.fetch_rewind > 0 {
             c.set(
                 "batch.num.messages",

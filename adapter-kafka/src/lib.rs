@@ -31,6 +31,7 @@
 
 mod config;
 mod error;
+mod fit;
 mod names;
 mod offsets;
 mod publisher;

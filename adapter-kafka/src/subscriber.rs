@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::offsets::OffsetTracker;
 use crate::publisher::Shared;
-use crate::{error, names, wire};
+use crate::{error, fit, names, wire};
 
 /// Where a group starts reading a partition it has never committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,6 +525,22 @@ fn route<M: Message>(
     Some((item, not_before))
 }
 
+/// The `bus-not-before` of a retry copy nacked at `now` with `redeliver`: a delay is capped at
+/// [`headers::MAX_DELAY`] (a nack with `Duration::MAX` parks the message for a hundred years)
+/// and rounded up to the millisecond the header keeps, so the wait is never shorter.
+fn not_before(now: SystemTime, redeliver: Redeliver) -> String {
+    let delay = match redeliver {
+        Redeliver::After(d) => d.min(headers::MAX_DELAY),
+        _ => Duration::ZERO,
+    };
+    let round_up = if delay.is_zero() {
+        delay
+    } else {
+        Duration::from_millis(1)
+    };
+    headers::format_time(headers::saturating_add(now, delay + round_up))
+}
+
 /// The async side of a subscription.
 pub(crate) struct KafkaSource {
     shared: Arc<Shared>,
@@ -688,26 +704,32 @@ impl KafkaSettle {
 }
 
 impl KafkaSettle {
-    /// Produces `dead` to `dlq`; one the broker refuses as too large goes again smaller
-    /// (application headers left out, then the payload too), with a note saying so and where
-    /// the original record is: a message that can be neither handled nor dead-lettered would
-    /// come back forever.
+    /// Produces `dead` to `dlq`, cut to fit what the producer sends (`message.max.bytes`) if
+    /// it is larger ([`fit::dead_letter`]); if the broker still refuses it as too large (its
+    /// own limit is lower), cut to fit less: a message that can be neither handled nor
+    /// dead-lettered would come back forever.
     async fn send_dead_letter(&self, dlq: &str, dead: &Envelope) -> Result<()> {
-        let mut result = self.shared.send(dlq, dead, &[]).await;
         let origin = format!(
             "{}/{}@{}",
             self.item.topic, self.item.partition, self.item.offset
         );
-        for how in [wire::Shrink::Headers, wire::Shrink::Everything] {
+        let budgets = [
+            self.shared.config.max_record_bytes(),
+            64 * 1024,
+            fit::MIN_BUDGET,
+        ];
+        let mut result = Ok(());
+        for budget in budgets {
+            let fitted = fit::dead_letter(dead, budget, &self.shared.source, &origin);
+            result = self.shared.send(dlq, &fitted, &[]).await;
             match &result {
                 Err(e) if e.kind() == bus_core::ErrorKind::PayloadTooLarge => {
                     tracing::warn!(
                         error = %e,
                         record = origin,
-                        "dead letter too large for Kafka; sending it shrunk ({how:?})"
+                        budget,
+                        "dead letter too large for Kafka; cutting it to fit less"
                     );
-                    let smaller = wire::shrink_dead_letter(dead, how, &origin);
-                    result = self.shared.send(dlq, &smaller, &[]).await;
                 }
                 _ => break,
             }
@@ -722,21 +744,7 @@ impl Settle for KafkaSettle {
         match settlement {
             Settlement::Ack => {}
             Settlement::Nack(redeliver) => {
-                let delay = match redeliver {
-                    Redeliver::After(d) => d,
-                    _ => Duration::ZERO,
-                };
-                // The header keeps milliseconds: round up so the wait is never shorter.
-                let round_up = if delay.is_zero() {
-                    delay
-                } else {
-                    Duration::from_millis(1)
-                };
-                // Saturates at the year 9999: a nack with `Duration::MAX` parks the message.
-                let not_before = headers::format_time(headers::saturating_add(
-                    SystemTime::now(),
-                    delay.saturating_add(round_up),
-                ));
+                let not_before = not_before(SystemTime::now(), redeliver);
                 let attempt = self.item.attempt.saturating_add(1).to_string();
                 let retry = names::retry_topic(&self.source);
                 self.shared.ensure_topics(&[&retry], None).await?;
@@ -798,5 +806,27 @@ impl Settle for KafkaSettle {
         // Handed out again from memory while this consumer still owns the partition; after a
         // revocation the offset is uncommitted, so the group reads it again from Kafka.
         let _ = self.redeliver.send(again);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before the fix a huge delay saturated at the year 9999 instead of the common cap.
+    #[test]
+    fn nack_delays_are_capped_at_max_delay() {
+        let now = std::time::UNIX_EPOCH + Duration::from_millis(1_764_000_000_000);
+        let capped = headers::format_time(now + headers::MAX_DELAY + Duration::from_millis(1));
+        assert_eq!(not_before(now, Redeliver::After(Duration::MAX)), capped);
+        assert_eq!(
+            not_before(now, Redeliver::After(headers::MAX_DELAY * 2)),
+            capped
+        );
+        assert_eq!(
+            not_before(now, Redeliver::After(Duration::from_micros(1))),
+            headers::format_time(now + Duration::from_millis(1))
+        );
+        assert_eq!(not_before(now, Redeliver::Now), headers::format_time(now));
     }
 }

@@ -13,6 +13,7 @@
 //! dead-letters it). See "Foreign and malformed messages" in `docs/adapters/kafka.md`.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,7 +31,8 @@ pub(crate) const CE_TIME: &str = "ce_time";
 pub(crate) const CE_CORRELATIONID: &str = "ce_correlationid";
 pub(crate) const CE_CAUSATIONID: &str = "ce_causationid";
 pub(crate) const CONTENT_TYPE: &str = "content-type";
-const ESCAPED: &str = "bus-esc-";
+/// The prefix of an application header whose name `bus` reserves (see [`is_reserved`]).
+pub(crate) const ESCAPED: &str = "bus-esc-";
 
 /// Internal headers of the retry scheme, removed before a delivery is handed out.
 pub(crate) const NOT_BEFORE: &str = "bus-not-before";
@@ -59,10 +61,19 @@ const INTERNAL: [&str; 6] = [
 /// Refuses an envelope that a record cannot carry exactly, rather than changing it.
 ///
 /// # Errors
-/// [`Serialization`](ErrorKind::Serialization) for a timestamp before 1970 or after the year
-/// 9999 (`ce_time` is RFC 3339) and for a header name containing NUL (librdkafka consumers
-/// cut header names at the first NUL).
+/// [`Serialization`](ErrorKind::Serialization) for an empty id or correlation id (read back
+/// as a derived id and as the id), a timestamp before 1970 or after the year 9999 (`ce_time`
+/// is RFC 3339), and a header name containing NUL (librdkafka consumers cut header names at
+/// the first NUL).
 pub(crate) fn check(envelope: &Envelope) -> Result<()> {
+    if envelope.id.as_str().is_empty() || envelope.correlation_id.as_str().is_empty() {
+        return Err(Error::new(
+            ErrorKind::Serialization,
+            "the envelope's id or correlation id is empty: a Kafka consumer reads an empty \
+             `ce_id` as an id derived from the record's position, and an empty \
+             `ce_correlationid` as the id",
+        ));
+    }
     if envelope.timestamp < UNIX_EPOCH || envelope.timestamp > headers::max_time() {
         return Err(Error::new(
             ErrorKind::Serialization,
@@ -145,11 +156,20 @@ pub(crate) fn encode(envelope: &Envelope, source: &str, extra: &[(&str, &str)]) 
     out
 }
 
-fn is_reserved(name: &str) -> bool {
+/// Whether an application header named `name` travels escaped, as `bus-esc-<name>`: a
+/// CloudEvents name, `content-type`, an internal header, or a name that itself starts with
+/// `bus-esc-` (so that escaping is one-to-one).
+pub(crate) fn is_reserved(name: &str) -> bool {
     name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce_"))
         || name.eq_ignore_ascii_case(CONTENT_TYPE)
         || name.starts_with(ESCAPED)
         || INTERNAL.contains(&name)
+}
+
+/// The application header name that `bus-esc-<name>` stands for, when [`encode`] writes it so
+/// (`<name>` is reserved); any other name, `bus-esc-` or not, is read as it is.
+fn unescape(name: &str) -> Option<&str> {
+    name.strip_prefix(ESCAPED).filter(|rest| is_reserved(rest))
 }
 
 /// Internal headers read off a record, next to its envelope.
@@ -278,18 +298,26 @@ impl Attributes {
 /// gets an id derived from its topic, partition and offset ([`Record::derived_id`]), an empty
 /// kind, and the record's timestamp; a `ce_time` that is not RFC 3339, or a record timestamp
 /// outside 1970..=9999, becomes the receive time with the raw value in
-/// [`headers::RAW_TIME`]; header values that are not UTF-8 are kept base64
-/// ([`headers::insert_bytes`]); a null value reads as empty; of repeated header names the
-/// last wins. Undecodable (with the reason) where it must be: a `ce_specversion` `bus` does
-/// not read, a CloudEvents attribute that is not UTF-8, a header name rdkafka cannot read.
-pub(crate) fn decode(record: &Record<'_>, received: SystemTime) -> Decoded {
+/// [`headers::RAW_TIME`]; an empty `ce_correlationid` is the id, as a missing one; header
+/// values that are not UTF-8 are kept base64 ([`headers::insert_bytes`]); a null value reads
+/// as empty; of repeated header names the last wins, except that an escaped header
+/// (`bus-esc-<name>`) wins over a raw one of the same name wherever they are. Undecodable
+/// (with the reason) where it must be: a `ce_specversion` `bus` does not read, a CloudEvents
+/// attribute that is not UTF-8, a header name rdkafka cannot read.
+pub(crate) fn decode<'a>(record: &Record<'a>, received: SystemTime) -> Decoded {
     // At the millisecond, as `ce_time` carries it, so a retry copy reads back the same.
     let received =
         headers::time_from_unix_millis(headers::unix_millis(received)).unwrap_or(UNIX_EPOCH);
     let mut internal = Internal::default();
     let mut problems: Vec<String> = Vec::new();
     let mut ce = Attributes::default();
-    let mut user = Headers::new();
+    // Application headers by name: (escaped, value).
+    let mut app: BTreeMap<&str, (bool, &[u8])> = BTreeMap::new();
+    let mut put = |name: &'a str, escaped: bool, bytes: &'a [u8]| {
+        if !matches!(app.get(name), Some((true, _)) if !escaped) {
+            app.insert(name, (escaped, bytes));
+        }
+    };
     if !record.unreadable.is_empty() {
         problems.push(format!(
             "{} header name(s) are not UTF-8 and cannot be read (header position(s) {:?}); \
@@ -305,7 +333,7 @@ pub(crate) fn decode(record: &Record<'_>, received: SystemTime) -> Decoded {
                 Ok(text) => *slot = Some(text.to_owned()),
                 Err(_) => {
                     problems.push(format!("the CloudEvents header `{name}` is not UTF-8"));
-                    headers::insert_bytes(&mut user, name.as_bytes(), bytes);
+                    put(name, false, bytes);
                 }
             }
             continue;
@@ -317,11 +345,17 @@ pub(crate) fn decode(record: &Record<'_>, received: SystemTime) -> Decoded {
             RETRY_GROUP => internal.retry_group = Some(text()),
             RETRY_ORIGIN => internal.retry_origin = Some(text()),
             REPLY_TO => internal.reply_to = Some(text()),
-            name => {
-                let name = name.strip_prefix(ESCAPED).unwrap_or(name);
-                headers::insert_bytes(&mut user, name.as_bytes(), bytes);
-            }
+            name => match unescape(name) {
+                Some(name) => put(name, true, bytes),
+                None => put(name, false, bytes),
+            },
         }
+    }
+    let mut user = Headers::new();
+    // The list of binary headers first, so that `insert_bytes` adds to it.
+    let binary_list = app.remove_entry(headers::BINARY_HEADERS);
+    for (name, (_, bytes)) in binary_list.into_iter().chain(app) {
+        headers::insert_bytes(&mut user, name.as_bytes(), bytes);
     }
     if let Some(version) = &ce.specversion {
         if let Err(reason) = headers::check_specversion(version) {
@@ -367,7 +401,10 @@ pub(crate) fn decode(record: &Record<'_>, received: SystemTime) -> Decoded {
         Some(problems.join("; "))
     };
     let mut envelope = Envelope::new(ce.kind.unwrap_or_default(), record.payload());
-    envelope.correlation_id = ce.correlation.map_or_else(|| id.clone(), MessageId::from);
+    envelope.correlation_id = ce
+        .correlation
+        .filter(|c| !c.is_empty())
+        .map_or_else(|| id.clone(), MessageId::from);
     envelope.id = id;
     envelope.causation_id = ce.causation.map(MessageId::from);
     envelope.timestamp = timestamp;
@@ -396,77 +433,6 @@ pub(crate) fn salvage(record: &Record<'_>, received: SystemTime, panic: &str) ->
             headers::shorten(panic, 200)
         )),
     }
-}
-
-/// Set on a dead letter that did not fit in a Kafka record as it was: what was left out, and
-/// where the original record is.
-pub(crate) const DLQ_SHRUNK: &str = "bus-dlq-shrunk";
-
-/// How much of a dead letter [`shrink_dead_letter`] leaves out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shrink {
-    /// The application headers (the dead-letter, time and binary headers and the trace
-    /// context are kept).
-    Headers,
-    /// The application headers and the payload; every remaining text cut to 1 KiB.
-    Everything,
-}
-
-/// A smaller copy of `dead`, for a dead letter the broker refused as too large: a message that
-/// can be neither handled nor dead-lettered would come back forever. `origin` names the
-/// original record (`<topic>/<partition>@<offset>`), which the note in [`DLQ_SHRUNK`] points
-/// to.
-pub(crate) fn shrink_dead_letter(dead: &Envelope, how: Shrink, origin: &str) -> Envelope {
-    const CUT: usize = 1024;
-    let keep = |name: &str| {
-        name.starts_with("bus-dlq-")
-            || [
-                headers::RAW_TIME,
-                headers::BINARY_HEADERS,
-                BINARY_KEY,
-                headers::TRACEPARENT,
-                headers::TRACESTATE,
-                CE_SPECVERSION,
-                CE_SOURCE,
-            ]
-            .contains(&name)
-    };
-    let cut = |text: &str| match how {
-        Shrink::Headers => text.to_owned(),
-        Shrink::Everything => headers::shorten(text, CUT).into_owned(),
-    };
-    let mut smaller = dead.clone();
-    let dropped: Vec<(&String, &String)> = dead.headers.iter().filter(|(n, _)| !keep(n)).collect();
-    let dropped_bytes: usize = dropped.iter().map(|(n, v)| n.len() + v.len()).sum();
-    smaller.headers = dead
-        .headers
-        .iter()
-        .filter(|(name, _)| keep(name))
-        .map(|(name, value)| (cut(name), cut(value)))
-        .collect();
-    let mut note = format!(
-        "{} application header(s) ({dropped_bytes} bytes) left out",
-        dropped.len()
-    );
-    if how == Shrink::Everything {
-        note.push_str(&format!(
-            "; payload ({} bytes) left out; id, kind, key and other texts cut to {CUT} bytes",
-            dead.payload.len()
-        ));
-        smaller.payload = Bytes::new();
-        smaller.id = cut(dead.id.as_str()).into();
-        smaller.kind = cut(&dead.kind);
-        smaller.correlation_id = cut(dead.correlation_id.as_str()).into();
-        smaller.causation_id = dead.causation_id.as_ref().map(|c| cut(c.as_str()).into());
-        smaller.key = dead.key.as_deref().map(cut);
-        smaller.content_type = dead.content_type.as_deref().map(cut);
-    }
-    note.push_str(&format!(
-        " to fit in a Kafka record; the original is record {}",
-        headers::shorten(origin, CUT)
-    ));
-    smaller.headers.insert(DLQ_SHRUNK.to_owned(), note);
-    smaller
 }
 
 #[cfg(test)]
@@ -694,6 +660,60 @@ mod tests {
         assert_eq!(got.envelope.header("tenant"), Some(""));
     }
 
+    /// Before the fix a foreign `bus-esc-tenant` read as `tenant` (escaping was not
+    /// one-to-one), which of `ce_ext` and `bus-esc-ce_ext` won depended on their order, and a
+    /// repeated name whose first value was binary stayed listed in `bus-binary-headers` after
+    /// a text value replaced it (the text was then read as base64).
+    #[test]
+    fn escaped_names_read_one_to_one_whatever_the_order() {
+        let forward: Vec<(&str, Option<&[u8]>)> = vec![
+            ("bus-esc-tenant", Some(b"escaped by nobody")),
+            ("tenant", Some(b"acme")),
+            ("ce_ext", Some(b"raw")),
+            ("bus-esc-ce_ext", Some(b"escaped")),
+            ("bus-esc-bus-esc-x", Some(b"double")),
+            ("twice", Some(b"\xff")),
+            ("twice", Some(b"text")),
+        ];
+        let mut backward = forward.clone();
+        backward.reverse();
+        // Reversed, the binary value of `twice` is the last.
+        let mut got = Vec::new();
+        for hs in [forward, backward] {
+            let record = Record {
+                headers: hs,
+                ..bare_record(Timestamp::NotAvailable)
+            };
+            let envelope = decode(&record, SystemTime::now()).envelope;
+            assert_eq!(envelope.header("tenant"), Some("acme"));
+            assert_eq!(envelope.header("bus-esc-tenant"), Some("escaped by nobody"));
+            assert_eq!(envelope.header("ce_ext"), Some("escaped"));
+            assert_eq!(envelope.header("bus-esc-x"), Some("double"));
+            assert_eq!(through_record(&envelope, &[]).envelope, envelope);
+            got.push(envelope);
+        }
+        assert_eq!(got[0].header("twice"), Some("text"));
+        assert_eq!(got[0].header(headers::BINARY_HEADERS), None);
+        assert_eq!(got[1].header("twice"), Some("/w=="));
+        assert_eq!(got[1].header(headers::BINARY_HEADERS), Some("twice"));
+    }
+
+    /// Before the fix an empty `ce_correlationid` stayed empty (the other adapters read it as
+    /// the id), and publish sent an empty id or correlation id that came back changed.
+    #[test]
+    fn empty_correlation_id_reads_as_the_id() {
+        let record = Record {
+            headers: vec![(CE_ID, Some(&b"evt-1"[..])), (CE_CORRELATIONID, Some(b""))],
+            ..bare_record(Timestamp::NotAvailable)
+        };
+        let envelope = decode(&record, SystemTime::now()).envelope;
+        assert_eq!(envelope.correlation_id.as_str(), "evt-1");
+        let empty = Envelope::new("k", "").with_correlation_id("");
+        assert_eq!(check(&empty).unwrap_err().kind(), ErrorKind::Serialization);
+        let empty = Envelope::new("k", "").with_id("");
+        assert_eq!(check(&empty).unwrap_err().kind(), ErrorKind::Serialization);
+    }
+
     #[test]
     fn publish_refuses_what_a_record_cannot_carry() {
         let old = Envelope::new("k", "").with_timestamp(UNIX_EPOCH - Duration::from_secs(1));
@@ -704,30 +724,6 @@ mod tests {
         let nul = Envelope::new("k", "").with_header("a\0b", "v");
         assert_eq!(check(&nul).unwrap_err().kind(), ErrorKind::Serialization);
         check(&Envelope::new("k", "").with_timestamp(headers::max_time())).unwrap();
-    }
-
-    #[test]
-    fn shrunk_dead_letters_say_what_was_left_out() {
-        let mut dead = Envelope::new("k".repeat(5000), vec![7u8; 10_000])
-            .with_header(headers::DLQ_REASON, "boom")
-            .with_header(headers::TRACEPARENT, "00-a-b-01");
-        for i in 0..3000 {
-            dead.headers.insert(format!("h{i}"), "v".repeat(20));
-        }
-        let smaller = shrink_dead_letter(&dead, Shrink::Headers, "t/0@5");
-        assert_eq!(smaller.payload, dead.payload);
-        assert_eq!(smaller.header(headers::DLQ_REASON), Some("boom"));
-        assert_eq!(smaller.header(headers::TRACEPARENT), Some("00-a-b-01"));
-        assert_eq!(smaller.headers.len(), 3);
-        let note = smaller.header(DLQ_SHRUNK).unwrap();
-        assert!(
-            note.contains("3000 application header(s)") && note.contains("t/0@5"),
-            "{note}"
-        );
-        let smallest = shrink_dead_letter(&dead, Shrink::Everything, "t/0@5");
-        assert!(smallest.payload.is_empty());
-        assert!(smallest.kind.len() <= 1024 + 3);
-        assert_eq!(smallest.id, dead.id);
     }
 
     fn hostile_header_value() -> impl Strategy<Value = Vec<u8>> {
