@@ -138,7 +138,7 @@ fn corpus(queue: &str) -> Vec<Case> {
         many = many.header(format!("h-{i}").as_bytes(), Some(value.as_bytes()));
     }
     // Over what the adapter's producer sends (1,000,000 + 64 KiB): neither a retry copy nor
-    // the dead letter as it is fits, so the dead letter goes out shrunk.
+    // the dead letter as it is fits, so the dead letter is cut to fit (bus-truncated).
     let mut oversized = Raw::cloudevent("hostile-oversized-poison", "hostile.poison");
     oversized.value = Some(vec![b'p'; 1_000_000]);
     for i in 0..3_000 {
