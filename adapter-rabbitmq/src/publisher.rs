@@ -216,7 +216,7 @@ impl Broker for RabbitMqBroker {
             prompt_redelivery_of_dropped: true,
             // Quorum queues count every delivery (`x-delivery-count`), also those cut short by a
             // crash. On classic queues the attempt travels in a header of the copy republished
-            // on nack; a crash only sets the `redelivered` flag, read as "at least 2".
+            // on nack; a crash is not counted.
             delivery_count: if self.inner.config().quorum_queues {
                 Support::Native
             } else {

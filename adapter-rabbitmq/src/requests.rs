@@ -79,8 +79,7 @@ impl Replies {
         let pending = self.pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
-                let received =
-                    wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
+                let received = wire::envelope(&delivery.properties, delivery.data);
                 let reply = received.envelope;
                 if let Some(reason) = received.undecodable {
                     // Not handed over as a good reply: the requester times out.
@@ -200,8 +199,7 @@ impl RequestSource for Serving {
             {
                 return Some(Err(map(e, "acknowledging the request")));
             }
-            let received =
-                wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
+            let received = wire::envelope(&delivery.properties, delivery.data);
             if let Some(reason) = received.undecodable {
                 // Requests have no dead-letter queue: the requester times out.
                 tracing::warn!(id = %received.envelope.id, %reason, "undecodable request, skipped");

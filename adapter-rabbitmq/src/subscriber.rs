@@ -298,7 +298,7 @@ impl DeliverySource for Deliveries {
             Ok(raw) => raw,
             Err(e) => return Some(Err(e)),
         };
-        let received = wire::envelope(&delivery.properties, delivery.data, delivery.redelivered);
+        let received = wire::envelope(&delivery.properties, delivery.data);
         let state = Arc::new(SettleState {
             inner: self.source.inner.clone(),
             channel,

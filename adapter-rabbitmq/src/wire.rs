@@ -632,8 +632,9 @@ fn content_id(props: &BasicProperties, payload: &[u8]) -> MessageId {
 pub(crate) struct Received {
     pub(crate) envelope: Envelope,
     /// The attempt: the one written by a previous nack or drop (1 when absent), plus the
-    /// broker's redeliveries of this copy (`x-delivery-count` on quorum queues; at least one
-    /// when the `redelivered` flag is set).
+    /// broker's redeliveries of this copy (`x-delivery-count` on quorum queues). The
+    /// `redelivered` flag is not counted: RabbitMQ also sets it on the messages a closing
+    /// subscription hands back unseen, which would make their first run look like a retry.
     pub(crate) attempt: u32,
     /// The reply-to address, for requests.
     pub(crate) reply_to: Option<String>,
@@ -648,7 +649,7 @@ pub(crate) struct Received {
 /// time is kept in [`headers::RAW_TIME`]). Header values that are not UTF-8 are kept base64
 /// ([`headers::BINARY_HEADERS`]), other types printed. A CloudEvent of a `specversion` `bus`
 /// does not read is marked undecodable.
-pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>, redelivered: bool) -> Received {
+pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
     let mut ce_attrs: Vec<(String, String)> = Vec::new();
     let mut user = Headers::new();
     let mut written_attempt = None;
@@ -744,7 +745,7 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>, redelivered: b
     let attempt = written_attempt
         .unwrap_or(1)
         .max(1)
-        .saturating_add(delivery_count.unwrap_or(0).max(u32::from(redelivered)));
+        .saturating_add(delivery_count.unwrap_or(0));
     let envelope = Envelope {
         id,
         kind,
@@ -828,7 +829,7 @@ mod tests {
             .with_header("traceparent", "00-abc-def-01")
             .with_header("tenant", "acme");
         let props = properties(&sent, "payments", 3).unwrap();
-        let got = envelope(&props, sent.payload.to_vec(), false);
+        let got = envelope(&props, sent.payload.to_vec());
         assert_eq!(got.attempt, 3);
         let got = got.envelope;
         assert_eq!(got.id, sent.id);
@@ -845,7 +846,7 @@ mod tests {
 
     #[test]
     fn a_bare_message_gets_defaults() {
-        let got = envelope(&BasicProperties::default(), b"raw".to_vec(), false);
+        let got = envelope(&BasicProperties::default(), b"raw".to_vec());
         assert_eq!(got.attempt, 1);
         assert_eq!(got.envelope.correlation_id, got.envelope.id);
         assert_eq!(got.envelope.kind, "");
@@ -881,7 +882,7 @@ mod tests {
             .with_timestamp(u64::MAX)
             .with_headers(headers_table);
         let before = SystemTime::now();
-        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        let got = envelope(&props, b"x".to_vec()).envelope;
         assert!(got.timestamp >= before, "the receive time");
         assert_eq!(
             got.header(headers::RAW_TIME),
@@ -894,10 +895,10 @@ mod tests {
             "cloudEvents:time",
             long("10000-01-01T00:00:00Z"),
         )]));
-        let got = envelope(&props, Vec::new(), false).envelope;
+        let got = envelope(&props, Vec::new()).envelope;
         assert_eq!(got.header(headers::RAW_TIME), Some("10000-01-01T00:00:00Z"));
         let props = BasicProperties::default().with_timestamp(0);
-        let got = envelope(&props, Vec::new(), false).envelope;
+        let got = envelope(&props, Vec::new()).envelope;
         assert_eq!(got.timestamp, std::time::UNIX_EPOCH);
         assert_eq!(got.header(headers::RAW_TIME), None);
     }
@@ -908,27 +909,24 @@ mod tests {
         let props = BasicProperties::default()
             .with_type("legacy".into())
             .with_headers(table(vec![("tenant", long("acme"))]));
-        let first = envelope(&props, b"body".to_vec(), false).envelope;
+        let first = envelope(&props, b"body".to_vec()).envelope;
         let redelivered = BasicProperties::default()
             .with_type("legacy".into())
             .with_headers(table(vec![
                 ("tenant", long("acme")),
                 (DELIVERY_COUNT, AMQPValue::LongLongInt(3)),
             ]));
-        let again = envelope(&redelivered, b"body".to_vec(), true).envelope;
+        let again = envelope(&redelivered, b"body".to_vec()).envelope;
         assert_eq!(first.id, again.id);
         assert_eq!(first.correlation_id, first.id);
-        let other = envelope(&props, b"other body".to_vec(), false).envelope;
+        let other = envelope(&props, b"other body".to_vec()).envelope;
         assert_ne!(first.id, other.id);
         // An absent property is not an empty or zero one.
-        let bare = envelope(&BasicProperties::default(), b"x".to_vec(), false).envelope;
+        let bare = envelope(&BasicProperties::default(), b"x".to_vec()).envelope;
         let zero = BasicProperties::default().with_timestamp(0);
-        assert_ne!(bare.id, envelope(&zero, b"x".to_vec(), false).envelope.id);
+        assert_ne!(bare.id, envelope(&zero, b"x".to_vec()).envelope.id);
         let empty_type = BasicProperties::default().with_type("".into());
-        assert_ne!(
-            bare.id,
-            envelope(&empty_type, b"x".to_vec(), false).envelope.id
-        );
+        assert_ne!(bare.id, envelope(&empty_type, b"x".to_vec()).envelope.id);
         // Empty ids count as missing.
         let empty = BasicProperties::default()
             .with_message_id("".into())
@@ -937,17 +935,14 @@ mod tests {
                 ("tenant", long("acme")),
                 ("cloudEvents:id", long("")),
             ]));
-        assert!(!envelope(&empty, b"body".to_vec(), false)
+        assert!(!envelope(&empty, b"body".to_vec())
             .envelope
             .id
             .as_str()
             .is_empty());
         // The copy stored on nack carries the derived id.
         let copy = properties_fitted(&first, "q", 2, 0);
-        assert_eq!(
-            envelope(&copy, b"body".to_vec(), false).envelope.id,
-            first.id
-        );
+        assert_eq!(envelope(&copy, b"body".to_vec()).envelope.id, first.id);
     }
 
     #[test]
@@ -955,11 +950,11 @@ mod tests {
         let with = |entries: Vec<(&str, AMQPValue)>| {
             BasicProperties::default().with_headers(table(entries))
         };
-        let attempt = |props: &BasicProperties, redelivered: bool| {
-            envelope(props, Vec::new(), redelivered).attempt
-        };
+        let attempt =
+            |props: &BasicProperties, _redelivered: bool| envelope(props, Vec::new()).attempt;
         assert_eq!(attempt(&BasicProperties::default(), false), 1);
-        assert_eq!(attempt(&BasicProperties::default(), true), 2);
+        // The flag alone is not counted (it is also set on messages handed back unseen).
+        assert_eq!(attempt(&BasicProperties::default(), true), 1);
         let quorum = with(vec![(DELIVERY_COUNT, AMQPValue::LongLongInt(4))]);
         assert_eq!(attempt(&quorum, true), 5);
         let copy = with(vec![
@@ -977,7 +972,7 @@ mod tests {
             (DELIVERY_COUNT, long("many")),
         ]);
         assert_eq!(attempt(&nonsense, false), 1);
-        let decoded = envelope(&hostile, Vec::new(), true).envelope;
+        let decoded = envelope(&hostile, Vec::new()).envelope;
         assert!(decoded.headers.is_empty(), "{:?}", decoded.headers);
     }
 
@@ -989,7 +984,7 @@ mod tests {
             ("cloudEvents:type", long("t")),
             ("cloudEvents:source", long("/far")),
         ]));
-        let got = envelope(&props, vec![0, 0xff], false);
+        let got = envelope(&props, vec![0, 0xff]);
         // Before: what the message said of itself was lost.
         assert_eq!(
             got.envelope.header("bus-rabbitmq-original-specversion"),
@@ -1006,7 +1001,7 @@ mod tests {
         for version in ["1.0", "0.3"] {
             let props = BasicProperties::default()
                 .with_headers(table(vec![("cloudEvents_specversion", long(version))]));
-            assert_eq!(envelope(&props, Vec::new(), false).undecodable, None);
+            assert_eq!(envelope(&props, Vec::new()).undecodable, None);
         }
     }
 
@@ -1036,7 +1031,7 @@ mod tests {
             ("latin1", AMQPValue::LongString(b"caf\xe9".to_vec().into())),
             ("utf8-bytes", AMQPValue::ByteArray(b"plain".to_vec().into())),
         ]));
-        let got = envelope(&props, Vec::new(), false).envelope;
+        let got = envelope(&props, Vec::new()).envelope;
         assert_eq!(
             got.header("table"),
             Some(r#"{"b":{"base64":"/wE="},"n":-1,"v":null}"#)
@@ -1078,7 +1073,7 @@ mod tests {
         // A long content type travels as the CloudEvents attribute.
         let long_type = Envelope::new("k", "x").with_content_type("t".repeat(300));
         let props = properties(&long_type, "q", 1).unwrap();
-        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        let got = envelope(&props, b"x".to_vec()).envelope;
         assert_eq!(got.content_type, long_type.content_type);
     }
 
@@ -1095,7 +1090,7 @@ mod tests {
         let frame_max = 8 * 1024;
         let props = properties_fitted(&received, "q", 7, frame_max);
         assert!(header_frame_size(&props) <= frame_max);
-        let got = envelope(&props, b"x".to_vec(), false);
+        let got = envelope(&props, b"x".to_vec());
         assert_eq!(got.attempt, 7);
         assert_eq!(got.envelope.id, received.id);
         let reason = got.envelope.header(headers::DLQ_REASON).unwrap();
@@ -1111,17 +1106,13 @@ mod tests {
         assert!(note.len() <= Note::MAX + 4, "{}", note.len());
         // Without a size limit, nothing is cut.
         let props = properties_fitted(&received, "q", 7, 0);
-        let got = envelope(&props, b"x".to_vec(), false).envelope;
+        let got = envelope(&props, b"x".to_vec()).envelope;
         assert_eq!(got.header("big").map(str::len), Some(50_000));
         assert_eq!(got.header(headers::TRUNCATED), None);
         // A copy of a copy keeps the earlier note.
-        let cut = envelope(
-            &properties_fitted(&received, "q", 7, frame_max),
-            Vec::new(),
-            false,
-        );
+        let cut = envelope(&properties_fitted(&received, "q", 7, frame_max), Vec::new());
         let again = properties_fitted(&cut.envelope, "q", 8, frame_max);
-        let again = envelope(&again, Vec::new(), false).envelope;
+        let again = envelope(&again, Vec::new()).envelope;
         assert!(again
             .header(headers::TRUNCATED)
             .unwrap()
@@ -1143,11 +1134,11 @@ mod tests {
                 AMQPValue::LongString(vec![0xff; 50_000].into()),
             ),
         ]));
-        let received = envelope(&props, b"x".to_vec(), false).envelope;
+        let received = envelope(&props, b"x".to_vec()).envelope;
         assert_eq!(received.correlation_id, received.id);
         let copy = properties_fitted(&received, "q", 2, frame_max);
         assert!(header_frame_size(&copy) <= frame_max);
-        let got = envelope(&copy, b"x".to_vec(), false).envelope;
+        let got = envelope(&copy, b"x".to_vec()).envelope;
         assert!(got.kind.len() <= 1027, "{}", got.kind.len());
         assert_eq!(got.correlation_id, got.id);
         let note = got.header(headers::TRUNCATED).unwrap_or_default();
@@ -1158,19 +1149,19 @@ mod tests {
         // In the smallest frame an oversized id is replaced, the same way in every copy.
         let copy = properties_fitted(&received, "q", 2, MIN_FRAME);
         assert!(header_frame_size(&copy) <= MIN_FRAME);
-        let got = envelope(&copy, b"x".to_vec(), false).envelope;
+        let got = envelope(&copy, b"x".to_vec()).envelope;
         let derived = MessageId::derived(&[received.id.as_str().as_bytes()]);
         assert_eq!(got.id, derived);
         assert_eq!(got.correlation_id, derived);
         let again = properties_fitted(&got, "q", 3, MIN_FRAME);
-        assert_eq!(envelope(&again, Vec::new(), false).envelope.id, derived);
+        assert_eq!(envelope(&again, Vec::new()).envelope.id, derived);
         let mut huge = received.clone().with_key("k".repeat(60_000));
         huge.causation_id = Some(MessageId::from("c".repeat(60_000)));
         huge.content_type = Some("t".repeat(60_000));
         let huge = huge.with_header(headers::TRACEPARENT, "p".repeat(60_000));
         let copy = properties_fitted(&huge, "q", 2, MIN_FRAME);
         assert!(header_frame_size(&copy) <= MIN_FRAME);
-        let got = envelope(&copy, b"x".to_vec(), false).envelope;
+        let got = envelope(&copy, b"x".to_vec()).envelope;
         assert!(got.header(headers::TRACEPARENT).unwrap().starts_with("ppp"));
         let note = got.header(headers::TRUNCATED).unwrap_or_default();
         for item in ["id", "kind", "key", "causation", "content-type"] {
@@ -1186,7 +1177,7 @@ mod tests {
             value = AMQPValue::FieldArray(vec![value].into());
         }
         let props = BasicProperties::default().with_headers(table(vec![("deep", value)]));
-        let got = envelope(&props, b"x".to_vec(), false);
+        let got = envelope(&props, b"x".to_vec());
         let deep = got.envelope.header("deep").unwrap();
         assert!(deep.starts_with("[[[") && deep.contains("\"…\""), "{deep}");
         assert_eq!(deep.len(), 2 * MAX_DEPTH + "\"…\"".len());
@@ -1201,7 +1192,7 @@ mod tests {
             ("cloudEvents_time", long("2027-01-01T00:00:00Z")),
             ("cloudEvents_ext", long("e")),
         ]));
-        let got = envelope(&props, Vec::new(), false).envelope;
+        let got = envelope(&props, Vec::new()).envelope;
         assert_eq!(got.header("cloudEvents:ext"), Some("e"));
         assert_eq!(got.headers.len(), 1, "{:?}", got.headers);
         assert!(properties(&got, "q", 1).is_ok());
@@ -1340,19 +1331,20 @@ mod tests {
             256,
             input,
             |(props, payload, redelivered)| {
-                let got = envelope(&props, payload.to_vec(), redelivered);
+                let got = envelope(&props, payload.to_vec());
                 let e = &got.envelope;
                 prop_assert!(!e.id.as_str().is_empty());
                 prop_assert!(!e.correlation_id.as_str().is_empty());
                 prop_assert!(e.timestamp <= headers::max_time());
-                prop_assert!(got.attempt > u32::from(redelivered));
+                prop_assert!(got.attempt >= 1);
+                let _ = redelivered;
                 prop_assert_eq!(&e.payload, &payload);
                 // Decoding again (a redelivery) gives the same id.
-                let again = envelope(&props, payload.to_vec(), true);
+                let again = envelope(&props, payload.to_vec());
                 prop_assert_eq!(&again.envelope.id, &e.id);
                 // The copy stored on nack or dead-lettering is read back as the same message.
                 let copy = properties_fitted(e, "q", got.attempt.saturating_add(1), 0);
-                let back = envelope(&copy, payload.to_vec(), false);
+                let back = envelope(&copy, payload.to_vec());
                 prop_assert_eq!(&back.envelope.id, &e.id);
                 prop_assert_eq!(&back.envelope.kind, &e.kind);
                 prop_assert_eq!(&back.envelope.correlation_id, &e.correlation_id);
@@ -1401,7 +1393,7 @@ mod tests {
                         return Ok(());
                     }
                 };
-                let got = envelope(&props, sent.payload.to_vec(), false);
+                let got = envelope(&props, sent.payload.to_vec());
                 prop_assert_eq!(got.attempt, attempt);
                 prop_assert_eq!(got.undecodable, None);
                 prop_assert_eq!(got.envelope, sent);
@@ -1454,7 +1446,7 @@ mod tests {
                 );
                 let props = properties_fitted(&dead, "q", 1, frame_max);
                 prop_assert!(header_frame_size(&props) <= frame_max);
-                let back = envelope(&props, Vec::new(), false).envelope;
+                let back = envelope(&props, Vec::new()).envelope;
                 let derived = MessageId::derived(&[received.id.as_str().as_bytes()]);
                 prop_assert!(back.id == received.id || back.id == derived);
                 prop_assert_eq!(back.header(headers::DLQ_REASON), Some("poison"));
