@@ -8,6 +8,7 @@
 
 mod broker;
 mod config;
+mod dead_letters;
 mod error;
 pub mod names;
 mod poison;
@@ -29,7 +30,6 @@ pub const TRACKING_ISSUE: u32 = 4;
 pub mod header_names {
     pub use crate::wire::{
         CE_CAUSATIONID, CE_CORRELATIONID, CE_DATACONTENTTYPE, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
-        CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE, DROPPED_HEADERS, NATS_MSG_ID,
-        ORIGINAL_PREFIX, SHORTENED_ATTRIBUTES, TRUNCATED_PAYLOAD,
+        CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE, NATS_MSG_ID, ORIGINAL_PREFIX,
     };
 }

@@ -10,18 +10,17 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsum
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self};
 use async_nats::StatusCode;
-use bus_core::middleware::dead_letter;
 use bus_core::{
-    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, MessageId,
-    Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
+    Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Inner, Kind, MAX_STORED_HEADER_LEN};
+use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
-use crate::{error, poison, wire, NatsBroker};
+use crate::{dead_letters, error, poison, wire, NatsBroker};
 
 /// How long one pull (batch) request stays open on the server. Short, because a pull request
 /// cannot be cancelled: closing a subscription waits for its open request to end before
@@ -32,9 +31,9 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
 /// How much longer than `PULL_EXPIRES` to wait for the end of a pull request.
 const PULL_GRACE: Duration = Duration::from_secs(2);
-/// The longest delay a `-NAK` asks for: about a hundred years. Longer ones (up to
-/// `Duration::MAX`) are not valid JSON numbers for the server, which would redeliver at once.
-const MAX_NAK_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
+/// How long a pull loop waits before sweeping again after a sweep failed, at first and at most.
+const SWEEP_RETRY: Duration = Duration::from_secs(1);
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[async_trait]
 impl Subscriber for NatsBroker {
@@ -121,14 +120,25 @@ pub(crate) async fn consume(
 
 /// What a pull source reads from, and how to make its consumer again.
 #[derive(Debug, Clone)]
-pub(crate) struct Spec {
-    pub(crate) stream: String,
-    pub(crate) config: pull::Config,
+struct Spec {
+    stream: String,
+    config: pull::Config,
     /// The topic or queue name, as the user gave it.
-    pub(crate) source: String,
-    pub(crate) group: Option<String>,
+    source: String,
+    group: Option<String>,
     /// A private subscription: its consumer is deleted when it closes.
-    pub(crate) private: bool,
+    private: bool,
+}
+
+impl Spec {
+    fn sweep_target(&self) -> poison::Target {
+        poison::Target {
+            stream: self.stream.clone(),
+            consumer: self.config.durable_name.clone().unwrap_or_default(),
+            source: self.source.clone(),
+            group: self.group.clone(),
+        }
+    }
 }
 
 /// A JetStream pull consumer behind a subscription. Pulling starts on the first call to
@@ -276,7 +286,10 @@ async fn pull_loop(
     let mut closed = inner.closed_signal();
     let mut consumer = Some(consumer);
     let mut backoff = Duration::from_millis(100);
-    let mut seen_connects = inner.client.statistics().connects.load(Ordering::Relaxed);
+    let mut sweeper = poison::Sweeper::new(spec.sweep_target());
+    // When to sweep for messages the client cannot read (module `poison`), if it is due.
+    let mut sweep_at: Option<tokio::time::Instant> = None;
+    let mut sweep_retry = SWEEP_RETRY;
     loop {
         if *stop.borrow() || inner.is_closed() {
             return;
@@ -285,18 +298,28 @@ async fn pull_loop(
             Some(c) => Ok(c),
             None => inner.consumer(&spec.stream, &spec.config).await,
         };
-        if let Ok(c) = &current {
-            // The connection was lost since the last look: perhaps because of a message the
-            // client cannot read, which would be redelivered (and cut the connection) for ever.
-            let connects = inner.client.statistics().connects.load(Ordering::Relaxed);
-            if connects != seen_connects {
-                match poison::sweep(&inner, &spec, c).await {
-                    Ok(()) => seen_connects = connects,
-                    Err(e) => tracing::warn!(
-                        stream = %spec.stream,
-                        error = %e,
-                        "looking for messages the client cannot read failed; trying again"
-                    ),
+        if let (Ok(c), Some(at)) = (&current, sweep_at) {
+            if tokio::time::Instant::now() >= at {
+                let swept = tokio::select! {
+                    swept = sweeper.run(&inner, c) => swept,
+                    () = stopped(&mut stop) => return,
+                    () = stopped(&mut closed) => return,
+                };
+                match swept {
+                    Ok(()) => {
+                        sweep_at = None;
+                        sweep_retry = SWEEP_RETRY;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            stream = %spec.stream,
+                            error = %e,
+                            "looking for messages the client cannot read failed; trying again \
+                             in {sweep_retry:?}"
+                        );
+                        sweep_at = Some(tokio::time::Instant::now() + sweep_retry);
+                        sweep_retry = (sweep_retry * 2).min(SWEEP_RETRY_MAX);
+                    }
                 }
             }
         }
@@ -355,6 +378,11 @@ async fn pull_loop(
                 if stopping {
                     return;
                 }
+                if messages.lost(&inner) {
+                    // Perhaps cut by a message the client cannot read, which would be
+                    // redelivered (and cut the connection) for ever.
+                    sweep_at.get_or_insert_with(tokio::time::Instant::now);
+                }
                 if !failed {
                     // The batch ended normally: pull the next one with the same consumer.
                     consumer = current.ok();
@@ -376,8 +404,7 @@ async fn pull_loop(
 }
 
 /// One pull request, read from its own inbox. Unlike `async-nats`' batch stream, this tells
-/// the server's status messages (no reply subject) from stored messages (replied to on
-/// `$JS.ACK.…`), so that a stored message whose header block carries a status line
+/// the server's status messages (no reply subject) from stored messages (with one), so that a stored message whose header block carries a status line
 /// (`NATS/1.0 408 …`) is delivered (and found undecodable) rather than taken for the end of
 /// the request and redelivered for ever.
 struct PullBatch {
@@ -385,6 +412,10 @@ struct PullBatch {
     context: jetstream::Context,
     remaining: usize,
     deadline: tokio::time::Instant,
+    /// The client's connection count when the request was sent.
+    connects: u64,
+    /// Whether the request ended as the server ends it: filled, or with a status.
+    ended: bool,
 }
 
 impl PullBatch {
@@ -393,6 +424,7 @@ impl PullBatch {
         consumer: &PullConsumer,
         batch: usize,
     ) -> std::result::Result<Self, String> {
+        let connects = inner.client.statistics().connects.load(Ordering::Relaxed);
         let inbox = inner.client.new_inbox();
         let subscriber = inner
             .client
@@ -415,7 +447,15 @@ impl PullBatch {
             // The server ends the request at expiry (408); this bounds the wait when that
             // status is lost with the connection.
             deadline: tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE,
+            connects,
+            ended: false,
         })
+    }
+
+    /// Whether the connection dropped while the request was open: it ended without the
+    /// server's word, or the client reconnected meanwhile.
+    fn lost(&self, inner: &Inner) -> bool {
+        !self.ended || inner.client.statistics().connects.load(Ordering::Relaxed) != self.connects
     }
 
     /// The next stored message, `None` once the request has ended, or the error status that
@@ -423,16 +463,14 @@ impl PullBatch {
     async fn next(&mut self) -> Option<std::result::Result<jetstream::Message, String>> {
         loop {
             if self.remaining == 0 {
+                self.ended = true;
                 return None;
             }
             let message = tokio::time::timeout_at(self.deadline, self.subscriber.next())
                 .await
                 .ok()??;
-            if message
-                .reply
-                .as_ref()
-                .is_some_and(|reply| reply.starts_with("$JS.ACK."))
-            {
+            // The server's status messages never carry a reply subject.
+            if message.reply.is_some() {
                 self.remaining -= 1;
                 return Some(Ok(jetstream::Message {
                     message,
@@ -441,12 +479,16 @@ impl PullBatch {
             }
             match message.status {
                 Some(StatusCode::IDLE_HEARTBEAT) | None => {}
-                Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => return None,
+                Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
+                    self.ended = true;
+                    return None;
+                }
                 Some(status) => {
+                    self.ended = true;
                     return Some(Err(format!(
                         "the pull request ended with status {status} ({})",
                         message.description.unwrap_or_default()
-                    )))
+                    )));
                 }
             }
         }
@@ -495,7 +537,12 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -
             attempt,
         }),
     );
-    match received.undecodable {
+    marked(delivery, received.undecodable)
+}
+
+/// The delivery, marked undecodable for `undecodable` if set.
+fn marked(delivery: Delivery, undecodable: Option<String>) -> Delivery {
+    match undecodable {
         Some(reason) => delivery.with_undecodable(reason),
         None => delivery,
     }
@@ -521,131 +568,20 @@ impl fmt::Debug for JetStreamSettle {
     }
 }
 
-/// Sends the dead letter of `envelope` to the queue named by `headers::dead_letter_queue`.
-///
-/// Never refused for its content: attributes NATS cannot carry are written as it can
-/// (`wire::encode_lossy`), and a dead letter over the server's `max_payload` (or with more
-/// headers than JetStream stores) loses its largest headers, then the end of its payload,
-/// saying so in headers, rather than not being stored
-/// (a message that can be neither handled nor dead-lettered would come back for ever).
-pub(crate) async fn dead_letter(
-    inner: &Inner,
-    envelope: &Envelope,
-    source: &str,
-    group: Option<&str>,
-    attempts: u32,
-    reason: &str,
-    msg_id: Option<String>,
-) -> Result<()> {
-    let dead = dead_letter::mark(
-        envelope.clone(),
-        &dead_letter::DeadLetterInfo {
-            reason: &headers::shorten(reason, 4096),
-            source,
-            group,
-            attempts,
-            first_failure: None,
-        },
-    );
-    let (mut map, payload) = fit(dead, &inner.config.source, inner.max_payload());
-    if let Some(id) = msg_id {
-        // JetStream drops a second copy stored within its duplicate window.
-        map.insert(wire::NATS_MSG_ID, id);
-    }
-    inner
-        .publish_encoded(
-            Kind::Queue,
-            &headers::dead_letter_queue(source),
-            map,
-            payload,
-        )
-        .await
-}
-
-/// Encodes a dead letter within `max` bytes (0: no limit) and JetStream's header limit: see
-/// [`dead_letter`].
-fn fit(mut dead: Envelope, source: &str, max: usize) -> (async_nats::HeaderMap, bytes::Bytes) {
-    // Room for the notes and `Nats-Msg-Id`.
-    const SLACK: usize = 256;
-    // An attribute of a dead letter whose headers exceed JetStream's limit keeps at most this.
-    const MAX_ATTRIBUTE_LEN: usize = 1024;
-    let max = if max == 0 { usize::MAX } else { max };
-    let mut dropped = 0usize;
-    let mut shortened = false;
-    let mut rounds = 0;
-    loop {
-        let map = wire::encode_lossy(&dead, source);
-        let header_len = wire::header_len(&map) + SLACK;
-        let size = header_len + dead.payload.len();
-        let header_over = header_len.saturating_sub(MAX_STORED_HEADER_LEN);
-        if size <= max && header_over == 0 {
-            return (map, dead.payload);
-        }
-        let mut over = size.saturating_sub(max).max(header_over);
-        let mut droppable: Vec<(String, usize)> = dead
-            .headers
-            .iter()
-            .filter(|(name, _)| {
-                !name.starts_with("bus-dlq-") && !name.starts_with(wire::NOTE_PREFIX)
-            })
-            .map(|(name, value)| (name.clone(), name.len() + value.len() + 4))
-            .collect();
-        if droppable.is_empty() && header_over > 0 && !shortened {
-            // The attributes themselves are too long (a foreign 60 kB id): cut them down.
-            shortened = true;
-            let cut = |text: &str| headers::shorten(text, MAX_ATTRIBUTE_LEN).into_owned();
-            dead.id = MessageId::from(cut(dead.id.as_str()));
-            dead.correlation_id = MessageId::from(cut(dead.correlation_id.as_str()));
-            dead.causation_id = dead.causation_id.map(|c| MessageId::from(cut(c.as_str())));
-            dead.kind = cut(&dead.kind);
-            dead.key = dead.key.as_deref().map(cut);
-            dead.content_type = dead.content_type.as_deref().map(cut);
-            dead.headers.insert(
-                wire::SHORTENED_ATTRIBUTES.to_owned(),
-                MAX_ATTRIBUTE_LEN.to_string(),
-            );
-            continue;
-        }
-        if droppable.is_empty() {
-            if rounds > 8 {
-                // Cannot happen with the limits above; never loop for ever on a dead letter.
-                return (map, dead.payload);
-            }
-            rounds += 1;
-            let original = dead.payload.len();
-            let keep = original.saturating_sub(over);
-            dead.payload = dead.payload.slice(..keep);
-            dead.headers
-                .entry(wire::TRUNCATED_PAYLOAD.to_owned())
-                .or_insert_with(|| original.to_string());
-            continue;
-        }
-        droppable.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
-        for (name, len) in droppable {
-            if over == 0 {
-                break;
-            }
-            dead.headers.remove(&name);
-            dropped += 1;
-            over = over.saturating_sub(len);
-        }
-        dead.headers
-            .insert(wire::DROPPED_HEADERS.to_owned(), dropped.to_string());
-    }
-}
-
 #[async_trait]
 impl Settle for JetStreamSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
         let (kind, what) = match settlement {
             Settlement::Ack => (AckKind::Ack, "ack"),
             Settlement::Nack(Redeliver::After(delay)) => {
-                (AckKind::Nak(Some(delay.min(MAX_NAK_DELAY))), "nak")
+                // Longer delays (up to `Duration::MAX`) are not JSON numbers the server reads:
+                // it would redeliver at once.
+                (AckKind::Nak(Some(delay.min(headers::MAX_DELAY))), "nak")
             }
             Settlement::Nack(_) => (AckKind::Nak(None), "nak"),
             Settlement::Reject { reason } => {
                 // The dead letter is stored first: if that fails, the delivery stays unsettled.
-                dead_letter(
+                dead_letters::send(
                     &self.inner,
                     &self.envelope,
                     &self.source,
@@ -764,10 +700,7 @@ impl DeliverySource for CoreSource {
                 group: self.group.clone(),
             }),
         );
-        Some(Ok(match received.undecodable {
-            Some(reason) => delivery.with_undecodable(reason),
-            None => delivery,
-        }))
+        Some(Ok(marked(delivery, received.undecodable)))
     }
 
     async fn close(&mut self) -> Result<()> {
@@ -802,7 +735,7 @@ impl Settle for CoreSettle {
         match settlement {
             Settlement::Ack => Ok(()),
             Settlement::Reject { reason } => {
-                dead_letter(
+                dead_letters::send(
                     &self.inner,
                     &self.envelope,
                     &self.source,

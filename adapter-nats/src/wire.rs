@@ -55,18 +55,6 @@ pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// with line breaks as spaces, trimmed. Named `bus-nats-original-<attribute>` (`ce-type`, …).
 pub const ORIGINAL_PREFIX: &str = "bus-nats-original-";
 const ESCAPED: &str = "bus-esc-";
-/// The prefix of the notes this adapter adds to a dead letter.
-pub(crate) const NOTE_PREFIX: &str = "bus-nats-";
-/// On a dead letter only: how many of its headers were left out because the dead letter
-/// would otherwise exceed the server's `max_payload` (the largest go first).
-pub const DROPPED_HEADERS: &str = "bus-nats-dropped-headers";
-/// On a dead letter only: set when its id, kind, key, content type, correlation or causation
-/// id were cut to this many bytes (with `…`), because its headers would otherwise exceed the
-/// 64 KiB JetStream stores.
-pub const SHORTENED_ATTRIBUTES: &str = "bus-nats-shortened-attributes";
-/// On a dead letter only: the payload's length before its end was cut off to fit the server's
-/// `max_payload` (after every header that could go had gone).
-pub const TRUNCATED_PAYLOAD: &str = "bus-nats-truncated-payload";
 
 /// The NATS headers carrying `envelope`.
 ///
@@ -218,6 +206,13 @@ fn pct_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The bytes one user header takes on the wire, escaped as [`encode`] writes it.
+pub(crate) fn user_header_len(name: &str, value: &str) -> usize {
+    let mut map = HeaderMap::new();
+    user_header(&mut map, name, value);
+    header_len(&map) - header_len(&HeaderMap::new())
+}
+
 /// The bytes the headers take on the wire (`NATS/1.0\r\n`, `name: value\r\n` each, `\r\n`),
 /// which the server counts against its max_payload together with the body.
 pub(crate) fn header_len(map: &HeaderMap) -> usize {
@@ -271,8 +266,10 @@ pub(crate) fn decode(
             }
         }
     }
-    // The client's map has no order: sort, so that a derived id is the same every time.
-    fields.sort();
+    // The client's map has no order between names: sort by name, so that a derived id is the
+    // same every time, keeping the values of a repeated header in the order received (the
+    // last one wins).
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
     let problem = match status {
         Some((code, description)) if code != StatusCode::OK => Some(format!(
             "the message carries the status line `{}`, which only the server may send",
@@ -325,6 +322,10 @@ pub(crate) fn decode_raw(
 /// the whole connection instead of the message, so such a message must never be delivered to
 /// it again.
 pub(crate) fn client_cannot_read(block: &[u8]) -> Option<String> {
+    if block.is_empty() {
+        // A message stored without headers: nothing for the client to read.
+        return None;
+    }
     let Ok(text) = std::str::from_utf8(block) else {
         return Some("the header block is not UTF-8".to_owned());
     };
@@ -574,6 +575,15 @@ mod tests {
     }
 
     #[test]
+    fn the_last_value_of_a_repeated_header_wins() {
+        let mut map = HeaderMap::new();
+        map.append("x-twice", "zzz first");
+        map.append("x-twice", "aaa last");
+        let got = decode(Some(&map), None, Bytes::new(), defaults(Some("s:1")));
+        assert_eq!(got.envelope.header("x-twice"), Some("aaa last"));
+    }
+
+    #[test]
     fn foreign_oddities_are_read_leniently() {
         let mut map = HeaderMap::new();
         map.insert("ce-time", "not a time");
@@ -628,7 +638,8 @@ mod tests {
             (b"NATS/1.0\r\nbad name: v\r\n\r\n", false),
             (b"NATS/1.0 abc\r\n\r\n", false),
             (b"GARBAGE\r\n\r\n", false),
-            (b"", false),
+            // A message stored without headers: `STREAM.MSG.GET` has no block for it.
+            (b"", true),
         ] {
             assert_eq!(
                 client_cannot_read(block).is_none(),
