@@ -14,8 +14,9 @@
 //! | `headers` | as they are (`traceparent`, `tracestate` included) |
 //! | `payload` | the message body |
 //!
-//! A user header whose name would be read back as something else (it starts with `ce-`, is
-//! `content-type` in any case, or starts with `bus-esc-`), whose name NATS cannot carry (bytes
+//! A user header whose name would be read back as something else or mean something to
+//! JetStream (it starts with `ce-` or `Nats-` in any case, is `content-type` in any case, or
+//! starts with `bus-esc-`), whose name NATS cannot carry (bytes
 //! outside `!`..`~`, or `:`), or whose value NATS would alter (CR or LF, leading or trailing
 //! whitespace) travels as `bus-esc-<name>` with name and value percent-encoded, and is decoded
 //! on receipt. Every other header is written exactly as named.
