@@ -56,6 +56,7 @@ impl std::fmt::Debug for Inner {
 
 impl Inner {
     pub(crate) async fn connect(config: SqsConfig) -> Result<Self> {
+        config.check_max_message_bytes()?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(endpoint) = &config.endpoint {
             loader = loader.endpoint_url(endpoint);

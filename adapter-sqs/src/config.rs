@@ -21,6 +21,11 @@ pub type SqsConfigHook =
 /// SQS's largest message: body plus message attributes (names, types and values), in bytes.
 pub const SQS_MAX_MESSAGE_BYTES: usize = 262_144;
 
+/// The smallest [`SqsConfig::max_message_bytes`] accepted: a dead letter cut to its last
+/// resort (every `bus-dlq-*` header, the trace context and the envelope fields shortened)
+/// always fits in it, so no message is left that can be neither handled nor dead-lettered.
+pub const SQS_MIN_MESSAGE_BYTES: usize = 16 * 1024;
+
 /// The longest a message can be kept invisible: SQS's limit of 12 hours, in seconds.
 pub const SQS_MAX_VISIBILITY_SECS: u32 = 43_200;
 
@@ -87,7 +92,9 @@ pub struct SqsConfig {
     /// The CloudEvents `source` attribute of published messages.
     pub source: String,
     /// The largest message accepted, in bytes, counting the body (after encoding) and every
-    /// message attribute. Larger messages fail with `PayloadTooLarge` before they are sent.
+    /// message attribute. Larger messages fail with `PayloadTooLarge` before they are sent;
+    /// dead letters are cut to fit. At least [`SQS_MIN_MESSAGE_BYTES`] (connecting with less
+    /// fails with `ErrorKind::Config`).
     pub max_message_bytes: usize,
     /// Adjusts the AWS configuration loader (code only, not serde).
     #[serde(skip)]
@@ -247,8 +254,8 @@ impl SqsConfig {
                 "name_prefix" => self.name_prefix = value.into_owned(),
                 "source" => self.source = value.into_owned(),
                 "max_message_bytes" => {
-                    self.max_message_bytes =
-                        usize::try_from(number()?).unwrap_or(SQS_MAX_MESSAGE_BYTES);
+                    self.max_message_bytes = usize::try_from(number()?).unwrap_or(usize::MAX);
+                    self.check_max_message_bytes()?;
                 }
                 "tls" => tls = flag()?,
                 other => {
@@ -388,6 +395,30 @@ impl SqsConfig {
         self
     }
 
+    /// Sets the largest message accepted (see
+    /// [`max_message_bytes`](Self::max_message_bytes)); connecting fails when it is below
+    /// [`SQS_MIN_MESSAGE_BYTES`].
+    #[must_use]
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// Checks what the builders and serde cannot refuse on their own.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a `max_message_bytes` below [`SQS_MIN_MESSAGE_BYTES`].
+    pub(crate) fn check_max_message_bytes(&self) -> Result<()> {
+        if self.max_message_bytes < SQS_MIN_MESSAGE_BYTES {
+            return Err(Error::config(format!(
+                "SQS: `max_message_bytes` is {}, below the minimum of {SQS_MIN_MESSAGE_BYTES} \
+                 (a dead letter must always fit)",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn visibility(&self) -> i32 {
         i32::try_from(self.visibility_timeout_secs.min(SQS_MAX_VISIBILITY_SECS)).unwrap_or(30)
     }
@@ -413,6 +444,22 @@ mod tests {
         let err = SqsConfig::from_url("sqs://h?colour=blue").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
         assert!(SqsConfig::from_url("nats://h").is_err());
+    }
+
+    /// Before: any size was taken, and below the dead-letter headers a dead letter could not
+    /// be cut to fit.
+    #[test]
+    fn max_message_bytes_has_a_minimum() {
+        let err = SqsConfig::from_url("sqs://h?max_message_bytes=1000").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("16384"), "{err}");
+        let c = SqsConfig::from_url("sqs://h?max_message_bytes=16384").unwrap();
+        assert_eq!(c.max_message_bytes, SQS_MIN_MESSAGE_BYTES);
+        let small = SqsConfig::default().with_max_message_bytes(100);
+        assert_eq!(
+            small.check_max_message_bytes().unwrap_err().kind(),
+            ErrorKind::Config
+        );
     }
 
     #[test]

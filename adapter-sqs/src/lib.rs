@@ -42,6 +42,7 @@ mod wire;
 
 pub use config::{
     LoaderHook, SqsConfig, SqsConfigHook, SQS_MAX_MESSAGE_BYTES, SQS_MAX_VISIBILITY_SECS,
+    SQS_MIN_MESSAGE_BYTES,
 };
 pub use publisher::SqsBroker;
 
@@ -63,7 +64,7 @@ pub const TRACKING_ISSUE: u32 = 7;
 pub mod attributes {
     pub use crate::wire::{
         BODY_ENCODING, CAUSATION_ID, CE_ID, CE_SOURCE, CE_SPECVERSION, CE_TIME, CE_TYPE,
-        CONTENT_TYPE, CORRELATION_ID, DLQ_TRUNCATED, PACKED, PARTITION_KEY, REPLY_TO,
+        CONTENT_TYPE, CORRELATION_ID, PACKED, PARTITION_KEY, REPLY_TO,
     };
 }
 

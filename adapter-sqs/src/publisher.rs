@@ -42,7 +42,9 @@ impl SqsBroker {
     ///
     /// # Errors
     /// [`ErrorKind::Connection`] when SQS cannot be reached, [`ErrorKind::Config`] when it
-    /// refuses the credentials.
+    /// refuses the credentials or `max_message_bytes` is below [`SQS_MIN_MESSAGE_BYTES`].
+    ///
+    /// [`SQS_MIN_MESSAGE_BYTES`]: crate::SQS_MIN_MESSAGE_BYTES
     pub async fn connect_with(config: SqsConfig) -> Result<Self> {
         let inner = Arc::new(Inner::connect(config).await?);
         Ok(Self {

@@ -170,7 +170,13 @@ async fn poll_replies(
         let mut entries = Vec::new();
         for (i, message) in out.messages().iter().enumerate() {
             let decoded = wire::decode(wire::Received::from_message(message));
-            if decoded.undecodable.is_none() {
+            if let Some(reason) = &decoded.undecodable {
+                tracing::warn!(
+                    id = %decoded.envelope.id,
+                    %reason,
+                    "undecodable reply, dropped (its requester times out)"
+                );
+            } else {
                 let reply = decoded.envelope;
                 let waiter = {
                     let mut pending = pending.lock().expect("pending replies");
@@ -254,10 +260,16 @@ impl RequestSource for SqsRequests {
             };
             let mut envelope = delivery.envelope().clone();
             let reply_to = envelope.headers.remove(REPLY_TO);
+            let undecodable = delivery.undecodable().map(str::to_owned);
             // A request is taken once: deleted as it is handed out (a requester that gets no
             // reply times out).
             if let Err(e) = delivery.ack().await {
                 return Some(Err(e.into()));
+            }
+            if let Some(reason) = undecodable {
+                // Requests have no dead-letter queue: the requester times out.
+                tracing::warn!(id = %envelope.id, %reason, "undecodable request, skipped");
+                continue;
             }
             let Some(reply_to) = reply_to else {
                 tracing::warn!(id = %envelope.id, "request without a reply queue dropped");

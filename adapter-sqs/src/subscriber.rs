@@ -170,11 +170,8 @@ impl Poller {
                         }
                         continue;
                     }
-                    let deliveries: Vec<_> = out
-                        .messages()
-                        .iter()
-                        .map(|m| Ok(self.delivery(m)))
-                        .collect();
+                    let deliveries: Vec<_> =
+                        out.messages().iter().map(|m| self.delivery(m)).collect();
                     let gate = self.gate.lock().expect("subscription gate");
                     if *gate {
                         drop(gate);
@@ -183,7 +180,7 @@ impl Poller {
                         return;
                     }
                     for (delivery, permit) in deliveries.into_iter().zip(permits) {
-                        permit.send(delivery);
+                        permit.send(Ok(delivery));
                     }
                 }
                 Err(e) => {

@@ -24,7 +24,8 @@
 //! that order, and when they are more than the slots left, the last slot holds `bus-packed`
 //! with the remainder. Attributes whose name or value SQS would refuse (other characters, an
 //! empty value), required ones included, always go to `bus-packed`. A header whose name is one
-//! of the names above, or starts with `ce-` or `bus-header-`, travels as `bus-header-<name>`.
+//! of the names above, or starts with `ce-` or `bus-header-`, travels as `bus-header-<name>`
+//! (and only such a `bus-header-<name>` is read back as `<name>`).
 //! An envelope with an empty id or correlation id is refused: a reader takes a missing or
 //! empty id for the SQS message id.
 //!
@@ -37,7 +38,7 @@
 //! does not match the body) makes the message undecodable, with the raw body as payload and the
 //! attributes kept as headers, for the consumer to dead-letter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
@@ -69,8 +70,6 @@ pub const PACKED: &str = "bus-packed";
 pub const BODY_ENCODING: &str = "bus-body-encoding";
 /// The reply queue URL of a request.
 pub const REPLY_TO: &str = "bus-reply-to";
-/// A header set on a dead letter that had to be cut to fit SQS's size limit: what was cut.
-pub const DLQ_TRUNCATED: &str = "bus-dlq-truncated";
 const HEADER_ESCAPE: &str = "bus-header-";
 const EMPTY_BODY: &str = "(empty)";
 /// SQS's limit on message attributes per message.
@@ -342,8 +341,10 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
     let mut problems: Vec<String> = Vec::new();
     // Wire attributes that could not be read, kept for the dead letter.
     let mut kept = Headers::new();
-    let mut attributes: HashMap<String, String> = HashMap::new();
-    let mut binary: Vec<(String, Vec<u8>)> = Vec::new();
+    // Sorted, so that what a forged message makes of colliding names is the same on every
+    // redelivery (SQS hands the attributes out in no particular order).
+    let mut attributes: BTreeMap<String, String> = BTreeMap::new();
+    let mut binary: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (name, value) in received.attributes {
         match value {
             AttributeValue::Text(text) => {
@@ -353,12 +354,14 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
                 Ok(text) => {
                     attributes.insert(name, text);
                 }
-                Err(e) => binary.push((name, e.into_bytes())),
+                Err(e) => {
+                    binary.insert(name, e.into_bytes());
+                }
             },
         }
     }
     if let Some(packed) = attributes.remove(PACKED) {
-        match serde_json::from_str::<HashMap<String, String>>(&packed) {
+        match serde_json::from_str::<BTreeMap<String, String>>(&packed) {
             Ok(entries) => attributes.extend(entries),
             Err(e) => {
                 problems.push(format!(
@@ -453,23 +456,42 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
     }
 }
 
+/// The header name of an attribute: `bus-header-<name>` is `<name>` only when `encode` would
+/// have escaped `<name>`, so that escaping is one-to-one.
 fn unescape(name: String) -> String {
     match name.strip_prefix(HEADER_ESCAPE) {
-        Some(original) => original.to_owned(),
-        None => name,
+        Some(original) if is_reserved_header(original) => original.to_owned(),
+        _ => name,
     }
 }
 
-/// How much of the reason a dead letter keeps when it has to be cut to fit.
+/// How much of the reason a dead letter keeps when values have to be shortened.
 const CUT_REASON: usize = 4096;
-/// How much of each envelope field a dead letter keeps when it has to be cut to fit.
-const CUT_FIELD: usize = 1024;
+/// How much of any other value a dead letter keeps when values have to be shortened.
+const CUT_VALUE: usize = 1024;
+/// The longest [`headers::TRUNCATED`] note: past it, the rest of the list is only counted.
+const NOTE_BUDGET: usize = 2048;
+/// The last resort shortens every value to this, then to half of it, …
+const LAST_RESORT: usize = 512;
+/// … down to this.
+const LAST_RESORT_FLOOR: usize = 8;
 
 /// Encodes a dead letter so that SQS takes it whatever the message carried, since a message
 /// that can be neither handled nor dead-lettered would come back forever. Over `max_bytes` it
-/// is cut until it fits: first the application headers are dropped and a reason over 4 KiB is
-/// cut to 4 KiB, the largest first; then the id, kind, correlation and causation ids, key and
-/// content type are cut to 1 KiB each; then the payload. [`DLQ_TRUNCATED`] then says what was cut. Returns the envelope as sent.
+/// is cut, measured again after each step, until it fits:
+///
+/// 1. values over 1 KiB (header values, id, kind, correlation and causation ids, key, content
+///    type; the reason over 4 KiB) are shortened to that, the largest first;
+/// 2. application headers are dropped, the largest first; never those
+///    [`mark`](bus_core::middleware::dead_letter::mark) writes, the trace context,
+///    `bus-raw-time` and `bus-binary-headers`;
+/// 3. the payload is cut;
+/// 4. as a last resort every value left, those headers and the source included, is shortened
+///    to 512 bytes, then 256, and so on, which fits in [`SQS_MIN_MESSAGE_BYTES`].
+///
+/// [`headers::TRUNCATED`] then lists what was cut. Returns the envelope as sent.
+///
+/// [`SQS_MIN_MESSAGE_BYTES`]: crate::SQS_MIN_MESSAGE_BYTES
 pub(crate) fn encode_dead_letter(
     mut dead: Envelope,
     source: &str,
@@ -481,150 +503,47 @@ pub(crate) fn encode_dead_letter(
     if dead.correlation_id.as_str().is_empty() {
         dead.correlation_id = dead.id.clone();
     }
-    let mut cut = Cut::default();
-    let mut stage = 0;
+    let mut source = source.to_owned();
+    let mut cut = Cut::new(dead.headers.remove(headers::TRUNCATED));
+    let mut stage = Stage::Oversized;
     loop {
-        let candidate = cut.note(&dead, max_bytes);
-        let wire = build(&candidate, source, &[]);
+        let candidate = cut.noted(&dead);
+        let wire = build(&candidate, &source, &[]);
         let over = wire.size().saturating_sub(max_bytes);
         if over == 0 {
             return (candidate, wire);
         }
-        match stage {
-            // The largest first: application headers are dropped, a reason over 4 KiB is cut.
-            0 => {
-                let mut largest: Vec<(usize, String)> = dead
-                    .headers
-                    .iter()
-                    .filter_map(|(name, value)| match name.as_str() {
-                        headers::DLQ_REASON if !cut.reason && value.len() > CUT_REASON => {
-                            Some((value.len() - CUT_REASON, name.clone()))
-                        }
-                        name if is_dead_letter_header(name) => None,
-                        _ => Some((name.len() + value.len(), name.clone())),
-                    })
-                    .collect();
-                largest.sort_unstable_by(|a, b| b.cmp(a));
-                if largest.is_empty() {
-                    stage = 1;
-                }
-                let mut freed = 0;
-                for (size, name) in largest {
-                    if freed >= over {
-                        break;
-                    }
-                    freed += size;
-                    if name == headers::DLQ_REASON {
-                        if let Some(reason) = dead.headers.get_mut(headers::DLQ_REASON) {
-                            *reason = headers::shorten(reason, CUT_REASON).into_owned();
-                        }
-                        cut.reason = true;
-                    } else {
-                        dead.headers.remove(&name);
-                        cut.headers += 1;
-                        cut.header_bytes += size;
-                    }
-                }
+        stage = match stage {
+            Stage::Oversized if shorten_oversized(&mut dead, &mut cut, over) => stage,
+            Stage::Oversized => Stage::Headers,
+            Stage::Headers if drop_headers(&mut dead, &mut cut, over) => stage,
+            Stage::Headers => Stage::Payload,
+            Stage::Payload if cut_payload(&mut dead, &mut cut, &wire, over) => stage,
+            Stage::Payload => Stage::LastResort(LAST_RESORT),
+            Stage::LastResort(max) if max >= LAST_RESORT_FLOOR => {
+                last_resort(&mut dead, &mut source, &mut cut, max);
+                Stage::LastResort(max / 2)
             }
-            1 => {
-                let shorten = |text: &mut String, cut: &mut bool| {
-                    if text.len() > CUT_FIELD {
-                        *text = headers::shorten(text, CUT_FIELD).into_owned();
-                        *cut = true;
-                    }
-                };
-                let mut id = dead.id.to_string();
-                shorten(&mut id, &mut cut.fields);
-                dead.id = id.into();
-                let mut correlation = dead.correlation_id.to_string();
-                shorten(&mut correlation, &mut cut.fields);
-                dead.correlation_id = correlation.into();
-                if let Some(causation) = &dead.causation_id {
-                    let mut causation = causation.to_string();
-                    shorten(&mut causation, &mut cut.fields);
-                    dead.causation_id = Some(causation.into());
-                }
-                shorten(&mut dead.kind, &mut cut.fields);
-                for field in [&mut dead.key, &mut dead.content_type]
-                    .into_iter()
-                    .flatten()
-                {
-                    shorten(field, &mut cut.fields);
-                }
-                stage += 1;
-            }
-            2 if !dead.payload.is_empty() => {
-                let base64 = wire
-                    .attributes
-                    .iter()
-                    .any(|(n, v)| n == BODY_ENCODING && v == "base64");
-                let drop = if base64 { over / 4 * 3 + 3 } else { over };
-                let mut keep = dead.payload.len().saturating_sub(drop.max(1));
-                if let Ok(text) = std::str::from_utf8(&dead.payload) {
-                    while !text.is_char_boundary(keep) {
-                        keep -= 1;
-                    }
-                }
-                cut.payload.get_or_insert(dead.payload.len());
-                dead.payload = dead.payload.slice(..keep);
-            }
-            // Nothing left to cut (a limit below the dead-letter headers): SQS refuses it.
-            _ => return (candidate, wire),
-        }
+            // Nothing left to cut: only a limit far below the minimum gets here.
+            Stage::LastResort(_) => return (candidate, wire),
+        };
     }
 }
 
-/// What [`encode_dead_letter`] cut.
-#[derive(Debug, Default)]
-struct Cut {
-    reason: bool,
-    headers: usize,
-    header_bytes: usize,
-    fields: bool,
-    /// The payload's size before it was cut.
-    payload: Option<usize>,
+/// The steps of [`encode_dead_letter`].
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Oversized,
+    Headers,
+    Payload,
+    /// Every value cut to this many bytes.
+    LastResort(usize),
 }
 
-impl Cut {
-    /// `dead` with the [`DLQ_TRUNCATED`] note, if anything was cut.
-    fn note(&self, dead: &Envelope, max_bytes: usize) -> Envelope {
-        let mut parts = Vec::new();
-        if self.reason {
-            parts.push(format!("reason cut to {CUT_REASON} bytes"));
-        }
-        if self.headers > 0 {
-            parts.push(format!(
-                "{} headers dropped ({} bytes)",
-                self.headers, self.header_bytes
-            ));
-        }
-        if self.fields {
-            parts.push(format!(
-                "id, kind, correlation and causation ids, key and content type cut to \
-                 {CUT_FIELD} bytes"
-            ));
-        }
-        if let Some(before) = self.payload {
-            parts.push(format!(
-                "payload cut from {before} to {} bytes",
-                dead.payload.len()
-            ));
-        }
-        let mut dead = dead.clone();
-        if !parts.is_empty() {
-            dead.headers.insert(
-                DLQ_TRUNCATED.into(),
-                format!(
-                    "cut to fit SQS's limit of {max_bytes} bytes: {}",
-                    parts.join("; ")
-                ),
-            );
-        }
-        dead
-    }
-}
-
-fn is_dead_letter_header(name: &str) -> bool {
+/// Headers a dead letter keeps until the last resort: those `mark` writes (not foreign ones
+/// that merely start with `bus-dlq-`), the trace context, and those that say how to read the
+/// rest.
+fn is_protected(name: &str) -> bool {
     [
         headers::DLQ_REASON,
         headers::DLQ_ORIGINAL_TOPIC,
@@ -632,9 +551,296 @@ fn is_dead_letter_header(name: &str) -> bool {
         headers::DLQ_ATTEMPTS,
         headers::DLQ_FIRST_FAILURE,
         headers::DLQ_DEAD_LETTERED_AT,
-        DLQ_TRUNCATED,
+        headers::TRUNCATED,
+        headers::TRACEPARENT,
+        headers::TRACESTATE,
+        headers::RAW_TIME,
+        headers::BINARY_HEADERS,
     ]
     .contains(&name)
+}
+
+/// At most `max` bytes of `text`, `…` included, when it is longer.
+fn cut_to(text: &str, max: usize) -> Option<String> {
+    (text.len() > max)
+        .then(|| headers::shorten(text, max.saturating_sub('…'.len_utf8())).into_owned())
+}
+
+/// Step 1: shortens values over their limit, the largest first, until about `over` bytes are
+/// freed. `false` when none is over.
+fn shorten_oversized(dead: &mut Envelope, cut: &mut Cut, over: usize) -> bool {
+    let mut parts: Vec<(usize, Part)> = Field::ALL
+        .into_iter()
+        .filter_map(|field| {
+            let len = field.get(dead)?.len();
+            (len > CUT_VALUE).then(|| (len - CUT_VALUE, Part::Field(field)))
+        })
+        .collect();
+    for (name, value) in &dead.headers {
+        let keep = match name.as_str() {
+            headers::DLQ_REASON => CUT_REASON,
+            name if is_protected(name) => continue,
+            _ => CUT_VALUE,
+        };
+        if value.len() > keep {
+            parts.push((value.len() - keep, Part::Header(name.clone(), keep)));
+        }
+    }
+    if parts.is_empty() {
+        return false;
+    }
+    parts.sort_unstable_by(|a, b| b.cmp(a));
+    let mut freed = 0;
+    for (size, part) in parts {
+        if freed >= over {
+            break;
+        }
+        freed += size;
+        match part {
+            Part::Field(field) => field.shorten(dead, CUT_VALUE, cut),
+            Part::Header(name, keep) => cut.shorten_header(dead, &name, keep),
+        }
+    }
+    true
+}
+
+/// Step 2: drops application headers, the largest first, until about `over` bytes are freed.
+/// `false` when none is left.
+fn drop_headers(dead: &mut Envelope, cut: &mut Cut, over: usize) -> bool {
+    let mut droppable: Vec<(usize, String)> = dead
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_protected(name))
+        .map(|(name, value)| (name.len() + value.len(), name.clone()))
+        .collect();
+    if droppable.is_empty() {
+        return false;
+    }
+    droppable.sort_unstable_by(|a, b| b.cmp(a));
+    let mut freed = 0;
+    for (size, name) in droppable {
+        if freed >= over {
+            break;
+        }
+        freed += size;
+        dead.headers.remove(&name);
+        cut.dropped(&name);
+    }
+    true
+}
+
+/// Step 3: cuts about `over` bytes of the payload. `false` when it is empty.
+fn cut_payload(dead: &mut Envelope, cut: &mut Cut, wire: &Wire, over: usize) -> bool {
+    if dead.payload.is_empty() {
+        return false;
+    }
+    let base64 = wire
+        .attributes
+        .iter()
+        .any(|(n, v)| n == BODY_ENCODING && v == "base64");
+    let drop = if base64 { over / 4 * 3 + 3 } else { over };
+    let mut keep = dead.payload.len().saturating_sub(drop.max(1));
+    if let Ok(text) = std::str::from_utf8(&dead.payload) {
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    cut.payload.get_or_insert(dead.payload.len());
+    dead.payload = dead.payload.slice(..keep);
+    true
+}
+
+/// Step 4: every value left, protected headers and the source included, cut to `max` bytes.
+fn last_resort(dead: &mut Envelope, source: &mut String, cut: &mut Cut, max: usize) {
+    for field in Field::ALL {
+        field.shorten(dead, max, cut);
+    }
+    let names: Vec<String> = dead.headers.keys().cloned().collect();
+    for name in names {
+        cut.shorten_header(dead, &name, max);
+    }
+    if let Some(short) = cut_to(source, max) {
+        *source = short;
+        cut.add("source".to_owned());
+    }
+    cut.budget = max;
+}
+
+/// Something step 1 can shorten.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Field(Field),
+    /// A header, and how much of it to keep.
+    Header(String, usize),
+}
+
+/// An envelope field a dead letter may have to shorten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Field {
+    Id,
+    Kind,
+    CorrelationId,
+    CausationId,
+    Key,
+    ContentType,
+}
+
+impl Field {
+    const ALL: [Self; 6] = [
+        Self::Id,
+        Self::Kind,
+        Self::CorrelationId,
+        Self::CausationId,
+        Self::Key,
+        Self::ContentType,
+    ];
+
+    /// Its item in the [`headers::TRUNCATED`] list (`id`, `kind` and `key` are the common ones).
+    fn noted(self) -> &'static str {
+        match self {
+            Self::Id => "id",
+            Self::Kind => "kind",
+            Self::CorrelationId => "correlation-id",
+            Self::CausationId => "causation-id",
+            Self::Key => "key",
+            Self::ContentType => "content-type",
+        }
+    }
+
+    fn get(self, envelope: &Envelope) -> Option<&str> {
+        match self {
+            Self::Id => Some(envelope.id.as_str()),
+            Self::Kind => Some(&envelope.kind),
+            Self::CorrelationId => Some(envelope.correlation_id.as_str()),
+            Self::CausationId => envelope.causation_id.as_ref().map(MessageId::as_str),
+            Self::Key => envelope.key.as_deref(),
+            Self::ContentType => envelope.content_type.as_deref(),
+        }
+    }
+
+    /// Cuts it to `max` bytes if it is longer, noting it in `cut`.
+    fn shorten(self, envelope: &mut Envelope, max: usize, cut: &mut Cut) {
+        let Some(short) = self.get(envelope).and_then(|value| cut_to(value, max)) else {
+            return;
+        };
+        match self {
+            Self::Id => envelope.id = short.into(),
+            Self::Kind => envelope.kind = short,
+            Self::CorrelationId => envelope.correlation_id = short.into(),
+            Self::CausationId => envelope.causation_id = Some(short.into()),
+            Self::Key => envelope.key = Some(short),
+            Self::ContentType => envelope.content_type = Some(short),
+        }
+        cut.add(self.noted().to_owned());
+    }
+}
+
+/// What [`encode_dead_letter`] cut, for the [`headers::TRUNCATED`] note.
+#[derive(Debug)]
+struct Cut {
+    /// The note the message arrived with: its items come first.
+    earlier: Option<String>,
+    /// `header:<name>`, `value:<name>`, `id`, …, in the order they were cut.
+    items: Vec<String>,
+    /// The payload's size before it was cut.
+    payload: Option<usize>,
+    /// The longest note; items past it are only counted (`more:<n>`).
+    budget: usize,
+}
+
+impl Cut {
+    fn new(earlier: Option<String>) -> Self {
+        Self {
+            earlier,
+            items: Vec::new(),
+            payload: None,
+            budget: NOTE_BUDGET,
+        }
+    }
+
+    fn add(&mut self, item: String) {
+        if !self.items.contains(&item) {
+            self.items.push(item);
+        }
+    }
+
+    fn shorten_header(&mut self, dead: &mut Envelope, name: &str, max: usize) {
+        // A base64 value (see `bus-binary-headers`) is cut to whole groups, so it still decodes.
+        let base64 = dead
+            .headers
+            .get(name)
+            .is_some_and(|value| value.len() > max && value.is_ascii())
+            && headers::binary_header_names(&dead.headers)
+                .iter()
+                .any(|n| n == name);
+        let Some(value) = dead.headers.get_mut(name) else {
+            return;
+        };
+        let short = if base64 {
+            Some(value[..max / 4 * 4].to_owned())
+        } else {
+            cut_to(value, max)
+        };
+        if let Some(short) = short {
+            *value = short;
+            self.add(format!("value:{}", escape_listed(name)));
+        }
+    }
+
+    fn dropped(&mut self, name: &str) {
+        let name = escape_listed(name);
+        let shortened = format!("value:{name}");
+        self.items.retain(|item| *item != shortened);
+        self.items.push(format!("header:{name}"));
+    }
+
+    /// `dead` with the note, once anything was cut (before, with the note it arrived with).
+    fn noted(&self, dead: &Envelope) -> Envelope {
+        let mut dead = dead.clone();
+        let untouched = self.items.is_empty() && self.payload.is_none();
+        if untouched && self.budget == NOTE_BUDGET {
+            if let Some(earlier) = &self.earlier {
+                dead.headers
+                    .insert(headers::TRUNCATED.into(), earlier.clone());
+            }
+            return dead;
+        }
+        let payload = self
+            .payload
+            .map(|before| format!("payload:{before}->{}", dead.payload.len()));
+        let items = (self.earlier.iter().flat_map(|earlier| earlier.split(',')))
+            .chain(payload.as_deref())
+            .chain(self.items.iter().map(String::as_str))
+            .filter(|item| !item.is_empty());
+        let mut note = String::new();
+        let mut more = 0;
+        for item in items {
+            if more == 0 && note.len() + 1 + item.len() <= self.budget {
+                if !note.is_empty() {
+                    note.push(',');
+                }
+                note.push_str(item);
+            } else {
+                more += 1;
+            }
+        }
+        if more > 0 {
+            if !note.is_empty() {
+                note.push(',');
+            }
+            note.push_str(&format!("more:{more}"));
+        }
+        if !note.is_empty() {
+            dead.headers.insert(headers::TRUNCATED.into(), note);
+        }
+        dead
+    }
+}
+
+/// A header name as a [`headers::TRUNCATED`] item: `%` and `,` escaped, as in
+/// `bus-binary-headers`.
+fn escape_listed(name: &str) -> String {
+    name.replace('%', "%25").replace(',', "%2C")
 }
 
 fn non_empty(value: &str, default: &str) -> String {
@@ -676,6 +882,7 @@ fn valid_value(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SQS_MIN_MESSAGE_BYTES;
     use bus_core::conformance::arbitrary;
     use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
     use proptest::prelude::*;
@@ -888,11 +1095,155 @@ mod tests {
         assert!(wire.size() <= LIMIT, "{}", wire.size());
         assert_eq!(refusal(&wire), None);
         assert_eq!(sent.id.as_str(), "big-one");
-        assert_eq!(sent.header("blob"), None);
-        let note = sent.header(DLQ_TRUNCATED).unwrap();
-        assert!(note.contains("1 headers dropped"), "{note}");
-        assert!(!note.contains("reason"), "{note}");
+        let blob = sent.header("blob").unwrap();
+        assert_eq!(blob.len(), 1024);
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .unwrap();
+        assert_eq!(decoded, vec![0xff; 768]);
+        assert_eq!(sent.header(headers::TRUNCATED), Some("value:blob"));
+        assert_eq!(sent.header(headers::DLQ_REASON).map(str::len), Some(20_000));
         assert_eq!(sent.payload.as_ref(), b"body");
+    }
+
+    /// Before: a header named `bus-header-x` lost its prefix whatever `x` was, so a message
+    /// carrying both `x` and `bus-header-x` got one value for `x`, which one depending on the
+    /// order SQS listed them in.
+    #[test]
+    fn escaping_is_one_to_one_and_collisions_are_stable() {
+        let pairs = [
+            ("x", "plain"),
+            ("bus-header-x", "prefixed"),
+            ("ce-subject", "raw"),
+            ("bus-header-ce-subject", "escaped"),
+        ];
+        let mut reversed = pairs;
+        reversed.reverse();
+        let forward = decode(raw("b", &pairs)).envelope;
+        let backward = decode(raw("b", &reversed)).envelope;
+        assert_eq!(forward.header("x"), Some("plain"));
+        assert_eq!(forward.header("bus-header-x"), Some("prefixed"));
+        assert_eq!(forward.headers, backward.headers);
+        // Binary attributes are listed in the same order whatever the order received.
+        let binary = |names: &[&str]| {
+            let mut r = raw("b", &[]);
+            for name in names {
+                r.attributes
+                    .push(((*name).into(), AttributeValue::Binary(vec![0xff])));
+            }
+            decode(r).envelope
+        };
+        assert_eq!(
+            binary(&["a", "b"]).header(headers::BINARY_HEADERS),
+            binary(&["b", "a"]).header(headers::BINARY_HEADERS),
+        );
+        // What bus escapes still reads back.
+        let env = Envelope::new("k", "v")
+            .with_header("bus-header-x", "1")
+            .with_header("ce-subject", "2")
+            .with_header("bus-header-ce-id", "3");
+        let back = decode(received(&encode(&env, "svc", &[], LIMIT).unwrap())).envelope;
+        assert_eq!(back.headers, env.headers);
+    }
+
+    /// Before: headers were dropped the largest first, so the small `bus-binary-headers` and
+    /// `bus-raw-time` went while the values they describe stayed, and the note was prose.
+    #[test]
+    fn dead_letters_keep_the_headers_that_describe_others() {
+        let mut r = raw("body", &[(CE_ID, "many"), (CE_TIME, "yesterday")]);
+        r.attributes
+            .push(("blob".into(), AttributeValue::Binary(vec![0xff, 0xfe])));
+        let mut envelope = decode(r).envelope;
+        envelope
+            .headers
+            .insert(headers::TRACEPARENT.into(), "00-abc-def-01".into());
+        envelope
+            .headers
+            .insert("bus-dlq-foreign".into(), "x".repeat(40));
+        for i in 0..3_000 {
+            envelope.headers.insert(format!("h{i:04}"), "v".into());
+        }
+        let (sent, wire) = encode_dead_letter(
+            mark(envelope, &info("failed")),
+            "svc",
+            SQS_MIN_MESSAGE_BYTES,
+        );
+        assert!(wire.size() <= SQS_MIN_MESSAGE_BYTES, "{}", wire.size());
+        for name in [
+            headers::BINARY_HEADERS,
+            headers::RAW_TIME,
+            headers::TRACEPARENT,
+            headers::DLQ_REASON,
+            headers::DLQ_ATTEMPTS,
+        ] {
+            assert!(sent.header(name).is_some(), "{name} dropped");
+        }
+        assert_eq!(sent.header("bus-dlq-foreign"), None);
+        // Dropped the largest first, and all listed, the last ones only counted.
+        let note = sent.header(headers::TRUNCATED).unwrap();
+        assert!(
+            note.starts_with("header:bus-dlq-foreign,header:blob,header:h2999,"),
+            "{note}"
+        );
+        assert!(note.len() < 2100, "{}", note.len());
+        let listed = note.split(',').filter(|i| i.starts_with("header:")).count();
+        let more: usize = note.rsplit_once(",more:").unwrap().1.parse().unwrap();
+        let kept = sent.headers.keys().filter(|n| n.starts_with('h')).count();
+        assert_eq!(listed + more, 3_002 - kept, "{note}");
+    }
+
+    /// Before: a header over 1 KiB was dropped whole although shortening it was enough.
+    #[test]
+    fn dead_letters_shorten_large_values_before_dropping_headers() {
+        let envelope = Envelope::new("k", "body")
+            .with_header("big", "b".repeat(100_000))
+            .with_header("a,b%", "c".repeat(20_000))
+            .with_header("small", "s");
+        let (sent, wire) = encode_dead_letter(mark(envelope, &info("failed")), "svc", 65_536);
+        assert!(wire.size() <= 65_536);
+        assert_eq!(sent.header("big").map(str::len), Some(1024));
+        assert_eq!(sent.header("a,b%").map(str::len), Some(20_000));
+        assert_eq!(sent.header("small"), Some("s"));
+        assert_eq!(sent.header(headers::TRUNCATED), Some("value:big"));
+        let (sent, _) = encode_dead_letter(sent, "svc", SQS_MIN_MESSAGE_BYTES);
+        assert_eq!(
+            sent.header(headers::TRUNCATED),
+            Some("value:big,value:a%2Cb%25")
+        );
+    }
+
+    /// Before: with protected values larger than the limit, the dead letter came out over it
+    /// and SQS refused it, so the message came back forever.
+    #[test]
+    fn dead_letters_fit_at_the_minimum_whatever_they_carry() {
+        let huge = "\u{1}".repeat(20_000);
+        let mut envelope = Envelope::new(huge.clone(), huge.clone())
+            .with_id(huge.clone())
+            .with_correlation_id(huge.clone())
+            .with_key(huge.clone())
+            .with_content_type(huge.clone());
+        envelope.causation_id = Some(huge.as_str().into());
+        for name in [
+            headers::TRACEPARENT,
+            headers::TRACESTATE,
+            headers::RAW_TIME,
+            headers::BINARY_HEADERS,
+            headers::TRUNCATED,
+        ] {
+            envelope.headers.insert(name.into(), huge.clone());
+        }
+        let info = DeadLetterInfo {
+            reason: &huge,
+            source: &huge,
+            group: Some(&huge),
+            attempts: u32::MAX,
+            first_failure: None,
+        };
+        let (sent, wire) = encode_dead_letter(mark(envelope, &info), &huge, SQS_MIN_MESSAGE_BYTES);
+        assert!(wire.size() <= SQS_MIN_MESSAGE_BYTES, "{}", wire.size());
+        assert_eq!(refusal(&wire), None);
+        assert!(sent.header(headers::DLQ_ATTEMPTS).is_some());
+        assert!(sent.header(headers::TRUNCATED).unwrap().contains("more:"));
     }
 
     fn info(reason: &str) -> DeadLetterInfo<'_> {
@@ -981,20 +1332,42 @@ mod tests {
         );
     }
 
+    /// A value of up to 20,000 bytes, in characters that cost from 1 to 6 bytes on the wire.
+    fn long_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            arbitrary::text(),
+            ("[a-zé\u{1}]", 0..20_000usize).prop_map(|(c, n)| c.repeat(n)),
+        ]
+    }
+
     #[test]
     fn property_dead_letter_always_fits() {
-        const SMALL: usize = 16 * 1024;
+        let protected = proptest::collection::vec(
+            proptest::sample::select(vec![
+                headers::TRACEPARENT,
+                headers::TRACESTATE,
+                headers::RAW_TIME,
+                headers::BINARY_HEADERS,
+                headers::TRUNCATED,
+            ]),
+            0..5,
+        );
         let strategy = (
-            raw_message(),
-            arbitrary::envelope(),
-            prop_oneof![arbitrary::text(), "[a-z ]{3000,20000}"],
+            (raw_message(), arbitrary::envelope()),
+            (long_value(), long_value(), long_value()),
             proptest::collection::vec("[a-z]{100,3000}", 0..8),
+            (protected, long_value()),
         );
         arbitrary::check(
             "adapter-sqs dead_letter_always_fits",
             256,
             strategy,
-            |((body, attributes, message_id), envelope, reason, big)| {
+            |(
+                ((body, attributes, message_id), envelope),
+                (reason, topic, field),
+                big,
+                (names, value),
+            )| {
                 let message = Received {
                     body: &body,
                     attributes,
@@ -1005,9 +1378,25 @@ mod tests {
                     for (i, value) in big.iter().enumerate() {
                         envelope.headers.insert(format!("big-{i}"), value.clone());
                     }
-                    let dead = mark(envelope, &info(&reason));
-                    let (sent, wire) = encode_dead_letter(dead, "svc", SMALL);
-                    prop_assert!(wire.size() <= SMALL, "{} bytes", wire.size());
+                    for name in &names {
+                        envelope.headers.insert((*name).into(), value.clone());
+                    }
+                    if !field.is_empty() {
+                        envelope.kind.clone_from(&field);
+                        envelope.key = Some(field.clone());
+                        envelope.id = field.as_str().into();
+                    }
+                    let info = DeadLetterInfo {
+                        reason: &reason,
+                        source: &topic,
+                        group: Some(&topic),
+                        attempts: 3,
+                        first_failure: None,
+                    };
+                    let dead = mark(envelope, &info);
+                    let max = SQS_MIN_MESSAGE_BYTES;
+                    let (sent, wire) = encode_dead_letter(dead, &topic, max);
+                    prop_assert!(wire.size() <= max, "{} bytes", wire.size());
                     prop_assert_eq!(refusal(&wire), None);
                     let back = decode(received(&wire));
                     prop_assert_eq!(back.undecodable, None);
