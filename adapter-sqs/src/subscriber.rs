@@ -523,6 +523,14 @@ impl DeliverySource for SqsSource {
         }
     }
 
+    /// The visibility timeout each receive sets: the consumer extends it
+    /// ([`Delivery::in_progress`] sets it again from now) while it holds a delivery.
+    fn lease(&self) -> Option<Duration> {
+        Some(Duration::from_secs(
+            self.inner.config.visibility().unsigned_abs().into(),
+        ))
+    }
+
     async fn close(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());

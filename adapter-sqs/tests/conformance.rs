@@ -38,7 +38,10 @@ async fn connect(fifo: bool) -> Option<Harness> {
         // The suite publishes the same envelope again on purpose and expects every copy
         // delivered (idempotency_under_injected_duplicates); deduplication by envelope id, the
         // default, would drop them: tests/wire.rs covers it.
-        .with_fifo_dedup_by_id(false);
+        .with_fifo_dedup_by_id(false)
+        // A short visibility timeout, so that long_handler_is_not_redelivered (a handler three
+        // leases long) fits the case timeout; the consumer extends it while it holds a message.
+        .with_visibility_timeout(Duration::from_secs(8));
     let broker = SqsBroker::connect_with(config)
         .await
         .expect("connect to the test SQS server");
