@@ -259,6 +259,12 @@ impl DeliverySource for PullSource {
         }
     }
 
+    /// The consumer's ack wait: JetStream redelivers a message not acknowledged within it,
+    /// unless told the handler is still working (`+WPI`, [`Delivery::in_progress`]).
+    fn lease(&self) -> Option<Duration> {
+        Some(self.inner.config.ack_wait())
+    }
+
     async fn close(&mut self) -> Result<()> {
         if !self.done {
             self.shutdown().await;

@@ -13,7 +13,10 @@ async fn harness() -> Option<Harness> {
     let config = NatsConfig::from_url(&url)
         .expect("BUS_TEST_NATS_URL is a valid NATS URL")
         // Test topics keep their messages an hour, not for ever.
-        .with_max_age(Duration::from_secs(3600));
+        .with_max_age(Duration::from_secs(3600))
+        // A short ack wait, so that long_handler_is_not_redelivered (a handler three leases
+        // long) runs; the consumer extends it while it holds a message.
+        .with_ack_wait(Duration::from_secs(5));
     let broker = NatsBroker::connect_with(config)
         .await
         .expect("connect to the test NATS server");
