@@ -62,6 +62,23 @@ impl Inner {
         self.closed.subscribe()
     }
 
+    /// Waits until the server has read everything this connection sent so far, such as a
+    /// subscription to `subject`: before that, what other connections publish does not reach
+    /// it, and core NATS keeps nothing for later. `Client::flush` only writes to the socket;
+    /// the server reads a connection in order, so its answer to a request sent now (to an
+    /// inbox nobody serves: "no responders") comes after it has the subscription.
+    pub(crate) async fn confirm_subscription(&self, subject: &str) -> Result<()> {
+        match self
+            .client
+            .request(self.client.new_inbox(), bytes::Bytes::new())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(error::confirm_subscription(e, subject)),
+        }
+    }
+
     /// The server's limit on one message (headers and body together).
     pub(crate) fn max_payload(&self) -> usize {
         self.client.server_info().max_payload

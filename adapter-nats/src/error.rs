@@ -63,6 +63,19 @@ pub(crate) fn subscribe(error: async_nats::SubscribeError, subject: &str) -> Err
     )
 }
 
+/// The server did not answer the round trip that confirms a subscription.
+pub(crate) fn confirm_subscription(error: async_nats::RequestError, subject: &str) -> Error {
+    let kind = match error.kind() {
+        RequestErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(
+        kind,
+        format!("confirming the subscription to NATS subject `{subject}` with the server"),
+        error,
+    )
+}
+
 pub(crate) fn stream(error: CreateStreamError, stream: &str) -> Error {
     let kind = match error.kind() {
         CreateStreamErrorKind::TimedOut => ErrorKind::Timeout,

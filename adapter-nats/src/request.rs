@@ -69,6 +69,7 @@ impl Responder for NatsBroker {
             .queue_subscribe(subject.clone(), group)
             .await
             .map_err(|e| error::subscribe(e, &subject))?;
+        inner.confirm_subscription(&subject).await?;
         Ok(Requests::new(Box::new(Serving {
             inner: inner.clone(),
             closed: inner.closed_signal(),

@@ -628,7 +628,8 @@ impl Settle for JetStreamSettle {
 }
 
 /// A topic on core NATS (`durable=false`): a plain subscription, or a queue group for a
-/// named group.
+/// named group. Returns once the server has it, so that what is published next, from any
+/// connection, reaches it.
 async fn subscribe_core(
     inner: &Arc<Inner>,
     topic: &str,
@@ -645,6 +646,7 @@ async fn subscribe_core(
         None => inner.client.subscribe(subject.clone()).await,
     }
     .map_err(|e| error::subscribe(e, &subject))?;
+    inner.confirm_subscription(&subject).await?;
     Ok(Subscription::new(Box::new(CoreSource {
         inner: inner.clone(),
         closed: inner.closed_signal(),
