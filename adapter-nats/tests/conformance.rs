@@ -14,9 +14,10 @@ async fn harness() -> Option<Harness> {
         .expect("BUS_TEST_NATS_URL is a valid NATS URL")
         // Test topics keep their messages an hour, not for ever.
         .with_max_age(Duration::from_secs(3600))
-        // A short ack wait, so that long_handler_is_not_redelivered (a handler three leases
-        // long) runs; the consumer extends it while it holds a message.
-        .with_ack_wait(Duration::from_secs(5));
+        // An ack wait short enough for long_handler_is_not_redelivered (a handler three leases
+        // long) to run, long enough that messages waiting in the adapter's prefetch buffer
+        // (where no consumer extends them yet) are not redelivered under load.
+        .with_ack_wait(Duration::from_secs(10));
     let broker = NatsBroker::connect_with(config)
         .await
         .expect("connect to the test NATS server");

@@ -39,9 +39,10 @@ async fn connect(fifo: bool) -> Option<Harness> {
         // delivered (idempotency_under_injected_duplicates); deduplication by envelope id, the
         // default, would drop them: tests/wire.rs covers it.
         .with_fifo_dedup_by_id(false)
-        // A short visibility timeout, so that long_handler_is_not_redelivered (a handler three
-        // leases long) fits the case timeout; the consumer extends it while it holds a message.
-        .with_visibility_timeout(Duration::from_secs(8));
+        // A visibility timeout short enough for long_handler_is_not_redelivered (a handler
+        // three leases long) to run, long enough that messages waiting in the adapter's
+        // prefetch buffer (where no consumer extends them yet) are not redelivered under load.
+        .with_visibility_timeout(Duration::from_secs(15));
     let broker = SqsBroker::connect_with(config)
         .await
         .expect("connect to the test SQS server");
