@@ -49,7 +49,8 @@ cargo test -q --workspace --all-features property_ -- --nocapture >"$property_lo
     cat "$property_log"
     exit 1
 }
-grep -E '^property ' "$property_log"
+# `-q` prints a dot per test on the same line as the output, hence -o.
+grep -oE 'property .+: [0-9]+ cases passed' "$property_log"
 
 step "docs (RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --all-features)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
