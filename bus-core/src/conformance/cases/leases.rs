@@ -28,8 +28,9 @@ pub async fn long_handler_is_not_redelivered(h: Harness) {
         skip(
             CASE,
             format!(
-                "{}: the subscription declares no lease: the broker keeps an unsettled delivery \
-                 with its consumer for as long as the connection lives",
+                "{}: the subscription declares no lease (Subscription::lease is None): there is \
+                 no broker timer for the consumer to extend (see the adapter's docs for what \
+                 bounds a handler's time)",
                 caps.name
             ),
         );
