@@ -467,13 +467,7 @@ async fn hostile_corpus_on_a_jetstream_queue() {
 
     // Dead letters, read as they come.
     let (dead_tx, mut dead) = mpsc::unbounded_channel::<Envelope>();
-    let mut dlq = bus
-        .consume(
-            &headers::dead_letter_queue(&queue),
-            ConsumeOptions::default(),
-        )
-        .await
-        .expect("consume the DLQ");
+    let mut dlq = consume_retrying(&bus, &headers::dead_letter_queue(&queue)).await;
     let reader = tokio::spawn(async move {
         while let Some(Ok(delivery)) = dlq.next().await {
             let _ = dead_tx.send(delivery.envelope().clone());
@@ -709,6 +703,48 @@ async fn consumer_settled(
     }
 }
 
+/// Consumes `queue`, trying again on retryable errors: a message the client cannot read may
+/// just have cut the connection, and a request in flight then times out.
+async fn consume_retrying(bus: &NatsBroker, queue: &str) -> bus_core::Subscription {
+    let mut tries = 0;
+    loop {
+        match bus.consume(queue, ConsumeOptions::default()).await {
+            Ok(subscription) => return subscription,
+            Err(error) => {
+                tries += 1;
+                assert!(
+                    error.is_retryable() && tries < 5,
+                    "consume `{queue}`: {error:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The state of `stream` once `done` holds of it, within `within`.
+async fn stream_state(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    within: Duration,
+    done: impl Fn(&async_nats::jetstream::stream::State) -> bool,
+) -> async_nats::jetstream::stream::State {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let state = js
+            .get_stream(stream)
+            .await
+            .expect("the stream")
+            .get_info()
+            .await
+            .expect("stream info")
+            .state;
+        if done(&state) || tokio::time::Instant::now() >= deadline {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A message stored without headers, held by its handler while a message the client cannot
 /// read cuts the connection, is not taken for one by the sweep: it stays with its handler,
 /// is acknowledged once, and only the unreadable message is dead-lettered.
@@ -743,13 +779,7 @@ async fn a_header_less_message_in_flight_is_not_swept() {
         .publish(&subject, &block(&[b"x-bin: \xff"]), b"poison")
         .await;
 
-    let mut dlq = bus
-        .consume(
-            &headers::dead_letter_queue(&queue),
-            ConsumeOptions::default(),
-        )
-        .await
-        .expect("consume the DLQ");
+    let mut dlq = consume_retrying(&bus, &headers::dead_letter_queue(&queue)).await;
     let dead = tokio::time::timeout(Duration::from_secs(20), dlq.next())
         .await
         .expect("a dead letter in time")
@@ -762,16 +792,18 @@ async fn a_header_less_message_in_flight_is_not_swept() {
         bus.client().statistics().connects.load(Ordering::Relaxed) > before,
         "the unreadable message cut the connection"
     );
-    let dlq_messages = js
-        .get_stream(bus.queue_stream(&headers::dead_letter_queue(&queue)))
-        .await
-        .expect("the DLQ stream")
-        .get_info()
-        .await
-        .expect("DLQ info")
-        .state
-        .messages;
-    assert_eq!(dlq_messages, 0, "one dead letter only, acknowledged");
+    // `ack` sends `+ACK` without waiting for the server: the work queue drops the dead letter
+    // a moment later. `last_sequence` counts every dead letter ever stored.
+    let dlq_stream = bus.queue_stream(&headers::dead_letter_queue(&queue));
+    let state = stream_state(&js, &dlq_stream, Duration::from_secs(5), |s| {
+        s.messages == 0
+    })
+    .await;
+    assert_eq!(
+        (state.last_sequence, state.messages),
+        (1, 0),
+        "one dead letter only, acknowledged"
+    );
 
     held.ack().await.expect("ack the held message");
     let consumer: PullConsumer = js
@@ -785,6 +817,11 @@ async fn a_header_less_message_in_flight_is_not_swept() {
     assert_eq!(
         info.num_redelivered, 0,
         "the plain message was handled once"
+    );
+    let state = stream_state(&js, &dlq_stream, Duration::ZERO, |_| true).await;
+    assert_eq!(
+        state.last_sequence, 1,
+        "the plain message was not dead-lettered later"
     );
     println!("hostile adapter-nats: message without headers in flight during a sweep: handled once, not dead-lettered");
     let _ = subscription.close().await;
