@@ -36,18 +36,7 @@ pub(crate) const MIN_BUDGET: usize = 16 * 1024;
 /// Headers never dropped, only shortened as a last resort: those
 /// [`mark`](bus_core::middleware::dead_letter::mark) writes, the trace context, and those
 /// that say how to read the rest. A foreign header that merely starts with `bus-dlq-` can go.
-const PROTECTED: [&str; 10] = [
-    headers::DLQ_REASON,
-    headers::DLQ_ORIGINAL_TOPIC,
-    headers::DLQ_GROUP,
-    headers::DLQ_ATTEMPTS,
-    headers::DLQ_FIRST_FAILURE,
-    headers::DLQ_DEAD_LETTERED_AT,
-    headers::TRACEPARENT,
-    headers::TRACESTATE,
-    headers::RAW_TIME,
-    headers::BINARY_HEADERS,
-];
+const PROTECTED: [&str; 10] = headers::KEPT_WHEN_CUT;
 
 /// What `envelope` takes in a record produced by [`wire::encode`] with CloudEvents source
 /// `source`, as librdkafka counts it against `message.max.bytes` (key, value, each header's

@@ -59,20 +59,7 @@ pub(crate) async fn send(
 /// trace context, and the notes that say how to read the rest. Shortened only as a last
 /// resort.
 fn protected(name: &str) -> bool {
-    matches!(
-        name,
-        headers::DLQ_REASON
-            | headers::DLQ_ORIGINAL_TOPIC
-            | headers::DLQ_GROUP
-            | headers::DLQ_ATTEMPTS
-            | headers::DLQ_FIRST_FAILURE
-            | headers::DLQ_DEAD_LETTERED_AT
-            | headers::TRACEPARENT
-            | headers::TRACESTATE
-            | headers::RAW_TIME
-            | headers::BINARY_HEADERS
-            | headers::TRUNCATED
-    )
+    headers::KEPT_WHEN_CUT.contains(&name) || name == headers::TRUNCATED
 }
 
 /// What was cut, as `headers::TRUNCATED` lists it: after the items of a note the message

@@ -105,20 +105,7 @@ pub(crate) fn properties(
 /// Headers a fitted copy keeps, shortened at most: what the dead-letter middleware writes,
 /// the trace context, and the notes without which other values would be misread.
 fn protected(name: &str) -> bool {
-    [
-        headers::DLQ_REASON,
-        headers::DLQ_ORIGINAL_TOPIC,
-        headers::DLQ_GROUP,
-        headers::DLQ_ATTEMPTS,
-        headers::DLQ_FIRST_FAILURE,
-        headers::DLQ_DEAD_LETTERED_AT,
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::RAW_TIME,
-        headers::BINARY_HEADERS,
-    ]
-    .contains(&name)
-        || name.starts_with(ORIGINAL_PREFIX)
+    headers::KEPT_WHEN_CUT.contains(&name) || name.starts_with(ORIGINAL_PREFIX)
 }
 
 /// What a fitted copy says it cut, in [`headers::TRUNCATED`]: the items of an earlier copy's

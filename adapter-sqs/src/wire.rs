@@ -544,20 +544,7 @@ enum Stage {
 /// that merely start with `bus-dlq-`), the trace context, and those that say how to read the
 /// rest.
 fn is_protected(name: &str) -> bool {
-    [
-        headers::DLQ_REASON,
-        headers::DLQ_ORIGINAL_TOPIC,
-        headers::DLQ_GROUP,
-        headers::DLQ_ATTEMPTS,
-        headers::DLQ_FIRST_FAILURE,
-        headers::DLQ_DEAD_LETTERED_AT,
-        headers::TRUNCATED,
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::RAW_TIME,
-        headers::BINARY_HEADERS,
-    ]
-    .contains(&name)
+    headers::KEPT_WHEN_CUT.contains(&name) || name == headers::TRUNCATED
 }
 
 /// At most `max` bytes of `text`, `…` included, when it is longer.

@@ -31,6 +31,33 @@ pub const DLQ_FIRST_FAILURE: &str = "bus-dlq-first-failure";
 /// When the message was dead-lettered (RFC 3339).
 pub const DLQ_DEAD_LETTERED_AT: &str = "bus-dlq-at";
 
+/// Every header [`mark`](crate::middleware::dead_letter::mark) writes on a dead letter.
+pub const DEAD_LETTER_HEADERS: [&str; 6] = [
+    DLQ_REASON,
+    DLQ_ORIGINAL_TOPIC,
+    DLQ_GROUP,
+    DLQ_ATTEMPTS,
+    DLQ_FIRST_FAILURE,
+    DLQ_DEAD_LETTERED_AT,
+];
+
+/// The headers an adapter keeps when it cuts a copy (a dead letter, a redelivered copy) to fit
+/// the broker's limits, shortening them only as a last resort: the dead-letter headers, the
+/// trace context, and the notes without which other values would be misread. A foreign header
+/// that merely starts with `bus-dlq-` is not among them.
+pub const KEPT_WHEN_CUT: [&str; 10] = [
+    DLQ_REASON,
+    DLQ_ORIGINAL_TOPIC,
+    DLQ_GROUP,
+    DLQ_ATTEMPTS,
+    DLQ_FIRST_FAILURE,
+    DLQ_DEAD_LETTERED_AT,
+    TRACEPARENT,
+    TRACESTATE,
+    RAW_TIME,
+    BINARY_HEADERS,
+];
+
 /// The delivery attempt a message is on, for brokers that cannot count redeliveries
 /// themselves (the retry-topic scheme on Kafka, for example).
 pub const ATTEMPT: &str = "bus-attempt";

@@ -83,14 +83,7 @@ pub fn mark(mut envelope: Envelope, info: &DeadLetterInfo<'_>) -> Envelope {
 /// Removes the dead-letter headers, as [`Redrive`] does before sending a message back.
 #[must_use]
 pub fn unmark(mut envelope: Envelope) -> Envelope {
-    for name in [
-        headers::DLQ_REASON,
-        headers::DLQ_ORIGINAL_TOPIC,
-        headers::DLQ_GROUP,
-        headers::DLQ_ATTEMPTS,
-        headers::DLQ_FIRST_FAILURE,
-        headers::DLQ_DEAD_LETTERED_AT,
-    ] {
+    for name in headers::DEAD_LETTER_HEADERS {
         envelope.headers.remove(name);
     }
     envelope
