@@ -226,7 +226,15 @@ impl<H: Handler> Consumer<H> {
                 }
                 () = sleep_until(resume_at), if resume_at.is_some() => resume_at = None,
                 () = sleep_until(next_heartbeat), if next_heartbeat.is_some() => {
-                    waiting.keep_alive().await;
+                    if let Some(every) = heartbeat {
+                        // Bounded, so that a broker call that hangs cannot stall the consumer.
+                        if tokio::time::timeout(every, waiting.keep_alive()).await.is_err() {
+                            tracing::warn!(
+                                timeout = ?every,
+                                "extending the lease of waiting deliveries timed out"
+                            );
+                        }
+                    }
                     next_heartbeat = heartbeat.map(|every| Instant::now() + every);
                 }
                 item = subscription.next(), if can_receive => match item {
@@ -632,8 +640,15 @@ async fn process<H: Handler>(
         let keep_alive = async {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(error) = delivery.in_progress().await {
-                    tracing::warn!(%error, "extending the lease of a running delivery failed");
+                match tokio::time::timeout(every, delivery.in_progress()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "extending the lease of a running delivery failed");
+                    }
+                    Err(_) => tracing::warn!(
+                        timeout = ?every,
+                        "extending the lease of a running delivery timed out"
+                    ),
                 }
             }
         };

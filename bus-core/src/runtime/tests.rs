@@ -37,6 +37,8 @@ struct FakeBroker {
     failing: Mutex<HashMap<String, (u32, ErrorKind)>>,
     /// Settling these messages panics (an adapter bug).
     panicking: Mutex<HashSet<String>>,
+    /// Extending the lease of these messages never returns (a broker call that hangs).
+    hanging: Mutex<HashSet<String>>,
     closed: AtomicBool,
     received: watch::Sender<usize>,
     settled: watch::Sender<usize>,
@@ -112,6 +114,9 @@ impl Settle for FakeSettle {
 
     async fn in_progress(&self) -> Result<()> {
         self.broker.push(Event::Progress(self.name.clone()));
+        if self.broker.hanging.lock().unwrap().contains(&self.name) {
+            pending::<()>().await;
+        }
         Ok(())
     }
 
@@ -164,6 +169,7 @@ fn fake_with_lease(lease: Option<Duration>) -> (Feed, Subscription) {
         log: Mutex::default(),
         failing: Mutex::default(),
         panicking: Mutex::default(),
+        hanging: Mutex::default(),
         closed: AtomicBool::new(false),
         received: watch::channel(0).0,
         settled: watch::channel(0).0,
@@ -991,4 +997,39 @@ async fn no_lease_means_no_extensions_unless_asked() {
         .await
         .unwrap();
     assert_eq!(feed.broker.progress("slow"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_extension_that_hangs_does_not_stall_the_consumer() {
+    let (mut feed, subscription) = fake_with_lease(Some(Duration::from_secs(3)));
+    feed.broker
+        .hanging
+        .lock()
+        .unwrap()
+        .extend(["slow".to_owned(), "behind".to_owned()]);
+    feed.send("slow", Some("k"));
+    feed.send("behind", Some("k"));
+    feed.end();
+    let handler = handler_fn(|envelope: Envelope, _: DeliveryInfo| async move {
+        if name_of(&envelope) == "slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+    let run = Consumer::new(subscription, handler).run(pending());
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the consumer stalled on a lease extension that never returns")
+        .unwrap();
+    assert_eq!(report.acked, 2);
+    // Tried again at every heartbeat, each bounded by it.
+    assert!(
+        feed.broker.progress("slow") >= 4,
+        "{:?}",
+        feed.broker.events()
+    );
+    assert!(
+        feed.broker.progress("behind") >= 4,
+        "{:?}",
+        feed.broker.events()
+    );
 }
