@@ -327,6 +327,9 @@ pub(crate) fn decode<'a>(record: &Record<'a>, received: SystemTime) -> Decoded {
         ));
     }
     for &(name, value) in &record.headers {
+        // librdkafka hands names over as C strings, cut at the first NUL; so does this, so that
+        // whatever is read can be produced again.
+        let name = name.split('\0').next().unwrap_or_default();
         let bytes = value.unwrap_or_default();
         if let Some(slot) = ce.slot(name) {
             match std::str::from_utf8(bytes) {
