@@ -42,7 +42,8 @@ trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --all-features 2>&1 | tee "$test_log"
 
 step "property tests and their case counts (cargo test --workspace --all-features property_ -- --nocapture)"
-# They ran above too; this lists what each one checked. BUS_PROPTEST_SCALE=100 runs them larger.
+# They ran above too; this lists what each one checked. Their inputs come from a fixed seed;
+# BUS_PROPTEST_RANDOM=1 BUS_PROPTEST_SCALE=100 explores new inputs with 100 times the cases.
 property_log=$(mktemp)
 trap 'rm -f "$test_log" "$property_log"' EXIT
 cargo test -q --workspace --all-features property_ -- --nocapture >"$property_log" 2>&1 || {
@@ -50,7 +51,7 @@ cargo test -q --workspace --all-features property_ -- --nocapture >"$property_lo
     exit 1
 }
 # `-q` prints a dot per test on the same line as the output, hence -o.
-grep -oE 'property .+: [0-9]+ cases passed' "$property_log"
+grep -oE 'property .+: [0-9]+ cases passed \((fixed|random) seed\)' "$property_log"
 
 step "docs (RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --all-features)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features

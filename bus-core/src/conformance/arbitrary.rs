@@ -17,7 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 use crate::{headers, Envelope, Headers, MessageId};
 
@@ -25,8 +25,15 @@ use crate::{headers, Envelope, Headers, MessageId};
 /// (`BUS_PROPTEST_SCALE=100 cargo test …`).
 pub const SCALE_VAR: &str = "BUS_PROPTEST_SCALE";
 
-/// Runs `test` on `cases` values of `strategy` (times [`SCALE_VAR`] when set), then prints
-/// `property <name>: <n> cases passed`.
+/// The environment variable that makes every run draw new inputs (`BUS_PROPTEST_RANDOM=1`).
+/// Without it the inputs come from a fixed seed, the same on every run, so that the test
+/// command and CI give the same verdict on the same code; exploring is a separate, documented
+/// run (`BUS_PROPTEST_RANDOM=1 BUS_PROPTEST_SCALE=100 cargo test --workspace --all-features
+/// property_`).
+pub const RANDOM_VAR: &str = "BUS_PROPTEST_RANDOM";
+
+/// Runs `test` on `cases` values of `strategy` (times [`SCALE_VAR`] when set), drawn from a
+/// fixed seed unless [`RANDOM_VAR`] is set, then prints `property <name>: <n> cases passed`.
 ///
 /// # Panics
 /// When the property fails: with the smallest failing input proptest found.
@@ -42,15 +49,22 @@ where
         .unwrap_or(1)
         .max(1);
     let cases = cases.saturating_mul(scale);
-    let mut runner = TestRunner::new(Config {
+    let config = Config {
         cases,
         failure_persistence: None,
         ..Config::default()
-    });
+    };
+    let random = std::env::var(RANDOM_VAR).is_ok_and(|v| matches!(v.trim(), "1" | "true"));
+    let mut runner = if random {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    };
     if let Err(failure) = runner.run(&strategy, test) {
         panic!("property {name} failed: {failure}");
     }
-    println!("property {name}: {cases} cases passed");
+    let seed = if random { "random" } else { "fixed" };
+    println!("property {name}: {cases} cases passed ({seed} seed)");
 }
 
 /// Text as other systems send it: empty, ASCII, any Unicode (control characters included),
