@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     /// Streams created or updated by this connection (by stream name).
     streams: Mutex<HashSet<String>>,
     closed: watch::Sender<bool>,
+    /// Copies of nacked core NATS messages waiting out their delay (`subscriber::CoreSettle`):
+    /// close sends them at once and waits for them.
+    pub(crate) core_copies: watch::Sender<usize>,
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
@@ -331,6 +334,7 @@ impl NatsBroker {
                 jetstream,
                 streams: Mutex::new(HashSet::new()),
                 closed,
+                core_copies: watch::channel(0).0,
                 runtime: tokio::runtime::Handle::current(),
             }),
         })
@@ -409,15 +413,12 @@ impl Broker for NatsBroker {
         if config.durable {
             base
         } else {
+            // Core NATS keeps nothing: the adapter redelivers a nacked or dropped message by
+            // publishing a copy to the subscription's group, counting attempts in
+            // `bus-attempt`.
             Capabilities {
-                delayed_redelivery: Support::Unsupported(
-                    "topics are on core NATS subjects (durable=false): no redelivery, so no \
-                     delay",
-                ),
-                prompt_redelivery_of_dropped: false,
-                delivery_count: Support::Unsupported(
-                    "topics are on core NATS subjects (durable=false): nothing is redelivered",
-                ),
+                delayed_redelivery: Support::Emulated,
+                delivery_count: Support::Emulated,
                 ..base
             }
         }
@@ -427,6 +428,14 @@ impl Broker for NatsBroker {
         if self.inner.closed.send_replace(true) {
             return Ok(());
         }
+        // Delayed copies of nacked core NATS messages go out now (to the other members of
+        // their group), rather than being lost with this connection.
+        let mut copies = self.inner.core_copies.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            copies.wait_for(|pending| *pending == 0),
+        )
+        .await;
         // Acknowledgements already handed to the client go out before we return.
         match tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush()).await {
             Ok(Ok(())) => Ok(()),

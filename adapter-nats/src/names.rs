@@ -57,6 +57,18 @@ impl Names {
         format!("{}-q-{}", self.prefix, encode(queue))
     }
 
+    /// The subject where copies of a core NATS topic's messages come back to group `group`
+    /// when one of its members nacked them (`durable=false`). One token more than the topic's
+    /// subject, so no topic's subscription sees them.
+    pub(crate) fn core_group_retry_subject(&self, topic: &str, group: &str) -> String {
+        format!("{}.g.{}", self.topic_subject(topic), encode(group))
+    }
+
+    /// The same for a subscription without a group, named by `unique`.
+    pub(crate) fn core_private_retry_subject(&self, topic: &str, unique: &str) -> String {
+        format!("{}.p.{}", self.topic_subject(topic), encode(unique))
+    }
+
     /// The subject requests to `topic` are sent on.
     pub(crate) fn request_subject(&self, topic: &str) -> String {
         format!("{}.r.{}", self.prefix, encode(topic))
@@ -111,5 +123,13 @@ mod tests {
         assert_eq!(names.topic_stream("orders.eu"), "bus-t-orders_2Eeu");
         assert_eq!(names.queue_subject("jobs"), "bus.q.jobs");
         assert_eq!(names.request_subject("rpc.add"), "bus.r.rpc_2Eadd");
+        assert_eq!(
+            names.core_group_retry_subject("orders.eu", "billing.x"),
+            "bus.t.orders_2Eeu.g.billing_2Ex"
+        );
+        assert_eq!(
+            names.core_private_retry_subject("orders", "0a-b"),
+            "bus.t.orders.p.0a-b"
+        );
     }
 }

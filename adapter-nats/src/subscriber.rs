@@ -628,29 +628,53 @@ impl Settle for JetStreamSettle {
 }
 
 /// A topic on core NATS (`durable=false`): a plain subscription, or a queue group for a
-/// named group. Returns once the server has it, so that what is published next, from any
-/// connection, reaches it.
+/// named group, plus the subject where nacked copies come back to this group (or this
+/// subscription alone). Returns once the server has both, so that what is published next, from
+/// any connection, reaches it.
 async fn subscribe_core(
     inner: &Arc<Inner>,
     topic: &str,
     options: SubscribeOptions,
 ) -> Result<Subscription> {
     let subject = inner.names.topic_subject(topic);
-    let subscriber = match &options.group {
+    let (messages, retry_subject, copies) = match &options.group {
         Some(group) => {
-            inner
+            let queue_group = names::encode(group);
+            let retry = inner.names.core_group_retry_subject(topic, group);
+            let messages = inner
                 .client
-                .queue_subscribe(subject.clone(), names::encode(group))
+                .queue_subscribe(subject.clone(), queue_group.clone())
                 .await
+                .map_err(|e| error::subscribe(e, &subject))?;
+            let copies = inner
+                .client
+                .queue_subscribe(retry.clone(), queue_group)
+                .await
+                .map_err(|e| error::subscribe(e, &retry))?;
+            (messages, retry, copies)
         }
-        None => inner.client.subscribe(subject.clone()).await,
-    }
-    .map_err(|e| error::subscribe(e, &subject))?;
+        None => {
+            let unique = bus_core::MessageId::new().to_string();
+            let retry = inner.names.core_private_retry_subject(topic, &unique);
+            let messages = inner
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| error::subscribe(e, &subject))?;
+            let copies = inner
+                .client
+                .subscribe(retry.clone())
+                .await
+                .map_err(|e| error::subscribe(e, &retry))?;
+            (messages, retry, copies)
+        }
+    };
     inner.confirm_subscription(&subject).await?;
     Ok(Subscription::new(Box::new(CoreSource {
         inner: inner.clone(),
         closed: inner.closed_signal(),
-        subscriber: Some(subscriber),
+        subscriber: Some(futures::stream::select(messages, copies)),
+        retry_subject: Arc::from(retry_subject),
         source: topic.to_owned(),
         group: options.group,
     })))
@@ -659,7 +683,9 @@ async fn subscribe_core(
 struct CoreSource {
     inner: Arc<Inner>,
     closed: watch::Receiver<bool>,
-    subscriber: Option<async_nats::Subscriber>,
+    /// The topic's messages and the copies nacked by this group (or subscription).
+    subscriber: Option<futures::stream::Select<async_nats::Subscriber, async_nats::Subscriber>>,
+    retry_subject: Arc<str>,
     source: String,
     group: Option<String>,
 }
@@ -669,8 +695,36 @@ impl fmt::Debug for CoreSource {
         f.debug_struct("CoreSource")
             .field("source", &self.source)
             .field("group", &self.group)
+            .field("retry_subject", &self.retry_subject)
             .finish_non_exhaustive()
     }
+}
+
+/// The attempt a core NATS message is on (`bus-attempt`, written on the copies the adapter
+/// sends back; 1 when absent or unreadable), and its headers without that one.
+fn core_attempt(map: Option<&async_nats::HeaderMap>) -> (u32, Option<async_nats::HeaderMap>) {
+    let Some(map) = map else {
+        return (1, None);
+    };
+    if map.get(headers::ATTEMPT).is_none() {
+        return (1, Some(map.clone()));
+    }
+    let attempt = map
+        .get_last(headers::ATTEMPT)
+        .and_then(|value| value.as_str().trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut rest = async_nats::HeaderMap::new();
+    for (name, values) in map.iter() {
+        let name: &str = name.as_ref();
+        if name == headers::ATTEMPT {
+            continue;
+        }
+        for value in values {
+            rest.append(name, value.as_str());
+        }
+    }
+    (attempt, Some(rest))
 }
 
 #[async_trait]
@@ -684,11 +738,13 @@ impl DeliverySource for CoreSource {
             message = subscriber.next() => message?,
             _ = self.closed.wait_for(|closed| *closed) => return None,
         };
-        // No broker identity on core NATS: an id-less message gets one derived from its content.
+        let (attempt, map) = core_attempt(message.headers.as_ref());
+        // No broker identity on core NATS: an id-less message gets one derived from its
+        // content (without `bus-attempt`, so each copy gets the same id).
         let received = wire::decode(
-            message.headers.as_ref(),
+            map.as_ref(),
             message.status.map(|s| (s, message.description.as_deref())),
-            message.payload,
+            message.payload.clone(),
             wire::Defaults {
                 id: None,
                 kind: self.source.clone(),
@@ -698,7 +754,7 @@ impl DeliverySource for CoreSource {
         let envelope = received.envelope;
         let delivery = Delivery::new(
             envelope.clone(),
-            1,
+            attempt,
             self.source.clone(),
             self.group.clone(),
             Box::new(CoreSettle {
@@ -706,26 +762,40 @@ impl DeliverySource for CoreSource {
                 envelope,
                 source: self.source.clone(),
                 group: self.group.clone(),
+                attempt,
+                retry_subject: self.retry_subject.clone(),
+                headers: map,
+                payload: message.payload,
             }),
         );
         Some(Ok(marked(delivery, received.undecodable)))
     }
 
     async fn close(&mut self) -> Result<()> {
-        if let Some(mut subscriber) = self.subscriber.take() {
-            let _ = subscriber.unsubscribe().await;
+        if let Some(subscribers) = self.subscriber.take() {
+            let (mut messages, mut copies) = subscribers.into_inner();
+            let _ = messages.unsubscribe().await;
+            let _ = copies.unsubscribe().await;
         }
         Ok(())
     }
 }
 
-/// Settles a core NATS delivery: nothing to acknowledge, no redelivery; a reject still sends
-/// the dead letter to the (JetStream) dead-letter queue.
+/// Settles a core NATS delivery. Core NATS keeps nothing, so a nack (or a drop) is emulated:
+/// the message as received, with `bus-attempt` one higher, is published to the subscription's
+/// retry subject (its group's members, or the subscription alone) at once or after the delay,
+/// which this process waits out. A reject sends the dead letter to the (JetStream) dead-letter
+/// queue.
 struct CoreSettle {
     inner: Arc<Inner>,
     envelope: Envelope,
     source: String,
     group: Option<String>,
+    attempt: u32,
+    retry_subject: Arc<str>,
+    /// The message as received (without `bus-attempt`), for the copy.
+    headers: Option<async_nats::HeaderMap>,
+    payload: bytes::Bytes,
 }
 
 impl fmt::Debug for CoreSettle {
@@ -733,7 +803,133 @@ impl fmt::Debug for CoreSettle {
         f.debug_struct("CoreSettle")
             .field("id", &self.envelope.id)
             .field("source", &self.source)
+            .field("attempt", &self.attempt)
             .finish_non_exhaustive()
+    }
+}
+
+/// One copy of a core NATS message on its way back to its group.
+#[derive(Debug)]
+struct CoreCopy {
+    subject: Arc<str>,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+}
+
+impl CoreCopy {
+    async fn publish(&self, inner: &Inner) -> Result<()> {
+        let subject = self.subject.to_string();
+        inner
+            .client
+            .publish_with_headers(subject.clone(), self.headers.clone(), self.payload.clone())
+            .await
+            .map_err(|e| error::core_publish(e, &subject))?;
+        inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| error::flush(e, &subject))
+    }
+}
+
+/// Counts a delayed copy as pending on the connection until dropped.
+struct PendingCopy(Arc<Inner>);
+
+impl PendingCopy {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.core_copies.send_modify(|n| *n += 1);
+        Self(inner)
+    }
+}
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        self.0.core_copies.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl CoreSettle {
+    /// The copy that redelivers this message: the next attempt, to the retry subject.
+    fn copy(&self) -> CoreCopy {
+        let mut map = self.headers.clone().unwrap_or_default();
+        let next = self.attempt.saturating_add(1).to_string();
+        map.insert(headers::ATTEMPT, next.as_str());
+        CoreCopy {
+            subject: self.retry_subject.clone(),
+            headers: map,
+            payload: self.payload.clone(),
+        }
+    }
+
+    /// Sends the copy now, or (after a delay) from a task that waits it out and returns at
+    /// once. A copy the server would refuse (the added header takes it over `max_payload`)
+    /// is dead-lettered instead, cut to fit, so that nothing is lost.
+    async fn redeliver(&self, delay: Duration) -> Result<()> {
+        let copy = self.copy();
+        if let Err(e) = self.inner.check_size(&copy.headers, copy.payload.len()) {
+            return self.dead_letter_copy(&e).await;
+        }
+        if delay.is_zero() {
+            return copy.publish(&self.inner).await;
+        }
+        let inner = self.inner.clone();
+        let pending = PendingCopy::new(inner.clone());
+        let mut closed = inner.closed_signal();
+        self.inner.runtime.spawn(async move {
+            let _pending = pending;
+            // The connection closing sends the copy early: to the group's other members.
+            tokio::select! {
+                () = tokio::time::sleep(delay.min(headers::MAX_DELAY)) => {}
+                _ = closed.wait_for(|closed| *closed) => {}
+            }
+            send_copy(&inner, &copy).await;
+        });
+        Ok(())
+    }
+
+    async fn dead_letter_copy(&self, refused: &Error) -> Result<()> {
+        dead_letters::send(
+            &self.inner,
+            &self.envelope,
+            &self.source,
+            self.group.as_deref(),
+            self.attempt,
+            &format!("cannot be redelivered on core NATS: {refused}"),
+            None,
+        )
+        .await
+    }
+
+    fn duplicate(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            envelope: self.envelope.clone(),
+            source: self.source.clone(),
+            group: self.group.clone(),
+            attempt: self.attempt,
+            retry_subject: self.retry_subject.clone(),
+            headers: self.headers.clone(),
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// Publishes a copy from a task, trying a few times (the connection may be re-established
+/// meanwhile); what still fails is logged: core NATS keeps nothing to fall back on.
+async fn send_copy(inner: &Inner, copy: &CoreCopy) {
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match copy.publish(inner).await {
+            Ok(()) => return,
+            Err(error) if attempt < 5 => {
+                tracing::warn!(%error, subject = %copy.subject, "redelivering a core NATS message failed; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(error) => {
+                tracing::error!(%error, subject = %copy.subject, "redelivering a core NATS message failed; it is lost");
+            }
+        }
     }
 }
 
@@ -742,25 +938,41 @@ impl Settle for CoreSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
         match settlement {
             Settlement::Ack => Ok(()),
+            Settlement::Nack(Redeliver::After(delay)) => self.redeliver(delay).await,
+            Settlement::Nack(_) => self.redeliver(Duration::ZERO).await,
             Settlement::Reject { reason } => {
                 dead_letters::send(
                     &self.inner,
                     &self.envelope,
                     &self.source,
                     self.group.as_deref(),
-                    1,
+                    self.attempt,
                     &reason,
                     None,
                 )
                 .await
             }
-            _ => Err(Error::unsupported(
-                "core NATS topics (durable=false) cannot redeliver: nack is unsupported",
-            )),
+            other => Err(Error::unsupported(format!(
+                "the NATS adapter does not know the settlement {other:?}"
+            ))),
         }
     }
 
     fn abandon(&self) {
-        // Core NATS has delivered and forgotten it: not durable, as the capabilities say.
+        // Dropped unsettled: redelivered like a nack, at once.
+        let settle = self.duplicate();
+        let pending = PendingCopy::new(self.inner.clone());
+        self.inner.runtime.spawn(async move {
+            let _pending = pending;
+            let copy = settle.copy();
+            match settle.inner.check_size(&copy.headers, copy.payload.len()) {
+                Ok(()) => send_copy(&settle.inner, &copy).await,
+                Err(refused) => {
+                    if let Err(error) = settle.dead_letter_copy(&refused).await {
+                        tracing::error!(%error, subject = %copy.subject, "a dropped core NATS message could be neither redelivered nor dead-lettered; it is lost");
+                    }
+                }
+            }
+        });
     }
 }
