@@ -22,6 +22,10 @@
 //!   queue `<topic or queue>.dlq`, confirmed, then acks (a `basic.reject` into a dead-letter
 //!   exchange cannot add headers). A delivery dropped unsettled is stored again as the next
 //!   attempt from a spawned task (or requeued with `basic.reject` if that fails).
+//!   Copies go over the connection the delivery came on, and only while its channel is
+//!   open: once that channel has closed (lost connection, channel error), RabbitMQ has
+//!   requeued the delivery itself, so settling it fails with a non-retryable
+//!   `ErrorKind::Closed`, dropping it does nothing, and the message comes again.
 //! - **Request-reply** uses direct reply-to; a request to a topic nobody serves is returned by
 //!   the broker (mandatory) and fails fast with `NoResponders`.
 //! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);

@@ -27,6 +27,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One live connection, with its publishing channel and what was declared on it.
 pub(crate) struct Session {
     pub(crate) connection: Connection,
+    /// Which connection of the link this is (1 for the first).
+    pub(crate) generation: u64,
     publisher: Mutex<Option<Channel>>,
     declared: Mutex<HashSet<String>>,
 }
@@ -218,6 +220,20 @@ impl Link {
         lock(&self.current).clone().filter(|s| s.healthy())
     }
 
+    /// The live session if it is still connection `generation`, without reconnecting: what
+    /// settles a delivery must go over the connection the delivery came on. Once that one is
+    /// lost, RabbitMQ has requeued the delivery, and a copy stored over a new connection
+    /// would be a second one.
+    pub(crate) fn session_of(&self, generation: u64) -> Result<Arc<Session>> {
+        self.check()?;
+        match self.healthy() {
+            Some(session) if session.generation == generation => Ok(session),
+            _ => Err(Error::closed(format!(
+                "connection {generation} to RabbitMQ, which this delivery came on, is gone"
+            ))),
+        }
+    }
+
     /// The live session, reconnecting (with exponential backoff and jitter, for up to the
     /// configured reconnect timeout) if the connection was lost.
     pub(crate) async fn session(&self) -> Result<Arc<Session>> {
@@ -312,6 +328,7 @@ impl Link {
         tracing::debug!(url = %self.config.redacted_url(), generation, "connected to RabbitMQ");
         Ok(Arc::new(Session {
             connection,
+            generation,
             publisher: Mutex::new(Some(channel)),
             declared: Mutex::new(HashSet::new()),
         }))
@@ -327,6 +344,27 @@ impl Link {
         properties: BasicProperties,
     ) -> Result<Confirmed> {
         let session = self.session().await?;
+        self.publish_on(
+            &session,
+            exchange,
+            routing_key,
+            mandatory,
+            payload,
+            properties,
+        )
+        .await
+    }
+
+    /// Publishes on `session`'s confirmed channel and waits for the confirm.
+    pub(crate) async fn publish_on(
+        &self,
+        session: &Session,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Confirmed> {
         session.check_headers(&properties)?;
         let channel = session.publisher().await?;
         let confirm = channel
@@ -353,12 +391,24 @@ impl Link {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
+        let session = self.session().await?;
+        self.send_to_queue_on(&session, queue, payload, properties)
+            .await
+    }
+
+    /// [`send_to_queue`](Link::send_to_queue) over `session` only.
+    pub(crate) async fn send_to_queue_on(
+        &self,
+        session: &Session,
+        queue: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
         let args = self.queue_args();
         for _ in 0..2 {
-            let session = self.session().await?;
             session.ensure_queue(queue, &args).await?;
             match self
-                .publish("", queue, true, payload, properties.clone())
+                .publish_on(session, "", queue, true, payload, properties.clone())
                 .await?
             {
                 Confirmed::Ack => return Ok(()),

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use crate::error::map;
 use crate::link::{confirmed, Confirmed};
 use crate::publisher::{check_name, Inner};
-use crate::subscriber::{prefetch, Endpoint, Source};
+use crate::subscriber::{prefetch, Endpoint, Raw, Source};
 use crate::{wire, RabbitMqBroker};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
@@ -188,7 +188,9 @@ struct Serving {
 impl RequestSource for Serving {
     async fn next(&mut self) -> Option<Result<Request>> {
         loop {
-            let (delivery, channel, _queue) = match self.source.next_raw().await? {
+            let Raw {
+                delivery, channel, ..
+            } = match self.source.next_raw().await? {
                 Ok(raw) => raw,
                 Err(e) => return Some(Err(e)),
             };

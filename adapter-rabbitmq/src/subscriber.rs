@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::map;
+use crate::link::Session;
 use crate::publisher::{check_name, Inner};
 use crate::{wire, RabbitMqBroker};
 
@@ -43,6 +44,19 @@ pub(crate) struct Attached {
     pub(crate) channel: Channel,
     consumer: Consumer,
     pub(crate) queue: String,
+    /// The connection the channel is on ([`Session::generation`](crate::link::Session)).
+    generation: u64,
+}
+
+/// One delivery as lapin handed it out, with where it came from.
+pub(crate) struct Raw {
+    pub(crate) delivery: lapin::message::Delivery,
+    /// The channel it came on, the only one that can settle it.
+    pub(crate) channel: Channel,
+    /// The queue it came from.
+    pub(crate) queue: String,
+    /// The connection that channel is on.
+    pub(crate) generation: u64,
 }
 
 impl Endpoint {
@@ -129,6 +143,7 @@ impl Endpoint {
             channel,
             consumer,
             queue,
+            generation: session.generation,
         })
     }
 }
@@ -180,13 +195,11 @@ impl Source {
         self.done || self.inner.link.is_closed()
     }
 
-    /// The next raw delivery with the channel and queue it came from.
+    /// The next raw delivery with the channel, connection and queue it came from.
     ///
     /// Cancel safe: a re-attachment in progress runs in its own task and is picked up by the
     /// next call; lapin's consumer stream loses nothing when its `next` is dropped.
-    pub(crate) async fn next_raw(
-        &mut self,
-    ) -> Option<Result<(lapin::message::Delivery, Channel, String)>> {
+    pub(crate) async fn next_raw(&mut self) -> Option<Result<Raw>> {
         loop {
             if self.ended() {
                 return None;
@@ -227,11 +240,12 @@ impl Source {
             };
             match item {
                 Some(Ok(delivery)) => {
-                    return Some(Ok((
+                    return Some(Ok(Raw {
                         delivery,
-                        attached.channel.clone(),
-                        attached.queue.clone(),
-                    )))
+                        channel: attached.channel.clone(),
+                        queue: attached.queue.clone(),
+                        generation: attached.generation,
+                    }))
                 }
                 Some(Err(e)) => {
                     self.attached = None;
@@ -294,7 +308,12 @@ struct Deliveries {
 #[async_trait]
 impl DeliverySource for Deliveries {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        let (delivery, channel, queue) = match self.source.next_raw().await? {
+        let Raw {
+            delivery,
+            channel,
+            queue,
+            generation,
+        } = match self.source.next_raw().await? {
             Ok(raw) => raw,
             Err(e) => return Some(Err(e)),
         };
@@ -302,6 +321,7 @@ impl DeliverySource for Deliveries {
         let state = Arc::new(SettleState {
             inner: self.source.inner.clone(),
             channel,
+            generation,
             tag: delivery.delivery_tag,
             queue,
             private: matches!(self.source.endpoint, Endpoint::Private { .. }),
@@ -336,6 +356,9 @@ struct SettleState {
     inner: Arc<Inner>,
     /// Keeps the channel open until the delivery is settled.
     channel: Channel,
+    /// The connection of that channel: copies for a redelivery or a dead letter go over it
+    /// or not at all.
+    generation: u64,
     tag: u64,
     /// The queue it came from, where a redelivery goes back to.
     queue: String,
@@ -352,11 +375,60 @@ struct SettleState {
 }
 
 impl SettleState {
+    /// Whether the channel the delivery came on is still open. Once it is not, RabbitMQ has
+    /// requeued the delivery (it does so for every unacked delivery of a channel that closes,
+    /// whatever closed it) and will deliver it again: nothing may settle or copy it any more.
+    fn channel_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Refuses to settle a delivery of a closed channel: `Closed`, not retryable.
+    fn check_channel(&self) -> Result<()> {
+        if self.channel_open() {
+            Ok(())
+        } else {
+            Err(self.channel_gone())
+        }
+    }
+
+    fn channel_gone(&self) -> Error {
+        Error::closed(self.gone_message())
+    }
+
+    fn gone_message(&self) -> String {
+        format!(
+            "the channel message {} came on was closed (lost connection or channel error): \
+             RabbitMQ requeued it and will deliver it again, so it is not settled here",
+            self.envelope.id
+        )
+    }
+
     async fn ack(&self) -> Result<()> {
-        self.channel
+        self.check_channel()?;
+        match self
+            .channel
             .basic_ack(self.tag, BasicAckOptions::default())
             .await
-            .map_err(|e| map(e, "acknowledging (basic.ack)"))
+        {
+            Ok(()) => Ok(()),
+            // Closed while acking: requeued by the broker all the same.
+            Err(e) if !self.channel_open() => Err(Error::with_source(
+                ErrorKind::Closed,
+                self.gone_message(),
+                e,
+            )),
+            Err(e) => Err(map(e, "acknowledging (basic.ack)")),
+        }
+    }
+
+    /// The live connection the delivery came on, or `Closed` once it (or the delivery's
+    /// channel) is gone: a copy is stored only where the original can still be acked.
+    fn session(&self) -> Result<Arc<Session>> {
+        self.check_channel()?;
+        self.inner
+            .link
+            .session_of(self.generation)
+            .map_err(|_| self.channel_gone())
     }
 
     /// Stores the next attempt, now or through the TTL retry queue, then acks this one.
@@ -364,23 +436,24 @@ impl SettleState {
     /// in the `bus-attempt` header of the copy.
     async fn redeliver(&self, delay: Option<Duration>) -> Result<()> {
         if !self.forwarded.load(Ordering::Acquire) {
-            let props = self
-                .copy_properties(&self.envelope, self.attempt.saturating_add(1))
-                .await?;
+            let session = self.session()?;
+            let props =
+                self.copy_properties(&session, &self.envelope, self.attempt.saturating_add(1));
             let link = &self.inner.link;
+            let payload = &self.envelope.payload;
             match delay {
                 // A private subscription's server-named queue cannot be declared by name.
                 None if self.private => link
-                    .publish("", &self.queue, true, &self.envelope.payload, props)
+                    .publish_on(&session, "", &self.queue, true, payload, props)
                     .await?
                     .stored(&self.queue)?,
                 None => {
-                    link.send_to_queue(&self.queue, &self.envelope.payload, props)
+                    link.send_to_queue_on(&session, &self.queue, payload, props)
                         .await?
                 }
                 Some(delay) => {
-                    let retry = self.retry_queue(delay).await?;
-                    link.publish("", &retry, true, &self.envelope.payload, props)
+                    let retry = self.retry_queue(&session, delay).await?;
+                    link.publish_on(&session, "", &retry, true, payload, props)
                         .await?
                         .stored(&retry)?;
                 }
@@ -392,19 +465,18 @@ impl SettleState {
 
     /// The properties of a copy of `envelope` (its next attempt or its dead letter), made to
     /// fit whatever it was received with.
-    async fn copy_properties(&self, envelope: &Envelope, attempt: u32) -> Result<BasicProperties> {
-        let frame_max = self.inner.link.session().await?.frame_max();
-        Ok(wire::properties_fitted(
-            envelope,
-            &self.source,
-            attempt,
-            frame_max,
-        ))
+    fn copy_properties(
+        &self,
+        session: &Session,
+        envelope: &Envelope,
+        attempt: u32,
+    ) -> BasicProperties {
+        wire::properties_fitted(envelope, &self.source, attempt, session.frame_max())
     }
 
     /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL
     /// ends they dead-letter, through the default exchange, back to this queue.
-    async fn retry_queue(&self, delay: Duration) -> Result<String> {
+    async fn retry_queue(&self, session: &Session, delay: Duration) -> Result<String> {
         let ms = wire::delay_millis(delay);
         let name = wire::retry_queue(&self.queue, delay);
         check_name(&name, "retry queue")?;
@@ -426,13 +498,13 @@ impl SettleState {
         );
         // Declared every time: publishing does not count as use for `x-expires`, and a
         // queue expiring with messages in it would lose them.
-        let session = self.inner.link.session().await?;
         session.declare_again(&name, &args).await?;
         Ok(name)
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<()> {
         if !self.forwarded.load(Ordering::Acquire) {
+            let session = self.session()?;
             let dead = dead_letter::mark(
                 self.envelope.clone(),
                 &dead_letter::DeadLetterInfo {
@@ -447,10 +519,10 @@ impl SettleState {
             let dlq = headers::dead_letter_queue(&self.source);
             // Not `Inner::send`: the dead letter goes as received, whatever its size or
             // headers, or it would come back for ever.
-            let props = self.copy_properties(&dead, 1).await?;
+            let props = self.copy_properties(&session, &dead, 1);
             self.inner
                 .link
-                .send_to_queue(&dlq, &dead.payload, props)
+                .send_to_queue_on(&session, &dlq, &dead.payload, props)
                 .await?;
             self.forwarded.store(true, Ordering::Release);
         }
@@ -479,8 +551,13 @@ impl Settle for RabbitSettle {
             // No runtime to act on: the message comes back when the channel closes.
             return;
         };
+        if !state.channel_open() {
+            // The broker requeued it when the channel closed: a copy would be a second one.
+            tracing::debug!(id = %state.envelope.id, "dropped delivery of a closed channel: requeued by the broker");
+            return;
+        }
         runtime.spawn(async move {
-            if state.redeliver(None).await.is_err() {
+            if state.redeliver(None).await.is_err() && state.channel_open() {
                 // Could not store the next attempt: let the broker requeue this one
                 // (`basic.reject`, which RabbitMQ 4 quorum queues count as a delivery).
                 let _ = state
