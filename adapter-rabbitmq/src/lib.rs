@@ -16,9 +16,11 @@
 //! - **Settlement**: manual acks with a `basic.qos` prefetch. `ack` is `basic.ack`.
 //!   `nack(Now)` stores the next attempt at the back of the queue and acks this one (RabbitMQ's
 //!   own requeue does not count attempts on classic queues; the count travels in the
-//!   `bus-attempt` header). `nack(After(d))` goes through a per-queue, per-delay TTL queue
+//!   `bus-attempt` header). `nack(After(d))` goes through a per-queue TTL queue
 //!   (`bus.retry.<ms>ms.<queue>`, `x-message-ttl`) that dead-letters back to the queue through the
-//!   default exchange. `reject` sends the message with the dead-letter reason headers to the
+//!   default exchange; `d` is rounded up to a fixed ladder of 55 delays (10 ms to about 49.7
+//!   days, steps of at most ×5/3, listed in docs/adapters/rabbitmq.md), so jittered delays
+//!   share a few queues. `reject` sends the message with the dead-letter reason headers to the
 //!   queue `<topic or queue>.dlq`, confirmed, then acks (a `basic.reject` into a dead-letter
 //!   exchange cannot add headers). A delivery dropped unsettled is stored again as the next
 //!   attempt from a spawned task (or requeued with `basic.reject` if that fails).

@@ -477,7 +477,7 @@ impl SettleState {
     /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL
     /// ends they dead-letter, through the default exchange, back to this queue.
     async fn retry_queue(&self, session: &Session, delay: Duration) -> Result<String> {
-        let ms = wire::delay_millis(delay);
+        let ms = wire::retry_delay_ms(delay);
         let name = wire::retry_queue(&self.queue, delay);
         check_name(&name, "retry queue")?;
         let mut args = FieldTable::default();

@@ -780,9 +780,86 @@ pub(crate) fn responder_queue(topic: &str, group: &str) -> String {
 }
 
 /// The TTL queue that holds messages nacked from `queue` for `delay` before they go back:
-/// `bus.retry.<ms>ms.<queue>` (a prefix, as server-named queues start with the reserved `amq.`).
+/// `bus.retry.<ms>ms.<queue>`, `<ms>` being the delay's bucket ([`retry_delay_ms`]; a prefix,
+/// as server-named queues start with the reserved `amq.`).
 pub(crate) fn retry_queue(queue: &str, delay: Duration) -> String {
-    format!("bus.retry.{}ms.{queue}", delay_millis(delay))
+    format!("bus.retry.{}ms.{queue}", retry_delay_ms(delay))
+}
+
+/// The delays, in milliseconds, that retry queues hold messages for: a delay is rounded up to
+/// the next of them, so a queue has at most this many retry queues however its delays are
+/// jittered. Steps of at most 5/3 (30 → 50, 3 s → 5 s …), on round values of each unit; the
+/// last is the longest a retry queue can hold a message for.
+pub(crate) const RETRY_DELAYS_MS: [u64; 55] = [
+    // milliseconds
+    10,
+    15,
+    20,
+    30,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    // seconds: 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45
+    1_000,
+    1_500,
+    2_000,
+    3_000,
+    5_000,
+    7_500,
+    10_000,
+    15_000,
+    20_000,
+    30_000,
+    45_000,
+    // minutes: 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45
+    60_000,
+    90_000,
+    120_000,
+    180_000,
+    300_000,
+    450_000,
+    600_000,
+    900_000,
+    1_200_000,
+    1_800_000,
+    2_700_000,
+    // hours: 1, 1.5, 2, 3, 4, 6, 8, 12, 18
+    3_600_000,
+    5_400_000,
+    7_200_000,
+    10_800_000,
+    14_400_000,
+    21_600_000,
+    28_800_000,
+    43_200_000,
+    64_800_000,
+    // days: 1, 1.5, 2, 3, 5, 7, 10, 14, 21, 30, 40, and the longest (about 49.7)
+    86_400_000,
+    129_600_000,
+    172_800_000,
+    259_200_000,
+    432_000_000,
+    604_800_000,
+    864_000_000,
+    1_209_600_000,
+    1_814_400_000,
+    2_592_000_000,
+    3_456_000_000,
+    MAX_TTL_MS - RETRY_QUEUE_EXPIRES_MS,
+];
+
+/// How long the retry queue for `delay` holds a message: the first of [`RETRY_DELAYS_MS`] at
+/// least as long as `delay` (so the wait is never shorter than asked), the last for longer
+/// delays.
+pub(crate) fn retry_delay_ms(delay: Duration) -> u64 {
+    let ms = delay_millis(delay);
+    let at = RETRY_DELAYS_MS.partition_point(|&bucket| bucket < ms);
+    RETRY_DELAYS_MS[at.min(RETRY_DELAYS_MS.len() - 1)]
 }
 
 /// The longest `x-message-ttl` and `x-expires` RabbitMQ takes (2^32 − 1 ms, about 49.7
@@ -848,6 +925,53 @@ mod tests {
         assert_eq!(group_queue("orders", "billing"), "orders@billing");
         assert_eq!(delay_millis(Duration::from_micros(1500)), 2);
         assert_eq!(delay_millis(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn delays_round_up_to_a_few_buckets() {
+        assert!(RETRY_DELAYS_MS.windows(2).all(|w| w[0] < w[1]));
+        assert!(RETRY_DELAYS_MS
+            .windows(2)
+            .all(|w| w[1] * 3 <= w[0] * 5 || w[0] == 10));
+        assert_eq!(retry_delay_ms(Duration::ZERO), 10);
+        assert_eq!(retry_delay_ms(Duration::from_millis(1_000)), 1_000);
+        assert_eq!(retry_delay_ms(Duration::from_micros(1_000_001)), 1_500);
+        assert_eq!(retry_delay_ms(Duration::from_secs(31)), 45_000);
+        assert_eq!(retry_delay_ms(Duration::from_secs(3_600)), 3_600_000);
+        assert_eq!(
+            retry_delay_ms(Duration::MAX),
+            MAX_TTL_MS - RETRY_QUEUE_EXPIRES_MS
+        );
+        assert_eq!(
+            retry_queue("q", Duration::from_millis(280)),
+            "bus.retry.300ms.q"
+        );
+        // A jittered exponential backoff (100 ms doubling to 10 min, ±50 %): thousands of
+        // distinct delays, each waited for at least as long as asked and at most 5/3 as long
+        // (10 ms at the least), in a few queues.
+        let mut queues = std::collections::BTreeSet::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for attempt in 0..10_000u32 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let base = 100u64 << (attempt % 13).min(12);
+            let base = base.min(600_000);
+            let micros = base * 500 + seed % (base * 1_000);
+            let delay = Duration::from_micros(micros);
+            let held = retry_delay_ms(delay);
+            assert!(
+                u128::from(held) * 1_000 >= delay.as_micros(),
+                "{delay:?} → {held} ms"
+            );
+            assert!(
+                u128::from(held) * 3_000 <= delay.as_micros() * 5 || held == 10,
+                "{delay:?} → {held} ms"
+            );
+            queues.insert(held);
+        }
+        assert!(queues.len() <= RETRY_DELAYS_MS.len());
+        assert!(queues.len() < 40, "{} buckets", queues.len());
     }
 
     fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {

@@ -5,11 +5,13 @@
 //!   unsettled. RabbitMQ requeues them at once and delivers them again to the re-attached
 //!   consumer; settling the old deliveries afterwards must be refused with `Closed`, and must
 //!   store no copy (no next attempt, no dead letter, nothing when dropped), or one message the
-//!   handler acked runs up to three times.
+//!   handler acked runs up to three times;
+//! - `nack(After(d))` with many distinct (jittered) delays shares a few retry queues (the
+//!   documented ladder of delays), each redelivery still no sooner than asked.
 //!
 //! Needs `rabbitmqctl` on the `PATH` with the right to run it (root, as on the test machines).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use adapter_rabbitmq::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -64,6 +66,15 @@ async fn close_connections_named(name: &str) {
     for pid in pids {
         rabbitmqctl(&["close_connection", pid, "bus faults test"]).await;
     }
+}
+
+/// The names of every queue on the broker.
+async fn queue_names() -> Vec<String> {
+    rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
+        .await
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .collect()
 }
 
 async fn raw_connection(url: &str) -> Connection {
@@ -253,4 +264,67 @@ async fn settling_on_a_dead_channel_is_refused_and_stores_no_copy() {
 
 fn wire_group_queue(topic: &str, group: &str) -> String {
     format!("{topic}@{group}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jittered_delays_share_a_few_retry_queues() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    const MESSAGES: u64 = 40;
+    let broker = RabbitMqBroker::connect(&url).await.expect("connect");
+    let topic = unique("buckets");
+    let group = "g";
+    let queue = wire_group_queue(&topic, group);
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(group).with_prefetch(100))
+        .await
+        .expect("subscribe");
+    let mut ids = HashSet::new();
+    for i in 0..MESSAGES {
+        let envelope = Envelope::new("faults.delay", format!("{i}"));
+        ids.insert(envelope.id.clone());
+        broker.publish(&topic, envelope).await.expect("publish");
+    }
+    // Each its own delay, 1,000 to 1,351 ms, as a jittered backoff makes them.
+    let mut asked = HashMap::new();
+    for i in 0..MESSAGES {
+        let d = next(&mut sub, Duration::from_secs(10)).await;
+        assert_eq!(d.attempt(), 1);
+        let delay = Duration::from_millis(1_000 + i * 9);
+        asked.insert(d.envelope().id.clone(), (Instant::now(), delay));
+        d.nack(Redeliver::After(delay)).await.expect("nack");
+    }
+    let suffix = format!(".{queue}");
+    let retry_queues: Vec<String> = queue_names()
+        .await
+        .into_iter()
+        .filter(|q| q.starts_with("bus.retry.") && q.ends_with(&suffix))
+        .collect();
+    let mut back = HashSet::new();
+    while back.len() < ids.len() {
+        let d = next(&mut sub, Duration::from_secs(15)).await;
+        let id = d.envelope().id.clone();
+        let (nacked_at, delay) = asked[&id];
+        let waited = nacked_at.elapsed();
+        assert!(
+            waited >= delay,
+            "back after {waited:?}, sooner than the {delay:?} asked"
+        );
+        assert_eq!(d.attempt(), 2);
+        back.insert(id);
+        d.ack().await.expect("ack");
+    }
+    let _ = sub.close().await;
+    let mut cleanup = retry_queues.clone();
+    cleanup.push(queue);
+    delete_queues(&url, &cleanup).await;
+    broker.close().await.expect("close");
+
+    // 1,000 ms has a bucket of its own; 1,009 to 1,351 ms all round up to 1,500 ms.
+    assert!(
+        !retry_queues.is_empty() && retry_queues.len() <= 2,
+        "{MESSAGES} distinct delays made {} retry queues: {retry_queues:?}",
+        retry_queues.len()
+    );
 }
