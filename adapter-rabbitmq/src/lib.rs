@@ -32,7 +32,8 @@
 //!   the broker (mandatory) and fails fast with `NoResponders`.
 //! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);
 //!   subscriptions re-attach their consumers by themselves. A publish returns `Ok` only once
-//!   confirmed, so a confirmed message is never lost.
+//!   confirmed, so a confirmed message is never lost; an error means *not confirmed*, and a
+//!   `Connection` or `Timeout` error may still have stored the message.
 //! - **On the wire**: AMQP properties (`message_id`, `correlation_id`, `timestamp`, `type`,
 //!   `content_type`) plus the CloudEvents AMQP binding's `cloudEvents:*` application
 //!   properties, and the envelope's headers (including `traceparent`) in the headers table.
