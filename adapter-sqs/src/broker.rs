@@ -353,8 +353,12 @@ impl Inner {
 
     /// The FIFO parameters of a message: group = key (or the id, for unkeyed messages, which
     /// then keep no order among themselves), deduplication id = the envelope id (or a fresh
-    /// one per call without `fifo_dedup_by_id`). Values SQS
-    /// would refuse (over 128 characters, other characters) are replaced by a stable hash.
+    /// one per call without `fifo_dedup_by_id`). A dead letter, and a message a redrive sends
+    /// back, carry [`wire::DEAD_LETTER_ID`]: their deduplication id is the envelope id and that
+    /// together, so neither is dropped as a copy of the original (or of an earlier dead letter)
+    /// within SQS's 5 minutes, while a retried send of the same dead letter or redrive still
+    /// is. Values SQS would refuse (over 128 characters, other characters) are replaced by a
+    /// stable hash.
     pub(crate) fn fifo_ids(&self, envelope: &bus_core::Envelope) -> Option<(String, String)> {
         if !self.config.fifo {
             return None;
@@ -363,10 +367,12 @@ impl Inner {
             .key
             .clone()
             .unwrap_or_else(|| envelope.id.to_string());
-        let dedup = if self.config.fifo_dedup_by_id {
-            fifo_safe(envelope.id.as_str())
-        } else {
+        let dedup = if !self.config.fifo_dedup_by_id {
             uuid::Uuid::now_v7().simple().to_string()
+        } else if let Some(dead_letter) = envelope.header(wire::DEAD_LETTER_ID) {
+            fifo_safe(&format!("{}/{dead_letter}", envelope.id))
+        } else {
+            fifo_safe(envelope.id.as_str())
         };
         Some((fifo_safe(&group), dedup))
     }

@@ -233,6 +233,7 @@ impl Poller {
             inner: self.inner.clone(),
             url: self.target.url.clone(),
             receipt,
+            message_id: message.message_id().map(str::to_owned),
             envelope: envelope.clone(),
             source: self.target.source.clone(),
             group: self.target.group.clone(),
@@ -341,6 +342,8 @@ struct SqsSettle {
     inner: Shared,
     url: String,
     receipt: String,
+    /// SQS's id of the received message.
+    message_id: Option<String>,
     envelope: bus_core::Envelope,
     source: String,
     group: Option<String>,
@@ -410,7 +413,7 @@ impl Settle for SqsSettle {
             }
             Settlement::Nack(_) => self.set_visibility(0, "nack (change visibility)").await,
             Settlement::Reject { reason } => {
-                let dead = mark(
+                let mut dead = mark(
                     self.envelope.clone(),
                     &DeadLetterInfo {
                         reason: &reason,
@@ -420,6 +423,16 @@ impl Settle for SqsSettle {
                         first_failure: None,
                     },
                 );
+                if self.inner.config.fifo {
+                    // Its own deduplication id: one per received message, so a reject sent
+                    // again (the delete failed) is dropped, but not another dead letter of
+                    // the same envelope (another group, or after a redrive).
+                    let id = self
+                        .message_id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+                    dead.headers.insert(wire::DEAD_LETTER_ID.into(), id);
+                }
                 let dlq = headers::dead_letter_queue(&self.source);
                 let name = self.inner.names.queue(&dlq);
                 let url = self.inner.queue_url(&name, QueueRole::Plain, None).await?;

@@ -70,6 +70,11 @@ pub const PACKED: &str = "bus-packed";
 pub const BODY_ENCODING: &str = "bus-body-encoding";
 /// The reply queue URL of a request.
 pub const REPLY_TO: &str = "bus-reply-to";
+/// On FIFO queues, the identity of a dead letter (the SQS message id of the message it was
+/// made from), written when it is dead-lettered. A message carrying it (a dead letter, or one
+/// sent back by a redrive, which keeps it) is deduplicated by envelope id and this value
+/// together, so SQS does not drop it as a copy of the original within its 5-minute window.
+pub const DEAD_LETTER_ID: &str = "bus-dead-letter-id";
 const HEADER_ESCAPE: &str = "bus-header-";
 const EMPTY_BODY: &str = "(empty)";
 /// SQS's limit on message attributes per message.
@@ -544,7 +549,7 @@ enum Stage {
 /// that merely start with `bus-dlq-`), the trace context, and those that say how to read the
 /// rest.
 fn is_protected(name: &str) -> bool {
-    headers::KEPT_WHEN_CUT.contains(&name) || name == headers::TRUNCATED
+    headers::KEPT_WHEN_CUT.contains(&name) || name == headers::TRUNCATED || name == DEAD_LETTER_ID
 }
 
 /// At most `max` bytes of `text`, `…` included, when it is longer.
