@@ -1,7 +1,18 @@
-//! nats-server restarts mid-stream (`scripts/brokers.sh restart nats`, JetStream data on
-//! disk) while bus publishes and consumes: every publish confirmed by a PubAck is received;
-//! duplicates are allowed, losses are not. Needs `BUS_TEST_NATS_URL`; restarts the shared
-//! test server, so it runs alone in this test binary.
+//! Watermill's TestReconnect on NATS: 100 concurrent publishers send 10,000 messages to a
+//! topic while two members of a group consume it, and nats-server is restarted twice
+//! (`scripts/brokers.sh restart nats`, JetStream data on disk), once about a third of the way
+//! through the stream and once about half way. Every publish the server confirmed (PubAck) must
+//! be received: 0 lost; duplicates are allowed and reported. Prints one line:
+//! `nats restart: published=… confirmed=… received=… lost=0 duplicates=…`.
+//!
+//! A publish that returned an error may or may not have been stored; the publisher sends it
+//! again (same envelope id) until one attempt is confirmed, so a duplicate here is such a
+//! retry whose first attempt was stored after all, or a message whose ack was lost in the
+//! restart.
+//!
+//! `BUS_NATS_RESTART_MESSAGES` sets the number of messages (default 10,000; still 100
+//! publishers and 2 restarts). Needs `BUS_TEST_NATS_URL`; restarts the shared test server, so
+//! it runs alone in this test binary.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,8 +24,11 @@ use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscri
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-const MESSAGES: usize = 3_000;
-const RESTART_AFTER: usize = 1_000;
+const DEFAULT_MESSAGES: usize = 10_000;
+const PUBLISHERS: usize = 100;
+const MEMBERS: usize = 2;
+/// How long publishing may take to recover from a restart before the test fails.
+const RECOVERY: Duration = Duration::from_secs(120);
 
 async fn restart_nats() {
     let status = tokio::process::Command::new("bash")
@@ -31,73 +45,122 @@ async fn restart_nats() {
     );
 }
 
+fn messages() -> usize {
+    std::env::var("BUS_NATS_RESTART_MESSAGES")
+        .ok()
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .expect("BUS_NATS_RESTART_MESSAGES is a number")
+        })
+        .unwrap_or(DEFAULT_MESSAGES)
+        .max(PUBLISHERS)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_mid_stream_loses_no_confirmed_message() {
+async fn two_restarts_under_100_publishers_lose_no_confirmed_message() {
     let Some(url) = broker_url("BUS_TEST_NATS_URL") else {
         return;
     };
+    let total = messages();
     let bus = Arc::new(NatsBroker::connect(&url).await.expect("connect"));
     let topic = format!("restart.{}", MessageId::new());
-    let mut sub = bus
-        .subscribe(&topic, SubscribeOptions::group("counted").with_prefetch(64))
-        .await
-        .expect("subscribe");
 
+    // The group's members: each forwards what it receives and acks it.
     let (received_tx, mut received) = mpsc::unbounded_channel::<MessageId>();
-    let (stop, mut stopped) = watch::channel(false);
-    let consumer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stopped.changed() => break,
-                item = sub.next() => match item {
-                    Some(Ok(d)) => {
-                        let _ = received_tx.send(d.envelope().id.clone());
-                        // An ack lost in the restart means a redelivery: allowed.
-                        let _ = d.ack().await;
-                    }
-                    Some(Err(e)) => {
-                        println!("receive error: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    None => panic!("the subscription ended during the restart"),
-                },
+    let (stop, stopped) = watch::channel(false);
+    let mut members = Vec::new();
+    for _ in 0..MEMBERS {
+        let mut sub = bus
+            .subscribe(&topic, SubscribeOptions::group("counted").with_prefetch(64))
+            .await
+            .expect("subscribe");
+        let received_tx = received_tx.clone();
+        let mut stopped = stopped.clone();
+        members.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    item = sub.next() => match item {
+                        Some(Ok(d)) => {
+                            let _ = received_tx.send(d.envelope().id.clone());
+                            // An ack lost in the restart means a redelivery: allowed.
+                            let _ = d.ack().await;
+                        }
+                        // The pull loop starts over by itself; the subscription stays usable.
+                        Some(Err(e)) => println!("receive error: {e}"),
+                        None => panic!("the subscription ended during a restart"),
+                    },
+                }
             }
+            let _ = sub.close().await;
+        }));
+    }
+    drop(received_tx);
+
+    // Restarts at about 1/3 and 1/2 of the confirmed publishes.
+    let (progress, mut confirmed_so_far) = watch::channel(0usize);
+    let restarts = tokio::spawn(async move {
+        for at in [total / 3, total / 2] {
+            let _ = confirmed_so_far.wait_for(|n| *n >= at).await;
+            let began = Instant::now();
+            restart_nats().await;
+            println!("restarted nats at {at} confirmed, in {:?}", began.elapsed());
         }
-        let _ = sub.close().await;
     });
 
+    let started = Instant::now();
+    let progress = Arc::new(progress);
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (bus, topic, progress) = (bus.clone(), topic.clone(), progress.clone());
+        let count = total / PUBLISHERS + usize::from(p < total % PUBLISHERS);
+        publishers.push(tokio::spawn(async move {
+            let mut confirmed = Vec::with_capacity(count);
+            let mut failed = 0usize;
+            for i in 0..count {
+                let envelope = Envelope::new("restart.test", format!("publisher {p} message {i}"));
+                // Each failure may or may not have been stored: sent again until confirmed.
+                let mut backoff = Duration::from_millis(20);
+                loop {
+                    match bus.publish(&topic, envelope.clone()).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            failed += 1;
+                            assert!(
+                                started.elapsed() < RECOVERY,
+                                "publishing did not recover: {e}"
+                            );
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
+                confirmed.push(envelope.id);
+                progress.send_modify(|n| *n += 1);
+            }
+            (confirmed, failed)
+        }));
+    }
     let mut confirmed = HashSet::new();
     let mut failed = 0usize;
-    let mut restart = None;
-    let started = Instant::now();
-    for i in 0..MESSAGES {
-        if i == RESTART_AFTER {
-            restart = Some(tokio::spawn(restart_nats()));
-        }
-        let envelope = Envelope::new("restart.test", format!("message {i}"));
-        let id = envelope.id.clone();
-        // Retry with backoff until the server confirms; each failure is a publish that may or
-        // may not have been stored, so it is not counted as confirmed.
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            match bus.publish(&topic, envelope.clone()).await {
-                Ok(()) => {
-                    confirmed.insert(id.clone());
-                    break;
-                }
-                Err(e) => {
-                    failed += 1;
-                    assert!(
-                        started.elapsed() < Duration::from_secs(120),
-                        "publishing did not recover: {e}"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
+    for publisher in publishers {
+        let (ids, failures) = publisher.await.expect("a publisher");
+        confirmed.extend(ids);
+        failed += failures;
     }
-    restart.expect("restarted").await.expect("the restart task");
+    restarts.await.expect("both restarts");
+    let published_in = started.elapsed();
+    // The restarts cut this connection: the first connect and one after each restart.
+    let connects = bus
+        .client()
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        connects >= 3,
+        "connected {connects} times: a restart was not seen"
+    );
 
     let mut seen = HashSet::new();
     let mut deliveries = 0usize;
@@ -115,18 +178,25 @@ async fn restart_mid_stream_loses_no_confirmed_message() {
         }
     }
     let _ = stop.send(true);
-    consumer.await.expect("consumer task");
+    for member in members {
+        member.await.expect("a group member");
+    }
     let _ = bus
         .jetstream()
         .delete_stream(bus.topic_stream(&topic))
         .await;
     let _ = bus.close().await;
+    let lost = confirmed.difference(&seen).count();
+    assert_eq!(lost, 0);
     println!(
-        "restart: {} confirmed, {} received ({} deliveries, {} duplicates), {failed} failed \
-         publish attempts retried, 0 lost",
+        "(published in {published_in:?}, all received after {:?}; {failed} failed publish \
+         attempts sent again)",
+        started.elapsed()
+    );
+    println!(
+        "nats restart: published={total} confirmed={} received={} lost={lost} duplicates={}",
         confirmed.len(),
         seen.len(),
-        deliveries,
         deliveries - seen.len()
     );
 }
