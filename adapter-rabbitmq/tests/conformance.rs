@@ -5,7 +5,8 @@
 //! them (`cloudEvents:<attribute>` application properties).
 //!
 //! The payload limit is set to 1 MiB here (the broker's own default is 128 MiB, too large to
-//! allocate in a test), so the oversize case checks the adapter's refusal. Queues the cases
+//! allocate in a test), so the oversize case checks the adapter's refusal. The fault cases
+//! connect through a fault proxy in front of the same server. Queues the cases
 //! declare expire ten minutes after their last use.
 
 use std::sync::Arc;
@@ -16,24 +17,47 @@ use adapter_rabbitmq::lapin::publisher_confirm::Confirmation;
 use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig, CLOUDEVENTS_PREFIX};
-use bus_core::conformance::{broker_url, Harness, RawMessage};
+use bus_core::conformance::{broker_url, FaultProxy, Harness, RawMessage};
+use bus_core::Broker;
+use url::Url;
 
 async fn harness() -> Option<Harness> {
     let url = broker_url("BUS_TEST_RABBITMQ_URL")?;
-    let config = RabbitMqConfig::new(&url)
-        .with_connection_name("bus-conformance")
-        .with_max_payload(1024 * 1024)
-        .with_queue_expires(Duration::from_secs(600))
-        .with_reconnect_timeout(Duration::from_secs(60));
-    let broker = RabbitMqBroker::with_config(config)
+    let broker = RabbitMqBroker::with_config(config(&url))
         .await
         .expect("connect to the test RabbitMQ");
+    let proxied = url.clone();
     Some(
         Harness::new(Arc::new(broker))
             .with_receive_timeout(Duration::from_secs(20))
             .with_restart(restart_rabbitmq)
-            .with_raw_publish(move |message| raw_publish(url.clone(), message)),
+            .with_raw_publish(move |message| raw_publish(url.clone(), message))
+            .with_fault_proxy(move |proxy| through_proxy(proxied.clone(), proxy)),
     )
+}
+
+/// The adapter's configuration for the cases, connecting to `url`.
+fn config(url: &str) -> RabbitMqConfig {
+    RabbitMqConfig::new(url)
+        .with_connection_name("bus-conformance")
+        .with_max_payload(1024 * 1024)
+        .with_queue_expires(Duration::from_secs(600))
+        .with_reconnect_timeout(Duration::from_secs(60))
+}
+
+/// The same configuration, connected through `proxy` to the server of `url`.
+async fn through_proxy(url: String, proxy: FaultProxy) -> Arc<dyn Broker> {
+    let mut proxied = Url::parse(&url).expect("BUS_TEST_RABBITMQ_URL is a URL");
+    let server = proxied
+        .socket_addrs(|| Some(5672))
+        .expect("the RabbitMQ server's address")[0];
+    proxy.forward_to(server);
+    proxied.set_ip_host(proxy.addr().ip()).expect("an IP host");
+    proxied.set_port(Some(proxy.addr().port())).expect("a port");
+    let broker = RabbitMqBroker::with_config(config(proxied.as_str()))
+        .await
+        .expect("connect to the test RabbitMQ through the fault proxy");
+    Arc::new(broker)
 }
 
 /// Sends `message` with plain lapin, as another service would: to the work queue of that name

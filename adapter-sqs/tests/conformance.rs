@@ -6,7 +6,8 @@
 //!
 //! No restart hook: moto keeps its state in memory, so restarting it loses every queue and
 //! message, which proves nothing about SQS, whose durability is AWS's. The restart case is
-//! skipped for that reason (see docs/adapters/sqs.md).
+//! skipped for that reason (see docs/adapters/sqs.md). The fault cases connect through a fault
+//! proxy in front of the same server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,9 @@ use std::time::Duration;
 use adapter_sqs::aws_sdk_sqs::types::MessageAttributeValue;
 use adapter_sqs::{attributes, SqsBroker, SqsConfig};
 use base64::Engine as _;
-use bus_core::conformance::{broker_url, Harness, RawMessage};
+use bus_core::conformance::{broker_url, FaultProxy, Harness, RawMessage};
+use bus_core::Broker;
+use url::Url;
 
 async fn harness() -> Option<Harness> {
     connect(false).await
@@ -27,7 +30,23 @@ async fn fifo_harness() -> Option<Harness> {
 
 async fn connect(fifo: bool) -> Option<Harness> {
     let url = broker_url("BUS_TEST_SQS_URL")?;
-    let config = SqsConfig::from_url(&url)
+    let broker = SqsBroker::connect_with(config(&url, fifo))
+        .await
+        .expect("connect to the test SQS server");
+    let raw = broker.clone();
+    Some(
+        Harness::new(Arc::new(broker))
+            .with_raw_publish(move |message| raw_publish(raw.clone(), message))
+            .with_fault_proxy(move |proxy| through_proxy(url.clone(), fifo, proxy))
+            .with_receive_timeout(Duration::from_secs(30))
+            .with_quiet_period(Duration::from_secs(2))
+            .with_case_timeout(Duration::from_secs(300)),
+    )
+}
+
+/// The adapter's configuration for the cases, connecting to `url`.
+fn config(url: &str, fifo: bool) -> SqsConfig {
+    SqsConfig::from_url(url)
         .expect("BUS_TEST_SQS_URL is a valid sqs:// URL")
         // Short waits keep closing quick; moto answers at once when messages wait. On FIFO no
         // long polling at all: moto 5.2 checks a receive's message groups against the ones in
@@ -42,18 +61,22 @@ async fn connect(fifo: bool) -> Option<Harness> {
         // A visibility timeout short enough for long_handler_is_not_redelivered (a handler
         // three leases long) to run, long enough that messages waiting in the adapter's
         // prefetch buffer (where no consumer extends them yet) are not redelivered under load.
-        .with_visibility_timeout(Duration::from_secs(15));
-    let broker = SqsBroker::connect_with(config)
+        .with_visibility_timeout(Duration::from_secs(15))
+}
+
+/// The same configuration, its endpoint a fault proxy in front of the server of `url`.
+async fn through_proxy(url: String, fifo: bool, proxy: FaultProxy) -> Arc<dyn Broker> {
+    let mut proxied = Url::parse(&url).expect("BUS_TEST_SQS_URL is a URL");
+    let server = proxied
+        .socket_addrs(|| None)
+        .expect("the SQS server's address")[0];
+    proxy.forward_to(server);
+    proxied.set_ip_host(proxy.addr().ip()).expect("an IP host");
+    proxied.set_port(Some(proxy.addr().port())).expect("a port");
+    let broker = SqsBroker::connect_with(config(proxied.as_str(), fifo))
         .await
-        .expect("connect to the test SQS server");
-    let raw = broker.clone();
-    Some(
-        Harness::new(Arc::new(broker))
-            .with_raw_publish(move |message| raw_publish(raw.clone(), message))
-            .with_receive_timeout(Duration::from_secs(30))
-            .with_quiet_period(Duration::from_secs(2))
-            .with_case_timeout(Duration::from_secs(300)),
-    )
+        .expect("connect to the test SQS server through the fault proxy");
+    Arc::new(broker)
 }
 
 /// Sends `message` with the plain SQS client, as a service in another language would: the

@@ -79,7 +79,10 @@ use crate::{Broker, Capabilities};
 
 pub mod arbitrary;
 pub mod cases;
+mod faults;
 mod support;
+
+pub use faults::FaultProxy;
 
 #[doc(hidden)]
 pub use tokio;
@@ -115,6 +118,7 @@ pub fn broker_url(var: &str) -> Option<String> {
 
 type RestartHook = dyn Fn() -> BoxFuture<'static, ()> + Send + Sync;
 type RawPublishHook = dyn Fn(RawMessage) -> BoxFuture<'static, ()> + Send + Sync;
+type FaultProxyHook = dyn Fn(FaultProxy) -> BoxFuture<'static, Arc<dyn Broker>> + Send + Sync;
 
 /// A message sent with the broker's own client, not through `bus`: what a service in another
 /// language would send. Given to the hook of [`Harness::with_raw_publish`].
@@ -143,6 +147,7 @@ pub struct Harness {
     broker: Arc<dyn Broker>,
     restart: Option<Arc<RestartHook>>,
     raw_publish: Option<Arc<RawPublishHook>>,
+    fault_proxy: Option<Arc<FaultProxyHook>>,
     receive_timeout: Duration,
     quiet_period: Duration,
     case_timeout: Duration,
@@ -163,6 +168,7 @@ impl Harness {
             broker,
             restart: None,
             raw_publish: None,
+            fault_proxy: None,
             receive_timeout: Self::DEFAULT_RECEIVE_TIMEOUT,
             quiet_period: Self::DEFAULT_QUIET_PERIOD,
             case_timeout: Self::DEFAULT_CASE_TIMEOUT,
@@ -196,6 +202,28 @@ impl Harness {
         self.raw_publish = Some(Arc::new(move |message| -> BoxFuture<'static, ()> {
             Box::pin(hook(message))
         }));
+        self
+    }
+
+    /// Sets the hook that connects the adapter to the broker through a [`FaultProxy`],
+    /// enabling the cases about network faults (`connection_reset_mid_stream_loses_nothing`,
+    /// `stall_then_recover`, `reconnect_does_not_duplicate_acked`).
+    ///
+    /// The hook gets a proxy that is listening but not yet forwarding: it calls
+    /// [`FaultProxy::forward_to`] with the broker's address and connects a new broker
+    /// connection, configured as the harness's own, to [`FaultProxy::addr`]. Where the broker
+    /// hands out addresses of its own (Kafka's advertised listeners), the hook starts a broker
+    /// that advertises the proxy's address, and keeps it with [`FaultProxy::keep`]. It panics
+    /// if connecting fails.
+    #[must_use]
+    pub fn with_fault_proxy<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(FaultProxy) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn Broker>> + Send + 'static,
+    {
+        self.fault_proxy = Some(Arc::new(
+            move |proxy| -> BoxFuture<'static, Arc<dyn Broker>> { Box::pin(hook(proxy)) },
+        ));
         self
     }
 
@@ -265,6 +293,26 @@ impl Harness {
         self.raw_publish.is_some()
     }
 
+    /// Whether a fault-proxy hook was given.
+    #[must_use]
+    pub fn can_inject_faults(&self) -> bool {
+        self.fault_proxy.is_some()
+    }
+
+    /// A new broker connection through a new [`FaultProxy`], made by the hook of
+    /// [`with_fault_proxy`](Self::with_fault_proxy); `None` without one.
+    ///
+    /// # Panics
+    /// When the proxy cannot listen on loopback.
+    pub async fn connect_through_proxy(&self) -> Option<(FaultProxy, Arc<dyn Broker>)> {
+        let hook = self.fault_proxy.as_ref()?;
+        let proxy = FaultProxy::start()
+            .await
+            .expect("the fault proxy listens on 127.0.0.1");
+        let broker = hook(proxy.clone()).await;
+        Some((proxy, broker))
+    }
+
     /// Sends `message` with the broker's own client through the hook; returns `false` (doing
     /// nothing) without one.
     pub async fn raw_publish(&self, message: RawMessage) -> bool {
@@ -298,6 +346,7 @@ impl fmt::Debug for Harness {
             .field("broker", &self.broker)
             .field("restart", &self.restart.is_some())
             .field("raw_publish", &self.raw_publish.is_some())
+            .field("fault_proxy", &self.fault_proxy.is_some())
             .field("receive_timeout", &self.receive_timeout)
             .field("quiet_period", &self.quiet_period)
             .field("case_timeout", &self.case_timeout)
@@ -435,6 +484,9 @@ macro_rules! conformance_suite {
             trace_id_continuity_publish_to_process,
             undecodable_message_is_dead_lettered,
             long_handler_is_not_redelivered,
+            connection_reset_mid_stream_loses_nothing,
+            stall_then_recover,
+            reconnect_does_not_duplicate_acked,
         }
     };
 }

@@ -5,6 +5,7 @@
 //! prints `skipped: <case>: <reason>` and returns when the adapter's
 //! [`Capabilities`](crate::Capabilities) say it cannot do what the case needs.
 
+mod faults;
 mod groups;
 mod hostile;
 mod leases;
@@ -14,6 +15,10 @@ mod requests;
 mod runtime;
 mod settlement;
 
+pub use faults::{
+    connection_reset_mid_stream_loses_nothing, reconnect_does_not_duplicate_acked,
+    stall_then_recover,
+};
 pub use groups::{
     acked_messages_not_redelivered_after_resubscribe, concurrent_subscribe_close,
     fan_out_two_groups, group_members_share_work, per_key_order_across_members,
