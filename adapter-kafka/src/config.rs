@@ -125,6 +125,10 @@ pub struct KafkaConfig {
     /// consumer resuming in the middle of a batch would skip the batch's remaining records.
     /// 0 turns it off (for Apache Kafka, which does not need it).
     pub fetch_rewind: i64,
+    /// How many retry copies (nacked with a delay) a subscription holds in memory waiting for
+    /// their time. At the bound it stops fetching its retry topic until one is handed out, so
+    /// memory stays bounded whatever the nacks; those behind wait in Kafka (at least 1).
+    pub max_delayed: usize,
     /// Any other rdkafka `ClientConfig` key, applied last to every client (producer,
     /// consumers, admin), so it can override what `bus` sets.
     pub client_options: BTreeMap<String, String>,
@@ -145,6 +149,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             prefetch: 256,
             fetch_rewind: 500,
+            max_delayed: 1024,
             security_protocol: None,
             sasl_mechanism: None,
             sasl_username: None,
@@ -171,7 +176,7 @@ impl KafkaConfig {
     /// Reads `kafka://host:port[,host:port…][?query]`. Query parameters: `partitions`,
     /// `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`,
     /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `fetch_rewind`,
-    /// `security_protocol`,
+    /// `max_delayed`, `security_protocol`,
     /// `sasl_mechanism`; user info in the URL sets the SASL user name and password.
     ///
     /// # Errors
@@ -227,6 +232,7 @@ impl KafkaConfig {
                 }
                 "prefetch" => self.prefetch = value.parse().map_err(|e| bad(&e))?,
                 "fetch_rewind" => self.fetch_rewind = value.parse().map_err(|e| bad(&e))?,
+                "max_delayed" => self.max_delayed = value.parse().map_err(|e| bad(&e))?,
                 "security_protocol" => self.security_protocol = Some(value),
                 "sasl_mechanism" => self.sasl_mechanism = Some(value),
                 other => {
@@ -296,6 +302,21 @@ impl KafkaConfig {
         self
     }
 
+    /// Sets how many delayed retry copies a subscription holds in memory
+    /// ([`max_delayed`](KafkaConfig::max_delayed)).
+    #[must_use]
+    pub fn with_max_delayed(mut self, max_delayed: usize) -> Self {
+        self.max_delayed = max_delayed;
+        self
+    }
+
+    /// Sets the session timeout (`session.timeout.ms`).
+    #[must_use]
+    pub fn with_session_timeout_ms(mut self, session_timeout_ms: u64) -> Self {
+        self.session_timeout_ms = session_timeout_ms;
+        self
+    }
+
     /// Sets SASL credentials (and the mechanism).
     #[must_use]
     pub fn with_sasl(
@@ -334,6 +355,9 @@ impl KafkaConfig {
         }
         if self.fetch_rewind < 0 {
             return Err(Error::config("kafka: fetch_rewind must not be negative"));
+        }
+        if self.max_delayed < 1 {
+            return Err(Error::config("kafka: max_delayed must be at least 1"));
         }
         if self.partitions < 1 || self.replication < 1 {
             return Err(Error::config(
@@ -448,6 +472,7 @@ impl fmt::Debug for KafkaConfig {
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("prefetch", &self.prefetch)
             .field("fetch_rewind", &self.fetch_rewind)
+            .field("max_delayed", &self.max_delayed)
             .field("security_protocol", &self.security_protocol)
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)

@@ -127,7 +127,19 @@ impl KafkaBroker {
             start,
             prefetch: prefetch.unwrap_or(self.shared.config.prefetch),
             retries: true,
+            private: false,
         }
+    }
+
+    /// What `subscribe` consumes: the group named in `options`, or a private group.
+    fn subscribe_spec(&self, topic: &str, options: SubscribeOptions) -> Spec {
+        let (group, user_group) = match options.group {
+            Some(group) => (group.clone(), Some(group)),
+            None => (names::private_group(), None),
+        };
+        let mut spec = self.spec(topic, group, user_group, Start::Latest, options.prefetch);
+        spec.private = spec.user_group.is_none();
+        spec
     }
 }
 
@@ -157,11 +169,7 @@ impl Publisher for KafkaBroker {
 #[async_trait]
 impl Subscriber for KafkaBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        let (group, user_group) = match options.group {
-            Some(group) => (group.clone(), Some(group)),
-            None => (names::private_group(), None),
-        };
-        let spec = self.spec(topic, group, user_group, Start::Latest, options.prefetch);
+        let spec = self.subscribe_spec(topic, options);
         let source = subscriber::open(&self.shared, spec).await?;
         Ok(Subscription::new(Box::new(source)))
     }
@@ -237,6 +245,8 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.shared.close();
+        // The reply topic is this connection's alone: removed (after its reader left).
+        self.inbox.close(&self.shared).await;
         let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || shared.flush(Duration::from_secs(5))).await;
         Ok(())

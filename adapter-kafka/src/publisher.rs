@@ -27,6 +27,29 @@ pub(crate) struct Shared {
     pub(crate) source: String,
     /// Per group: deliveries dropped after their subscription closed, still being handed back.
     handbacks: Mutex<HashMap<String, Arc<watch::Sender<usize>>>>,
+    /// Failures this crate's tests inject (see [`Faults`]).
+    #[cfg(test)]
+    pub(crate) faults: Faults,
+}
+
+/// Failures injected by this crate's own tests, through real client calls: the crate-private
+/// seam that lets a test make the broker look slow without a mock.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// How many of the next committed-offset fetches are made with a zero timeout, so that
+    /// librdkafka reports them timed out, as it would a slow broker's.
+    pub(crate) offset_fetch_timeouts: std::sync::atomic::AtomicU32,
+}
+
+#[cfg(test)]
+impl Faults {
+    /// Whether the next committed-offset fetch must time out (and counts it).
+    pub(crate) fn take_offset_fetch_timeout(&self) -> bool {
+        self.offset_fetch_timeouts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -59,6 +82,8 @@ impl Shared {
             closed: AtomicBool::new(false),
             closed_tx,
             handbacks: Mutex::default(),
+            #[cfg(test)]
+            faults: Faults::default(),
         })
     }
 
@@ -153,6 +178,75 @@ impl Shared {
         Ok(())
     }
 
+    /// Deletes a consumer group (one that has no members left).
+    pub(crate) async fn delete_group(&self, group: &str) -> Result<()> {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .admin
+            .delete_groups(&[group], &options)
+            .await
+            .map_err(|e| error::map(e, format!("deleting Kafka group `{group}`")))?;
+        admin_results(results, "deleting Kafka group")
+    }
+
+    /// Deletes a topic.
+    pub(crate) async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .admin
+            .delete_topics(&[topic], &options)
+            .await
+            .map_err(|e| error::map(e, format!("deleting Kafka topic `{topic}`")))?;
+        self.created
+            .lock()
+            .expect("topic set poisoned")
+            .remove(topic);
+        admin_results(results, "deleting Kafka topic")
+    }
+
+    /// Checks that `topic` exists (made by somebody else), so that sending to it does not wait
+    /// for a topic that will never come.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] if the broker does not know it.
+    pub(crate) async fn check_exists(&self, topic: &str) -> Result<()> {
+        if self
+            .created
+            .lock()
+            .expect("topic set poisoned")
+            .contains(topic)
+        {
+            return Ok(());
+        }
+        let client = self.producer.clone();
+        let name = topic.to_owned();
+        let exists = tokio::task::spawn_blocking(move || {
+            let metadata = client
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            Ok::<_, rdkafka::error::KafkaError>(
+                metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
+            )
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Other, "metadata task", e))?
+        .map_err(|e| error::map(e, format!("looking up Kafka topic `{topic}`")))?;
+        if !exists {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("Kafka topic `{topic}` does not exist (its requester closed?)"),
+            ));
+        }
+        self.created
+            .lock()
+            .expect("topic set poisoned")
+            .insert(topic.to_owned());
+        Ok(())
+    }
+
     /// Produces `envelope` to `topic` (created if needed) and waits for the broker's
     /// acknowledgement.
     pub(crate) async fn produce(
@@ -215,4 +309,21 @@ impl Shared {
     pub(crate) fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(Timeout::After(timeout));
     }
+}
+
+/// The first failure among the results of an admin operation.
+fn admin_results(
+    results: Vec<std::result::Result<String, (String, RDKafkaErrorCode)>>,
+    what: &str,
+) -> Result<()> {
+    for result in results {
+        if let Err((name, code)) = result {
+            return Err(Error::with_source(
+                ErrorKind::Connection,
+                format!("{what} `{name}` failed: {code}"),
+                rdkafka::error::KafkaError::AdminOp(code),
+            ));
+        }
+    }
+    Ok(())
 }

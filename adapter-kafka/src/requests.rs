@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::{Envelope, Error, MessageId, Reply, Request, RequestSource, Result};
 use tokio::sync::{oneshot, OnceCell};
+use tokio::task::JoinHandle;
 
 use crate::publisher::Shared;
 use crate::subscriber::{self, KafkaSource, Spec, Start};
@@ -20,6 +21,8 @@ type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>>;
 pub(crate) struct Inbox {
     topic: OnceCell<String>,
     pending: Pending,
+    /// The task reading the reply topic, awaited at close before the topic is deleted.
+    reader: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Inbox {
@@ -38,11 +41,12 @@ impl Inbox {
                         start: Start::Earliest,
                         prefetch: 256,
                         retries: false,
+                        private: true,
                     },
                 )
                 .await?;
                 let pending = self.pending.clone();
-                tokio::spawn(async move {
+                let reader = tokio::spawn(async move {
                     while let Some((delivery, _)) = source.next_item().await {
                         let reply = delivery.envelope().clone();
                         let _ = delivery.ack().await;
@@ -59,10 +63,39 @@ impl Inbox {
                     }
                     source.shut_down().await;
                 });
+                *self
+                    .reader
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reader);
                 Ok::<_, Error>(topic)
             })
             .await?;
         Ok(topic)
+    }
+
+    /// At the connection's close (after `Shared::close`): waits (up to 30 s) until the reply
+    /// reader has left its private group (which it deletes), then deletes the reply topic.
+    pub(crate) async fn close(&self, shared: &Shared) {
+        let Some(topic) = self.topic.get() else {
+            return;
+        };
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(reader) = reader {
+            let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
+        }
+        if let Err(e) = shared.delete_topic(topic).await {
+            tracing::debug!(error = %e, topic, "deleting the reply topic failed");
+        }
+    }
+
+    /// The reply topic, once the first request made it.
+    #[cfg(test)]
+    pub(crate) fn topic_name(&self) -> Option<&str> {
+        self.topic.get().map(String::as_str)
     }
 
     pub(crate) async fn request(
@@ -152,7 +185,12 @@ struct KafkaReply {
 
 #[async_trait]
 impl Reply for KafkaReply {
+    /// Sends the reply to the requester's reply topic, which is never created here: it is
+    /// the requester's, and deleted when the requester closes.
     async fn reply(&self, response: Envelope) -> Result<()> {
-        self.shared.produce(&self.reply_to, &response, &[]).await
+        self.shared.check_open()?;
+        self.shared.check_envelope(&response)?;
+        self.shared.check_exists(&self.reply_to).await?;
+        self.shared.send(&self.reply_to, &response, &[]).await
     }
 }

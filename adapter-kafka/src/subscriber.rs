@@ -14,7 +14,7 @@
 //! then. A dropped delivery is handed out again from memory (its offset was never committed),
 //! and if the consumer dies first, the group reads it again from Kafka.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -25,6 +25,7 @@ use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
 use bus_core::Redeliver;
 use bus_core::{headers, Delivery, DeliverySource, Envelope, Error, Result, Settle, Settlement};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,7 +56,13 @@ pub(crate) struct Spec {
     pub(crate) prefetch: usize,
     /// Whether to read the retry topic too (not for reply inboxes).
     pub(crate) retries: bool,
+    /// Whether the group is this subscription's own (`bus.private.*`): nobody else reads its
+    /// offsets, so it is deleted from the broker when the subscription closes.
+    pub(crate) private: bool,
 }
+
+/// Received records held while the subscriber is behind; past this, fetching pauses.
+const STASH_LIMIT: usize = 1024;
 
 struct PartState {
     epoch: u64,
@@ -71,6 +78,9 @@ struct State {
     next_epoch: u64,
     /// Assignments (rebalances) seen so far.
     assignments: u64,
+    /// The most retry copies held waiting at once (what the bound on them is tested by).
+    #[cfg(test)]
+    peak_delayed: usize,
     /// The subscription is closing or closed: its last revocation keeps the trackers, so that
     /// deliveries settled after the close are still committed (see `KafkaSettle::settle`).
     closing: bool,
@@ -91,26 +101,32 @@ impl State {
         }
     }
 
-    /// The offsets to commit: every partition whose contiguous settled prefix moved.
-    fn to_commit(&self) -> TopicPartitionList {
+    /// The offsets to commit: every partition whose contiguous settled prefix moved (and,
+    /// unless `again`, whose commit is not in flight).
+    fn to_commit(&self, again: bool) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), p) in &self.parts {
-            if let Some(offset) = p.tracker.to_commit() {
+            if let Some(offset) = p.tracker.to_commit(again) {
                 let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
             }
         }
         tpl
     }
 
-    fn mark_committed(&mut self, tpl: &TopicPartitionList) {
+    /// Applies `mark` to the tracker of every partition of `tpl` with an offset.
+    fn each(&mut self, tpl: &TopicPartitionList, mark: impl Fn(&mut OffsetTracker, i64, bool)) {
         for e in tpl.elements() {
             if let (Some(p), Offset::Offset(o)) = (
                 self.parts.get_mut(&(e.topic().to_owned(), e.partition())),
                 e.offset(),
             ) {
-                p.tracker.mark_committed(o);
+                mark(&mut p.tracker, o, e.error().is_ok());
             }
         }
+    }
+
+    fn mark_committed(&mut self, tpl: &TopicPartitionList) {
+        self.each(tpl, |t, o, _| t.mark_committed(o));
     }
 }
 
@@ -136,17 +152,36 @@ pub(crate) struct Item {
     pub(crate) undecodable: Option<String>,
 }
 
-/// The consumer context: chooses start offsets at assignment and commits at revocation.
+/// The consumer context: chooses start offsets at assignment, commits at revocation, and
+/// records which commits the broker confirmed.
 struct Ctx {
     state: SharedState,
     start: Start,
     rewind: i64,
     assigned: watch::Sender<u64>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
 }
 
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
+    /// The broker's answer to an asynchronous commit: only now is an offset committed; one
+    /// that failed (lost in a rebalance, no coordinator) is sent again with the next commit.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "committing offsets failed; will try again");
+        }
+        let ok = result.is_ok();
+        lock(&self.state).each(offsets, |t, o, confirmed| {
+            if ok && confirmed {
+                t.mark_committed(o);
+            } else {
+                t.mark_failed(o);
+            }
+        });
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -178,64 +213,75 @@ impl Ctx {
     /// never committed there, at the end (topics) or the beginning (queues), and commits that
     /// start at once: so a group receives everything published after it first subscribed,
     /// even if its first member leaves before anything arrives.
+    ///
+    /// The committed offsets and watermarks are fetched until the broker answers: a failed or
+    /// slow fetch is never taken for "never committed", which would move a topic group to the
+    /// end (skipping messages for good) or a queue group back to the beginning. If the
+    /// subscription closes meanwhile, nothing is assigned.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let timeout = Duration::from_secs(10);
-        let committed = consumer.committed_offsets(tpl.clone(), timeout).ok();
+        let Some(committed) = self.committed(consumer, tpl) else {
+            return;
+        };
         let mut assignment = TopicPartitionList::new();
         let mut first = TopicPartitionList::new();
         let mut starts = Vec::new();
         for e in tpl.elements() {
             let (topic, partition) = (e.topic(), e.partition());
             let known = committed
-                .as_ref()
-                .and_then(|c| c.find_partition(topic, partition))
+                .find_partition(topic, partition)
                 .map(|c| c.offset());
-            let start = match known {
-                Some(Offset::Offset(o)) if o >= 0 => Some(o),
+            let (start, fresh) = match known {
+                Some(Offset::Offset(o)) if o >= 0 => (o, false),
                 _ => {
-                    let marks = watermarks(consumer, topic, partition);
-                    let o = marks.map(|(low, high)| match self.start {
+                    let Some((low, high)) = self.watermarks(consumer, topic, partition) else {
+                        return;
+                    };
+                    let o = match self.start {
                         Start::Latest => high,
                         Start::Earliest => low,
-                    });
-                    if let Some(o) = o {
-                        let _ = first.add_partition_offset(topic, partition, Offset::Offset(o));
-                    }
-                    o
+                    };
+                    let _ = first.add_partition_offset(topic, partition, Offset::Offset(o));
+                    (o, true)
                 }
             };
             // Fetch a little before a committed offset: brokers that only return record
             // batches starting at or after the fetch offset (tansu 0.6) would otherwise skip
             // the rest of the batch the offset falls in. The records before it are skipped here.
-            let rewound = match known {
-                Some(Offset::Offset(o)) if o >= 0 => (o - self.rewind).max(0),
-                _ => start.unwrap_or(0),
+            let rewound = if fresh {
+                start
+            } else {
+                (start - self.rewind).max(0)
             };
-            let offset = match (start, self.start) {
-                (Some(_), _) => Offset::Offset(rewound),
-                (None, Start::Latest) => Offset::End,
-                (None, Start::Earliest) => Offset::Beginning,
+            let _ = assignment.add_partition_offset(topic, partition, Offset::Offset(rewound));
+            starts.push(((topic.to_owned(), partition), start, fresh));
+        }
+        let first_committed = first.count() == 0
+            || {
+                match consumer.commit(&first, CommitMode::Sync) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "committing a new group's start offsets failed; will try again");
+                        false
+                    }
+                }
             };
-            let _ = assignment.add_partition_offset(topic, partition, offset);
-            starts.push(((topic.to_owned(), partition), start));
-        }
-        if first.count() > 0 {
-            if let Err(e) = consumer.commit(&first, CommitMode::Sync) {
-                tracing::warn!(error = %e, "committing a new group's start offsets failed");
-            }
-        }
         {
             let mut state = lock(&self.state);
             state.parts.clear();
-            for (key, start) in starts {
+            for (key, start, fresh) in starts {
                 state.next_epoch += 1;
                 let epoch = state.next_epoch;
+                let tracker = if fresh && !first_committed {
+                    OffsetTracker::starting_uncommitted(start)
+                } else {
+                    OffsetTracker::starting_at(Some(start))
+                };
                 state.parts.insert(
                     key,
                     PartState {
                         epoch,
-                        tracker: OffsetTracker::starting_at(start),
-                        floor: start.unwrap_or(0),
+                        tracker,
+                        floor: start,
                     },
                 );
             }
@@ -246,29 +292,102 @@ impl Ctx {
         }
         self.assigned.send_modify(|n| *n += 1);
     }
-}
 
-fn watermarks(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> Option<(i64, i64)> {
-    for _ in 0..5 {
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
-            Ok(marks) => return Some(marks),
-            Err(e) => {
-                tracing::debug!(error = %e, topic, partition, "fetching watermarks");
-                thread::sleep(Duration::from_millis(100));
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.shared.is_closed()
+    }
+
+    /// Calls `fetch` until it succeeds, backing off between attempts; `None` once the
+    /// subscription is closing.
+    fn until_answered<T>(&self, what: &str, mut fetch: impl FnMut() -> Option<T>) -> Option<T> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if let Some(answer) = fetch() {
+                return Some(answer);
             }
+            if self.stopping() {
+                return None;
+            }
+            tracing::warn!("{what} failed; trying again in {pause:?}");
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
-    None
+
+    /// The group's committed offsets of every partition of `tpl`, as the broker answered them.
+    fn committed(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Option<TopicPartitionList> {
+        self.until_answered("fetching the group's committed offsets", || match consumer
+            .committed_offsets(tpl.clone(), self.fetch_timeout())
+        {
+            Ok(committed) => {
+                let complete = tpl.elements().iter().all(|e| {
+                    committed
+                        .find_partition(e.topic(), e.partition())
+                        .is_some_and(|c| c.error().is_ok())
+                });
+                complete.then_some(committed)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fetching committed offsets");
+                None
+            }
+        })
+    }
+
+    /// The low and high watermarks of a partition.
+    fn watermarks(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+    ) -> Option<(i64, i64)> {
+        self.until_answered("fetching watermarks", || {
+            consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                .map_err(|e| tracing::debug!(error = %e, topic, partition, "fetching watermarks"))
+                .ok()
+        })
+    }
+
+    /// How long one fetch of committed offsets may take. Tests make the first ones time out
+    /// at once, as a slow broker would.
+    fn fetch_timeout(&self) -> Duration {
+        #[cfg(test)]
+        if self.shared.faults.take_offset_fetch_timeout() {
+            return Duration::ZERO;
+        }
+        Duration::from_secs(10)
+    }
 }
 
+/// Commits what moved. A synchronous commit is confirmed when it returns; an asynchronous one
+/// only when the broker's answer reaches [`Ctx::commit_callback`].
 fn commit(consumer: &BaseConsumer<Ctx>, state: &SharedState, mode: CommitMode) {
-    let tpl = lock(state).to_commit();
+    let tpl = {
+        let mut state = lock(state);
+        let tpl = state.to_commit(matches!(mode, CommitMode::Sync));
+        if matches!(mode, CommitMode::Async) {
+            state.each(&tpl, |t, o, _| t.mark_pending(o));
+        }
+        tpl
+    };
     if tpl.count() == 0 {
         return;
     }
     match consumer.commit(&tpl, mode) {
-        Ok(()) => lock(state).mark_committed(&tpl),
-        Err(e) => tracing::debug!(error = %e, "committing offsets failed; will try again"),
+        Ok(()) => {
+            if matches!(mode, CommitMode::Sync) {
+                lock(state).mark_committed(&tpl);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "committing offsets failed; will try again");
+            lock(state).each(&tpl, |t, o, _| t.mark_failed(o));
+        }
     }
 }
 
@@ -291,11 +410,14 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
 
     let state: SharedState = Arc::default();
     let (assigned_tx, mut assigned_rx) = watch::channel(0u64);
+    let stop = Arc::new(AtomicBool::new(false));
     let ctx = Ctx {
         state: state.clone(),
         start: spec.start,
         rewind: shared.config.fetch_rewind,
         assigned: assigned_tx,
+        shared: shared.clone(),
+        stop: stop.clone(),
     };
     let consumer: BaseConsumer<Ctx> = shared
         .config
@@ -309,7 +431,6 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
     let prefetch = spec.prefetch.max(1);
     let (tx, rx) = mpsc::channel(prefetch);
     let (redeliver_tx, redeliver_rx) = mpsc::unbounded_channel();
-    let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = oneshot::channel();
     let worker = Worker {
         consumer,
@@ -321,8 +442,13 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
         retry_topic: retry,
         stash: VecDeque::new(),
         delayed: BTreeMap::new(),
+        max_delayed: shared.config.max_delayed.max(1),
         seq: 0,
-        paused: false,
+        paused: HashSet::new(),
+        applied: (false, false),
+        seen_assignments: 0,
+        rewind: shared.config.fetch_rewind,
+        private: spec.private,
     };
     thread::Builder::new()
         .name(format!("bus-kafka-{}", spec.source))
@@ -376,8 +502,17 @@ struct Worker {
     stash: VecDeque<Item>,
     /// Retry copies waiting for their not-before time.
     delayed: BTreeMap<(SystemTime, u64), Item>,
+    /// How many retry copies may wait in `delayed`; at the bound the retry topic pauses.
+    max_delayed: usize,
     seq: u64,
-    paused: bool,
+    /// The partitions this consumer paused.
+    paused: HashSet<(String, i32)>,
+    /// (behind, delayed full) as last applied by `flow_control`.
+    applied: (bool, bool),
+    /// The assignment `paused` refers to (`State::assignments`).
+    seen_assignments: u64,
+    rewind: i64,
+    private: bool,
 }
 
 impl Worker {
@@ -402,6 +537,11 @@ impl Worker {
                             Some(at) => {
                                 self.seq += 1;
                                 self.delayed.insert((at, self.seq), item);
+                                #[cfg(test)]
+                                {
+                                    let mut state = lock(&self.state);
+                                    state.peak_delayed = state.peak_delayed.max(self.delayed.len());
+                                }
                             }
                             None => self.stash.push_back(item),
                         }
@@ -413,8 +553,22 @@ impl Worker {
         }
         lock(&self.state).closing = true;
         commit(&self.consumer, &self.state, CommitMode::Sync);
-        // Dropping the consumer (at the end of this function) leaves the group; the
-        // revocation commits once more.
+        // Dropping the consumer leaves the group; the revocation commits once more.
+        let Worker {
+            consumer,
+            shared,
+            group,
+            private,
+            ..
+        } = self;
+        drop(consumer);
+        if private {
+            // Nobody else reads a private group's offsets: remove it rather than leave it to
+            // the broker's offset retention.
+            if let Err(e) = futures::executor::block_on(shared.delete_group(&group)) {
+                tracing::debug!(error = %e, group, "deleting a private group failed");
+            }
+        }
     }
 
     fn release_due(&mut self) {
@@ -442,21 +596,87 @@ impl Worker {
         true
     }
 
-    /// Pauses fetching while the subscriber is behind, so memory stays bounded.
+    /// Pauses fetching while the subscriber is behind (every partition), or while as many
+    /// retry copies wait for their time as `max_delayed` allows (the retry topic's
+    /// partitions), so memory stays bounded; resumes each where this consumer stopped reading.
     fn flow_control(&mut self) {
-        let behind = self.stash.len() > 1024;
-        if behind == self.paused {
+        let wanted = (
+            self.stash.len() > STASH_LIMIT,
+            self.delayed.len() >= self.max_delayed,
+        );
+        let assignments = lock(&self.state).assignments;
+        let reassigned = assignments != self.seen_assignments;
+        if !reassigned && wanted == self.applied {
             return;
         }
-        if let Ok(assignment) = self.consumer.assignment() {
-            let result = if behind {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
-            };
-            if result.is_ok() {
-                self.paused = behind;
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        if reassigned {
+            // A new assignment starts where `Ctx::assign` put it, unpaused.
+            self.paused.clear();
+            let _ = self.consumer.resume(&assignment);
+            self.seen_assignments = assignments;
+        }
+        let (behind, delayed_full) = wanted;
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            let want = behind || (delayed_full && e.topic() == self.retry_topic);
+            match (want, self.paused.contains(&key)) {
+                (true, false) => {
+                    pause.add_partition(e.topic(), e.partition());
+                }
+                (false, true) => {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+                _ => {}
             }
+        }
+        if pause.count() > 0 {
+            if self.consumer.pause(&pause).is_err() {
+                return;
+            }
+            for e in pause.elements() {
+                self.paused.insert((e.topic().to_owned(), e.partition()));
+            }
+        }
+        if resume.count() > 0 {
+            if self.consumer.resume(&resume).is_err() {
+                return;
+            }
+            for e in resume.elements() {
+                self.paused.remove(&(e.topic().to_owned(), e.partition()));
+                self.reposition(e.topic(), e.partition());
+            }
+        }
+        self.applied = wanted;
+    }
+
+    /// Points a resumed partition back to where this consumer stopped reading it.
+    /// librdkafka resumes at the offset after the last record polled; a broker that returns
+    /// only the record batches starting at or after the fetch offset (tansu) would skip the
+    /// rest of that record's batch. So fetching restarts `fetch_rewind` offsets earlier and
+    /// the records already seen are skipped.
+    fn reposition(&self, topic: &str, partition: i32) {
+        if self.rewind == 0 {
+            return;
+        }
+        let next = {
+            let mut state = lock(&self.state);
+            let Some(p) = state.parts.get_mut(&(topic.to_owned(), partition)) else {
+                return;
+            };
+            let Some(next) = p.tracker.next() else {
+                return;
+            };
+            p.floor = p.floor.max(next);
+            next
+        };
+        let from = Offset::Offset((next - self.rewind).max(0));
+        if let Err(e) = self.consumer.seek(topic, partition, from, Duration::ZERO) {
+            tracing::warn!(error = %e, topic, partition, "seeking a resumed partition failed");
         }
     }
 }
@@ -602,6 +822,7 @@ impl KafkaSource {
                     user_group: self.spec.user_group.clone(),
                     item,
                     late_commits: self.late_commits.clone(),
+                    private: self.spec.private,
                 }),
             );
             if let Some(reason) = undecodable {
@@ -651,6 +872,9 @@ struct KafkaSettle {
     item: Item,
     /// Serialises the commits made after the close, so an older offset never lands last.
     late_commits: Arc<tokio::sync::Mutex<()>>,
+    /// The group is the subscription's own, deleted when it closed: nothing is committed or
+    /// handed back to it after the close.
+    private: bool,
 }
 
 impl std::fmt::Debug for KafkaSettle {
@@ -674,7 +898,7 @@ impl KafkaSettle {
     /// which Kafka accepts for a group; at worst a later member sees a duplicate, never a
     /// loss, since only the contiguous settled prefix is committed).
     async fn commit_after_close(&self) {
-        if !lock(&self.state).closing {
+        if self.private || !lock(&self.state).closing {
             return;
         }
         let _serial = self.late_commits.lock().await;
@@ -683,7 +907,7 @@ impl KafkaSettle {
             if !state.closing {
                 return;
             }
-            state.to_commit()
+            state.to_commit(true)
         };
         if tpl.count() == 0 {
             return;
@@ -785,6 +1009,9 @@ impl Settle for KafkaSettle {
 
     fn abandon(&self) {
         if lock(&self.state).closing {
+            if self.private {
+                return;
+            }
             // The subscription is closed: nobody here will take it again. Hand it to the
             // group through the retry topic (then its offset, and the acked ones after it,
             // can be committed). Without a runtime the offset simply stays uncommitted.
@@ -808,6 +1035,9 @@ impl Settle for KafkaSettle {
         let _ = self.redeliver.send(again);
     }
 }
+
+#[cfg(test)]
+mod broker_tests;
 
 #[cfg(test)]
 mod tests {
