@@ -1,7 +1,9 @@
 //! The connection: SDK clients, the queue and topic caches, and the resources `bus` creates.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
@@ -32,9 +34,20 @@ pub(crate) struct Inner {
     queues: Mutex<HashMap<String, String>>,
     topics: Mutex<HashMap<String, String>>,
     wired: Mutex<HashSet<String>>,
-    senders: Mutex<HashMap<String, mpsc::UnboundedSender<SendRequest>>>,
+    /// The running send batchers, by queue URL; each leaves this map when it stops.
+    senders: Arc<Mutex<HashMap<String, Batcher>>>,
+    next_batcher: AtomicU64,
+    /// Batcher tasks running (counted by the tasks themselves).
+    live_batchers: Arc<AtomicUsize>,
     receive_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     closed: watch::Sender<bool>,
+}
+
+/// A running send batcher: its number (told apart from its successor for the same queue) and
+/// its channel.
+struct Batcher {
+    id: u64,
+    tx: mpsc::UnboundedSender<SendRequest>,
 }
 
 /// One message waiting for a `SendMessageBatch` call.
@@ -104,7 +117,9 @@ impl Inner {
             queues: Mutex::default(),
             topics: Mutex::default(),
             wired: Mutex::default(),
-            senders: Mutex::default(),
+            senders: Arc::default(),
+            next_batcher: AtomicU64::new(0),
+            live_batchers: Arc::default(),
             receive_locks: Mutex::default(),
             closed: watch::channel(false).0,
         })
@@ -216,32 +231,62 @@ impl Inner {
         what: &str,
     ) -> Result<()> {
         let (done, result) = oneshot::channel();
-        let request = SendRequest {
+        let mut request = SendRequest {
             wire,
             fifo,
             what: what.to_owned(),
             done,
         };
-        let sender = {
-            let mut senders = self.senders.lock().expect("send batchers");
-            senders
-                .entry(url.to_owned())
-                .or_insert_with(|| {
-                    spawn_sender(
-                        self.sqs.clone(),
-                        url.to_owned(),
-                        self.config.batch_size.clamp(1, 10) as usize,
-                        self.config.max_message_bytes,
-                    )
-                })
-                .clone()
-        };
-        sender
-            .send(request)
-            .map_err(|_| Error::closed("the send batcher stopped"))?;
+        loop {
+            let sender = {
+                let mut senders = self.senders.lock().expect("send batchers");
+                senders
+                    .entry(url.to_owned())
+                    .or_insert_with(|| self.spawn_batcher(url))
+                    .tx
+                    .clone()
+            };
+            match sender.send(request) {
+                Ok(()) => break,
+                // It stopped for idleness between the lookup and the send (it leaves the map
+                // before it stops taking messages): start another.
+                Err(mpsc::error::SendError(back)) => {
+                    request = back;
+                    let mut senders = self.senders.lock().expect("send batchers");
+                    if senders
+                        .get(url)
+                        .is_some_and(|batcher| batcher.tx.same_channel(&sender))
+                    {
+                        senders.remove(url);
+                    }
+                }
+            }
+        }
         result
             .await
             .map_err(|_| Error::closed("the send batcher stopped"))?
+    }
+
+    fn spawn_batcher(&self, url: &str) -> Batcher {
+        let id = self.next_batcher.fetch_add(1, Ordering::Relaxed);
+        let tx = spawn_sender(
+            SenderSpec {
+                sqs: self.sqs.clone(),
+                url: url.to_owned(),
+                limit: self.config.batch_size.clamp(1, 10) as usize,
+                max_bytes: self.config.max_message_bytes,
+                idle: self.config.sender_idle(),
+                id,
+                senders: self.senders.clone(),
+            },
+            LiveBatcher::new(self.live_batchers.clone()),
+        );
+        Batcher { id, tx }
+    }
+
+    /// How many send batcher tasks are running.
+    pub(crate) fn live_batchers(&self) -> usize {
+        self.live_batchers.load(Ordering::SeqCst)
     }
 
     /// Forgets a cached queue URL (after deleting it, or when SQS says it is gone).
@@ -378,24 +423,71 @@ impl Inner {
     }
 }
 
-/// The batcher of one queue: takes what waits (up to `limit` messages and `max_bytes` in
-/// all), sends it in one `SendMessageBatch`, answers each sender, repeats. One call at a time,
-/// so sends keep their order (FIFO queues rely on it).
-fn spawn_sender(
+/// What a batcher sends to, and when it stops.
+struct SenderSpec {
     sqs: aws_sdk_sqs::Client,
     url: String,
     limit: usize,
     max_bytes: usize,
-) -> mpsc::UnboundedSender<SendRequest> {
+    /// It stops after this long without a message.
+    idle: Duration,
+    id: u64,
+    senders: Arc<Mutex<HashMap<String, Batcher>>>,
+}
+
+/// Counts a running batcher task until dropped.
+struct LiveBatcher(Arc<AtomicUsize>);
+
+impl LiveBatcher {
+    fn new(live: Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::SeqCst);
+        Self(live)
+    }
+}
+
+impl Drop for LiveBatcher {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The batcher of one queue: takes what waits (up to `limit` messages and `max_bytes` in
+/// all), sends it in one `SendMessageBatch`, answers each sender, repeats. One call at a time,
+/// so sends keep their order (FIFO queues rely on it). After `idle` without a message it leaves
+/// the map (the next send starts another batcher), stops taking messages, sends what raced in
+/// meanwhile, and ends.
+fn spawn_sender(spec: SenderSpec, live: LiveBatcher) -> mpsc::UnboundedSender<SendRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<SendRequest>();
     tokio::spawn(async move {
+        let _live = live;
+        let SenderSpec {
+            sqs,
+            url,
+            limit,
+            max_bytes,
+            idle,
+            id,
+            senders,
+        } = spec;
         let mut carried: Option<SendRequest> = None;
         loop {
             let first = match carried.take() {
                 Some(first) => first,
-                None => match rx.recv().await {
-                    Some(first) => first,
-                    None => return,
+                None => match tokio::time::timeout(idle, rx.recv()).await {
+                    Ok(Some(first)) => first,
+                    Ok(None) => return,
+                    Err(_) => {
+                        {
+                            let mut senders = senders.lock().expect("send batchers");
+                            if senders.get(&url).is_some_and(|batcher| batcher.id == id) {
+                                senders.remove(&url);
+                            }
+                        }
+                        // Sends from now on fail and go to a new batcher; `recv` hands out
+                        // what is already queued, then ends the loop.
+                        rx.close();
+                        continue;
+                    }
                 },
             };
             let mut size = first.wire.size();

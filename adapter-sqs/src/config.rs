@@ -96,6 +96,10 @@ pub struct SqsConfig {
     /// dead letters are cut to fit. At least [`SQS_MIN_MESSAGE_BYTES`] (connecting with less
     /// fails with `ErrorKind::Config`).
     pub max_message_bytes: usize,
+    /// How long a queue's send batcher (one task per destination queue: sends, dead letters,
+    /// replies) waits for another message before it stops, in milliseconds; the next send to
+    /// that queue starts a new one. Default 60,000; at least 1.
+    pub sender_idle_ms: u64,
     /// Adjusts the AWS configuration loader (code only, not serde).
     #[serde(skip)]
     pub loader: Option<LoaderHook>,
@@ -123,6 +127,7 @@ impl Default for SqsConfig {
             name_prefix: String::new(),
             source: "bus".to_owned(),
             max_message_bytes: SQS_MAX_MESSAGE_BYTES,
+            sender_idle_ms: 60_000,
             loader: None,
             sqs_config: None,
         }
@@ -149,6 +154,7 @@ impl fmt::Debug for SqsConfig {
             .field("name_prefix", &self.name_prefix)
             .field("source", &self.source)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("sender_idle_ms", &self.sender_idle_ms)
             .field("loader", &self.loader.as_ref().map(|_| "<hook>"))
             .field("sqs_config", &self.sqs_config.as_ref().map(|_| "<hook>"))
             .finish()
@@ -182,6 +188,7 @@ impl PartialEq for SqsConfig {
             && self.name_prefix == other.name_prefix
             && self.source == other.source
             && self.max_message_bytes == other.max_message_bytes
+            && self.sender_idle_ms == other.sender_idle_ms
     }
 }
 
@@ -204,7 +211,7 @@ impl SqsConfig {
     /// `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`,
     /// `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `fifo_dedup_by_id`,
     /// `max_receive_count`,
-    /// `name_prefix`, `source`, `max_message_bytes`, `tls`.
+    /// `name_prefix`, `source`, `max_message_bytes`, `sender_idle_ms`, `tls`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for another scheme, an unknown parameter, or a bad value.
@@ -257,6 +264,7 @@ impl SqsConfig {
                     self.max_message_bytes = usize::try_from(number()?).unwrap_or(usize::MAX);
                     self.check_max_message_bytes()?;
                 }
+                "sender_idle_ms" => self.sender_idle_ms = number()?.max(1),
                 "tls" => tls = flag()?,
                 other => {
                     return Err(Error::config(format!(
@@ -352,6 +360,20 @@ impl SqsConfig {
     pub fn with_fifo_dedup_by_id(mut self, by_id: bool) -> Self {
         self.fifo_dedup_by_id = by_id;
         self
+    }
+
+    /// Sets how long an idle send batcher waits before it stops (see
+    /// [`sender_idle_ms`](Self::sender_idle_ms)); at least 1 ms.
+    #[must_use]
+    pub fn with_sender_idle(mut self, idle: Duration) -> Self {
+        self.sender_idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+        self
+    }
+
+    /// The idle time of send batchers, as a duration.
+    #[must_use]
+    pub fn sender_idle(&self) -> Duration {
+        Duration::from_millis(self.sender_idle_ms.max(1))
     }
 
     /// Attaches a native redrive policy moving a message to the dead-letter queue after

@@ -83,6 +83,14 @@ impl SqsBroker {
         self.inner.names.group_queue(topic, group)
     }
 
+    /// How many send batchers are running: one task per destination queue that messages were
+    /// sent to (work queues, dead-letter queues, reply queues), each stopping after
+    /// [`SqsConfig::sender_idle_ms`] without a message. For monitoring and tests.
+    #[must_use]
+    pub fn send_batchers(&self) -> usize {
+        self.inner.live_batchers()
+    }
+
     /// The SNS topic name behind `topic`.
     #[must_use]
     pub fn topic_name(&self, topic: &str) -> String {
