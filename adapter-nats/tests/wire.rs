@@ -179,8 +179,9 @@ async fn core_nats_mode_is_not_durable_and_still_dead_letters() {
         .expect("connect");
     let caps = bus_core::Broker::capabilities(&bus);
     assert!(!caps.durable);
-    assert!(!caps.delayed_redelivery.is_available());
-    assert!(!caps.prompt_redelivery_of_dropped);
+    // Redelivery is the adapter's: a copy with the next attempt (tests/core.rs).
+    assert_eq!(caps.delayed_redelivery, bus_core::Support::Emulated);
+    assert_eq!(caps.delivery_count, bus_core::Support::Emulated);
     let topic = unique("core");
     let mut sub = bus
         .subscribe(&topic, SubscribeOptions::group("g"))
@@ -189,17 +190,14 @@ async fn core_nats_mode_is_not_durable_and_still_dead_letters() {
     bus.publish(&topic, Envelope::new("k", "one"))
         .await
         .expect("publish");
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+    let d = next(&mut sub).await;
+    assert_eq!(d.attempt(), 1);
+    d.nack(bus_core::Redeliver::Now)
         .await
-        .expect("in time")
-        .expect("open")
-        .expect("no error");
-    let err = d
-        .nack(bus_core::Redeliver::Now)
-        .await
-        .expect_err("no nack on core NATS");
-    assert!(err.error().is_unsupported());
-    err.into_delivery().reject("poison").await.expect("reject");
+        .expect("nack on core NATS");
+    let d = next(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    d.reject("poison").await.expect("reject");
     let mut dlq = bus
         .consume(&headers::dead_letter_queue(&topic), Default::default())
         .await
@@ -210,6 +208,7 @@ async fn core_nats_mode_is_not_durable_and_still_dead_letters() {
         .expect("open")
         .expect("no error");
     assert_eq!(dead.envelope().header(headers::DLQ_REASON), Some("poison"));
+    assert_eq!(dead.envelope().header(headers::DLQ_ATTEMPTS), Some("2"));
     dead.ack().await.expect("ack");
 }
 
