@@ -35,7 +35,7 @@ async fn batchers_become(broker: &SqsBroker, want: usize, within: Duration) -> u
 #[tokio::test]
 async fn idle_send_batchers_stop_and_start_again_on_the_next_send() {
     const QUEUES: usize = 5;
-    let idle = Duration::from_millis(500);
+    let idle = Duration::from_secs(2);
     let Some(broker) = broker(idle).await else {
         return;
     };
@@ -43,11 +43,17 @@ async fn idle_send_batchers_stop_and_start_again_on_the_next_send() {
         .map(|i| format!("senders.{i}.{}", uuid::Uuid::now_v7()))
         .collect();
     assert_eq!(broker.send_batchers(), 0);
-    for queue in &queues {
-        broker
-            .send(queue, Envelope::new("t", "first"))
-            .await
-            .expect("send");
+    // At once, so that none has been idle for long when they are counted (creating a queue on
+    // moto under load can take a second).
+    let sends: Vec<_> = queues
+        .iter()
+        .map(|queue| {
+            let (broker, queue) = (broker.clone(), queue.clone());
+            tokio::spawn(async move { broker.send(&queue, Envelope::new("t", "first")).await })
+        })
+        .collect();
+    for send in sends {
+        send.await.expect("a sender").expect("send");
     }
     assert_eq!(
         broker.send_batchers(),
