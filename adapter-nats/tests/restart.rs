@@ -10,7 +10,7 @@
 //! retry whose first attempt was stored after all, or a message whose ack was lost in the
 //! restart.
 //!
-//! `BUS_NATS_RESTART_MESSAGES` sets the number of messages (default 10,000; still 100
+//! `BUS_RESTART_MESSAGES` sets the number of messages (default 10,000; still 100
 //! publishers and 2 restarts). Needs `BUS_TEST_NATS_URL`; restarts the shared test server, so
 //! it runs alone in this test binary.
 
@@ -46,12 +46,12 @@ async fn restart_nats() {
 }
 
 fn messages() -> usize {
-    std::env::var("BUS_NATS_RESTART_MESSAGES")
+    std::env::var("BUS_RESTART_MESSAGES")
         .ok()
         .map(|v| {
             v.trim()
                 .parse::<usize>()
-                .expect("BUS_NATS_RESTART_MESSAGES is a number")
+                .expect("BUS_RESTART_MESSAGES is a number")
         })
         .unwrap_or(DEFAULT_MESSAGES)
         .max(PUBLISHERS)

@@ -9,9 +9,11 @@
 //! moto keeps everything in memory, so a server restart would lose what it had confirmed and
 //! prove nothing; connection resets are the fault SQS clients meet (SQS itself is AWS's).
 //!
-//! Size: 300 messages from 10 publishers by default, which keeps the project's test command
-//! fast on moto; the full Watermill size (10,000 messages from 100 publishers) is
-//! `BUS_RECONNECT_FULL=1 cargo test -p adapter-sqs --test reconnect -- --nocapture`.
+//! Size: 300 messages from 10 publishers by default (about 30 s on moto, which answers slowly),
+//! which keeps the project's test command fast; `BUS_RESTART_MESSAGES` sets the number of
+//! messages (one publisher per 100, from 10 to 100), as for the other adapters' restart tests:
+//! the Watermill size is
+//! `BUS_RESTART_MESSAGES=10000 cargo test -p adapter-sqs --all-features --test reconnect -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,9 +26,8 @@ use bus_core::{Broker, Envelope, MessageId, SubscribeOptions};
 use tokio::sync::{mpsc, watch};
 use url::Url;
 
-/// (messages, publishers) of the default run and of the full one.
-const DEFAULT_SIZE: (usize, usize) = (300, 10);
-const FULL_SIZE: (usize, usize) = (10_000, 100);
+/// Messages of the default run.
+const DEFAULT_MESSAGES: usize = 300;
 /// How long the consumer may go without a new message before the test gives up on the rest.
 const STALLED: Duration = Duration::from_secs(60);
 
@@ -35,8 +36,16 @@ async fn connections_reset_twice_lose_no_confirmed_message() {
     let Some(url) = broker_url("BUS_TEST_SQS_URL") else {
         return;
     };
-    let full = std::env::var("BUS_RECONNECT_FULL").is_ok_and(|v| v.trim() == "1");
-    let (total, publishers) = if full { FULL_SIZE } else { DEFAULT_SIZE };
+    let total = std::env::var("BUS_RESTART_MESSAGES").map_or(DEFAULT_MESSAGES, |v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("BUS_RESTART_MESSAGES={v} is not a number"))
+    });
+    let publishers = (total / 100).clamp(10, 100);
+    assert!(
+        total >= publishers,
+        "BUS_RESTART_MESSAGES={total}: at least {publishers}"
+    );
 
     let proxy = FaultProxy::start().await.expect("the fault proxy listens");
     let mut proxied = Url::parse(&url).expect("BUS_TEST_SQS_URL is a URL");
@@ -89,7 +98,7 @@ async fn connections_reset_twice_lose_no_confirmed_message() {
             tokio::spawn(async move {
                 let mut confirmed = Vec::new();
                 let mut failed = 0usize;
-                for i in 0..total / publishers {
+                for i in (p..total).step_by(publishers) {
                     let n = started.fetch_add(1, Ordering::SeqCst) + 1;
                     if n == total / 3 || n == total / 2 {
                         proxy.reset();
