@@ -1,12 +1,6 @@
 //! Which offset a partition may commit: the highest one below which every message is settled.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
-
-/// How long a commit may stay unanswered before it is sent again. librdkafka answers every
-/// asynchronous commit (a commit waiting for a coordinator fails after the session timeout),
-/// so this only guards against an answer that never comes.
-const PENDING_FOR: Duration = Duration::from_secs(30);
 
 /// Tracks the messages of one partition handed out but not yet settled.
 ///
@@ -20,8 +14,6 @@ pub(crate) struct OffsetTracker {
     next: Option<i64>,
     /// The last offset the broker confirmed committed (or that was found committed).
     committed: Option<i64>,
-    /// A commit sent and not answered yet, and when it was sent: not sent again meanwhile.
-    pending: Option<(i64, Instant)>,
 }
 
 impl OffsetTracker {
@@ -31,7 +23,6 @@ impl OffsetTracker {
             unsettled: BTreeSet::new(),
             next: start,
             committed: start,
-            pending: None,
         }
     }
 
@@ -70,35 +61,16 @@ impl OffsetTracker {
         self.unsettled.first().copied().or(self.next)
     }
 
-    /// The committable offset if it moved since the last confirmed commit
-    /// ([`mark_committed`](Self::mark_committed)) and, unless `again` (a synchronous commit,
-    /// which must not count on one in flight that may still fail), is not in flight already.
-    pub(crate) fn to_commit(&self, again: bool) -> Option<i64> {
+    /// The committable offset if it moved since the last commit the broker confirmed
+    /// ([`mark_committed`](Self::mark_committed)).
+    pub(crate) fn to_commit(&self) -> Option<i64> {
         let offset = self.committable()?;
-        let in_flight = self
-            .pending
-            .is_some_and(|(o, sent)| o == offset && sent.elapsed() < PENDING_FOR);
-        (self.committed != Some(offset) && (again || !in_flight)).then_some(offset)
-    }
-
-    /// Records that a commit of `offset` was sent and waits for the broker's answer.
-    pub(crate) fn mark_pending(&mut self, offset: i64) {
-        self.pending = Some((offset, Instant::now()));
-    }
-
-    /// Records that the commit of `offset` failed: it is sent again with the next commit.
-    pub(crate) fn mark_failed(&mut self, offset: i64) {
-        if self.pending.is_some_and(|(o, _)| o == offset) {
-            self.pending = None;
-        }
+        (self.committed != Some(offset)).then_some(offset)
     }
 
     /// Records that the broker confirmed the commit of `offset`.
     pub(crate) fn mark_committed(&mut self, offset: i64) {
         self.committed = Some(self.committed.map_or(offset, |c| c.max(offset)));
-        if self.pending.is_some_and(|(o, _)| o <= offset) {
-            self.pending = None;
-        }
     }
 
     /// How many messages are unsettled.
@@ -115,7 +87,7 @@ mod tests {
     #[test]
     fn commits_only_what_is_contiguous() {
         let mut t = OffsetTracker::starting_at(Some(10));
-        assert_eq!(t.to_commit(false), None, "nothing new");
+        assert_eq!(t.to_commit(), None, "nothing new");
         for o in 10..15 {
             t.track(o);
         }
@@ -126,11 +98,11 @@ mod tests {
         t.settle(10);
         assert_eq!(t.committable(), Some(13));
         t.mark_committed(13);
-        assert_eq!(t.to_commit(false), None);
+        assert_eq!(t.to_commit(), None);
         t.settle(14);
         assert_eq!(t.committable(), Some(13), "13 blocks 14");
         t.settle(13);
-        assert_eq!(t.to_commit(false), Some(15));
+        assert_eq!(t.to_commit(), Some(15));
         assert_eq!(t.unsettled(), 0);
     }
 
@@ -149,28 +121,11 @@ mod tests {
         assert_eq!(t.committable(), Some(100));
     }
 
-    /// Before the fix an asynchronous commit counted as committed when it was sent, so one
-    /// the broker never confirmed was never sent again.
     #[test]
-    fn a_commit_counts_only_once_confirmed() {
-        let mut t = OffsetTracker::starting_at(Some(0));
-        t.track(0);
-        t.settle(0);
-        assert_eq!(t.to_commit(false), Some(1));
-        t.mark_pending(1);
-        assert_eq!(t.to_commit(false), None, "in flight: not sent twice");
-        assert_eq!(t.to_commit(true), Some(1), "unless synchronously");
-        t.mark_failed(1);
-        assert_eq!(t.to_commit(false), Some(1), "failed: sent again");
-        t.mark_pending(1);
-        t.mark_committed(1);
-        assert_eq!(t.to_commit(false), None);
+    fn a_start_whose_commit_failed_is_committed_next() {
         let t = OffsetTracker::starting_uncommitted(5);
-        assert_eq!(
-            t.to_commit(false),
-            Some(5),
-            "a start whose commit failed is committed"
-        );
+        assert_eq!(t.to_commit(), Some(5));
+        assert_eq!(OffsetTracker::starting_at(Some(5)).to_commit(), None);
     }
 
     #[test]

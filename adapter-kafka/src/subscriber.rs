@@ -25,7 +25,6 @@ use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
 use bus_core::Redeliver;
 use bus_core::{headers, Delivery, DeliverySource, Envelope, Error, Result, Settle, Settlement};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -101,32 +100,27 @@ impl State {
         }
     }
 
-    /// The offsets to commit: every partition whose contiguous settled prefix moved (and,
-    /// unless `again`, whose commit is not in flight).
-    fn to_commit(&self, again: bool) -> TopicPartitionList {
+    /// The offsets to commit: every partition whose contiguous settled prefix moved since the
+    /// last confirmed commit.
+    fn to_commit(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), p) in &self.parts {
-            if let Some(offset) = p.tracker.to_commit(again) {
+            if let Some(offset) = p.tracker.to_commit() {
                 let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
             }
         }
         tpl
     }
 
-    /// Applies `mark` to the tracker of every partition of `tpl` with an offset.
-    fn each(&mut self, tpl: &TopicPartitionList, mark: impl Fn(&mut OffsetTracker, i64, bool)) {
+    fn mark_committed(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
             if let (Some(p), Offset::Offset(o)) = (
                 self.parts.get_mut(&(e.topic().to_owned(), e.partition())),
                 e.offset(),
             ) {
-                mark(&mut p.tracker, o, e.error().is_ok());
+                p.tracker.mark_committed(o);
             }
         }
-    }
-
-    fn mark_committed(&mut self, tpl: &TopicPartitionList) {
-        self.each(tpl, |t, o, _| t.mark_committed(o));
     }
 }
 
@@ -152,8 +146,7 @@ pub(crate) struct Item {
     pub(crate) undecodable: Option<String>,
 }
 
-/// The consumer context: chooses start offsets at assignment, commits at revocation, and
-/// records which commits the broker confirmed.
+/// The consumer context: chooses start offsets at assignment and commits at revocation.
 struct Ctx {
     state: SharedState,
     start: Start,
@@ -166,22 +159,6 @@ struct Ctx {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    /// The broker's answer to an asynchronous commit: only now is an offset committed; one
-    /// that failed (lost in a rebalance, no coordinator) is sent again with the next commit.
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = &result {
-            tracing::debug!(error = %e, "committing offsets failed; will try again");
-        }
-        let ok = result.is_ok();
-        lock(&self.state).each(offsets, |t, o, confirmed| {
-            if ok && confirmed {
-                t.mark_committed(o);
-            } else {
-                t.mark_failed(o);
-            }
-        });
-    }
-
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -191,7 +168,7 @@ impl ConsumerContext for Ctx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                commit(consumer, &self.state, CommitMode::Sync);
+                commit(consumer, &self.state);
                 let mut state = lock(&self.state);
                 if !state.closing {
                     state.parts.clear();
@@ -364,30 +341,18 @@ impl Ctx {
     }
 }
 
-/// Commits what moved. A synchronous commit is confirmed when it returns; an asynchronous one
-/// only when the broker's answer reaches [`Ctx::commit_callback`].
-fn commit(consumer: &BaseConsumer<Ctx>, state: &SharedState, mode: CommitMode) {
-    let tpl = {
-        let mut state = lock(state);
-        let tpl = state.to_commit(matches!(mode, CommitMode::Sync));
-        if matches!(mode, CommitMode::Async) {
-            state.each(&tpl, |t, o, _| t.mark_pending(o));
-        }
-        tpl
-    };
+/// Commits what moved, synchronously: an offset counts as committed only once the broker
+/// confirmed it, and one that failed (lost in a rebalance, no coordinator) is committed again
+/// next time. (rdkafka reports the outcome of an asynchronous commit made with explicit
+/// offsets to nobody: librdkafka posts it only to a C callback rdkafka does not set.)
+fn commit(consumer: &BaseConsumer<Ctx>, state: &SharedState) {
+    let tpl = lock(state).to_commit();
     if tpl.count() == 0 {
         return;
     }
-    match consumer.commit(&tpl, mode) {
-        Ok(()) => {
-            if matches!(mode, CommitMode::Sync) {
-                lock(state).mark_committed(&tpl);
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "committing offsets failed; will try again");
-            lock(state).each(&tpl, |t, o, _| t.mark_failed(o));
-        }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => lock(state).mark_committed(&tpl),
+        Err(e) => tracing::debug!(error = %e, "committing offsets failed; will try again"),
     }
 }
 
@@ -525,7 +490,7 @@ impl Worker {
             }
             self.flow_control();
             if last_commit.elapsed() >= Duration::from_millis(100) {
-                commit(&self.consumer, &self.state, CommitMode::Async);
+                commit(&self.consumer, &self.state);
                 last_commit = Instant::now();
             }
             match self.consumer.poll(Duration::from_millis(50)) {
@@ -552,7 +517,7 @@ impl Worker {
             }
         }
         lock(&self.state).closing = true;
-        commit(&self.consumer, &self.state, CommitMode::Sync);
+        commit(&self.consumer, &self.state);
         // Dropping the consumer leaves the group; the revocation commits once more.
         let Worker {
             consumer,
@@ -907,7 +872,7 @@ impl KafkaSettle {
             if !state.closing {
                 return;
             }
-            state.to_commit(true)
+            state.to_commit()
         };
         if tpl.count() == 0 {
             return;

@@ -5,7 +5,8 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bus_core::conformance::broker_url;
 use bus_core::{
@@ -15,7 +16,10 @@ use bus_core::{
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::{lock, open, KafkaSource};
+use tokio::sync::watch;
+
+use super::{commit, lock, open, Ctx, KafkaSource, PartState, SharedState, Start};
+use crate::offsets::OffsetTracker;
 use crate::{KafkaBroker, KafkaConfig};
 
 async fn connect(configure: impl FnOnce(KafkaConfig) -> KafkaConfig) -> Option<KafkaBroker> {
@@ -284,4 +288,74 @@ async fn a_reply_topic_is_deleted_when_its_connection_closes() {
         "{reply_topic} is still there after close"
     );
     responder.close().await.unwrap();
+}
+
+/// Before the fix the consumer's periodic commit was asynchronous and counted as committed as
+/// soon as it was sent: one the broker refused (here: for a topic it does not know yet,
+/// `UNKNOWN_TOPIC_OR_PARTITION`; on Kafka also a commit lost in a rebalance) was never sent
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_counts_only_once_the_broker_confirmed_it() {
+    let Some(broker) = connect(|c| c).await else {
+        return;
+    };
+    let topic = unique("unit.commit");
+    let group = format!("{topic}.g");
+    let state: SharedState = Arc::default();
+    {
+        let mut state = lock(&state);
+        let mut tracker = OffsetTracker::starting_at(Some(0));
+        tracker.track(0);
+        tracker.settle(0);
+        state.parts.insert(
+            (topic.clone(), 0),
+            PartState {
+                epoch: 1,
+                tracker,
+                floor: 0,
+            },
+        );
+    }
+    let ctx = Ctx {
+        state: state.clone(),
+        start: Start::Latest,
+        rewind: 0,
+        assigned: watch::channel(0).0,
+        shared: broker.shared.clone(),
+        stop: Arc::default(),
+    };
+    let consumer: BaseConsumer<Ctx> = broker
+        .shared
+        .config
+        .consumer_config(&group)
+        .create_with_context(ctx)
+        .unwrap();
+    let consumer = Arc::new(consumer);
+    let commit_now = |consumer: Arc<BaseConsumer<Ctx>>, state: SharedState| {
+        tokio::task::spawn_blocking(move || {
+            commit(&consumer, &state);
+            lock(&state).to_commit().count()
+        })
+    };
+
+    // The topic does not exist yet: the broker refuses the commit.
+    let left = commit_now(consumer.clone(), state.clone()).await.unwrap();
+    assert_eq!(
+        left, 1,
+        "a commit the broker refused counted as committed (and would never be sent again)"
+    );
+
+    // Once the topic exists the same commit goes through, and then counts.
+    broker.shared.ensure_topics(&[&topic], None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while commit_now(consumer.clone(), state.clone()).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the commit never went through");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bootstrap = broker.shared.config.bootstrap_servers.clone();
+    let offset = tokio::task::spawn_blocking(move || committed(&bootstrap, &group, &topic))
+        .await
+        .unwrap();
+    assert_eq!(offset, Some(1));
+    broker.close().await.unwrap();
 }
