@@ -38,14 +38,21 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 step "tests (cargo test --workspace --all-features)"
 test_log=$(mktemp)
-trap 'rm -f "$test_log"' EXIT
+# Tests that measure (fault cases, restart tests) append one line of figures here
+# (bus_core::conformance::report), listed after the run.
+BUS_TEST_REPORT=$(mktemp)
+export BUS_TEST_REPORT
+trap 'rm -f "$test_log" "$BUS_TEST_REPORT"' EXIT
 cargo test --workspace --all-features 2>&1 | tee "$test_log"
+
+step "figures measured by the fault, restart and reconnect tests"
+sort "$BUS_TEST_REPORT"
 
 step "property tests and their case counts (cargo test --workspace --all-features property_ -- --nocapture)"
 # They ran above too; this lists what each one checked. Their inputs come from a fixed seed;
 # BUS_PROPTEST_RANDOM=1 BUS_PROPTEST_SCALE=100 explores new inputs with 100 times the cases.
 property_log=$(mktemp)
-trap 'rm -f "$test_log" "$property_log"' EXIT
+trap 'rm -f "$test_log" "$BUS_TEST_REPORT" "$property_log"' EXIT
 cargo test -q --workspace --all-features property_ -- --nocapture >"$property_log" 2>&1 || {
     cat "$property_log"
     exit 1

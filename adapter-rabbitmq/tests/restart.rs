@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use adapter_rabbitmq::lapin::options::QueueDeleteOptions;
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
-use bus_core::conformance::broker_url;
+use bus_core::conformance::{broker_url, report};
 use bus_core::{
     Broker, Envelope, MessageId, Publisher, Requester, Responder, ServeOptions, SubscribeOptions,
     Subscriber,
@@ -249,12 +249,12 @@ async fn restarts_mid_stream_lose_no_confirmed_message() {
         .filter(|id| !counts.contains_key(id))
         .count();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    println!(
+    report(&format!(
         "rabbitmq restart: published={calls} confirmed={} received={} lost={lost} \
          duplicates={duplicates}",
         confirmed.len(),
         counts.len(),
-    );
+    ));
 
     let queue = format!("{topic}@{group}");
     if let Ok(connection) = adapter_rabbitmq::lapin::Connection::connect(

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adapter_sqs::{SqsBroker, SqsConfig};
-use bus_core::conformance::{broker_url, FaultProxy};
+use bus_core::conformance::{broker_url, report, FaultProxy};
 use bus_core::{Broker, Envelope, MessageId, SubscribeOptions};
 use tokio::sync::{mpsc, watch};
 use url::Url;
@@ -138,7 +138,7 @@ async fn connections_reset_twice_lose_no_confirmed_message() {
         .filter(|id| !counts.contains_key(*id))
         .collect();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    println!(
+    report(&format!(
         "sqs reconnect: published={total} confirmed={} failed={failed} received={} lost={} \
          duplicates={duplicates} publishers={publishers} resets_cut={} connections={} \
          took={:.1?}",
@@ -148,7 +148,7 @@ async fn connections_reset_twice_lose_no_confirmed_message() {
         proxy.aborted(),
         proxy.accepted(),
         began.elapsed(),
-    );
+    ));
     assert!(
         proxy.aborted() > 0,
         "the resets cut no connection: the adapter does not connect through the proxy"

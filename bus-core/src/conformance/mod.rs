@@ -116,6 +116,30 @@ pub fn broker_url(var: &str) -> Option<String> {
     }
 }
 
+/// The environment variable naming a file that [`report`] appends its lines to.
+pub const REPORT_VAR: &str = "BUS_TEST_REPORT";
+
+/// Prints one line of figures a test measured (`published=… confirmed=… lost=0 …`), and
+/// appends it to the file named by `BUS_TEST_REPORT` when that is set, so that
+/// `scripts/test.sh` can list every such line after the run without running anything twice.
+///
+/// Writing the file is best effort: a test never fails because its report could not be kept.
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    println!("{line}");
+    let Some(path) = std::env::var_os(REPORT_VAR).filter(|p| !p.is_empty()) else {
+        return;
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        // One write per line, so that lines of tests running at once do not interleave.
+        let _ = file.write_all(format!("{line}\n").as_bytes());
+    }
+}
+
 type RestartHook = dyn Fn() -> BoxFuture<'static, ()> + Send + Sync;
 type RawPublishHook = dyn Fn(RawMessage) -> BoxFuture<'static, ()> + Send + Sync;
 type FaultProxyHook = dyn Fn(FaultProxy) -> BoxFuture<'static, Arc<dyn Broker>> + Send + Sync;

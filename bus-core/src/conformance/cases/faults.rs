@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conformance::support::{skip, unique};
-use crate::conformance::{FaultProxy, Harness};
+use crate::conformance::{report, FaultProxy, Harness};
 use crate::{Broker, Envelope, MessageId, SubscribeOptions, Subscription};
 
 /// Publishers running at once in the reset case, and messages each publishes.
@@ -240,7 +240,7 @@ pub async fn connection_reset_mid_stream_loses_nothing(h: Harness) {
         .iter()
         .filter(|(id, _)| counts.contains_key(id))
         .count();
-    println!(
+    report(&format!(
         "{CASE}: {}: published={} confirmed={} failed={} (of which received={received_failed}) \
          received={} lost={} duplicates={duplicates} resets_cut={} connections={} \
          failed_acks={failed_acks} publishes_to_recover={attempts}",
@@ -252,7 +252,7 @@ pub async fn connection_reset_mid_stream_loses_nothing(h: Harness) {
         missing.len(),
         proxy.aborted(),
         proxy.accepted(),
-    );
+    ));
     if let Some((_, error)) = failed.first() {
         println!("note: {CASE}: a failed publish said: {error}");
     }
@@ -330,12 +330,12 @@ pub async fn stall_then_recover(h: Harness) {
     let _ = stop.send(true);
     let _ = collector.await;
     close(&broker).await;
-    println!(
+    report(&format!(
         "{CASE}: {}: stall={STALL:?} publish_during={during_outcome} \
          publishes_to_recover={attempts} connections={}",
         h.capabilities().name,
         proxy.accepted()
-    );
+    ));
     assert!(
         missing.is_empty(),
         "{CASE}: after the stall, confirmed messages never reached the subscription opened \
@@ -401,7 +401,7 @@ pub async fn reconnect_does_not_duplicate_acked(h: Harness) {
     close(&broker).await;
 
     let again: Vec<&MessageId> = after.keys().filter(|id| acked.contains(*id)).collect();
-    println!(
+    report(&format!(
         "{CASE}: {}: acked={ACKED} copies_before_reset={} redelivered_after_reset={} \
          failed_acks={failed_acks} resets_cut={} publishes_to_recover={attempts} \
          watched={watch_for:?}",
@@ -409,7 +409,7 @@ pub async fn reconnect_does_not_duplicate_acked(h: Harness) {
         before_reset.values().map(|n| n - 1).sum::<usize>(),
         again.len(),
         proxy.aborted(),
-    );
+    ));
     assert!(
         proxy.accepted() > 0,
         "{CASE}: no connection came through the proxy: the hook connects the adapter elsewhere"
