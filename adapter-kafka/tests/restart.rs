@@ -11,11 +11,12 @@
 //! confirmed: that would prove nothing about the adapter. So this test starts a tansu of its
 //! own on 127.0.0.1:19092 with SQLite storage (which survives the restart), in a fresh
 //! directory (see `support`). SQLite storage is slow, so by default the stream is 1,000
-//! messages from 100 publishers (about 12 s). The full Watermill size, 10,000 messages from
-//! 100 publishers (about 65 s on a 2-core machine), runs with
+//! messages from 100 publishers (about 12 s). `BUS_RESTART_MESSAGES` sets the number of
+//! messages, as for the other adapters' restart tests; the full Watermill size, 10,000
+//! messages from 100 publishers (about 65 s on a 2-core machine), runs with
 //!
 //! ```text
-//! BUS_STRESS_FULL=1 BUS_REQUIRE_BROKERS=1 cargo test -p adapter-kafka --all-features --test restart -- --nocapture
+//! BUS_RESTART_MESSAGES=10000 BUS_REQUIRE_BROKERS=1 cargo test -p adapter-kafka --all-features --test restart -- --nocapture
 //! ```
 //!
 //! What it proves: rdkafka reconnects by itself, a publish in flight during an outage either
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use adapter_kafka::{KafkaBroker, KafkaConfig};
+use bus_core::conformance::report;
 use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
 
 const PORT: u16 = 19092;
@@ -44,11 +46,16 @@ const PACE: Duration = Duration::from_millis(500);
 const OUTAGE: Duration = Duration::from_secs(1);
 
 fn messages() -> usize {
-    if std::env::var("BUS_STRESS_FULL").is_ok_and(|v| v.trim() == "1") {
-        10_000
-    } else {
-        1_000
-    }
+    let count = std::env::var("BUS_RESTART_MESSAGES").map_or(1_000, |v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("BUS_RESTART_MESSAGES={v} is not a number"))
+    });
+    assert!(
+        count >= PUBLISHERS,
+        "BUS_RESTART_MESSAGES={count}: at least {PUBLISHERS}"
+    );
+    count
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,10 +153,10 @@ async fn broker_restart_loses_no_confirmed_message() {
         let total: usize = deliveries.values().sum();
         (deliveries.len(), total - deliveries.len())
     };
-    println!(
+    report(&format!(
         "kafka restart: published={count} confirmed={confirmed} received={received} \
          lost={lost} duplicates={duplicates}"
-    );
+    ));
     assert_eq!(
         lost, 0,
         "{lost} confirmed messages never arrived within {limit:?}"
