@@ -36,7 +36,7 @@ const DEFAULT_URL: &str = "memory://";
 /// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
 /// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
 /// | `kafka://` | Kafka (`kafka`) | `partitions`, `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`, `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`, `sasl_mechanism`; user info sets the SASL user and password |
-/// | `sqs://` | AWS SQS and SNS (`sqs`): `sqs://host:port` is the endpoint `http://host:port`, `sqs://` alone is AWS | `region`, `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`, `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`, `name_prefix`, `source`, `max_message_bytes`, `tls` |
+/// | `sqs://` | AWS SQS and SNS (`sqs`): `sqs://host:port` is the endpoint `http://host:port`, `sqs://` alone is AWS | `region`, `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`, `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`, `name_prefix`, `source`, `max_message_bytes`, `sender_idle_ms`, `tls` |
 ///
 /// Query parameters of the URL override the same setting in the adapter's section. An
 /// unknown parameter is an error, not silently ignored. Each `memory://` connection is its own
