@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use bus_core::secrets::redact_url;
 use bus_core::{Error, Result};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -193,7 +194,7 @@ impl KafkaConfig {
     pub fn merge_url(mut self, url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("kafka://")
-            .ok_or_else(|| Error::config(format!("`{url}` is not a kafka:// URL")))?;
+            .ok_or_else(|| Error::config(format!("`{}` is not a kafka:// URL", redact_url(url))))?;
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
         let authority = authority.trim_end_matches('/');
         let hosts = match authority.rsplit_once('@') {
@@ -208,7 +209,10 @@ impl KafkaConfig {
             None => authority,
         };
         if hosts.is_empty() {
-            return Err(Error::config(format!("`{url}` names no Kafka broker")));
+            return Err(Error::config(format!(
+                "`{}` names no Kafka broker",
+                redact_url(url)
+            )));
         }
         self.bootstrap_servers = hosts.to_owned();
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -492,6 +496,19 @@ impl fmt::Debug for KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_errors_never_show_the_password() {
+        for url in [
+            "amqp://user:Pw9SECRET@127.0.0.1:9092",
+            "kafka://user:Pw9SECRET@",
+            "kafka://user:Pw9SECRET@?partitions=1",
+        ] {
+            let error = KafkaConfig::from_url(url).unwrap_err();
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("Pw9SECRET"), "{url}: {shown}");
+        }
+    }
 
     #[test]
     fn url_sets_servers_credentials_and_options() {

@@ -34,6 +34,7 @@ pub mod headers;
 mod message;
 pub mod middleware;
 pub mod runtime;
+pub mod secrets;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]

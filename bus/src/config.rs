@@ -250,47 +250,9 @@ impl fmt::Debug for BusConfig {
     }
 }
 
-/// Query parameter names whose values are hidden in output (matched as substrings).
-const SECRET_PARAMS: &[&str] = &["password", "secret", "token", "credential", "key", "sasl"];
-
-const REDACTED: &str = "***";
-
-/// `url` safe to print: password and secret-looking query values replaced.
+/// `url` safe to print (see [`bus_core::secrets::redact_url`]).
 fn redact(url: &str) -> String {
-    let Ok(mut parsed) = Url::parse(url.trim()) else {
-        // Whatever does not parse may still hold a secret: show only what is surely safe.
-        return match url.split_once("://") {
-            Some((scheme, _))
-                if scheme
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
-            {
-                format!("{scheme}://<unparseable>")
-            }
-            _ => "<unparseable>".to_owned(),
-        };
-    };
-    if parsed.password().is_some() {
-        // Cannot fail: a URL with a password has a host.
-        let _ = parsed.set_password(Some(REDACTED));
-    }
-    if parsed.query().is_some() {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(name, value)| {
-                let lower = name.to_ascii_lowercase();
-                let value = if SECRET_PARAMS.iter().any(|s| lower.contains(s)) {
-                    REDACTED.to_owned()
-                } else {
-                    value.into_owned()
-                };
-                (name.into_owned(), value)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    // Keep the redaction marker readable rather than percent-encoded.
-    parsed.as_str().replace("%2A%2A%2A", REDACTED)
+    bus_core::secrets::redact_url(url)
 }
 
 /// Applies the query parameters of a `memory://` URL onto `base`.
@@ -512,8 +474,17 @@ mod tests {
         let config = BusConfig::new("amqp://user:hunter2@[bad-host/");
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("amqp://<unparseable>"), "{debug}");
-        assert_eq!(redact("no scheme hunter2"), "<unparseable>");
+        assert!(debug.contains("amqp://<unreadable URL>"), "{debug}");
+        assert_eq!(redact("no scheme hunter2"), "<unreadable URL>");
+    }
+
+    #[test]
+    fn a_token_in_the_user_part_and_a_password_with_a_slash_are_hidden() {
+        let debug = format!("{:?}", BusConfig::new("nats://t0k3nABC@127.0.0.1:4222"));
+        assert!(!debug.contains("t0k3nABC"), "{debug}");
+        assert!(debug.contains("nats://***@127.0.0.1:4222"), "{debug}");
+        let debug = format!("{:?}", BusConfig::new("amqp://user:12/pwXYZ@127.0.0.1/%2f"));
+        assert!(!debug.contains("pwXYZ"), "{debug}");
     }
 
     #[tokio::test]

@@ -1,0 +1,187 @@
+//! Keeping secrets out of output: one redaction for every broker URL that `bus` prints, puts in
+//! an error, logs or shows in a `Debug`.
+//!
+//! [`redact_url`] hides a URL's password, a user part that stands alone (NATS and others take
+//! a token there: `nats://<token>@host`), and the values of query parameters whose names say
+//! they carry a secret ([`is_secret_name`]). A URL it cannot read with certainty (it does not
+//! parse, or parses in a way that may have moved part of a password into the host, path or
+//! query, as a raw `/` or `?` in a password does) is shown as its scheme and
+//! [`UNREADABLE`] only. Every adapter and the facade use it, so a secret is hidden the same way
+//! wherever it appears.
+
+use url::Url;
+
+/// What stands in for a hidden value.
+pub const REDACTED: &str = "***";
+
+/// What stands in for a URL that cannot be shown safely.
+pub const UNREADABLE: &str = "<unreadable URL>";
+
+/// Whether a query parameter or setting named `name` carries a secret: names containing
+/// `password`, `passwd`, `secret`, `token`, `credential`, `signature`, `sasl`, `private`, or
+/// named `pass`, `pwd`, `key`, `seed`, `nkey`, `jwt`, `sig` or ending in `_key` (so
+/// `secret_access_key` and `api_key`, but not `tls_key_file`), ASCII case ignored.
+#[must_use]
+pub fn is_secret_name(name: &str) -> bool {
+    const CONTAINED: &[&str] = &[
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "signature",
+        "sasl",
+        "private",
+    ];
+    const WHOLE: &[&str] = &["pass", "pwd", "key", "seed", "nkey", "jwt", "sig"];
+    let lower = name.to_ascii_lowercase();
+    CONTAINED.iter().any(|s| lower.contains(s))
+        || WHOLE.contains(&lower.as_str())
+        || lower.ends_with("_key")
+        || lower.ends_with("-key")
+}
+
+/// `url` safe to print: the password, a user part without a password (a token), and the
+/// values of secret query parameters replaced by [`REDACTED`]; the scheme, user name, host,
+/// port, path and other parameters kept, so the output still says where it connects.
+///
+/// ```
+/// use bus_core::secrets::redact_url;
+///
+/// assert_eq!(
+///     redact_url("amqp://guest:hunter2@127.0.0.1:5672/%2f?heartbeat=10"),
+///     "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10"
+/// );
+/// assert_eq!(redact_url("nats://s3cr3t-token@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
+/// assert_eq!(
+///     redact_url("sqs://127.0.0.1:4566?region=eu-west-1&secret_access_key=abc"),
+///     "sqs://127.0.0.1:4566?region=eu-west-1&secret_access_key=***"
+/// );
+/// // A raw `/` in the password: not readable with certainty, so nothing but the scheme.
+/// assert_eq!(redact_url("amqp://user:12/ab@host"), "amqp://<unreadable URL>");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let url = url.trim();
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme).filter(|s| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let unreadable = || match scheme {
+        Some(scheme) => format!("{scheme}://{UNREADABLE}"),
+        None => UNREADABLE.to_owned(),
+    };
+    let Ok(mut parsed) = Url::parse(url) else {
+        return unreadable();
+    };
+    // Whatever follows the authority must hold no `@`: one there means the parser took part of
+    // the user information (a password with a raw `/`, `?` or `#`) for the path or query.
+    let after_authority = &parsed[url::Position::BeforePath..];
+    if after_authority.contains('@') || after_authority.contains("%40") {
+        return unreadable();
+    }
+    if parsed.password().is_some() {
+        if parsed.set_password(Some(REDACTED)).is_err() {
+            return unreadable();
+        }
+    } else if !parsed.username().is_empty() && parsed.set_username(REDACTED).is_err() {
+        return unreadable();
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if is_secret_name(&name) {
+                    REDACTED.to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    if parsed.fragment().is_some() {
+        parsed.set_fragment(None);
+    }
+    // Keep the marker readable rather than percent-encoded.
+    parsed.as_str().replace("%2A%2A%2A", REDACTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every way a secret was seen to leak, and what must be shown instead.
+    #[test]
+    fn secrets_never_survive() {
+        let secret = "Zq9SECRETx";
+        let cases = [
+            format!("amqp://guest:{secret}@127.0.0.1:5672/%2f"),
+            format!("amqps://guest:{secret}@broker.example:5671/vhost?heartbeat=5"),
+            format!("nats://{secret}@127.0.0.1:4222"),
+            format!("nats://user:{secret}@127.0.0.1:4222,127.0.0.1:4223"),
+            format!("nats://127.0.0.1:4222?token={secret}"),
+            format!("kafka://user:{secret}@127.0.0.1:9092?sasl_mechanism=PLAIN"),
+            format!("kafka://127.0.0.1:9092?sasl_password={secret}"),
+            format!("sqs://127.0.0.1:4566?secret_access_key={secret}&region=x"),
+            format!("sqs://127.0.0.1:4566?session_token={secret}"),
+            format!("amqp://user:12/{secret}@host"),
+            format!("amqp://user:12?{secret}@host"),
+            format!("amqp://user:12#{secret}@host"),
+            format!("amqp://user:ab/{secret}@host:5672/%2f"),
+            format!("amqp://user:{secret}@[bad-host/"),
+            format!("no scheme {secret}"),
+            format!("amqp://user:{secret}%40more@127.0.0.1"),
+            format!("nats://127.0.0.1:4222#{secret}"),
+            format!("http://h/?api_key={secret}&X-Amz-Signature={secret}"),
+        ];
+        for url in &cases {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} → {shown}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_secret_is_kept() {
+        assert_eq!(
+            redact_url("amqp://guest:x@127.0.0.1:5672/%2f?heartbeat=10&tls_key_file=/k.pem"),
+            "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10&tls_key_file=%2Fk.pem"
+        );
+        assert_eq!(
+            redact_url("kafka://127.0.0.1:9092"),
+            "kafka://127.0.0.1:9092"
+        );
+        assert_eq!(redact_url("memory://"), "memory://");
+        assert_eq!(redact_url("garbage"), UNREADABLE);
+        assert_eq!(redact_url("amqp://[bad"), "amqp://<unreadable URL>");
+    }
+
+    #[test]
+    fn secret_names() {
+        for name in [
+            "password",
+            "sasl_password",
+            "SECRET_ACCESS_KEY",
+            "token",
+            "session_token",
+            "api_key",
+            "key",
+            "nkey",
+            "seed",
+            "X-Amz-Credential",
+        ] {
+            assert!(is_secret_name(name), "{name}");
+        }
+        for name in [
+            "region",
+            "heartbeat",
+            "tls_key_file",
+            "prefetch",
+            "keyspace",
+        ] {
+            assert!(!is_secret_name(name), "{name}");
+        }
+    }
+}
