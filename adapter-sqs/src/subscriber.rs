@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
+    MessageSystemAttributeName,
+};
 use bus_core::middleware::dead_letter::{mark, DeadLetterInfo};
 use bus_core::{
     headers, Delivery, DeliverySource, Error, ErrorKind, Redeliver, Result, Settle, Settlement,
@@ -38,11 +41,41 @@ const SHORT_POLL_PAUSE: Duration = Duration::from_millis(50);
 /// One acknowledgement waiting for a `DeleteMessageBatch`.
 type AckRequest = (String, oneshot::Sender<Result<()>>);
 
+/// What the buffer holds: a received delivery and its number in [`Buffered`], or a receive
+/// error.
+type Item = Result<(u64, Delivery)>;
+
+/// A delivery's turn at its visibility: the buffer's extender holds it while it extends the
+/// delivery, settlement and `in_progress` take it first, so an extension never lands after
+/// (and undoes) a nack's visibility or follows a delete.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// The deliveries received and waiting in a subscription's buffer, which nobody else extends
+/// yet: the subscription extends their visibility until `next()` hands them out (from then on
+/// the holder does, the `Consumer` at a third of the lease).
+#[derive(Default)]
+struct Buffered {
+    next: u64,
+    waiting: HashMap<u64, Waiting>,
+}
+
+/// One delivery waiting in the buffer.
+struct Waiting {
+    receipt: String,
+    /// When it was received (SQS refuses a visibility reaching beyond 12 hours from then).
+    received: Instant,
+    /// When its visibility was last set.
+    extended: Instant,
+    turn: Turn,
+}
+
 /// The receiving side of a subscription or queue consumer.
 pub(crate) struct SqsSource {
     inner: Shared,
     target: Target,
-    rx: mpsc::Receiver<Result<Delivery>>,
+    rx: mpsc::Receiver<Item>,
+    /// Received deliveries not yet handed out, extended while they wait.
+    buffered: Arc<Mutex<Buffered>>,
     stop: watch::Sender<bool>,
     /// Set by the first `next()`: pollers receive nothing before somebody asks, so a
     /// subscription opened and closed unused takes no message (and adds no receive count).
@@ -70,6 +103,7 @@ pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource
     let (stop, _) = watch::channel(false);
     let (demand, _) = watch::channel(false);
     let gate = Arc::new(Mutex::new(false));
+    let buffered = Arc::new(Mutex::new(Buffered::default()));
     let acks = spawn_acker(inner.clone(), target.url.clone());
     let per_call = prefetch.min(inner.config.batch_size as usize).max(1);
     // On FIFO queues one loop per subscription: SQS hands a message group to one receive at a
@@ -87,17 +121,28 @@ pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource
             stop: stop.subscribe(),
             demand: demand.subscribe(),
             gate: gate.clone(),
+            buffered: buffered.clone(),
             broker_closed: inner.closed_signal(),
             acks: acks.clone(),
             per_call,
         };
         tokio::spawn(poller.run());
     }
+    if inner.config.visibility() > 0 {
+        tokio::spawn(extend_buffered(
+            inner.clone(),
+            target.url.clone(),
+            Arc::downgrade(&buffered),
+            stop.subscribe(),
+            inner.closed_signal(),
+        ));
+    }
     SqsSource {
         broker_closed: inner.closed_signal(),
         inner,
         target,
         rx,
+        buffered,
         stop,
         demand,
         gate,
@@ -108,10 +153,11 @@ pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource
 struct Poller {
     inner: Shared,
     target: Target,
-    tx: mpsc::Sender<Result<Delivery>>,
+    tx: mpsc::Sender<Item>,
     stop: watch::Receiver<bool>,
     demand: watch::Receiver<bool>,
     gate: Arc<Mutex<bool>>,
+    buffered: Arc<Mutex<Buffered>>,
     broker_closed: watch::Receiver<bool>,
     acks: mpsc::UnboundedSender<AckRequest>,
     per_call: usize,
@@ -179,8 +225,12 @@ impl Poller {
                         drop(deliveries);
                         return;
                     }
-                    for (delivery, permit) in deliveries.into_iter().zip(permits) {
-                        permit.send(Ok(delivery));
+                    let mut buffered = self.buffered.lock().expect("buffered deliveries");
+                    for ((delivery, waiting), permit) in deliveries.into_iter().zip(permits) {
+                        let number = buffered.next;
+                        buffered.next += 1;
+                        buffered.waiting.insert(number, waiting);
+                        permit.send(Ok((number, delivery)));
                     }
                 }
                 Err(e) => {
@@ -207,9 +257,12 @@ impl Poller {
     }
 
     /// The delivery of `message`: always one, marked undecodable when it cannot be read (the
-    /// consumer dead-letters it), so that no message stays in the queue unread.
-    fn delivery(&self, message: &Message) -> Delivery {
+    /// consumer dead-letters it), so that no message stays in the queue unread. With it, its
+    /// entry in the buffer's extension list.
+    fn delivery(&self, message: &Message) -> (Delivery, Waiting) {
         let receipt = message.receipt_handle().unwrap_or_default().to_owned();
+        let received = Instant::now();
+        let turn = Turn::default();
         let attempt = message
             .attributes()
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
@@ -238,8 +291,15 @@ impl Poller {
             source: self.target.source.clone(),
             group: self.target.group.clone(),
             attempt,
-            received: std::time::Instant::now(),
+            received,
+            turn: turn.clone(),
             acks: self.acks.clone(),
+        };
+        let waiting = Waiting {
+            receipt: settle.receipt.clone(),
+            received,
+            extended: received,
+            turn,
         };
         let delivery = Delivery::new(
             envelope,
@@ -248,11 +308,110 @@ impl Poller {
             self.target.group.clone(),
             Box::new(settle),
         );
-        match decoded.undecodable {
+        let delivery = match decoded.undecodable {
             Some(reason) => delivery.with_undecodable(reason),
             None => delivery,
+        };
+        (delivery, waiting)
+    }
+}
+
+/// Keeps the deliveries waiting in a subscription's buffer invisible: at a third of the
+/// visibility timeout, every one whose visibility was set more than a sixth of it ago gets the
+/// whole timeout again (`ChangeMessageVisibilityBatch`, 10 per call), up to SQS's 12 hours
+/// from its receive. Without it a slow consumer's buffered messages would come back to the
+/// queue while they wait, and arrive twice with inflated attempts. Ends with the subscription.
+async fn extend_buffered(
+    inner: Shared,
+    url: String,
+    buffered: Weak<Mutex<Buffered>>,
+    mut stop: watch::Receiver<bool>,
+    mut broker_closed: watch::Receiver<bool>,
+) {
+    let timeout = inner
+        .config
+        .visibility_timeout_secs
+        .min(SQS_MAX_VISIBILITY_SECS);
+    let every = Duration::from_secs(timeout.into()) / 3;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = broker_closed.wait_for(|closed| *closed) => return,
+        }
+        let Some(buffered) = buffered.upgrade() else {
+            return;
+        };
+        // Each delivery's turn is taken while it is still in the buffer: once `next()` has
+        // handed it out, its holder settles or extends it, never this task.
+        let due: Vec<(u64, String, u32, tokio::sync::OwnedMutexGuard<()>)> = {
+            let buffered = buffered.lock().expect("buffered deliveries");
+            buffered
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.extended.elapsed() >= every / 2)
+                .filter_map(|(number, w)| {
+                    let seconds = timeout.min(visibility_left(w.received));
+                    let turn = w.turn.clone().try_lock_owned().ok()?;
+                    (seconds > 0).then(|| (*number, w.receipt.clone(), seconds, turn))
+                })
+                .collect()
+        };
+        for chunk in due.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, receipt, seconds, _))| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(receipt)
+                        .visibility_timeout(i32::try_from(*seconds).unwrap_or(0))
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let started = Instant::now();
+            match inner
+                .sqs
+                .change_message_visibility_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    for failed in out.failed() {
+                        tracing::warn!(
+                            queue = %url,
+                            code = failed.code(),
+                            message = failed.message().unwrap_or_default(),
+                            "extending the visibility of a buffered message failed"
+                        );
+                    }
+                    let mut buffered = buffered.lock().expect("buffered deliveries");
+                    for (i, (number, ..)) in chunk.iter().enumerate() {
+                        let id = i.to_string();
+                        if out.failed().iter().all(|f| f.id() != id) {
+                            if let Some(w) = buffered.waiting.get_mut(number) {
+                                w.extended = started;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let error = map(e, "extending the visibility of buffered messages");
+                    tracing::warn!(queue = %url, %error, "extending buffered messages failed");
+                }
+            }
         }
     }
+}
+
+/// Seconds of visibility SQS still accepts for a message received at `received` (12 hours
+/// from the receive, less a second of margin).
+fn visibility_left(received: Instant) -> u32 {
+    let elapsed = u32::try_from(received.elapsed().as_secs()).unwrap_or(u32::MAX);
+    SQS_MAX_VISIBILITY_SECS.saturating_sub(elapsed.saturating_add(1))
 }
 
 /// `DeleteMessageBatch` calls in flight at once per subscription.
@@ -349,7 +508,9 @@ struct SqsSettle {
     group: Option<String>,
     attempt: u32,
     /// When it was received: SQS refuses a visibility reaching beyond 12 hours from then.
-    received: std::time::Instant,
+    received: Instant,
+    /// Taken before any call that changes the message's visibility or deletes it.
+    turn: Turn,
     acks: mpsc::UnboundedSender<AckRequest>,
 }
 
@@ -366,9 +527,7 @@ impl fmt::Debug for SqsSettle {
 impl SqsSettle {
     async fn set_visibility(&self, seconds: u32, doing: &str) -> Result<()> {
         // SQS counts the 12 hours from the receive, and refuses a visibility beyond them.
-        let elapsed = u32::try_from(self.received.elapsed().as_secs()).unwrap_or(u32::MAX);
-        let left = SQS_MAX_VISIBILITY_SECS.saturating_sub(elapsed.saturating_add(1));
-        let seconds = seconds.min(left);
+        let seconds = seconds.min(visibility_left(self.received));
         self.inner
             .sqs
             .change_message_visibility()
@@ -405,6 +564,7 @@ pub(crate) fn delay_secs(delay: Duration) -> u32 {
 #[async_trait]
 impl Settle for SqsSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
+        let _turn = self.turn.lock().await;
         match settlement {
             Settlement::Ack => self.delete().await,
             Settlement::Nack(Redeliver::After(delay)) => {
@@ -459,6 +619,7 @@ impl Settle for SqsSettle {
     }
 
     async fn in_progress(&self) -> Result<()> {
+        let _turn = self.turn.lock().await;
         self.set_visibility(
             self.inner.config.visibility_timeout_secs,
             "extending visibility (in progress)",
@@ -474,7 +635,9 @@ impl Settle for SqsSettle {
         let sqs = self.inner.sqs.clone();
         let url = self.url.clone();
         let receipt = self.receipt.clone();
+        let turn = self.turn.clone();
         runtime.spawn(async move {
+            let _turn = turn.lock().await;
             let _ = sqs
                 .change_message_visibility()
                 .queue_url(url)
@@ -494,6 +657,11 @@ impl SqsSource {
         self.rx.close();
         // Dropping what is buffered hands each message back to SQS at once (abandon).
         while self.rx.try_recv().is_ok() {}
+        self.buffered
+            .lock()
+            .expect("buffered deliveries")
+            .waiting
+            .clear();
     }
 }
 
@@ -529,11 +697,20 @@ impl DeliverySource for SqsSource {
         }
         // Both branches are cancel safe: a received message stays in the buffer until
         // `recv` returns it.
-        tokio::select! {
+        let item = tokio::select! {
             biased;
             _ = self.broker_closed.wait_for(|closed| *closed) => None,
             item = self.rx.recv() => item,
-        }
+        }?;
+        Some(item.map(|(number, delivery)| {
+            // From here its holder extends it (the `Consumer` does).
+            self.buffered
+                .lock()
+                .expect("buffered deliveries")
+                .waiting
+                .remove(&number);
+            delivery
+        }))
     }
 
     /// The visibility timeout each receive sets: the consumer extends it
