@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus_core::{Envelope, Error, MessageId, Reply, Request, RequestSource, Result};
+use bus_core::{Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSource, Result};
 use tokio::sync::{oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
@@ -15,6 +15,18 @@ use crate::subscriber::{self, KafkaSource, Spec, Start};
 use crate::{names, wire};
 
 type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>>;
+
+/// The reply namespace: every requester's reply topic is this prefix and a UUID, and a
+/// responder replies nowhere else.
+pub(crate) const REPLY_TOPIC_PREFIX: &str = "bus.replies.";
+
+/// Whether `topic` is a reply topic a requester of `bus` made: responders refuse to send
+/// anywhere else, so a request cannot make them produce into any topic it names.
+pub(crate) fn is_reply_topic(topic: &str) -> bool {
+    topic
+        .strip_prefix(REPLY_TOPIC_PREFIX)
+        .is_some_and(|id| uuid::Uuid::try_parse(id).is_ok())
+}
 
 /// The reply topic of this connection and the requests waiting for a reply.
 #[derive(Debug, Default)]
@@ -30,7 +42,7 @@ impl Inbox {
         let topic = self
             .topic
             .get_or_try_init(|| async {
-                let topic = format!("bus.replies.{}", uuid::Uuid::now_v7());
+                let topic = format!("{REPLY_TOPIC_PREFIX}{}", uuid::Uuid::now_v7());
                 shared.ensure_topics(&[&topic], Some(1)).await?;
                 let mut source = subscriber::open(
                     shared,
@@ -150,12 +162,28 @@ impl RequestSource for KafkaRequests {
         loop {
             let (delivery, reply_to) = self.source.next_item().await?;
             let envelope = delivery.envelope().clone();
+            if let Some(reply_to) = reply_to.as_deref().filter(|r| !is_reply_topic(r)) {
+                // Replying would produce wherever the request says: refuse, and keep the
+                // request in the dead-letter topic for whoever looks into it.
+                let reason = format!(
+                    "reply-to `{}` is outside bus's reply namespace ({REPLY_TOPIC_PREFIX}<uuid>)",
+                    bus_core::headers::shorten(reply_to, 200)
+                );
+                let id = envelope.id.clone();
+                if let Err(e) = delivery.reject(reason.clone()).await {
+                    return Some(Err(e.into()));
+                }
+                return Some(Err(Error::new(
+                    ErrorKind::Rejected,
+                    format!("request {id} refused and dead-lettered: {reason}"),
+                )));
+            }
             let undecodable = delivery.undecodable().map(str::to_owned);
             if let Err(e) = delivery.ack().await {
                 return Some(Err(e.into()));
             }
             if let Some(reason) = undecodable {
-                // Requests have no dead-letter queue: the requester times out.
+                // The requester cannot be answered usefully: it times out.
                 tracing::warn!(id = %envelope.id, %reason, "undecodable request, skipped");
                 continue;
             }
