@@ -65,6 +65,20 @@ impl Names {
         self.finish(&format!("_r{unique}"), QUEUE_LIMIT)
     }
 
+    /// Whether `name` is a reply queue this naming makes ([`reply_queue`](Self::reply_queue)
+    /// of a UUID in simple form): the only queues responders reply into.
+    pub(crate) fn is_reply_queue(&self, name: &str) -> bool {
+        let suffix = if self.fifo { FIFO_SUFFIX } else { "" };
+        name.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix("_r"))
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .is_some_and(|unique| {
+                unique.len() == 32
+                    && unique.bytes().all(|b| b.is_ascii_hexdigit())
+                    && self.reply_queue(unique) == name
+            })
+    }
+
     fn finish(&self, encoded: &str, limit: usize) -> String {
         let suffix = if self.fifo { FIFO_SUFFIX } else { "" };
         let full = format!("{}{encoded}", self.prefix);

@@ -91,6 +91,12 @@ impl SqsBroker {
         self.inner.live_batchers()
     }
 
+    /// The SQS queue name behind the requests of `topic` (what responders of it read).
+    #[must_use]
+    pub fn request_queue_name(&self, topic: &str) -> String {
+        self.inner.names.request_queue(topic)
+    }
+
     /// The SNS topic name behind `topic`.
     #[must_use]
     pub fn topic_name(&self, topic: &str) -> String {

@@ -220,6 +220,8 @@ pub(crate) async fn serve(inner: Shared, topic: &str) -> Result<Requests> {
     let prefetch = ConsumeOptions::default()
         .prefetch
         .unwrap_or(inner.config.prefetch);
+    // Reply queues live in the request queue's account.
+    let account = account_of(&url).unwrap_or_default().to_owned();
     let source = subscriber::start(
         inner.clone(),
         Target {
@@ -233,13 +235,37 @@ pub(crate) async fn serve(inner: Shared, topic: &str) -> Result<Requests> {
     );
     Ok(Requests::new(Box::new(SqsRequests {
         inner,
+        account,
         deliveries: Subscription::new(Box::new(source)),
     })))
 }
 
 struct SqsRequests {
     inner: Shared,
+    /// The account of the request queue (the path segment before its name in the queue URL):
+    /// where reply queues are.
+    account: String,
     deliveries: Subscription,
+}
+
+impl SqsRequests {
+    /// Whether `url` is the URL of a reply queue a requester of `bus` made, in this account:
+    /// responders reply nowhere else. The host is not compared: one queue has several URLs
+    /// (regional, legacy, VPC endpoints), and the SDK sends to its own endpoint whatever the
+    /// URL's host says.
+    fn is_reply_queue(&self, url: &str) -> bool {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        !self.account.is_empty()
+            && account_of(url) == Some(self.account.as_str())
+            && self.inner.names.is_reply_queue(name)
+    }
+}
+
+/// The account segment of a queue URL (`https://sqs.<region>.amazonaws.com/<account>/<name>`).
+fn account_of(url: &str) -> Option<&str> {
+    let mut segments = url.rsplit('/');
+    let _name = segments.next()?;
+    segments.next().filter(|account| !account.is_empty())
 }
 
 impl fmt::Debug for SqsRequests {
@@ -260,6 +286,23 @@ impl RequestSource for SqsRequests {
             };
             let mut envelope = delivery.envelope().clone();
             let reply_to = envelope.headers.remove(REPLY_TO);
+            if let Some(reply_to) = reply_to.as_deref().filter(|r| !self.is_reply_queue(r)) {
+                // Replying would send wherever the request says: refuse, and keep the request
+                // in the dead-letter queue for whoever looks into it.
+                let reason = format!(
+                    "reply-to `{}` is outside bus's reply namespace (a reply queue beside the \
+                     request queue)",
+                    bus_core::headers::shorten(reply_to, 200)
+                );
+                let id = envelope.id.clone();
+                if let Err(e) = delivery.reject(reason.clone()).await {
+                    return Some(Err(e.into()));
+                }
+                return Some(Err(Error::new(
+                    bus_core::ErrorKind::Rejected,
+                    format!("request {id} refused and dead-lettered: {reason}"),
+                )));
+            }
             let undecodable = delivery.undecodable().map(str::to_owned);
             // A request is taken once: deleted as it is handed out (a requester that gets no
             // reply times out).
