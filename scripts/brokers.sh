@@ -20,7 +20,9 @@ set -euo pipefail
 
 ALL_BROKERS=(nats rabbitmq redis postgres sqs kafka)
 # A broker joins this list with five functions below: <name>_port, <name>_url, <name>_install,
-# <name>_start, <name>_stop.
+# <name>_start, <name>_stop; optionally <name>_stale (the running broker must be restarted to
+# read what _install configured), <name>_configure (run once it is up) and <name>_env (more
+# export lines).
 
 START_TIMEOUT=${BUS_BROKER_START_TIMEOUT:-120}
 STOP_TIMEOUT=${BUS_BROKER_STOP_TIMEOUT:-60}
@@ -91,6 +93,81 @@ wait_down() {
     done
 }
 
+# --- Throwaway certificates for the TLS tests ------------------------------------------------
+# $TLS_DIR holds, in PEM: ca.pem/ca.key (the test CA), server.pem/server.key (CN localhost,
+# for DNS localhost and IP 127.0.0.1), client.pem/client.key (CN bus-tls-client, a client
+# certificate for mutual TLS and EXTERNAL login), and other-ca.pem/other-ca.key (a second CA
+# that signed nothing here, for the wrong-CA tests). Made again when a file is missing or a
+# certificate expires within a day.
+TLS_DIR=${BUS_TEST_TLS_DIR:-/var/lib/bus-test-tls}
+TLS_DAYS=365
+
+tls_current() {
+    local file
+    for file in ca.pem ca.key server.pem server.key client.pem client.key other-ca.pem other-ca.key; do
+        [ -s "$TLS_DIR/$file" ] || return 1
+    done
+    for file in ca.pem server.pem client.pem other-ca.pem; do
+        openssl x509 -checkend 86400 -noout -in "$TLS_DIR/$file" >/dev/null 2>&1 || return 1
+    done
+}
+
+# Makes the certificates if they are missing or expiring (and sets TLS_MADE=1 then).
+TLS_MADE=0
+tls_ensure() {
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    tls_current && return 0
+    say "generating throwaway TLS certificates in $TLS_DIR"
+    local tmp
+    tmp=$(mktemp -d)
+    tls_make_ca "$tmp" ca "bus test CA"
+    tls_make_ca "$tmp" other-ca "bus test CA (not trusted by anything)"
+    tls_make_leaf "$tmp" server localhost \
+        "subjectAltName=DNS:localhost,IP:127.0.0.1" "extendedKeyUsage=serverAuth"
+    tls_make_leaf "$tmp" client "$RABBITMQ_EXTERNAL_USER" \
+        "subjectAltName=DNS:$RABBITMQ_EXTERNAL_USER" "extendedKeyUsage=clientAuth"
+    as_root mkdir -p "$TLS_DIR"
+    as_root chmod 0755 "$TLS_DIR"
+    local file
+    for file in ca.pem server.pem client.pem other-ca.pem client.key; do
+        as_root install -m 0644 "$tmp/$file" "$TLS_DIR/$file"
+    done
+    for file in ca.key other-ca.key; do
+        as_root install -m 0600 "$tmp/$file" "$TLS_DIR/$file"
+    done
+    # The broker runs as its own user and reads its key itself.
+    if getent group rabbitmq >/dev/null 2>&1; then
+        as_root install -m 0640 -g rabbitmq "$tmp/server.key" "$TLS_DIR/server.key"
+    else
+        as_root install -m 0644 "$tmp/server.key" "$TLS_DIR/server.key"
+    fi
+    rm -rf "$tmp"
+    TLS_MADE=1
+}
+
+# tls_make_ca DIR NAME SUBJECT_CN: DIR/NAME.pem and DIR/NAME.key, a self-signed CA (P-256).
+tls_make_ca() {
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 \
+        -days "$TLS_DAYS" -subj "/CN=$3" -keyout "$1/$2.key" -out "$1/$2.pem" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" >/dev/null 2>&1 ||
+        die "openssl could not make the CA $2"
+}
+
+# tls_make_leaf DIR NAME CN SAN EKU: DIR/NAME.pem and DIR/NAME.key, signed by DIR/ca.
+tls_make_leaf() {
+    local dir=$1 name=$2 cn=$3 san=$4 eku=$5
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 \
+        -subj "/CN=$cn" -keyout "$dir/$name.key" -out "$dir/$name.csr" >/dev/null 2>&1 ||
+        die "openssl could not make the key of $name"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "$eku" "$san" >"$dir/$name.ext"
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+        -set_serial "0x$(openssl rand -hex 16)" -days "$TLS_DAYS" -sha256 \
+        -extfile "$dir/$name.ext" -out "$dir/$name.pem" >/dev/null 2>&1 ||
+        die "openssl could not sign the certificate of $name"
+}
+
 # --- NATS with JetStream ------------------------------------------------------------------
 NATS_BIN=/usr/sbin/nats-server
 NATS_LOG=/var/log/nats-server.log
@@ -128,6 +205,7 @@ rabbitmq_install() {
             'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"' |
             as_root tee /etc/rabbitmq/rabbitmq-env.conf >/dev/null
     fi
+    rabbitmq_tls_install
 }
 rabbitmq_start() {
     # The Debian wrapper switches to the rabbitmq user itself.
@@ -143,6 +221,91 @@ rabbitmq_stop() {
     as_root timeout "$STOP_TIMEOUT" rabbitmqctl stop >&2 ||
         die "rabbitmqctl stop failed"
     wait_down rabbitmq 5672 "$STOP_TIMEOUT"
+}
+
+# TLS and authentication tests (adapter-rabbitmq/tests/tls.rs): a listener on
+# 127.0.0.1:5671 with the throwaway certificates of $TLS_DIR, the client certificate asked for
+# but not required (so password logins over TLS work as well), and SASL EXTERNAL (the
+# rabbitmq_auth_mechanism_ssl plugin) logging in the user named by the certificate's CN. The
+# plain listener on 5672 is not changed.
+RABBITMQ_TLS_PORT=5671
+RABBITMQ_TLS_USER=bus-tls-user
+# Throwaway: a loopback-only test user, the password is printed by `env` anyway.
+RABBITMQ_TLS_PASSWORD=bus-tls-password
+RABBITMQ_EXTERNAL_USER=bus-tls-client
+RABBITMQ_CONF=/etc/rabbitmq/rabbitmq.conf
+RABBITMQ_PLUGINS_FILE=/etc/rabbitmq/enabled_plugins
+# Set when this run changed what a running node has to be restarted to read.
+RABBITMQ_RECONFIGURED=0
+
+rabbitmq_tls_conf() {
+    cat <<CONF
+# bus-test-tls begin: written by scripts/brokers.sh (TLS listener and EXTERNAL login for tests)
+listeners.ssl.local = 127.0.0.1:$RABBITMQ_TLS_PORT
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+ssl_cert_login_from = common_name
+# bus-test-tls end
+CONF
+}
+
+rabbitmq_tls_install() {
+    tls_ensure
+    # The node reads its certificates when it starts.
+    [ "$TLS_MADE" -eq 0 ] || RABBITMQ_RECONFIGURED=1
+    local wanted current
+    wanted=$(rabbitmq_tls_conf)
+    current=$(sed -n '/^# bus-test-tls begin/,/^# bus-test-tls end/p' "$RABBITMQ_CONF")
+    if [ "$current" != "$wanted" ]; then
+        say "writing the TLS listener on 127.0.0.1:$RABBITMQ_TLS_PORT into $RABBITMQ_CONF"
+        local conf
+        conf=$(sed '/^# bus-test-tls begin/,/^# bus-test-tls end/d' "$RABBITMQ_CONF")
+        printf '%s\n%s\n' "$conf" "$wanted" | as_root tee "$RABBITMQ_CONF" >/dev/null
+        RABBITMQ_RECONFIGURED=1
+    fi
+    if ! grep -qs rabbitmq_auth_mechanism_ssl "$RABBITMQ_PLUGINS_FILE"; then
+        say "enabling the rabbitmq_auth_mechanism_ssl plugin (SASL EXTERNAL)"
+        as_root rabbitmq-plugins enable --offline rabbitmq_auth_mechanism_ssl >&2 ||
+            die "rabbitmq-plugins enable rabbitmq_auth_mechanism_ssl failed"
+        RABBITMQ_RECONFIGURED=1
+    fi
+}
+
+# Whether the running node has to be restarted to serve what rabbitmq_install configured.
+rabbitmq_stale() {
+    [ "$RABBITMQ_RECONFIGURED" -eq 1 ] || ! port_open "$RABBITMQ_TLS_PORT"
+}
+
+# The test users, made once (they live in the node's database, across restarts). To reset
+# one, delete it (`rabbitmqctl delete_user bus-tls-user`) and run `scripts/brokers.sh start`.
+rabbitmq_configure() {
+    wait_up rabbitmq "$RABBITMQ_TLS_PORT" "$START_TIMEOUT" "$RABBITMQ_LOG"
+    local users
+    users=$(as_root rabbitmqctl list_users -q --no-table-headers 2>/dev/null | cut -f1) ||
+        die "rabbitmqctl list_users failed"
+    if ! grep -qx "$RABBITMQ_TLS_USER" <<<"$users"; then
+        say "adding the RabbitMQ user $RABBITMQ_TLS_USER (password login over TLS)"
+        as_root rabbitmqctl add_user "$RABBITMQ_TLS_USER" "$RABBITMQ_TLS_PASSWORD" >&2
+        as_root rabbitmqctl set_permissions -p / "$RABBITMQ_TLS_USER" '.*' '.*' '.*' >&2
+    fi
+    if ! grep -qx "$RABBITMQ_EXTERNAL_USER" <<<"$users"; then
+        say "adding the RabbitMQ user $RABBITMQ_EXTERNAL_USER (EXTERNAL login, no password)"
+        as_root rabbitmqctl add_user "$RABBITMQ_EXTERNAL_USER" "$(openssl rand -hex 24)" >&2
+        as_root rabbitmqctl clear_password "$RABBITMQ_EXTERNAL_USER" >&2
+        as_root rabbitmqctl set_permissions -p / "$RABBITMQ_EXTERNAL_USER" '.*' '.*' '.*' >&2
+    fi
+}
+
+rabbitmq_env() {
+    printf 'export BUS_TEST_RABBITMQ_TLS_URL=%q\n' \
+        "amqps://$RABBITMQ_TLS_USER:$RABBITMQ_TLS_PASSWORD@127.0.0.1:$RABBITMQ_TLS_PORT/%2f"
+    printf 'export BUS_TEST_TLS_DIR=%q\n' "$TLS_DIR"
 }
 
 # --- Redis (idempotency store) ------------------------------------------------------------
@@ -284,12 +447,19 @@ kafka_stop() {
 env_line() {
     local name=$1
     printf 'export BUS_TEST_%s_URL=%q\n' "$(echo "$name" | tr '[:lower:]' '[:upper:]')" "$("${name}_url")"
+    # A broker may export more (<name>_env), e.g. RabbitMQ's TLS listener.
+    if declare -F "${name}_env" >/dev/null; then "${name}_env"; fi
 }
 
 start_one() {
     local name=$1 port
     port=$("${name}_port")
     "${name}_install"
+    if port_open "$port" && declare -F "${name}_stale" >/dev/null && "${name}_stale"; then
+        # Its configuration changed (<name>_install said so): one restart to read it.
+        say "$name runs with an older configuration; restarting it"
+        "${name}_stop"
+    fi
     if port_open "$port"; then
         say "$name is already running on 127.0.0.1:$port"
     else
@@ -297,6 +467,8 @@ start_one() {
         "${name}_start"
         say "$name is up on 127.0.0.1:$port"
     fi
+    # What needs the broker up (users, say): <name>_configure, if the broker has one.
+    if declare -F "${name}_configure" >/dev/null; then "${name}_configure"; fi
 }
 
 stop_one() {
