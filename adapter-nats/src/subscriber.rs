@@ -1,10 +1,11 @@
 //! Subscriptions: JetStream pull consumers (groups, private subscriptions, queues) and core
 //! NATS subscriptions, and how their deliveries are settled.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::{AckKind, Acker};
@@ -34,6 +35,46 @@ const PULL_GRACE: Duration = Duration::from_secs(2);
 /// How long a pull loop waits before sweeping again after a sweep failed, at first and at most.
 const SWEEP_RETRY: Duration = Duration::from_secs(1);
 const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The shortest interval between two extensions of the buffered deliveries.
+const MIN_EXTEND_EVERY: Duration = Duration::from_millis(100);
+
+/// A pulled message and its number in [`Buffered`].
+type Pulled = (u64, jetstream::Message);
+
+/// A delivery's turn at its acknowledgement subject: the buffer's extender holds it while it
+/// sends `+WPI` for the delivery, settlement and `in_progress` take it first, so a `+WPI` is
+/// never sent after (and never undoes the delay of) a `-NAK`.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// The messages pulled and waiting in a subscription's buffer, which nobody else extends yet:
+/// the subscription sends `+WPI` for them until `next()` hands them out (from then on the
+/// holder does, the `Consumer` at a third of the ack wait).
+#[derive(Default)]
+struct Buffered {
+    next: u64,
+    waiting: HashMap<u64, Waiting>,
+}
+
+/// One message waiting in the buffer.
+struct Waiting {
+    /// Its acknowledgement subject.
+    reply: async_nats::Subject,
+    /// When it arrived or was last extended.
+    extended: Instant,
+    turn: Turn,
+}
+
+impl Buffered {
+    /// Takes `number` out of the buffer's extension list and gives its turn.
+    fn take(this: &Mutex<Self>, number: u64) -> Turn {
+        this.lock()
+            .expect("buffered messages")
+            .waiting
+            .remove(&number)
+            .map(|w| w.turn)
+            .unwrap_or_default()
+    }
+}
 
 #[async_trait]
 impl Subscriber for NatsBroker {
@@ -149,7 +190,9 @@ struct PullSource {
     spec: Arc<Spec>,
     batch: usize,
     consumer: Option<PullConsumer>,
-    messages: Option<mpsc::Receiver<jetstream::Message>>,
+    messages: Option<mpsc::Receiver<Pulled>>,
+    /// Pulled messages not yet handed out, extended while they wait.
+    buffered: Arc<Mutex<Buffered>>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     closed: watch::Receiver<bool>,
@@ -176,6 +219,7 @@ impl PullSource {
             batch: batch.max(1),
             consumer: Some(consumer),
             messages: None,
+            buffered: Arc::default(),
             stop: watch::channel(false).0,
             task: None,
             closed,
@@ -195,8 +239,14 @@ impl PullSource {
             consumer,
             self.batch,
             tx,
+            self.buffered.clone(),
             self.stop.subscribe(),
         )));
+        self.inner.runtime.spawn(extend_buffered(
+            self.inner.clone(),
+            Arc::downgrade(&self.buffered),
+            self.stop.subscribe(),
+        ));
     }
 
     /// Stops pulling and hands back what was pulled but not handed out; then deletes a
@@ -208,6 +258,7 @@ impl PullSource {
         let messages = self.messages.take();
         let inner = self.inner.clone();
         let spec = self.spec.clone();
+        let buffered = self.buffered.clone();
         async move {
             if let Some(task) = task {
                 // The task ends once its last batch request has ended on the server (filled or
@@ -225,7 +276,9 @@ impl PullSource {
             }
             if let Some(mut messages) = messages {
                 messages.close();
-                while let Some(message) = messages.recv().await {
+                while let Some((number, message)) = messages.recv().await {
+                    let turn = Buffered::take(&buffered, number);
+                    let _turn = turn.lock().await;
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
             }
@@ -252,8 +305,10 @@ impl DeliverySource for PullSource {
         let messages = self.messages.as_mut()?;
         tokio::select! {
             message = messages.recv() => {
-                let message = message?;
-                Some(Ok(delivery(&self.inner, &self.spec, message)))
+                let (number, message) = message?;
+                // From here its holder extends it (the `Consumer` does).
+                let turn = Buffered::take(&self.buffered, number);
+                Some(Ok(delivery(&self.inner, &self.spec, message, turn)))
             }
             _ = self.closed.wait_for(|closed| *closed) => None,
         }
@@ -286,7 +341,8 @@ async fn pull_loop(
     spec: Arc<Spec>,
     consumer: PullConsumer,
     batch: usize,
-    tx: mpsc::Sender<jetstream::Message>,
+    tx: mpsc::Sender<Pulled>,
+    buffered: Arc<Mutex<Buffered>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut closed = inner.closed_signal();
@@ -329,8 +385,26 @@ async fn pull_loop(
                 }
             }
         }
+        // Pull only what the buffer has room for: every pulled message goes straight into the
+        // buffer, where its ack wait is extended until it is handed out. (Messages the client
+        // held while waiting for room were redelivered once their ack wait ran out.)
+        let first = tokio::select! {
+            permit = tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = stopped(&mut stop) => return,
+            () = stopped(&mut closed) => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < batch {
+            match tx.try_reserve() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
         let pulled = match &current {
-            Ok(c) => PullBatch::start(&inner, c, batch).await,
+            Ok(c) => PullBatch::start(&inner, c, permits.len()).await,
             Err(e) => Err(e.to_string()),
         };
         match pulled {
@@ -352,18 +426,23 @@ async fn pull_loop(
                         Some(Ok(message)) if stopping => hand_back.push(message),
                         Some(Ok(message)) => {
                             backoff = Duration::from_millis(100);
-                            let permit = tokio::select! {
-                                permit = tx.reserve() => permit.ok(),
-                                () = stopped(&mut stop) => None,
-                                () = stopped(&mut closed) => None,
-                            };
-                            match permit {
-                                Some(permit) => permit.send(message),
-                                None => {
-                                    // Nobody will take it: hand it back once the batch ends.
-                                    stopping = true;
-                                    hand_back.push(message);
+                            // The request asked for as many messages as there are permits.
+                            match permits.pop() {
+                                Some(permit) => {
+                                    let mut buffered = buffered.lock().expect("buffered messages");
+                                    let number = buffered.next;
+                                    buffered.next += 1;
+                                    if let Some(reply) = message.message.reply.clone() {
+                                        let waiting = Waiting {
+                                            reply,
+                                            extended: Instant::now(),
+                                            turn: Turn::default(),
+                                        };
+                                        buffered.waiting.insert(number, waiting);
+                                    }
+                                    permit.send((number, message));
                                 }
+                                None => hand_back.push(message),
                             }
                         }
                         Some(Err(e)) => {
@@ -501,12 +580,74 @@ impl PullBatch {
     }
 }
 
+/// Keeps the messages waiting in a subscription's buffer from being redelivered: at a third of
+/// the ack wait, `+WPI` for every one that arrived or was extended more than a sixth of it
+/// ago. Without it a slow consumer's buffered messages were redelivered while they waited, and
+/// arrived twice with inflated attempts. Ends with the subscription.
+async fn extend_buffered(
+    inner: Arc<Inner>,
+    buffered: Weak<Mutex<Buffered>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut closed = inner.closed_signal();
+    let every = (inner.config.ack_wait() / 3).max(MIN_EXTEND_EVERY);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stopped(&mut stop) => return,
+            () = stopped(&mut closed) => return,
+        }
+        let Some(buffered) = buffered.upgrade() else {
+            return;
+        };
+        // Each message's turn is taken while it is still in the buffer: once `next()` has
+        // handed it out, its holder settles or extends it, never this task.
+        let due: Vec<(u64, async_nats::Subject, tokio::sync::OwnedMutexGuard<()>)> = {
+            let buffered = buffered.lock().expect("buffered messages");
+            buffered
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.extended.elapsed() >= every / 2)
+                .filter_map(|(number, w)| {
+                    let turn = w.turn.clone().try_lock_owned().ok()?;
+                    Some((*number, w.reply.clone(), turn))
+                })
+                .collect()
+        };
+        for (number, reply, _turn) in due {
+            let sent = Instant::now();
+            match inner
+                .client
+                .publish(reply, bytes::Bytes::from_static(b"+WPI"))
+                .await
+            {
+                Ok(()) => {
+                    if let Some(w) = buffered
+                        .lock()
+                        .expect("buffered messages")
+                        .waiting
+                        .get_mut(&number)
+                    {
+                        w.extended = sent;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "extending a buffered message failed"),
+            }
+        }
+    }
+}
+
 /// Completes once the flag is set (or its sender is gone).
 async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
-fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -> Delivery {
+fn delivery(
+    inner: &Arc<Inner>,
+    spec: &Arc<Spec>,
+    message: jetstream::Message,
+    turn: Turn,
+) -> Delivery {
     let (attempt, id, time) = match message.info() {
         Ok(info) => (
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -537,6 +678,7 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, message: jetstream::Message) -
         Box::new(JetStreamSettle {
             inner: inner.clone(),
             acker: Arc::new(acker),
+            turn,
             envelope,
             source: spec.source.clone(),
             group: spec.group.clone(),
@@ -558,6 +700,8 @@ fn marked(delivery: Delivery, undecodable: Option<String>) -> Delivery {
 struct JetStreamSettle {
     inner: Arc<Inner>,
     acker: Arc<Acker>,
+    /// Taken before anything is sent on the acknowledgement subject.
+    turn: Turn,
     envelope: Envelope,
     source: String,
     group: Option<String>,
@@ -577,6 +721,7 @@ impl fmt::Debug for JetStreamSettle {
 #[async_trait]
 impl Settle for JetStreamSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
+        let _turn = self.turn.lock().await;
         let (kind, what) = match settlement {
             Settlement::Ack => (AckKind::Ack, "ack"),
             Settlement::Nack(Redeliver::After(delay)) => {
@@ -612,6 +757,7 @@ impl Settle for JetStreamSettle {
     }
 
     async fn in_progress(&self) -> Result<()> {
+        let _turn = self.turn.lock().await;
         self.acker
             .ack_with(AckKind::Progress)
             .await
@@ -620,8 +766,10 @@ impl Settle for JetStreamSettle {
 
     fn abandon(&self) {
         let acker = self.acker.clone();
+        let turn = self.turn.clone();
         // If this fails, JetStream redelivers after the ack wait anyway.
         self.inner.runtime.spawn(async move {
+            let _turn = turn.lock().await;
             let _ = acker.ack_with(AckKind::Nak(None)).await;
         });
     }
