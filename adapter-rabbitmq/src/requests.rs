@@ -11,13 +11,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bus_core::middleware::dead_letter;
 use bus_core::{
     async_trait, Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSource, Requester,
     Requests, Responder, Result, ServeOptions,
 };
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -31,6 +33,10 @@ use crate::{wire, RabbitMqBroker};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// What the broker makes of [`REPLY_TO`] on a request it delivers: responders reply only to
+/// such a name, which RabbitMQ routes to the requester's channel and nowhere else.
+const DIRECT_REPLY_PREFIX: &str = "amq.rabbitmq.reply-to.";
 
 /// The responder group of `ServeOptions::default()`.
 const DEFAULT_GROUP: &str = "default";
@@ -175,13 +181,18 @@ impl Responder for RabbitMqBroker {
             group,
         };
         let source = Source::open(inner, endpoint, prefetch).await?;
-        Ok(Requests::new(Box::new(Serving { source })))
+        Ok(Requests::new(Box::new(Serving {
+            source,
+            topic: topic.to_owned(),
+        })))
     }
 }
 
 #[derive(Debug)]
 struct Serving {
     source: Source,
+    /// The served topic: its dead-letter queue keeps refused requests.
+    topic: String,
 }
 
 #[async_trait]
@@ -194,6 +205,36 @@ impl RequestSource for Serving {
                 Ok(raw) => raw,
                 Err(e) => return Some(Err(e)),
             };
+            let received = wire::envelope(&delivery.properties, delivery.data.clone());
+            if let Some(reply_to) = received
+                .reply_to
+                .as_deref()
+                .filter(|r| !r.starts_with(DIRECT_REPLY_PREFIX))
+            {
+                // Replying would publish wherever the request says: refuse, and keep the
+                // request in the dead-letter queue for whoever looks into it.
+                let reason = format!(
+                    "reply-to `{}` is outside bus's reply namespace ({DIRECT_REPLY_PREFIX}…)",
+                    bus_core::headers::shorten(reply_to, 200)
+                );
+                let id = received.envelope.id.clone();
+                if let Err(e) = self.dead_letter(&received.envelope, &reason).await {
+                    let _ = channel
+                        .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: true })
+                        .await;
+                    return Some(Err(e));
+                }
+                if let Err(e) = channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                    .await
+                {
+                    return Some(Err(map(e, "acknowledging the refused request")));
+                }
+                return Some(Err(Error::new(
+                    ErrorKind::Rejected,
+                    format!("request {id} refused and dead-lettered: {reason}"),
+                )));
+            }
             // A request is answered once or not at all: it is acked as it is handed out.
             if let Err(e) = channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
@@ -201,7 +242,6 @@ impl RequestSource for Serving {
             {
                 return Some(Err(map(e, "acknowledging the request")));
             }
-            let received = wire::envelope(&delivery.properties, delivery.data);
             if let Some(reason) = received.undecodable {
                 // Requests have no dead-letter queue: the requester times out.
                 tracing::warn!(id = %received.envelope.id, %reason, "undecodable request, skipped");
@@ -225,6 +265,29 @@ impl RequestSource for Serving {
 impl Serving {
     fn source_inner(&self) -> Arc<Inner> {
         self.source.inner()
+    }
+
+    /// Sends `request`, marked with `reason`, to the dead-letter queue of the served topic.
+    async fn dead_letter(&self, request: &Envelope, reason: &str) -> Result<()> {
+        let topic = &self.topic;
+        let dead = dead_letter::mark(
+            request.clone(),
+            &dead_letter::DeadLetterInfo {
+                reason,
+                source: topic,
+                group: None,
+                attempts: 1,
+                first_failure: None,
+            },
+        );
+        let dlq = bus_core::headers::dead_letter_queue(topic);
+        let inner = self.source_inner();
+        let session = inner.link.session().await?;
+        let props = wire::properties_fitted(&dead, topic, 1, session.frame_max());
+        inner
+            .link
+            .send_to_queue_on(&session, &dlq, &dead.payload, props)
+            .await
     }
 }
 
