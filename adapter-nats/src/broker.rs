@@ -308,18 +308,38 @@ impl NatsBroker {
     /// Connects with `config`. Must be called within a tokio runtime.
     ///
     /// # Errors
-    /// [`ErrorKind::Connection`] (or `Timeout`, `Rejected` for bad credentials) when the server
-    /// cannot be reached. A server without JetStream is found out on the first stream `bus`
-    /// needs ([`ErrorKind::Unsupported`]).
+    /// - [`ErrorKind::Connection`] when the server cannot be reached;
+    /// - [`ErrorKind::Timeout`] when connecting took longer than
+    ///   [`NatsConfig::connect_timeout`] (the first connect is tried once, never retried);
+    /// - [`ErrorKind::Rejected`] when the server refused the credentials (authentication
+    ///   failed) or the TLS handshake (a client certificate it requires is missing or not
+    ///   trusted);
+    /// - [`ErrorKind::Config`] for TLS settings that cannot work: a server certificate the
+    ///   configured CA did not sign or that names another host, a CA, certificate or key file
+    ///   that cannot be read, a malformed NKey seed.
+    ///
+    /// None of these messages holds a password, token, seed or key. A server without JetStream
+    /// is found out on the first stream `bus` needs ([`ErrorKind::Unsupported`]).
     ///
     /// # Cancel safety
     /// Dropping the future abandons the connection attempt.
     pub async fn connect_with(config: NatsConfig) -> Result<Self> {
         let shown = config.redacted_url();
         let options = config.connect_options().await?;
-        let client = options
-            .connect(config.url.as_str())
+        // async-nats bounds the TCP connect only; a server that never sends INFO or never
+        // finishes the TLS handshake would hold the first connect for ever.
+        let timeout = config.connect_timeout();
+        let client = tokio::time::timeout(timeout, options.connect(config.url.as_str()))
             .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "connecting to NATS at {shown}: not connected within {timeout:?} (no \
+                         answer, or the TLS handshake or authentication did not finish)"
+                    ),
+                )
+            })?
             .map_err(|e| error::connect(e, &shown))?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.publish_timeout())

@@ -47,6 +47,13 @@ pub enum Credentials {
         /// Path of the file.
         path: PathBuf,
     },
+    /// An NKey: the user's seed (`SU…`), which signs the server's nonce; the server knows the
+    /// public key (`U…`).
+    #[serde(rename = "nkey")]
+    NKey {
+        /// The seed.
+        seed: String,
+    },
 }
 
 impl fmt::Debug for Credentials {
@@ -62,6 +69,7 @@ impl fmt::Debug for Credentials {
             Credentials::CredsFile { path } => {
                 f.debug_struct("CredsFile").field("path", path).finish()
             }
+            Credentials::NKey { .. } => f.debug_struct("NKey").field("seed", &"***").finish(),
         }
     }
 }
@@ -86,9 +94,22 @@ type ConnectHook = dyn Fn(async_nats::ConnectOptions) -> async_nats::ConnectOpti
 /// # URL query parameters
 ///
 /// `durable` (`true`/`false`), `prefetch`, `ack_wait_ms`, `name`, `tls` (`true`/`false`),
-/// `token`, `creds` (a path), `storage` (`file`/`memory`), `replicas`, `max_age_secs`,
-/// `prefix`, `source`, `publish_timeout_ms`; user and password as the URL's user info. An
-/// unknown parameter is an error.
+/// `tls_ca`, `tls_cert`, `tls_key` (PEM file paths), `tls_server_name`, `token`, `nkey` (a
+/// seed), `creds` (a path), `connect_timeout_ms`, `storage` (`file`/`memory`), `replicas`,
+/// `max_age_secs`, `prefix`, `source`, `publish_timeout_ms`; user and password as the URL's
+/// user info. An unknown parameter is an error.
+///
+/// # TLS
+///
+/// ```
+/// use adapter_nats::NatsConfig;
+/// let config = NatsConfig::from_url(
+///     "tls://svc:pw@10.0.0.5:4222?tls_ca=/etc/nats/ca.pem&tls_server_name=nats.internal",
+/// )?
+/// .with_client_certificate("/etc/nats/client.pem", "/etc/nats/client-key.pem");
+/// assert!(config.tls_required());
+/// # Ok::<(), bus_core::Error>(())
+/// ```
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -97,8 +118,22 @@ pub struct NatsConfig {
     pub url: String,
     /// How to authenticate.
     pub credentials: Credentials,
-    /// Require TLS.
+    /// Require TLS (also implied by `tls://` and by any other `tls_*` setting).
     pub tls: bool,
+    /// A PEM file of the certificate authorities the server's certificate must chain to,
+    /// trusted instead of the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// The client certificate chain (PEM) presented for mutual TLS; needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry when it is not the URL's host (a server
+    /// reached by IP address whose certificate names its DNS name). Needs `tls_ca`.
+    pub tls_server_name: Option<String>,
+    /// How long connecting may take in all, in milliseconds: TCP, the server's INFO, the TLS
+    /// handshake and authentication. The first connect is tried once; reconnecting later is
+    /// the client's business (without limit).
+    pub connect_timeout_ms: u64,
     /// The client name the server shows in its monitoring.
     pub client_name: Option<String>,
     /// How many messages a subscription pulls from JetStream at a time, when the subscription
@@ -134,6 +169,11 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
             credentials: Credentials::None,
             tls: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+            connect_timeout_ms: 10_000,
             client_name: None,
             prefetch: 64,
             ack_wait_ms: 30_000,
@@ -154,6 +194,11 @@ impl PartialEq for NatsConfig {
         self.url == other.url
             && self.credentials == other.credentials
             && self.tls == other.tls
+            && self.tls_ca == other.tls_ca
+            && self.tls_cert == other.tls_cert
+            && self.tls_key == other.tls_key
+            && self.tls_server_name == other.tls_server_name
+            && self.connect_timeout_ms == other.connect_timeout_ms
             && self.client_name == other.client_name
             && self.prefetch == other.prefetch
             && self.ack_wait_ms == other.ack_wait_ms
@@ -174,6 +219,11 @@ impl fmt::Debug for NatsConfig {
             .field("url", &redact_url(&self.url))
             .field("credentials", &self.credentials)
             .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("client_name", &self.client_name)
             .field("prefetch", &self.prefetch)
             .field("ack_wait_ms", &self.ack_wait_ms)
@@ -244,7 +294,7 @@ impl NatsConfig {
             let invalid = |what: &str| {
                 Error::config(format!(
                     "`{shown}`: query parameter `{name}` must be {what}, not `{}`",
-                    if name == "token" { "***" } else { &value }
+                    if is_secret(&name) { "***" } else { &value }
                 ))
             };
             match name.as_ref() {
@@ -252,6 +302,28 @@ impl NatsConfig {
                     self.durable = parse_bool(&value).ok_or_else(|| invalid("true or false"))?
                 }
                 "tls" => self.tls = parse_bool(&value).ok_or_else(|| invalid("true or false"))?,
+                "tls_ca" => {
+                    self.tls_ca = Some(non_empty_path(&value).ok_or_else(|| invalid("a path"))?)
+                }
+                "tls_cert" => {
+                    self.tls_cert = Some(non_empty_path(&value).ok_or_else(|| invalid("a path"))?);
+                }
+                "tls_key" => {
+                    self.tls_key = Some(non_empty_path(&value).ok_or_else(|| invalid("a path"))?)
+                }
+                "tls_server_name" => {
+                    if value.is_empty() {
+                        return Err(invalid("a DNS name or IP address"));
+                    }
+                    self.tls_server_name = Some(value.into_owned());
+                }
+                "connect_timeout_ms" => {
+                    self.connect_timeout_ms = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| invalid("a positive number of milliseconds"))?;
+                }
                 "prefetch" => {
                     self.prefetch = value
                         .parse::<usize>()
@@ -302,6 +374,11 @@ impl NatsConfig {
                         token: value.into_owned(),
                     };
                 }
+                "nkey" => {
+                    self.credentials = Credentials::NKey {
+                        seed: value.into_owned(),
+                    };
+                }
                 "creds" => {
                     self.credentials = Credentials::CredsFile {
                         path: PathBuf::from(value.as_ref()),
@@ -324,7 +401,8 @@ impl NatsConfig {
         if !unknown.is_empty() {
             return Err(Error::config(format!(
                 "`{shown}`: unknown query parameter{} {}; a nats:// URL takes durable, prefetch, \
-                 ack_wait_ms, publish_timeout_ms, name, tls, token, creds, storage, replicas, \
+                 ack_wait_ms, publish_timeout_ms, name, tls, tls_ca, tls_cert, tls_key, \
+                 tls_server_name, token, nkey, creds, connect_timeout_ms, storage, replicas, \
                  max_age_secs, prefix and source",
                 if unknown.len() > 1 { "s" } else { "" },
                 unknown.join(", ")
@@ -347,11 +425,67 @@ impl NatsConfig {
         self
     }
 
-    /// Requires TLS (or not).
+    /// Requires TLS (or not). The other TLS settings require it whatever this says.
     #[must_use]
     pub fn with_tls(mut self, tls: bool) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// Trusts the certificate authorities in the PEM file `ca` (instead of the system's roots)
+    /// to sign the server's certificate. Requires TLS.
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(ca.into());
+        self
+    }
+
+    /// Presents the certificate chain in the PEM file `cert`, with the private key in `key`,
+    /// to a server that asks for one (mutual TLS). Requires TLS.
+    #[must_use]
+    pub fn with_client_certificate(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_cert = Some(cert.into());
+        self.tls_key = Some(key.into());
+        self
+    }
+
+    /// Checks the server's certificate against `name` rather than the URL's host. Needs
+    /// [`NatsConfig::with_tls_ca`]; requires TLS.
+    #[must_use]
+    pub fn with_tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Sets how long connecting may take in all (TCP, TLS handshake, authentication); at
+    /// least 1 ms.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self
+    }
+
+    /// Whether connecting requires TLS: `tls`, or any of `tls_ca`, `tls_cert`, `tls_key`,
+    /// `tls_server_name` set (a certificate meant for TLS is never silently left unused).
+    #[must_use]
+    pub fn tls_required(&self) -> bool {
+        self.tls
+            || self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_server_name.is_some()
+    }
+
+    /// The connect timeout as a [`Duration`].
+    #[must_use]
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
     }
 
     /// Sets the client name.
@@ -447,6 +581,7 @@ impl NatsConfig {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             Credentials::Token { token } => async_nats::ConnectOptions::with_token(token.clone()),
+            Credentials::NKey { seed } => async_nats::ConnectOptions::with_nkey(seed.clone()),
             Credentials::CredsFile { path } => {
                 async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
@@ -460,8 +595,34 @@ impl NatsConfig {
             }
         };
         options = options
-            .require_tls(self.tls)
-            .connection_timeout(Duration::from_secs(5));
+            .require_tls(self.tls_required())
+            .connection_timeout(self.connect_timeout());
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(Error::config(
+                    "a NATS client certificate needs both tls_cert and tls_key",
+                ))
+            }
+        };
+        if let Some(ca) = &self.tls_ca {
+            options = options.tls_client_config(crate::tls::client_config(
+                ca,
+                identity,
+                self.tls_server_name.as_deref(),
+            )?);
+        } else if self.tls_server_name.is_some() {
+            return Err(Error::config(
+                "tls_server_name needs tls_ca: the override is checked against that CA",
+            ));
+        } else if let Some((cert, key)) = identity {
+            // The system's roots, loaded by async-nats; the files are checked here so that a
+            // wrong one is named now rather than reported as a TLS failure on connect.
+            crate::tls::certificates(cert, "client certificate")?;
+            crate::tls::private_key(key)?;
+            options = options.add_client_certificate(cert.to_owned(), key.to_owned());
+        }
         if let Some(name) = &self.client_name {
             options = options.name(name);
         }
@@ -470,6 +631,15 @@ impl NatsConfig {
         }
         Ok(options)
     }
+}
+
+/// Query parameters whose values are secrets, shown as `***`.
+fn is_secret(name: &str) -> bool {
+    matches!(name, "token" | "password" | "pass" | "nkey" | "seed")
+}
+
+fn non_empty_path(value: &str) -> Option<PathBuf> {
+    (!value.is_empty()).then(|| PathBuf::from(value))
 }
 
 fn parse_bool(value: &str) -> Option<bool> {
@@ -513,7 +683,7 @@ pub(crate) fn redact_url(url: &str) -> String {
         let pairs: Vec<(String, String)> = parsed
             .query_pairs()
             .map(|(k, v)| {
-                let secret = matches!(k.as_ref(), "token" | "password" | "pass");
+                let secret = is_secret(&k);
                 (
                     k.into_owned(),
                     if secret {
@@ -531,6 +701,8 @@ pub(crate) fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -590,6 +762,58 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
         assert_eq!(back, config);
         assert!(serde_json::from_str::<NatsConfig>(r#"{"prefetsh":1}"#).is_err());
+    }
+
+    #[test]
+    fn tls_and_nkey_parameters_apply() {
+        let config = NatsConfig::from_url(
+            "nats://127.0.0.1?tls_ca=/etc/ca.pem&tls_cert=/etc/c.pem&tls_key=/etc/k.pem\
+             &tls_server_name=nats.internal&connect_timeout_ms=2500&nkey=SUSEED",
+        )
+        .unwrap();
+        assert_eq!(config.tls_ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(config.tls_cert.as_deref(), Some(Path::new("/etc/c.pem")));
+        assert_eq!(config.tls_key.as_deref(), Some(Path::new("/etc/k.pem")));
+        assert_eq!(config.tls_server_name.as_deref(), Some("nats.internal"));
+        assert_eq!(config.connect_timeout(), Duration::from_millis(2500));
+        assert!(config.tls_required() && !config.tls);
+        assert_eq!(
+            config.credentials,
+            Credentials::NKey {
+                seed: "SUSEED".into()
+            }
+        );
+        assert!(!format!("{config:?}").contains("SUSEED"));
+        assert!(!redact_url("nats://h?nkey=SUSEED").contains("SUSEED"));
+        let err = NatsConfig::from_url("nats://h?nkey=SUSEED&connect_timeout_ms=0").unwrap_err();
+        assert!(!err.to_string().contains("SUSEED"), "{err}");
+        assert!(!NatsConfig::default().tls_required());
+        let config: NatsConfig = serde_json::from_str(
+            r#"{"credentials":{"nkey":{"seed":"SUSEED"}},"tls_ca":"/etc/ca.pem","connect_timeout_ms":900}"#,
+        )
+        .unwrap();
+        assert!(matches!(&config.credentials, Credentials::NKey { seed } if seed == "SUSEED"));
+        assert!(config.tls_required());
+        assert_eq!(config.connect_timeout(), Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn tls_settings_that_cannot_work_are_config_errors() {
+        let half = NatsConfig::default().with_tls_ca("/nonexistent/ca.pem");
+        let mut cert_only = half.clone();
+        cert_only.tls_cert = Some("/etc/c.pem".into());
+        let err = cert_only.connect_options().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("tls_key"), "{err}");
+        let err = half.connect_options().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let err = NatsConfig::default()
+            .with_tls_server_name("nats.internal")
+            .connect_options()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("needs tls_ca"), "{err}");
     }
 
     #[test]

@@ -6,19 +6,67 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
-use async_nats::{ConnectErrorKind, RequestErrorKind};
+use async_nats::{rustls, ConnectErrorKind, RequestErrorKind};
 use bus_core::{Error, ErrorKind};
 
+/// A failed connect, with what went wrong in words a user can act on. The server's refusal
+/// of the credentials is [`ErrorKind::Rejected`]; TLS settings that cannot work (a server
+/// certificate the configured CA did not sign or that names another host, unreadable files)
+/// are [`ErrorKind::Config`]; neither is retryable.
 pub(crate) fn connect(error: async_nats::ConnectError, url: &str) -> Error {
-    let kind = match error.kind() {
-        ConnectErrorKind::ServerParse | ConnectErrorKind::Tls => ErrorKind::Config,
-        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
-            ErrorKind::Rejected
-        }
-        ConnectErrorKind::TimedOut => ErrorKind::Timeout,
-        _ => ErrorKind::Connection,
+    let (kind, why) = match error.kind() {
+        ConnectErrorKind::ServerParse => (ErrorKind::Config, "the address is not valid".into()),
+        ConnectErrorKind::Tls => (ErrorKind::Config, "the TLS settings cannot be used".into()),
+        // Raised by the client before anything is sent: the seed cannot sign the nonce.
+        ConnectErrorKind::Authentication => (
+            ErrorKind::Config,
+            "the NKey seed or credentials file cannot sign the server's nonce".into(),
+        ),
+        ConnectErrorKind::AuthorizationViolation => (
+            ErrorKind::Rejected,
+            "authentication failed: the server refused the credentials (authorization \
+             violation)"
+                .into(),
+        ),
+        ConnectErrorKind::TimedOut => (ErrorKind::Timeout, "no TCP connection in time".into()),
+        _ => match tls_failure(&error) {
+            Some(rustls::Error::InvalidCertificate(reason)) => (
+                ErrorKind::Config,
+                format!(
+                    "TLS: the server's certificate is not accepted ({reason:?}): check tls_ca \
+                     (the CA that signed it) and tls_server_name"
+                ),
+            ),
+            Some(rustls::Error::AlertReceived(alert)) => (
+                ErrorKind::Rejected,
+                format!(
+                    "TLS: the server refused the handshake ({alert:?}): it requires a client \
+                     certificate (tls_cert, tls_key) signed by a CA it trusts"
+                ),
+            ),
+            Some(other) => (ErrorKind::Connection, format!("TLS: {other}")),
+            None => (ErrorKind::Connection, error.kind().to_string()),
+        },
     };
-    Error::with_source(kind, format!("connecting to NATS at {url}"), error)
+    Error::with_source(kind, format!("connecting to NATS at {url}: {why}"), error)
+}
+
+/// The rustls error somewhere in `error`'s chain. `io::Error` hides the error it wraps from
+/// `source()`, so each one is opened with `get_ref`.
+fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if let Some(found) = io.get_ref().and_then(|inner| tls_failure(inner)) {
+                return Some(found);
+            }
+        }
+        next = current.source();
+    }
+    None
 }
 
 pub(crate) fn publish(error: async_nats::jetstream::context::PublishError, subject: &str) -> Error {

@@ -15,6 +15,7 @@ mod poison;
 mod publisher;
 mod request;
 mod subscriber;
+mod tls;
 mod wire;
 
 pub use broker::NatsBroker;
