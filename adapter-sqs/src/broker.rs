@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -39,7 +39,9 @@ pub(crate) struct Inner {
     next_batcher: AtomicU64,
     /// Batcher tasks running (counted by the tasks themselves).
     live_batchers: Arc<AtomicUsize>,
-    receive_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// FIFO queues' receive locks, held by the receive loops reading them: an entry whose
+    /// loops all ended is dead and pruned when the next one is added.
+    receive_locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     closed: watch::Sender<bool>,
 }
 
@@ -213,13 +215,31 @@ impl Inner {
     /// On FIFO queues, the lock every receive loop of this connection takes around its
     /// `ReceiveMessage` on `url`: one receive at a time per queue, so that two members never
     /// race for one message group even on servers that do not lock groups across concurrent
-    /// receives (moto). `None` on standard queues.
+    /// receives (moto). `None` on standard queues. The loops hold it for their lifetime; the
+    /// map keeps only a weak reference, so it holds no more than the queues being read (and
+    /// dead entries until the next lock is made).
     pub(crate) fn receive_lock(&self, url: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
         if !self.config.fifo {
             return None;
         }
         let mut locks = self.receive_locks.lock().expect("receive locks");
-        Some(locks.entry(url.to_owned()).or_default().clone())
+        if let Some(lock) = locks.get(url).and_then(Weak::upgrade) {
+            return Some(lock);
+        }
+        locks.retain(|_, lock| lock.strong_count() > 0);
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(url.to_owned(), Arc::downgrade(&lock));
+        Some(lock)
+    }
+
+    /// How many FIFO queues have a receive lock in use.
+    pub(crate) fn receive_locks(&self) -> usize {
+        self.receive_locks
+            .lock()
+            .expect("receive locks")
+            .values()
+            .filter(|lock| lock.strong_count() > 0)
+            .count()
     }
 
     /// Sends `wire` to the queue at `url` through that queue's batcher.

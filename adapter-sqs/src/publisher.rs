@@ -97,6 +97,14 @@ impl SqsBroker {
         self.inner.names.request_queue(topic)
     }
 
+    /// How many FIFO queues this connection's subscriptions are reading: one receive lock each
+    /// (receives from one FIFO queue go one at a time), dropped when the last subscription
+    /// reading the queue ends. For monitoring and tests.
+    #[must_use]
+    pub fn fifo_receive_locks(&self) -> usize {
+        self.inner.receive_locks()
+    }
+
     /// The SNS topic name behind `topic`.
     #[must_use]
     pub fn topic_name(&self, topic: &str) -> String {

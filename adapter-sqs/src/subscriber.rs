@@ -125,6 +125,7 @@ pub(crate) fn start(inner: Shared, target: Target, prefetch: usize) -> SqsSource
             broker_closed: inner.closed_signal(),
             acks: acks.clone(),
             per_call,
+            receive_lock: inner.receive_lock(&target.url),
         };
         tokio::spawn(poller.run());
     }
@@ -161,6 +162,8 @@ struct Poller {
     broker_closed: watch::Receiver<bool>,
     acks: mpsc::UnboundedSender<AckRequest>,
     per_call: usize,
+    /// On FIFO queues, the connection's lock around every receive from this queue.
+    receive_lock: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Poller {
@@ -186,8 +189,7 @@ impl Poller {
                 _ = self.stop.changed() => continue,
                 _ = self.broker_closed.changed() => continue,
             };
-            let receive_lock = self.inner.receive_lock(&self.target.url);
-            let _one_at_a_time = match &receive_lock {
+            let _one_at_a_time = match &self.receive_lock {
                 Some(lock) => Some(lock.lock().await),
                 None => None,
             };
