@@ -1,6 +1,7 @@
 //! Configuration of the RabbitMQ adapter.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +12,65 @@ use serde::{Deserialize, Serialize};
 /// hatch to everything this configuration does not name (client properties, executors, …).
 pub type PropertiesHook = Arc<dyn Fn(ConnectionProperties) -> ConnectionProperties + Send + Sync>;
 
+/// PEM data for a TLS setting: a file read at each connection attempt, or the text itself.
+///
+/// In serde, `{ "file": "/etc/bus/ca.pem" }` or `{ "text": "-----BEGIN CERTIFICATE-----…" }`.
+/// `Debug` shows a file's path and only the length of a text; a private key given as text is
+/// not serialized (serializing it fails: give a key that must round-trip as a file).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Pem {
+    /// A PEM file, read when connecting.
+    File(PathBuf),
+    /// PEM text.
+    Text(String),
+}
+
+impl Pem {
+    /// A PEM file, read when connecting.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Pem::File(path.into())
+    }
+
+    /// PEM text (certificates or a private key).
+    pub fn text(pem: impl Into<String>) -> Self {
+        Pem::Text(pem.into())
+    }
+}
+
+impl fmt::Debug for Pem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pem::File(path) => f.debug_tuple("File").field(path).finish(),
+            Pem::Text(text) => write!(f, "Text(<{} bytes>)", text.len()),
+        }
+    }
+}
+
+/// The SASL mechanism the connection logs in with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AuthMechanism {
+    /// User name and password from the URL (RabbitMQ's default).
+    Plain,
+    /// User name and password from the URL, in RabbitMQ's older AMQPLAIN encoding.
+    AmqPlain,
+    /// The client certificate (mutual TLS) names the user; the URL's user and password are
+    /// not sent. Needs `amqps://`, a client certificate and key, and the broker's
+    /// `rabbitmq_auth_mechanism_ssl` plugin.
+    External,
+}
+
 /// How to reach RabbitMQ and how to use it.
 ///
 /// Reads through serde (a `[rabbitmq]` section of `BusConfig`); the URL carries the address,
-/// credentials, virtual host and TLS (`amqps://`). The password never appears in `Debug`
-/// output or in logs.
+/// credentials, virtual host and TLS (`amqps://`). TLS is set with a custom CA, a client
+/// certificate and key (mutual TLS) and a server-name override, either in the fields below
+/// or as URL query parameters (`tls_ca_file`, `tls_cert_file`, `tls_key_file`,
+/// `tls_server_name`); see docs/adapters/rabbitmq.md, "TLS and authentication". The password
+/// and the private key never appear in `Debug` output, in errors or in logs.
 ///
 /// ```
 /// use adapter_rabbitmq::RabbitMqConfig;
@@ -31,8 +86,28 @@ pub type PropertiesHook = Arc<dyn Fn(ConnectionProperties) -> ConnectionProperti
 pub struct RabbitMqConfig {
     /// `amqp://user:password@host:port/vhost` (vhost `%2f` is `/`), or `amqps://` for TLS.
     /// lapin's own query parameters (`heartbeat`, `frame_max`, `channel_max`,
-    /// `connection_timeout`, `auth_mechanism`) are passed through.
+    /// `connection_timeout`, `auth_mechanism`) are passed through; the TLS parameters
+    /// (`tls_ca_file`, `tls_cert_file`, `tls_key_file`, `tls_server_name`) and
+    /// `connect_timeout_ms` override the fields of the same meaning.
     pub url: String,
+    /// The CA certificates (PEM) that the server's certificate must chain to, instead of the
+    /// system's roots. `amqps://` only.
+    pub tls_ca: Option<Pem>,
+    /// The client certificate chain (PEM) for mutual TLS, with [`tls_key`](Self::tls_key).
+    /// `amqps://` only.
+    pub tls_cert: Option<Pem>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the client certificate. A key given
+    /// as text is never serialized nor shown.
+    #[serde(serialize_with = "serialize_key")]
+    pub tls_key: Option<Pem>,
+    /// The name the server's certificate must be valid for, and the SNI sent, instead of the
+    /// URL's host (for a broker reached through an IP address or a tunnel). `amqps://` only.
+    pub tls_server_name: Option<String>,
+    /// The SASL mechanism; `None`: the URL's `auth_mechanism` parameter, else PLAIN.
+    pub auth_mechanism: Option<AuthMechanism>,
+    /// How long one connection attempt (TCP, TLS handshake, login, the adapter's
+    /// declarations) may take before it fails with a `Timeout` error, in milliseconds.
+    pub connect_timeout_ms: u64,
     /// The connection name shown in RabbitMQ's management UI and logs.
     pub connection_name: Option<String>,
     /// How many unsettled deliveries a subscription holds by default (`basic.qos`), when its
@@ -67,6 +142,12 @@ impl Default for RabbitMqConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+            auth_mechanism: None,
+            connect_timeout_ms: 10_000,
             connection_name: None,
             prefetch: 100,
             quorum_queues: false,
@@ -90,6 +171,12 @@ impl PartialEq for RabbitMqConfig {
         };
         hooks_equal
             && self.url == other.url
+            && self.tls_ca == other.tls_ca
+            && self.tls_cert == other.tls_cert
+            && self.tls_key == other.tls_key
+            && self.tls_server_name == other.tls_server_name
+            && self.auth_mechanism == other.auth_mechanism
+            && self.connect_timeout_ms == other.connect_timeout_ms
             && self.connection_name == other.connection_name
             && self.prefetch == other.prefetch
             && self.quorum_queues == other.quorum_queues
@@ -106,6 +193,12 @@ impl fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqConfig")
             .field("url", &redact(&self.url))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("auth_mechanism", &self.auth_mechanism)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("connection_name", &self.connection_name)
             .field("prefetch", &self.prefetch)
             .field("quorum_queues", &self.quorum_queues)
@@ -120,21 +213,21 @@ impl fmt::Debug for RabbitMqConfig {
     }
 }
 
-/// `url` with the password replaced by `***`, safe to print.
+/// `url` safe to print: no password, token or secret parameter (`bus_core::secrets`).
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<unparseable>".to_owned();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+    bus_core::secrets::redact_url(url)
+}
+
+/// A private key given as text is not written out: only a file reference round-trips.
+fn serialize_key<S: serde::Serializer>(
+    key: &Option<Pem>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match key {
+        Some(Pem::Text(_)) => Err(serde::ser::Error::custom(
+            "tls_key holds a private key as text, which is never serialized; give it as a file",
+        )),
+        other => other.serialize(serializer),
     }
 }
 
@@ -151,6 +244,45 @@ impl RabbitMqConfig {
     #[must_use]
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self
+    }
+
+    /// Trusts only the CA certificates in `ca` (PEM) for the server's certificate, instead of
+    /// the system's roots.
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: Pem) -> Self {
+        self.tls_ca = Some(ca);
+        self
+    }
+
+    /// Presents this client certificate chain and key (PEM) to the server: mutual TLS, and
+    /// the identity [`AuthMechanism::External`] logs in with.
+    #[must_use]
+    pub fn with_tls_client_cert(mut self, cert: Pem, key: Pem) -> Self {
+        self.tls_cert = Some(cert);
+        self.tls_key = Some(key);
+        self
+    }
+
+    /// Checks the server's certificate against `name`, and sends it as SNI, instead of the
+    /// URL's host.
+    #[must_use]
+    pub fn with_tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Logs in with `mechanism` (over the URL's `auth_mechanism` parameter).
+    #[must_use]
+    pub fn with_auth_mechanism(mut self, mechanism: AuthMechanism) -> Self {
+        self.auth_mechanism = Some(mechanism);
+        self
+    }
+
+    /// Sets how long one connection attempt may take (at least 1 ms).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout_ms = millis(timeout).max(1);
         self
     }
 
@@ -225,6 +357,10 @@ impl RabbitMqConfig {
         Duration::from_millis(self.confirm_timeout_ms)
     }
 
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+
     pub(crate) fn reconnect_timeout(&self) -> Duration {
         Duration::from_millis(self.reconnect_timeout_ms)
     }
@@ -254,7 +390,33 @@ mod tests {
             "{debug}"
         );
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
-        assert_eq!(redact("garbage hunter2"), "<unparseable>");
+        assert!(!redact("garbage hunter2").contains("hunter2"));
+        // A raw `/` in the password used to be printed as it was.
+        assert!(!redact("amqp://app:hun/ter2@mq:5672/%2f").contains("ter2"));
+    }
+
+    #[test]
+    fn key_text_is_neither_shown_nor_serialized() {
+        let key = "-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYMATERIAL\n-----END PRIVATE KEY-----\n";
+        let config = RabbitMqConfig::new("amqps://mq.example/%2f")
+            .with_tls_client_cert(Pem::file("/etc/bus/client.pem"), Pem::text(key))
+            .with_tls_ca(Pem::file("/etc/bus/ca.pem"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("TOPSECRET"), "{debug}");
+        assert!(debug.contains("/etc/bus/client.pem"), "{debug}");
+        let err = serde_json::to_string(&config).unwrap_err().to_string();
+        assert!(!err.contains("TOPSECRET"), "{err}");
+        let from_file = config.with_tls_client_cert(
+            Pem::file("/etc/bus/client.pem"),
+            Pem::file("/etc/bus/client.key"),
+        );
+        let json = serde_json::to_string(&from_file).unwrap();
+        let back: RabbitMqConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, from_file);
+        assert!(
+            json.contains(r#""tls_key":{"file":"/etc/bus/client.key"}"#),
+            "{json}"
+        );
     }
 
     #[test]

@@ -3,11 +3,69 @@
 use bus_core::{Error, ErrorKind};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
+use crate::endpoint::Endpoint;
+
 /// Maps a lapin error met while `doing` something to a bus [`Error`]; the lapin error stays
 /// reachable through [`Error::source_ref`] (downcast to [`lapin::Error`]).
 pub(crate) fn map(error: lapin::Error, doing: &str) -> Error {
     let kind = kind_of(&error);
     Error::with_source(kind, format!("{doing}: {error}"), error)
+}
+
+/// Maps the failure of a connection attempt to `endpoint`: TLS refusals (either side) are
+/// `Config` errors, a refused login is `Rejected` with "authentication failed", I/O
+/// failures `Connection`. Messages name the URL without its password; lapin's error stays
+/// the typed source (its own source, for TLS, the [`rustls::Error`]).
+pub(crate) fn connecting(error: lapin::Error, endpoint: &Endpoint) -> Error {
+    let shown = &endpoint.shown;
+    let (kind, message) = match &error {
+        lapin::Error::IOError(io) => match io.get_ref().and_then(|e| e.downcast_ref()) {
+            Some(rustls::Error::InvalidCertificate(reason)) => (
+                ErrorKind::Config,
+                format!(
+                    "TLS handshake with {shown} failed: the server's certificate was not \
+                     accepted ({reason:?}); tls_ca must hold the CA that signed it, and \
+                     tls_server_name (else the URL's host) a name it is valid for"
+                ),
+            ),
+            Some(rustls::Error::AlertReceived(alert)) => (
+                ErrorKind::Config,
+                format!(
+                    "TLS handshake with {shown} failed: the server ended it with the alert \
+                     {alert:?} (it may not accept the client certificate, or need one: \
+                     tls_cert, tls_key)"
+                ),
+            ),
+            Some(tls) => (
+                ErrorKind::Config,
+                format!("TLS handshake with {shown} failed: {tls}"),
+            ),
+            None => (
+                ErrorKind::Connection,
+                format!("connecting to {shown}: {error}"),
+            ),
+        },
+        lapin::Error::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            ) || amqp
+                .get_message()
+                .as_str()
+                .contains("authentication mechanism") =>
+        {
+            (
+                ErrorKind::Rejected,
+                format!(
+                    "authentication failed: {shown} refused the login {}: {}",
+                    endpoint.login(),
+                    amqp.get_message()
+                ),
+            )
+        }
+        _ => (kind_of(&error), format!("connecting to {shown}: {error}")),
+    };
+    Error::with_source(kind, message, error)
 }
 
 /// The bus error kind of a lapin error.

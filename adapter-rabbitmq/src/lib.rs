@@ -42,6 +42,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
+mod endpoint;
 mod error;
 mod link;
 mod publisher;
@@ -49,7 +50,8 @@ mod requests;
 mod subscriber;
 mod wire;
 
-pub use config::{PropertiesHook, RabbitMqConfig};
+pub use config::{AuthMechanism, Pem, PropertiesHook, RabbitMqConfig};
+pub use endpoint::URL_PARAMETERS;
 pub use publisher::RabbitMqBroker;
 
 /// Re-exported so the escape hatch ([`RabbitMqConfig::with_properties`]) and downcasts of

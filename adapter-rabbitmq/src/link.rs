@@ -16,6 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::watch;
 
+use crate::endpoint::Endpoint;
 use crate::error::map;
 use crate::RabbitMqConfig;
 
@@ -258,7 +259,10 @@ impl Link {
             })
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e: &Error| !e.is_closed() && e.kind() != ErrorKind::Config)
+            // A wrong setting or a refused login stays so: only transient failures are retried.
+            .when(|e: &Error| {
+                !e.is_closed() && !matches!(e.kind(), ErrorKind::Config | ErrorKind::Rejected)
+            })
             .notify(|e: &Error, wait: Duration| {
                 tracing::warn!(
                     url = %self.config.redacted_url(),
@@ -282,7 +286,20 @@ impl Link {
         }
     }
 
+    /// One connection attempt, bounded by the connect timeout.
     async fn open(&self) -> Result<Arc<Session>> {
+        let endpoint = Endpoint::resolve(&self.config)?;
+        let limit = endpoint.timeout;
+        match tokio::time::timeout(limit, self.open_at(&endpoint)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout(format!(
+                "connecting to {} took longer than {limit:?} (connect_timeout_ms)",
+                endpoint.shown
+            ))),
+        }
+    }
+
+    async fn open_at(&self, endpoint: &Endpoint) -> Result<Arc<Session>> {
         let mut props = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
@@ -292,16 +309,9 @@ impl Link {
         if let Some(hook) = &self.config.properties {
             props = hook(props);
         }
-        let connection = Connection::connect(&self.config.url, props)
+        let connection = Connection::connector(endpoint.uri.clone(), endpoint.connector(), props)
             .await
-            .map_err(|e| {
-                let kind = crate::error::kind_of(&e);
-                Error::with_source(
-                    kind,
-                    format!("connecting to {}: {e}", self.config.redacted_url()),
-                    e,
-                )
-            })?;
+            .map_err(|e| crate::error::connecting(e, endpoint))?;
         let channel = connection
             .create_channel()
             .await
