@@ -162,7 +162,11 @@ impl RequestSource for KafkaRequests {
         loop {
             let (delivery, reply_to) = self.source.next_item().await?;
             let envelope = delivery.envelope().clone();
-            if let Some(reply_to) = reply_to.as_deref().filter(|r| !is_reply_topic(r)) {
+            // (An undecodable request is skipped below: it is answered nowhere.)
+            let foreign = reply_to
+                .as_deref()
+                .filter(|r| delivery.undecodable().is_none() && !is_reply_topic(r));
+            if let Some(reply_to) = foreign {
                 // Replying would produce wherever the request says: refuse, and keep the
                 // request in the dead-letter topic for whoever looks into it.
                 let reason = format!(

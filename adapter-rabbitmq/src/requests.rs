@@ -206,11 +206,12 @@ impl RequestSource for Serving {
                 Err(e) => return Some(Err(e)),
             };
             let received = wire::envelope(&delivery.properties, delivery.data.clone());
-            if let Some(reply_to) = received
+            // (An undecodable request is skipped below: it is answered nowhere.)
+            let foreign = received
                 .reply_to
                 .as_deref()
-                .filter(|r| !r.starts_with(DIRECT_REPLY_PREFIX))
-            {
+                .filter(|r| received.undecodable.is_none() && !r.starts_with(DIRECT_REPLY_PREFIX));
+            if let Some(reply_to) = foreign {
                 // Replying would publish wherever the request says: refuse, and keep the
                 // request in the dead-letter queue for whoever looks into it.
                 let reason = format!(

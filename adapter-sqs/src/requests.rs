@@ -286,7 +286,11 @@ impl RequestSource for SqsRequests {
             };
             let mut envelope = delivery.envelope().clone();
             let reply_to = envelope.headers.remove(REPLY_TO);
-            if let Some(reply_to) = reply_to.as_deref().filter(|r| !self.is_reply_queue(r)) {
+            // (An undecodable request is skipped below: it is answered nowhere.)
+            let foreign = reply_to
+                .as_deref()
+                .filter(|r| delivery.undecodable().is_none() && !self.is_reply_queue(r));
+            if let Some(reply_to) = foreign {
                 // Replying would send wherever the request says: refuse, and keep the request
                 // in the dead-letter queue for whoever looks into it.
                 let reason = format!(
