@@ -6,7 +6,7 @@
 use std::io;
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bus_core::{Error, Result};
 use lapin::tcp::{HandshakeError, HandshakeResult, RustlsConnector, TcpStream};
@@ -232,11 +232,20 @@ impl Endpoint {
                     socket.set_write_timeout(Some(timeout))?;
                     let same_socket = socket.try_clone()?;
                     let connector = RustlsConnector::from(tls.config);
+                    let deadline = Instant::now() + timeout;
                     let mut handshake =
                         TcpStream::from_std(socket)?.into_rustls(&connector, &tls.server_name);
                     let stream = loop {
                         match handshake {
                             Ok(stream) => break stream,
+                            // A read that timed out comes back as WouldBlock: give up at the
+                            // deadline instead of waiting on this thread for ever.
+                            Err(HandshakeError::WouldBlock(_)) if Instant::now() >= deadline => {
+                                return Err(HandshakeError::Failure(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    format!("the TLS handshake did not end within {timeout:?}"),
+                                )))
+                            }
                             Err(HandshakeError::WouldBlock(mid)) => handshake = mid.handshake(),
                             Err(failure) => return Err(failure),
                         }

@@ -7,7 +7,9 @@
 //!   of the connection (TLS, user, mechanism) checked through `rabbitmqctl`;
 //! - a wrong CA, a server name the certificate does not hold, EXTERNAL without a client
 //!   certificate, and a wrong password each fail fast with a typed error, and no output of
-//!   the error shows the password.
+//!   the error shows the password;
+//! - a server that accepts the connection and never answers the TLS handshake (a listener of
+//!   the test's own) fails the connect with a retryable error once the connect timeout ends.
 //!
 //! Needs `rabbitmqctl` on the `PATH` with the right to run it (root, as on the test machines).
 
@@ -297,4 +299,40 @@ async fn a_wrong_password_is_refused_and_never_shown() {
         assert!(!out.contains(wrong), "the password shows in: {out}");
         assert!(!out.contains(&right), "the right password shows in: {out}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_fails_the_connect_at_the_timeout() {
+    let Some(setup) = Setup::from_env() else {
+        return;
+    };
+    // Accepts connections and never writes a byte (holding them open until the test ends).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let timeout = Duration::from_millis(1500);
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        NO_HANG,
+        RabbitMqBroker::with_config(
+            RabbitMqConfig::new(format!("amqps://u:p@127.0.0.1:{port}/%2f"))
+                .with_tls_ca(Pem::file(setup.file("ca.pem")))
+                .with_connect_timeout(timeout),
+        ),
+    )
+    .await
+    .expect("the connect timeout bounds the attempt")
+    .expect_err("nothing answers");
+    let took = started.elapsed();
+    println!("silent server: {took:?}: {err}");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        took >= timeout && took < timeout * 3,
+        "failed after {took:?}, the connect timeout is {timeout:?}: {err}"
+    );
 }
