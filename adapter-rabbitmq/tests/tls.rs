@@ -5,7 +5,8 @@
 //! - password login over TLS with the test CA, and mutual TLS with EXTERNAL login (the client
 //!   certificate's CN names the user), each round-tripping a message, with what the broker saw
 //!   of the connection (TLS, user, mechanism) checked through `rabbitmqctl`;
-//! - a wrong CA, a server name the certificate does not hold, EXTERNAL without a client
+//! - a wrong CA, a server name the certificate does not hold, a client certificate the broker
+//!   does not trust (self-signed, made with `openssl` by the test), EXTERNAL without a client
 //!   certificate, and a wrong password each fail fast with a typed error, and no output of
 //!   the error shows the password;
 //! - a server that accepts the connection and never answers the TLS handshake (a listener of
@@ -335,4 +336,56 @@ async fn a_silent_server_fails_the_connect_at_the_timeout() {
         took >= timeout && took < timeout * 3,
         "failed after {took:?}, the connect timeout is {timeout:?}: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_the_broker_does_not_trust_is_refused() {
+    let Some(setup) = Setup::from_env() else {
+        return;
+    };
+    // Self-signed, with the CN of the EXTERNAL user: only the broker's CA check stops it.
+    let dir = std::env::temp_dir().join(format!("bus-tls-untrusted-{}", MessageId::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    let out = tokio::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=bus-tls-client",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .await
+        .expect("run openssl (scripts/brokers.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = connect(
+        RabbitMqConfig::new(setup.url_without_login())
+            .with_tls_ca(Pem::file(setup.file("ca.pem")))
+            .with_tls_client_cert(Pem::file(&cert), Pem::file(&key))
+            .with_auth_mechanism(AuthMechanism::External),
+    )
+    .await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = result.expect_err("the broker should refuse an untrusted client certificate");
+    println!("untrusted client certificate: {err}");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains("alert"), "{err}");
+    assert!(!err.is_retryable());
 }
