@@ -103,7 +103,10 @@ pub struct KafkaConfig {
     /// How many unsettled deliveries a subscription holds by default, when
     /// `SubscribeOptions::prefetch` does not say.
     pub prefetch: usize,
-    /// `security.protocol`: `plaintext` (default), `ssl`, `sasl_plaintext`, `sasl_ssl`.
+    /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`. When unset it
+    /// is `plaintext`, or `ssl` (`sasl_ssl` with SASL credentials) as soon as a TLS setting
+    /// below is given; a TLS setting with an explicitly plaintext protocol is a `Config`
+    /// error (librdkafka would ignore it and connect in clear).
     pub security_protocol: Option<String>,
     /// `sasl.mechanism`, e.g. `PLAIN`, `SCRAM-SHA-512`.
     pub sasl_mechanism: Option<String>,
@@ -111,14 +114,21 @@ pub struct KafkaConfig {
     pub sasl_username: Option<String>,
     /// `sasl.password` (never shown in `Debug`).
     pub sasl_password: Option<String>,
-    /// `ssl.ca.location`: CA certificate file.
+    /// `ssl.ca.location`: a PEM file of the CA certificates that may sign the brokers'
+    /// certificates (instead of the system's trust store).
     pub ssl_ca_location: Option<String>,
-    /// `ssl.certificate.location`: client certificate file.
+    /// `ssl.certificate.location`: the client certificate (PEM) for mutual TLS.
     pub ssl_certificate_location: Option<String>,
-    /// `ssl.key.location`: client key file.
+    /// `ssl.key.location`: the client certificate's private key (PEM).
     pub ssl_key_location: Option<String>,
-    /// `ssl.key.password` (never shown in `Debug`).
+    /// `ssl.key.password`: the password of an encrypted client key (never shown in `Debug`).
     pub ssl_key_password: Option<String>,
+    /// Whether the broker's certificate must name the host it was reached by
+    /// (`ssl.endpoint.identification.algorithm` `https`, librdkafka's default, when unset or
+    /// `true`; `none` when `false`, which trusts any certificate the CA signed, for any
+    /// host). librdkafka has no server-name override: the name checked (and sent as SNI) is
+    /// the host of the bootstrap server or of the advertised listener.
+    pub ssl_endpoint_identification: Option<bool>,
     /// How many offsets before a committed offset a consumer starts fetching (the records
     /// before the committed offset are skipped), and the most records the producer puts in
     /// one batch (`batch.num.messages`). Needed by brokers that return only the record
@@ -159,6 +169,7 @@ impl Default for KafkaConfig {
             ssl_certificate_location: None,
             ssl_key_location: None,
             ssl_key_password: None,
+            ssl_endpoint_identification: None,
             client_options: BTreeMap::new(),
         }
     }
@@ -177,8 +188,14 @@ impl KafkaConfig {
     /// Reads `kafka://host:port[,host:port…][?query]`. Query parameters: `partitions`,
     /// `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`,
     /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `fetch_rewind`,
-    /// `max_delayed`, `security_protocol`,
-    /// `sasl_mechanism`; user info in the URL sets the SASL user name and password.
+    /// `max_delayed`, `security_protocol`, `sasl_mechanism`, and for TLS `tls_ca`
+    /// ([`ssl_ca_location`](KafkaConfig::ssl_ca_location)), `tls_cert`
+    /// ([`ssl_certificate_location`](KafkaConfig::ssl_certificate_location)), `tls_key`
+    /// ([`ssl_key_location`](KafkaConfig::ssl_key_location)) and `tls_verify_name`
+    /// (`true`/`false`, [`ssl_endpoint_identification`](KafkaConfig::ssl_endpoint_identification));
+    /// user info in the URL sets the SASL user name and password. The key password has no
+    /// URL parameter (set it in the config or with
+    /// [`with_ssl_key_password`](KafkaConfig::with_ssl_key_password)).
     ///
     /// # Errors
     /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) for another scheme, a missing host,
@@ -239,6 +256,12 @@ impl KafkaConfig {
                 "max_delayed" => self.max_delayed = value.parse().map_err(|e| bad(&e))?,
                 "security_protocol" => self.security_protocol = Some(value),
                 "sasl_mechanism" => self.sasl_mechanism = Some(value),
+                "tls_ca" => self.ssl_ca_location = Some(value),
+                "tls_cert" => self.ssl_certificate_location = Some(value),
+                "tls_key" => self.ssl_key_location = Some(value),
+                "tls_verify_name" => {
+                    self.ssl_endpoint_identification = Some(value.parse().map_err(|e| bad(&e))?);
+                }
                 other => {
                     return Err(Error::config(format!(
                         "unknown kafka URL parameter `{other}`"
@@ -342,6 +365,43 @@ impl KafkaConfig {
         self
     }
 
+    /// Trusts the CA certificates in the PEM file at `path` (`ssl.ca.location`) and turns
+    /// TLS on (see [`security_protocol`](KafkaConfig::security_protocol)).
+    #[must_use]
+    pub fn with_ssl_ca_location(mut self, path: impl Into<String>) -> Self {
+        self.ssl_ca_location = Some(path.into());
+        self
+    }
+
+    /// Presents the client certificate at `certificate` with its private key at `key` (PEM
+    /// files) for mutual TLS, and turns TLS on.
+    #[must_use]
+    pub fn with_ssl_client_certificate(
+        mut self,
+        certificate: impl Into<String>,
+        key: impl Into<String>,
+    ) -> Self {
+        self.ssl_certificate_location = Some(certificate.into());
+        self.ssl_key_location = Some(key.into());
+        self
+    }
+
+    /// Sets the password of an encrypted client key (`ssl.key.password`; never shown in
+    /// `Debug` or errors).
+    #[must_use]
+    pub fn with_ssl_key_password(mut self, password: impl Into<String>) -> Self {
+        self.ssl_key_password = Some(password.into());
+        self
+    }
+
+    /// Checks (`true`, the default) or skips (`false`) that the broker's certificate names
+    /// the host it was reached by ([`ssl_endpoint_identification`](KafkaConfig::ssl_endpoint_identification)).
+    #[must_use]
+    pub fn with_ssl_endpoint_identification(mut self, check: bool) -> Self {
+        self.ssl_endpoint_identification = Some(check);
+        self
+    }
+
     /// Sets any rdkafka `ClientConfig` key (the escape hatch), applied to every client.
     #[must_use]
     pub fn with_client_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -368,6 +428,22 @@ impl KafkaConfig {
                 "kafka: partitions and replication must be at least 1",
             ));
         }
+        if self.uses_tls_settings()
+            && self
+                .security_protocol
+                .as_deref()
+                .is_some_and(|p| !p.to_ascii_lowercase().ends_with("ssl"))
+        {
+            return Err(Error::config(format!(
+                "kafka: TLS settings are given but security_protocol is `{}` (use ssl or sasl_ssl)",
+                self.security_protocol.as_deref().unwrap_or_default()
+            )));
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            return Err(Error::config(
+                "kafka: a client certificate needs both ssl_certificate_location and ssl_key_location",
+            ));
+        }
         if self.compression == Compression::Zstd && !cfg!(feature = "zstd") {
             return Err(Error::config(
                 "kafka: zstd compression needs adapter-kafka's `zstd` feature",
@@ -376,13 +452,41 @@ impl KafkaConfig {
         Ok(())
     }
 
+    fn uses_tls_settings(&self) -> bool {
+        self.ssl_ca_location.is_some()
+            || self.ssl_certificate_location.is_some()
+            || self.ssl_key_location.is_some()
+            || self.ssl_key_password.is_some()
+            || self.ssl_endpoint_identification.is_some()
+    }
+
+    /// `security.protocol` as given, else inferred from the TLS and SASL settings.
+    fn effective_security_protocol(&self) -> Option<String> {
+        if let Some(protocol) = &self.security_protocol {
+            return Some(protocol.clone());
+        }
+        let sasl = self.sasl_mechanism.is_some() || self.sasl_username.is_some();
+        match (self.uses_tls_settings(), sasl) {
+            (true, true) => Some("sasl_ssl".into()),
+            (true, false) => Some("ssl".into()),
+            (false, _) => None,
+        }
+    }
+
     /// The settings every client shares: servers, client id, security, then the escape hatch.
     pub(crate) fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", &self.client_id);
+        if let Some(check) = self.ssl_endpoint_identification {
+            c.set(
+                "ssl.endpoint.identification.algorithm",
+                if check { "https" } else { "none" },
+            );
+        }
+        let protocol = self.effective_security_protocol();
         let optional = [
-            ("security.protocol", &self.security_protocol),
+            ("security.protocol", &protocol),
             ("sasl.mechanism", &self.sasl_mechanism),
             ("sasl.username", &self.sasl_username),
             ("sasl.password", &self.sasl_password),
@@ -397,6 +501,11 @@ impl KafkaConfig {
             }
         }
         c
+    }
+
+    /// The connection settings alone, for the client that checks the brokers answer.
+    pub(crate) fn probe_config(&self) -> ClientConfig {
+        self.finish(self.client_config())
     }
 
     /// Applies the escape hatch last.
@@ -486,6 +595,10 @@ impl fmt::Debug for KafkaConfig {
             .field("ssl_key_location", &self.ssl_key_location)
             .field("ssl_key_password", &redacted(&self.ssl_key_password))
             .field(
+                "ssl_endpoint_identification",
+                &self.ssl_endpoint_identification,
+            )
+            .field(
                 "client_options",
                 &self.client_options.keys().collect::<Vec<_>>(),
             )
@@ -528,13 +641,49 @@ mod tests {
     }
 
     #[test]
+    fn url_sets_tls_and_infers_the_protocol() {
+        let c = KafkaConfig::from_url(
+            "kafka://k1:9093?tls_ca=/etc/ca.pem&tls_cert=/etc/c.pem&tls_key=/etc/c.key&tls_verify_name=false",
+        )
+        .unwrap();
+        assert_eq!(c.ssl_ca_location.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(c.ssl_certificate_location.as_deref(), Some("/etc/c.pem"));
+        assert_eq!(c.ssl_key_location.as_deref(), Some("/etc/c.key"));
+        assert_eq!(c.ssl_endpoint_identification, Some(false));
+        let native = c.client_config();
+        assert_eq!(native.get("security.protocol"), Some("ssl"));
+        assert_eq!(native.get("ssl.ca.location"), Some("/etc/ca.pem"));
+        assert_eq!(
+            native.get("ssl.endpoint.identification.algorithm"),
+            Some("none")
+        );
+        let sasl = KafkaConfig::from_url("kafka://u:p@k1:9093?tls_ca=/ca.pem").unwrap();
+        assert_eq!(
+            sasl.client_config().get("security.protocol"),
+            Some("sasl_ssl")
+        );
+        let plain = KafkaConfig::new("k1:9092").client_config();
+        assert_eq!(plain.get("security.protocol"), None);
+        assert_eq!(plain.get("ssl.endpoint.identification.algorithm"), None);
+        for bad in [
+            "kafka://k1:9093?tls_ca=/ca.pem&security_protocol=plaintext",
+            "kafka://k1:9093?tls_cert=/c.pem",
+            "kafka://k1:9093?tls_verify_name=maybe",
+        ] {
+            let error = KafkaConfig::from_url(bad).unwrap_err();
+            assert_eq!(error.kind(), bus_core::ErrorKind::Config, "{bad}");
+        }
+    }
+
+    #[test]
     fn debug_hides_secrets() {
         let c = KafkaConfig::new("h:1")
             .with_sasl("PLAIN", "app", "hunter2")
+            .with_ssl_key_password("keypass77")
             .with_client_option("ssl.keystore.password", "topsecret");
         let text = format!("{c:?}");
         assert!(
-            !text.contains("hunter2") && !text.contains("topsecret"),
+            !text.contains("hunter2") && !text.contains("topsecret") && !text.contains("keypass77"),
             "{text}"
         );
         assert!(text.contains("app"));

@@ -1,7 +1,14 @@
 //! rdkafka errors as `bus` errors, the rdkafka error kept as the typed source.
 
-use bus_core::{Error, ErrorKind};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::{Error, ErrorKind, Result};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::ClientContext;
+
+use crate::KafkaConfig;
 
 /// Maps `error`, raised while doing `what`, to a bus error of the matching kind.
 pub(crate) fn map(error: KafkaError, what: impl Into<String>) -> Error {
@@ -14,6 +21,63 @@ pub(crate) fn map(error: KafkaError, what: impl Into<String>) -> Error {
         _ => kind,
     };
     Error::with_source(kind, format!("{}: {error}", what.into()), error)
+}
+
+/// A client context that keeps the last error librdkafka reported on its own (a failed TLS
+/// handshake, a refused SASL login): a failed metadata request only says "transport failure".
+#[derive(Debug, Default)]
+struct LastError(Arc<Mutex<Option<String>>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka's reasons name the broker and the TLS/SASL failure, never a secret.
+        tracing::warn!(%error, reason, "librdkafka");
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // "0/1 brokers are down" follows the reason that brought them down: keep that one.
+        if last.is_none() || error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            *last = Some(reason.to_owned());
+        }
+    }
+}
+
+/// Asks the brokers for metadata with `config`'s connection settings, and says why not when
+/// they do not answer within `timeout`: a certificate librdkafka refused is a `Config` error,
+/// a failed SASL login or a client certificate the broker refused `Rejected`, anything else
+/// as [`map`] says; the message ends with librdkafka's last reported reason. Blocks the
+/// thread.
+pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
+    const WHAT: &str = "connecting to Kafka";
+    let last = LastError::default();
+    let reported = last.0.clone();
+    let client: FutureProducer<LastError> = config
+        .probe_config()
+        .create_with_context(last)
+        .map_err(|e| map(e, WHAT))?;
+    let Err(error) = client.client().fetch_metadata(None, timeout) else {
+        return Ok(());
+    };
+    let last = reported.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(reason) = last else {
+        return Err(map(error, WHAT));
+    };
+    let kind = if reason.contains("SSL handshake failed") || reason.contains("certificate verify") {
+        ErrorKind::Config
+    } else if reason.contains("SASL authentication")
+        || reason.contains("Authentication failed")
+        // TLS alerts of a broker that refused (or missed) our client certificate.
+        || reason.contains("alert certificate required")
+        || reason.contains("alert bad certificate")
+        || reason.contains("alert unknown ca")
+    {
+        ErrorKind::Rejected
+    } else {
+        map(error.clone(), WHAT).kind()
+    };
+    Err(Error::with_source(
+        kind,
+        format!("{WHAT}: {error}; last broker error: {reason}"),
+        error,
+    ))
 }
 
 fn code_kind(code: RDKafkaErrorCode) -> ErrorKind {

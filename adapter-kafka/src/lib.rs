@@ -75,23 +75,20 @@ impl KafkaBroker {
     /// brokers answer.
     ///
     /// # Errors
-    /// [`Config`](bus_core::ErrorKind::Config) for an invalid configuration,
+    /// [`Config`](bus_core::ErrorKind::Config) for an invalid configuration or a broker
+    /// certificate librdkafka refused (wrong CA, another host name),
+    /// [`Rejected`](bus_core::ErrorKind::Rejected) when the SASL login or the client
+    /// certificate is refused,
     /// [`Connection`](bus_core::ErrorKind::Connection) when no broker answers within
-    /// 10 seconds.
+    /// 10 seconds. The message ends with librdkafka's last reported reason, if any.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         let shared = Arc::new(Shared::new(config)?);
         let probe = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer;
-            probe
-                .producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(10))
-                .map(|_| ())
-                .map_err(|e| error::map(e, "connecting to Kafka"))
-        })
-        .await
-        .map_err(|e| bus_core::Error::with_source(bus_core::ErrorKind::Other, "probe task", e))??;
+        tokio::task::spawn_blocking(move || error::probe(&probe.config, Duration::from_secs(10)))
+            .await
+            .map_err(|e| {
+                bus_core::Error::with_source(bus_core::ErrorKind::Other, "probe task", e)
+            })??;
         Ok(Self {
             shared,
             inbox: Inbox::default(),

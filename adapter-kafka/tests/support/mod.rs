@@ -43,6 +43,8 @@ pub(crate) fn required_binary() -> Option<PathBuf> {
 pub(crate) struct Tansu {
     binary: PathBuf,
     port: u16,
+    advertised_port: u16,
+    authentication: bool,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -50,11 +52,23 @@ pub(crate) struct Tansu {
 impl Tansu {
     /// Starts tansu on `127.0.0.1:port` with SQLite storage in a fresh directory.
     pub(crate) async fn start(binary: PathBuf, port: u16) -> Self {
+        Self::start_advertising(binary, port, port).await
+    }
+
+    /// Starts tansu on `127.0.0.1:port`, telling clients (in metadata) to connect to
+    /// `localhost:advertised_port`: where a TLS terminator in front of it listens.
+    pub(crate) async fn start_advertising(
+        binary: PathBuf,
+        port: u16,
+        advertised_port: u16,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("bus-kafka-tansu-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut tansu = Self {
             binary,
             port,
+            advertised_port,
+            authentication: false,
             dir,
             child: None,
         };
@@ -107,7 +121,8 @@ impl Tansu {
             .arg("--listener-url")
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .arg("--advertised-listener-url")
-            .arg(format!("tcp://localhost:{}", self.port))
+            .arg(format!("tcp://localhost:{}", self.advertised_port))
+            .args(self.authentication.then_some("--authentication"))
             .arg("--storage-engine")
             .arg(format!("sqlite://{}/tansu.db", self.dir.display()))
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -129,6 +144,13 @@ impl Tansu {
             self.port,
             self.dir.display()
         );
+    }
+
+    /// Kills the broker, then starts it again requiring SASL authentication (`--authentication`;
+    /// tansu checks SCRAM passwords against its storage, and accepts any PLAIN password).
+    pub(crate) async fn restart_with_authentication(&mut self) {
+        self.authentication = true;
+        self.restart().await;
     }
 
     /// Kills the broker, then starts it again.
