@@ -177,6 +177,11 @@ impl Endpoint {
         })
     }
 
+    /// Whether the TLS handshake presents a client certificate.
+    pub(crate) fn sends_client_cert(&self) -> bool {
+        self.tls.is_some() && self.client_cert
+    }
+
     /// The user the connection logs in as, or the mechanism that names it.
     pub(crate) fn login(&self) -> String {
         match self.uri.query.auth_mechanism {

@@ -40,6 +40,27 @@ pub(crate) fn connecting(error: lapin::Error, endpoint: &Endpoint) -> Error {
                 ErrorKind::Config,
                 format!("TLS handshake with {shown} failed: {tls}"),
             ),
+            // Under TLS 1.3 the client's handshake is over before the server checks the
+            // client certificate: a refusal can reach the client as a closed socket when it
+            // writes, before it reads the alert.
+            None if endpoint.sends_client_cert()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                (
+                    ErrorKind::Connection,
+                    format!(
+                        "connecting to {shown}: {error}: the server closed the connection \
+                         during the handshake, as it does under TLS 1.3 when it does not \
+                         accept the client certificate (tls_cert, tls_key)"
+                    ),
+                )
+            }
             None => (
                 ErrorKind::Connection,
                 format!("connecting to {shown}: {error}"),
