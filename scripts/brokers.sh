@@ -405,6 +405,10 @@ kafka_port() { echo 9092; }
 kafka_url() { echo "kafka://127.0.0.1:9092"; }
 kafka_bin() { command -v tansu 2>/dev/null || echo "$HOME/.cargo/bin/tansu"; }
 kafka_install() {
+    # The Kafka adapter builds librdkafka with TLS against the system's OpenSSL (rdkafka's `ssl`
+    # feature, see Cargo.toml): every build of the workspace needs these, and test.sh starts the
+    # brokers before it builds anything.
+    dpkg -s libssl-dev pkg-config >/dev/null 2>&1 || apt_install libssl-dev pkg-config
     [ -x "$(kafka_bin)" ] && return 0
     command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
     say "cargo install tansu --locked --features dynostore,libsql (about 25 minutes cold)"
