@@ -68,7 +68,7 @@ pub enum AuthMechanism {
 /// Reads through serde (a `[rabbitmq]` section of `BusConfig`); the URL carries the address,
 /// credentials, virtual host and TLS (`amqps://`). TLS is set with a custom CA, a client
 /// certificate and key (mutual TLS) and a server-name override, either in the fields below
-/// or as URL query parameters (`tls_ca_file`, `tls_cert_file`, `tls_key_file`,
+/// or as URL query parameters (`tls_ca`, `tls_cert`, `tls_key`,
 /// `tls_server_name`); see docs/adapters/rabbitmq.md, "TLS and authentication". The password
 /// and the private key never appear in `Debug` output, in errors or in logs.
 ///
@@ -87,7 +87,7 @@ pub struct RabbitMqConfig {
     /// `amqp://user:password@host:port/vhost` (vhost `%2f` is `/`), or `amqps://` for TLS.
     /// lapin's own query parameters (`heartbeat`, `frame_max`, `channel_max`,
     /// `connection_timeout`, `auth_mechanism`) are passed through; the TLS parameters
-    /// (`tls_ca_file`, `tls_cert_file`, `tls_key_file`, `tls_server_name`) and
+    /// (`tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`) and
     /// `connect_timeout_ms` override the fields of the same meaning.
     pub url: String,
     /// The CA certificates (PEM) that the server's certificate must chain to, instead of the

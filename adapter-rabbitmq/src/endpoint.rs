@@ -22,9 +22,9 @@ use crate::RabbitMqConfig;
 /// The URL query parameters this adapter reads itself and takes out of the URL before lapin
 /// parses it (see [`RabbitMqConfig::url`]); a facade passes them through as they are.
 pub const URL_PARAMETERS: &[&str] = &[
-    "tls_ca_file",
-    "tls_cert_file",
-    "tls_key_file",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
     "tls_server_name",
     "connect_timeout_ms",
 ];
@@ -90,9 +90,9 @@ impl Endpoint {
         let mut kept = Vec::new();
         for (name, value) in url.query_pairs() {
             match &*name {
-                "tls_ca_file" => ca = Some(Pem::file(&*value)),
-                "tls_cert_file" => cert = Some(Pem::file(&*value)),
-                "tls_key_file" => key = Some(Pem::file(&*value)),
+                "tls_ca" => ca = Some(Pem::file(&*value)),
+                "tls_cert" => cert = Some(Pem::file(&*value)),
+                "tls_key" => key = Some(Pem::file(&*value)),
                 "tls_server_name" => server_name = Some(value.into_owned()),
                 "connect_timeout_ms" => {
                     let ms = value.parse::<u64>().map_err(|e| {
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(endpoint.uri.query.heartbeat, Some(5));
         assert_eq!(endpoint.tls.as_ref().unwrap().server_name, "mq.internal");
 
-        let plain = RabbitMqConfig::new("amqp://u:p@mq/%2f?tls_ca_file=/etc/ca.pem");
+        let plain = RabbitMqConfig::new("amqp://u:p@mq/%2f?tls_ca=/etc/ca.pem");
         let err = Endpoint::resolve(&plain).err().unwrap();
         assert_eq!(err.kind(), bus_core::ErrorKind::Config);
         assert!(err.message().contains("amqps://"), "{err}");

@@ -187,7 +187,7 @@ async fn password_login_over_tls_with_the_test_ca_round_trips() {
     // The CA and the server name as URL parameters; the URL's host is 127.0.0.1, the name
     // checked and sent as SNI `localhost` (the certificate holds both).
     let url = format!(
-        "{}?tls_ca_file={}&tls_server_name=localhost",
+        "{}?tls_ca={}&tls_server_name=localhost",
         setup.url,
         setup.file("ca.pem").display()
     );
