@@ -260,7 +260,8 @@ fn redact(url: &str) -> String {
 /// The RabbitMQ settings for `url`: the section (or the defaults) with the URL, and the
 /// query parameters `bus` knows taken out of it (`prefetch`, `quorum_queues`,
 /// `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`); lapin's own
-/// (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) stay in
+/// (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) and the
+/// adapter's TLS ones ([`adapter_rabbitmq::URL_PARAMETERS`]: `tls_ca`, `tls_cert`, …) stay in
 /// the URL. Any other parameter is an error.
 #[cfg(feature = "rabbitmq")]
 pub(crate) fn rabbitmq_from_url(
@@ -316,7 +317,10 @@ pub(crate) fn rabbitmq_from_url(
             }
             "confirm_timeout_ms" => base.confirm_timeout_ms = number()?,
             "reconnect_timeout_ms" => base.reconnect_timeout_ms = number()?,
-            other if LAPIN_PARAMS.contains(&other) => {
+            other
+                if LAPIN_PARAMS.contains(&other)
+                    || adapter_rabbitmq::URL_PARAMETERS.contains(&other) =>
+            {
                 kept.push((name.clone().into_owned(), value.clone().into_owned()));
             }
             other => unknown.push(format!("`{other}`")),
@@ -545,6 +549,20 @@ mod tests {
             assert_eq!(config.max_payload, 1024);
             assert_eq!(config.connection_name.as_deref(), Some("from-section"));
             assert_eq!(config.url, "amqp://u:p@mq:5672/%2f?heartbeat=10");
+        }
+
+        #[test]
+        fn the_adapters_tls_params_stay_in_the_url() {
+            let config = parse(
+                "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq&prefetch=5",
+                RabbitMqConfig::default(),
+            )
+            .unwrap();
+            assert_eq!(config.prefetch, 5);
+            assert_eq!(
+                config.url,
+                "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq"
+            );
         }
 
         #[test]
