@@ -635,7 +635,7 @@ impl NatsConfig {
 
 /// Query parameters whose values are secrets, shown as `***`.
 fn is_secret(name: &str) -> bool {
-    matches!(name, "token" | "password" | "pass" | "nkey" | "seed")
+    bus_core::secrets::is_secret_name(name)
 }
 
 fn non_empty_path(value: &str) -> Option<PathBuf> {
@@ -670,33 +670,7 @@ fn percent_decode(text: &str) -> String {
 
 /// `url` with its password, a token in its user info, and secret query values hidden.
 pub(crate) fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = Url::parse(url.trim()) else {
-        return "<unparseable NATS URL>".to_owned();
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    } else if !parsed.username().is_empty() {
-        // A user without password is a token.
-        let _ = parsed.set_username("***");
-    }
-    if parsed.query().is_some() {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let secret = is_secret(&k);
-                (
-                    k.into_owned(),
-                    if secret {
-                        "***".to_owned()
-                    } else {
-                        v.into_owned()
-                    },
-                )
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.as_str().replace("%2A%2A%2A", "***")
+    bus_core::secrets::redact_url(url)
 }
 
 #[cfg(test)]
