@@ -594,6 +594,7 @@ impl NatsConfig {
                     })?
             }
         };
+        crate::tls::ensure_provider();
         options = options
             .require_tls(self.tls_required())
             .connection_timeout(self.connect_timeout());

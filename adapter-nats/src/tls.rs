@@ -63,6 +63,21 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     })
 }
 
+/// Makes sure rustls has a process-wide crypto provider, installing `ring` (the one the
+/// adapter is built with) when none was installed.
+///
+/// async-nats builds its own rustls configuration where the adapter does not give one (TLS
+/// with the system's roots), and rustls picks the provider from its crate features. When the
+/// application's other dependencies enable a second provider as well (`aws-lc-rs`, as the
+/// AWS SDK and others do), rustls cannot choose and panics on the first TLS connection. A
+/// provider the application installed itself is kept.
+pub(crate) fn ensure_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Losing the race to another thread that installed one is fine: one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// A rustls configuration that trusts only the certificates in `ca`, presents `identity`
 /// (certificate chain file, key file) when given, and checks the server's certificate against
 /// `server_name` instead of the URL's host when given.
