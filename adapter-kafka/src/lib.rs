@@ -225,6 +225,9 @@ impl Broker for KafkaBroker {
             consumer_groups: true,
             per_key_order: true,
             per_key_order_across_members: true,
+            // A retry goes through the retry topic, behind the partition's later records;
+            // the Consumer's retries in place keep the order.
+            key_order_across_retries: Support::Emulated,
             request_reply: Support::Emulated,
             no_responders_detection: false,
             delayed_redelivery: Support::Emulated,

@@ -822,6 +822,11 @@ impl DeliverySource for KafkaSource {
         self.shut_down().await;
         Ok(())
     }
+
+    /// A partition is read in offset order, and a key always maps to one partition.
+    fn keeps_key_order(&self) -> bool {
+        true
+    }
 }
 
 /// Settles one delivery: marks its offset settled, after producing the retry copy or the dead
@@ -950,7 +955,7 @@ impl Settle for KafkaSettle {
                     )
                     .await?;
             }
-            Settlement::Reject { reason } => {
+            Settlement::Reject { reason, attempts } => {
                 let dlq = headers::dead_letter_queue(&self.source);
                 let dead = mark(
                     self.item.envelope.clone(),
@@ -958,7 +963,7 @@ impl Settle for KafkaSettle {
                         reason: &reason,
                         source: &self.source,
                         group: self.user_group.as_deref(),
-                        attempts: self.item.attempt,
+                        attempts: attempts.max(self.item.attempt),
                         first_failure: None,
                     },
                 );

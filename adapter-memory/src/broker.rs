@@ -306,6 +306,8 @@ impl Broker for MemoryBroker {
             consumer_groups: true,
             per_key_order: true,
             per_key_order_across_members: true,
+            // A nacked message waits in its place and holds its key back.
+            key_order_across_retries: Support::Native,
             request_reply: Support::Native,
             no_responders_detection: true,
             delayed_redelivery: Support::Native,
@@ -392,6 +394,11 @@ impl DeliverySource for Member {
         self.leave();
         Ok(())
     }
+
+    /// A key's messages are handed out in publish order, one at a time per group.
+    fn keeps_key_order(&self) -> bool {
+        true
+    }
 }
 
 impl Member {
@@ -425,14 +432,14 @@ impl MemorySettle {
         lock(&self.entry).take()
     }
 
-    fn dead_letter(&self, entry: &Entry, reason: &str) -> Envelope {
+    fn dead_letter(&self, entry: &Entry, reason: &str, attempts: u32) -> Envelope {
         dead_letter::mark(
             entry.envelope.clone(),
             &dead_letter::DeadLetterInfo {
                 reason,
                 source: &self.buffer.source,
                 group: self.buffer.group.as_deref(),
-                attempts: entry.attempt,
+                attempts: attempts.max(entry.attempt),
                 first_failure: Some(entry.first_failure.unwrap_or_else(SystemTime::now)),
             },
         )
@@ -464,7 +471,7 @@ impl Settle for MemorySettle {
                     self.buffer.requeue(entry, not_before);
                 }
             }
-            Settlement::Reject { reason } => {
+            Settlement::Reject { reason, attempts } => {
                 // Store the dead letter first: if that fails the delivery stays unsettled and
                 // the caller gets it back to try again.
                 let dead = {
@@ -472,7 +479,7 @@ impl Settle for MemorySettle {
                     let Some(entry) = guard.as_ref() else {
                         return Ok(());
                     };
-                    self.dead_letter(entry, &reason)
+                    self.dead_letter(entry, &reason, attempts)
                 };
                 let dlq = headers::dead_letter_queue(&self.buffer.source);
                 self.inner

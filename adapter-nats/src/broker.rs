@@ -420,6 +420,9 @@ impl Broker for NatsBroker {
             consumer_groups: true,
             per_key_order: true,
             per_key_order_across_members: false,
+            // A nak lets the subject's later messages pass; the Consumer's retries in place
+            // keep the order.
+            key_order_across_retries: Support::Emulated,
             request_reply: Support::Native,
             no_responders_detection: true,
             delayed_redelivery: Support::Native,

@@ -320,6 +320,11 @@ impl DeliverySource for PullSource {
         Some(self.inner.config.ack_wait())
     }
 
+    /// A JetStream consumer delivers a subject's messages in stream order.
+    fn keeps_key_order(&self) -> bool {
+        true
+    }
+
     async fn close(&mut self) -> Result<()> {
         if !self.done {
             self.shutdown().await;
@@ -730,14 +735,14 @@ impl Settle for JetStreamSettle {
                 (AckKind::Nak(Some(delay.min(headers::MAX_DELAY))), "nak")
             }
             Settlement::Nack(_) => (AckKind::Nak(None), "nak"),
-            Settlement::Reject { reason } => {
+            Settlement::Reject { reason, attempts } => {
                 // The dead letter is stored first: if that fails, the delivery stays unsettled.
                 dead_letters::send(
                     &self.inner,
                     &self.envelope,
                     &self.source,
                     self.group.as_deref(),
-                    self.attempt,
+                    attempts.max(self.attempt),
                     &reason,
                     None,
                 )
@@ -927,6 +932,11 @@ impl DeliverySource for CoreSource {
         }
         Ok(())
     }
+
+    /// One connection receives a subject's messages in publish order.
+    fn keeps_key_order(&self) -> bool {
+        true
+    }
 }
 
 /// Settles a core NATS delivery. Core NATS keeps nothing, so a nack (or a drop) is emulated:
@@ -1088,13 +1098,13 @@ impl Settle for CoreSettle {
             Settlement::Ack => Ok(()),
             Settlement::Nack(Redeliver::After(delay)) => self.redeliver(delay).await,
             Settlement::Nack(_) => self.redeliver(Duration::ZERO).await,
-            Settlement::Reject { reason } => {
+            Settlement::Reject { reason, attempts } => {
                 dead_letters::send(
                     &self.inner,
                     &self.envelope,
                     &self.source,
                     self.group.as_deref(),
-                    self.attempt,
+                    attempts.max(self.attempt),
                     &reason,
                     None,
                 )

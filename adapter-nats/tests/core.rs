@@ -11,7 +11,7 @@ use std::time::Duration;
 use adapter_nats::NatsBroker;
 use bus_core::conformance::broker_url;
 use bus_core::middleware::retry::{RetryLayer, RetryPolicy};
-use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo, HandlerBuilder};
+use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo, HandlerBuilder, KeyOrder};
 use bus_core::{
     headers, Broker, ConsumeOptions, Envelope, Error, ErrorKind, Publisher, Queue, Redeliver,
     Responder, ServeOptions, SubscribeOptions, Subscriber, Support,
@@ -129,7 +129,10 @@ async fn a_failing_message_on_core_nats_ends_in_the_dead_letter_queue() {
         .subscribe(&topic, SubscribeOptions::group("workers"))
         .await
         .expect("subscribe");
-    let consumer = Consumer::new(subscription, handler).spawn();
+    // Through the broker: the nacked copies with `bus-attempt` are what this checks.
+    let consumer = Consumer::new(subscription, handler)
+        .with_key_order(KeyOrder::Unordered)
+        .spawn();
 
     let sent = Envelope::new("core.failing", "fails every time").with_key("k");
     bus.publish(&topic, sent.clone()).await.expect("publish");

@@ -209,6 +209,9 @@ impl Broker for RabbitMqBroker {
             consumer_groups: true,
             per_key_order: true,
             per_key_order_across_members: false,
+            // A nack goes through a retry queue, behind the queue's later messages; the
+            // Consumer's retries in place keep the order.
+            key_order_across_retries: Support::Emulated,
             request_reply: Support::Native,
             no_responders_detection: true,
             delayed_redelivery: Support::Emulated,

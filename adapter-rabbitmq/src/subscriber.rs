@@ -348,6 +348,11 @@ impl DeliverySource for Deliveries {
     async fn close(&mut self) -> Result<()> {
         self.source.close().await
     }
+
+    /// A queue hands its messages to one consumer in the order they were enqueued.
+    fn keeps_key_order(&self) -> bool {
+        true
+    }
 }
 
 /// What settling one delivery needs.
@@ -502,7 +507,7 @@ impl SettleState {
         Ok(name)
     }
 
-    async fn dead_letter(&self, reason: &str) -> Result<()> {
+    async fn dead_letter(&self, reason: &str, attempts: u32) -> Result<()> {
         if !self.forwarded.load(Ordering::Acquire) {
             let session = self.session()?;
             let dead = dead_letter::mark(
@@ -511,7 +516,7 @@ impl SettleState {
                     reason,
                     source: &self.source,
                     group: self.group.as_deref(),
-                    attempts: self.attempt,
+                    attempts: attempts.max(self.attempt),
                     first_failure: None,
                 },
             );
@@ -540,7 +545,7 @@ impl Settle for RabbitSettle {
             Settlement::Ack => self.0.ack().await,
             Settlement::Nack(Redeliver::After(delay)) => self.0.redeliver(Some(delay)).await,
             Settlement::Nack(_) => self.0.redeliver(None).await,
-            Settlement::Reject { reason } => self.0.dead_letter(&reason).await,
+            Settlement::Reject { reason, attempts } => self.0.dead_letter(&reason, attempts).await,
             _ => Err(Error::unsupported("unknown settlement")),
         }
     }

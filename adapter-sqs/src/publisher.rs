@@ -377,6 +377,14 @@ impl Broker for SqsBroker {
             consumer_groups: true,
             per_key_order: fifo,
             per_key_order_across_members: fifo,
+            // A FIFO group is held back while a message of it is invisible, but not the
+            // messages of the group already received; the Consumer's retries in place keep
+            // the order.
+            key_order_across_retries: if fifo {
+                Support::Emulated
+            } else {
+                Support::Unsupported("standard queues keep no order")
+            },
             request_reply: Support::Emulated,
             no_responders_detection: false,
             delayed_redelivery: Support::Native,

@@ -574,14 +574,14 @@ impl Settle for SqsSettle {
                     .await
             }
             Settlement::Nack(_) => self.set_visibility(0, "nack (change visibility)").await,
-            Settlement::Reject { reason } => {
+            Settlement::Reject { reason, attempts } => {
                 let mut dead = mark(
                     self.envelope.clone(),
                     &DeadLetterInfo {
                         reason: &reason,
                         source: &self.source,
                         group: self.group.as_deref(),
-                        attempts: self.attempt,
+                        attempts: attempts.max(self.attempt),
                         first_failure: None,
                     },
                 );
@@ -732,6 +732,12 @@ impl DeliverySource for SqsSource {
             remove_private(&self.inner, &self.target, &arn).await?;
         }
         Ok(())
+    }
+
+    /// A FIFO queue hands out a message group's messages in order, and none of a group while
+    /// one of its messages is in flight; a standard queue keeps no order.
+    fn keeps_key_order(&self) -> bool {
+        self.inner.config.fifo
     }
 }
 

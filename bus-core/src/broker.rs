@@ -103,6 +103,15 @@ pub trait DeliverySource: Send + fmt::Debug {
     fn lease(&self) -> Option<Duration> {
         None
     }
+
+    /// Whether the broker hands this subscription the messages of one key in the order they
+    /// were published (memory, a Kafka partition, a JetStream consumer, a RabbitMQ queue, an
+    /// SQS FIFO message group). The [`Consumer`](crate::Consumer) then keeps that order across
+    /// failures by default ([`KeyOrder::Ordered`](crate::runtime::KeyOrder::Ordered)). The
+    /// default is `false`: nothing to keep.
+    fn keeps_key_order(&self) -> bool {
+        false
+    }
 }
 
 /// A stream of [`Delivery`] from a topic (in a group) or a queue.
@@ -156,6 +165,13 @@ impl Subscription {
     #[must_use]
     pub fn lease(&self) -> Option<Duration> {
         self.source.lease()
+    }
+
+    /// Whether the broker hands this subscription the messages of one key in publish order
+    /// (see [`DeliverySource::keeps_key_order`]).
+    #[must_use]
+    pub fn keeps_key_order(&self) -> bool {
+        self.source.keeps_key_order()
     }
 
     /// The deliveries as a [`futures::Stream`], for use with stream combinators.

@@ -72,6 +72,13 @@ pub struct Capabilities {
     /// Per-key order also holds across the competing members of one group: a key is only ever
     /// in flight at one member at a time (Kafka partitions, SQS FIFO groups, the memory broker).
     pub per_key_order_across_members: bool,
+    /// Whether a failed message still takes effect before the later messages of its key.
+    /// `Native` where the broker itself holds a key back while one of its messages waits for
+    /// redelivery (memory). `Emulated` where only the [`Consumer`](crate::Consumer) keeps it,
+    /// by retrying in place ([`KeyOrder::Ordered`](crate::runtime::KeyOrder::Ordered), its
+    /// default on these subscriptions): a delivery nacked to the broker lets the key's later
+    /// messages pass. `Unsupported` where there is no per-key order to keep.
+    pub key_order_across_retries: Support,
     /// Request-reply.
     pub request_reply: Support,
     /// A request to a topic nobody serves fails fast with
@@ -106,6 +113,9 @@ impl Default for Capabilities {
             consumer_groups: false,
             per_key_order: false,
             per_key_order_across_members: false,
+            key_order_across_retries: Support::Unsupported(
+                "the adapter does not declare order across retries",
+            ),
             request_reply: Support::Unsupported("the adapter does not declare request-reply"),
             no_responders_detection: false,
             delayed_redelivery: Support::Unsupported(

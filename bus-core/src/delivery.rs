@@ -29,6 +29,12 @@ pub enum Settlement {
     Reject {
         /// Why, written into the dead letter's reason header.
         reason: String,
+        /// How many times the message was tried, written into the dead letter's attempts
+        /// header: the broker's deliveries plus the retries the
+        /// [`Consumer`](crate::Consumer) ran in place ([`KeyOrder::Ordered`](crate::runtime::KeyOrder)).
+        /// [`Delivery::settle`] raises it to at least the delivery's
+        /// [`attempt`](Delivery::attempt), so 0 means "the delivery's attempt".
+        attempts: u32,
     },
 }
 
@@ -119,6 +125,12 @@ impl Delivery {
         self.attempt
     }
 
+    /// Counts a retry the [`Consumer`](crate::Consumer) runs in place, without the broker:
+    /// the next run sees [`attempt`](Delivery::attempt) one higher.
+    pub(crate) fn retry_in_place(&mut self) {
+        self.attempt = self.attempt.saturating_add(1);
+    }
+
     /// The topic or queue the message was received from.
     #[must_use]
     pub fn source(&self) -> &str {
@@ -163,8 +175,10 @@ impl Delivery {
     /// # Cancel safety
     /// As [`Delivery::ack`].
     pub async fn reject(self, reason: impl Into<String>) -> Result<(), SettleError> {
+        let attempts = self.attempt;
         self.settle(Settlement::Reject {
             reason: reason.into(),
+            attempts,
         })
         .await
     }
@@ -176,7 +190,10 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// As [`Delivery::ack`].
-    pub async fn settle(mut self, settlement: Settlement) -> Result<(), SettleError> {
+    pub async fn settle(mut self, mut settlement: Settlement) -> Result<(), SettleError> {
+        if let Settlement::Reject { attempts, .. } = &mut settlement {
+            *attempts = (*attempts).max(self.attempt);
+        }
         let Some(settle) = self.settle.take() else {
             return Err(SettleError::new(
                 Error::closed("delivery has no settlement handle"),
@@ -367,7 +384,7 @@ mod tests {
             *rec.log.lock().unwrap(),
             vec![
                 "abandon".to_string(),
-                "Reject { reason: \"bad\" }".to_string()
+                "Reject { reason: \"bad\", attempts: 1 }".to_string()
             ]
         );
     }

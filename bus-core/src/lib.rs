@@ -51,7 +51,7 @@ pub use error::{BoxError, Error, ErrorKind, Result};
 pub use message::{Codec, JsonCodec, Message};
 pub use runtime::{
     handler_fn, Consumer, ConsumerHandle, ConsumerReport, DeliveryInfo, Handler, HandlerBuilder,
-    Outcome,
+    KeyOrder, Outcome,
 };
 
 pub use async_trait::async_trait;

@@ -257,3 +257,85 @@ async fn the_broker_wrapper_passes_everything_else_through() {
         .unwrap_err()
         .is_closed());
 }
+
+/// The latest value of gauge `name` for the consumer of `destination`.
+fn gauge(
+    provider: &SdkMeterProvider,
+    exporter: &InMemoryMetricExporter,
+    name: &str,
+    destination: &str,
+) -> Option<u64> {
+    provider.force_flush().expect("flush");
+    let exported: Vec<ResourceMetrics> = exporter.get_finished_metrics().expect("metrics");
+    let latest = exported.last()?;
+    for scope in latest.scope_metrics() {
+        for metric in scope.metrics().filter(|m| m.name() == name) {
+            let AggregatedMetrics::U64(MetricData::Gauge(gauge)) = metric.data() else {
+                panic!("{name}: not a u64 gauge: {:?}", metric.data());
+            };
+            for point in gauge.data_points() {
+                let attributes = attributes(point.attributes());
+                if attributes.contains(&(
+                    "messaging.destination.name".to_owned(),
+                    destination.to_owned(),
+                )) {
+                    return Some(point.value());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keys_and_messages_are_gauges() {
+    let (provider, exporter) = meter();
+    let metrics = BusMetrics::new(&provider);
+    let memory = Arc::new(MemoryBroker::new());
+    let subscription = memory
+        .subscribe("payments", SubscribeOptions::group("ledger"))
+        .await
+        .unwrap();
+    // "a1" fails its first attempt and is retried in place a minute later: key A is parked.
+    let (ran, mut ran_rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = handler_fn(move |envelope: Envelope, info: DeliveryInfo| {
+        let ran = ran.clone();
+        async move {
+            ran.send(()).unwrap();
+            if &envelope.payload[..] == b"a1" && info.attempt() == 1 {
+                Outcome::retry_after(Duration::from_secs(60), Error::timeout("ledger"))
+            } else {
+                Outcome::Ack
+            }
+        }
+    });
+    let consumer = Consumer::new(subscription, handler);
+    metrics.observe_consumer(&consumer.gauges(), "memory", "payments", Some("ledger"));
+    let consumer = consumer.spawn();
+    for payload in ["a1", "a2", "a3"] {
+        memory
+            .publish("payments", Envelope::new("paid", payload).with_key("A"))
+            .await
+            .unwrap();
+    }
+    ran_rx.recv().await.unwrap();
+    // The memory broker hands out a key's next message only once the previous one is settled,
+    // so key A holds just the parked delivery here.
+    let parked = |name| gauge(&provider, &exporter, name, "payments");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while parked("bus.consumer.parked_keys") != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no parked key reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(parked("bus.consumer.parked_messages"), Some(1));
+    assert_eq!(parked("bus.consumer.running"), Some(0));
+    let gauges = consumer.gauges();
+    assert_eq!((gauges.parked_keys(), gauges.parked_deliveries()), (1, 1));
+
+    let report = consumer.stop().await.unwrap();
+    assert_eq!((report.retried_in_place, report.abandoned), (1, 1));
+    assert_eq!(parked("bus.consumer.parked_keys"), Some(0));
+}

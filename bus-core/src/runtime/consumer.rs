@@ -1,10 +1,11 @@
 //! The consumer: runs a handler over a subscription and settles every delivery.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,14 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many times a [`Consumer`] tries to settle a delivery unless told otherwise.
 pub const DEFAULT_SETTLE_ATTEMPTS: u32 = 4;
 
+/// How many deliveries parked keys may hold at once unless told otherwise (see
+/// [`Consumer::with_max_parked`]).
+pub const DEFAULT_MAX_PARKED: usize = 1024;
+
+/// The pause before a retry in place when the outcome asked for none
+/// ([`Outcome::Retry`] with `after: None`), so that a handler failing at once does not spin.
+const MIN_RETRY_IN_PLACE: Duration = Duration::from_millis(100);
+
 const SETTLE_BACKOFF: Duration = Duration::from_millis(100);
 /// The shortest interval between two lease extensions of one delivery.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
@@ -34,6 +43,33 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 const KEEP_ALIVE_CONCURRENCY: usize = 16;
 const RECEIVE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What a [`Consumer`] does with a delivery whose handler failed and should be tried again
+/// ([`Outcome::Retry`]).
+///
+/// The default is [`Ordered`](KeyOrder::Ordered) where the subscription keeps per-key order
+/// ([`Subscription::keeps_key_order`]: memory, Kafka, NATS JetStream, RabbitMQ, SQS FIFO) and
+/// [`Unordered`](KeyOrder::Unordered) elsewhere (SQS standard queues, which have no order to
+/// keep); [`Consumer::with_key_order`] sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyOrder {
+    /// A failing message parks its key. The consumer keeps the delivery (its lease extended
+    /// where the broker has one) and runs it again in place after the outcome's delay, as the
+    /// next [`attempt`](Delivery::attempt); the key's later messages wait behind it, every
+    /// other key keeps flowing, and the parked delivery holds no concurrency slot while it
+    /// waits. When the retry policy gives up ([`Outcome::Reject`]), the message is
+    /// dead-lettered with every attempt counted, and the key moves on. So the messages of one
+    /// key take effect in publish order, failures included. Messages without a key have no
+    /// order to keep and are retried as with `Unordered`. How much parked keys may hold is
+    /// bounded by [`Consumer::with_max_parked`].
+    Ordered,
+    /// A failing message goes back to the broker ([`Delivery::nack`], with the outcome's
+    /// delay: a JetStream nak, a RabbitMQ TTL queue, a Kafka retry topic, an SQS visibility
+    /// change) and the key moves on at once: later messages of the key may take effect before
+    /// the retried one. Nothing is held in the consumer's memory while the message waits.
+    Unordered,
+}
 
 /// Runs a [`Handler`] over a [`Subscription`]: bounded concurrency, order per key, settlement
 /// from each [`Outcome`], and graceful shutdown.
@@ -46,8 +82,16 @@ const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 ///   handled one after another in the order received: the next starts only after the previous
 ///   was settled. Different keys, and messages without a key, are handled in parallel, so a slow
 ///   or failing key holds up only itself (until the waiting room is full of its messages).
-/// - **Settlement.** [`Outcome::Ack`] acks, [`Outcome::Retry`] nacks (now or after its delay),
-///   [`Outcome::Reject`] rejects with the error's text as reason. A failed settlement is logged
+/// - **Order across retries.** With [`KeyOrder::Ordered`] (the default where the subscription
+///   keeps per-key order) a failing message is retried in place and its key waits behind it;
+///   with [`KeyOrder::Unordered`] it goes back to the broker and the key moves on (see
+///   [`KeyOrder`]). Deliveries held by parked keys (the parked ones and those waiting behind
+///   them) count against [`with_max_parked`](Consumer::with_max_parked), not against
+///   `max_pending`: at that bound the consumer stops receiving until a parked key moves on,
+///   while every delivery already received keeps flowing.
+/// - **Settlement.** [`Outcome::Ack`] acks, [`Outcome::Retry`] nacks (now or after its delay;
+///   ordered: retries in place), [`Outcome::Reject`] rejects with the error's text as reason
+///   and the attempts counted. A failed settlement is logged
 ///   and tried again with backoff ([`with_settle_attempts`](Consumer::with_settle_attempts)
 ///   times in all, while the error [is retryable](Error::is_retryable)); after that the
 ///   delivery is dropped unsettled, which makes the broker redeliver it.
@@ -58,8 +102,8 @@ const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 ///   ([`Subscription::lease`]: NATS ack wait, SQS visibility timeout), the consumer tells the
 ///   broker every delivery is still in progress ([`Delivery::in_progress`]) at a third of that
 ///   lease (or every [`with_lease_heartbeat`](Consumer::with_lease_heartbeat)), from receipt
-///   until settlement: while the handler runs and while the delivery waits for a slot or for
-///   its key. A slow handler is never run twice at once because of a timer.
+///   until settlement: while the handler runs, while the delivery waits for a slot or for
+///   its key, and while it is parked for a retry in place. A slow handler is never run twice at once because of a timer.
 /// - **Undecodable messages.** A delivery the adapter marked
 ///   [undecodable](Delivery::undecodable) is rejected to the dead-letter queue with the reason,
 ///   without running the handler.
@@ -67,7 +111,8 @@ const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 ///   short, growing backoff. The end of the subscription ends the run once the deliveries
 ///   already received are handled.
 /// - **Shutdown.** When the shutdown signal fires, the consumer stops receiving, drops the
-///   deliveries received but not started (the broker redelivers them), lets the running
+///   deliveries received but not started and the parked ones (the broker redelivers them,
+///   counting from its own attempts), lets the running
 ///   handlers finish and settles them, for at most
 ///   [`with_shutdown_timeout`](Consumer::with_shutdown_timeout), then aborts the rest (whose
 ///   deliveries are redelivered too) and closes the subscription.
@@ -84,6 +129,74 @@ pub struct Consumer<H> {
     shutdown_timeout: Duration,
     settle_attempts: u32,
     heartbeat: Option<Duration>,
+    key_order: Option<KeyOrder>,
+    max_parked: usize,
+    gauges: ConsumerGauges,
+}
+
+/// What a [`Consumer`] holds right now, readable from any task while it runs: for a health
+/// endpoint, a log line, or OpenTelemetry gauges
+/// ([`BusMetrics::observe_consumer`](crate::middleware::metrics::BusMetrics::observe_consumer),
+/// feature `opentelemetry`). Cloning is cheap; every clone reads the same consumer.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerGauges(Arc<GaugeValues>);
+
+#[derive(Debug, Default)]
+pub(crate) struct GaugeValues {
+    running: AtomicU64,
+    pending: AtomicU64,
+    parked_keys: AtomicU64,
+    parked_deliveries: AtomicU64,
+}
+
+impl ConsumerGauges {
+    /// Handlers running.
+    #[must_use]
+    pub fn running(&self) -> u64 {
+        self.0.running.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received and waiting for a handler slot or for their key.
+    #[must_use]
+    pub fn pending(&self) -> u64 {
+        self.0.pending.load(Ordering::Relaxed)
+    }
+
+    /// Keys parked by a failed delivery waiting for its retry in place ([`KeyOrder::Ordered`]).
+    #[must_use]
+    pub fn parked_keys(&self) -> u64 {
+        self.0.parked_keys.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries held by parked keys: the parked ones and those waiting behind them.
+    #[must_use]
+    pub fn parked_deliveries(&self) -> u64 {
+        self.0.parked_deliveries.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn values(&self) -> std::sync::Weak<GaugeValues> {
+        Arc::downgrade(&self.0)
+    }
+
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn from_values(values: Arc<GaugeValues>) -> Self {
+        Self(values)
+    }
+
+    fn set(&self, running: usize, waiting: &KeyQueue) {
+        let values = &self.0;
+        values.running.store(running as u64, Ordering::Relaxed);
+        values
+            .pending
+            .store(waiting.pending() as u64, Ordering::Relaxed);
+        values
+            .parked_keys
+            .store(waiting.parked_keys() as u64, Ordering::Relaxed);
+        values
+            .parked_deliveries
+            .store(waiting.held() as u64, Ordering::Relaxed);
+    }
 }
 
 impl<H: Handler> Consumer<H> {
@@ -98,7 +211,40 @@ impl<H: Handler> Consumer<H> {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             settle_attempts: DEFAULT_SETTLE_ATTEMPTS,
             heartbeat: None,
+            key_order: None,
+            max_parked: DEFAULT_MAX_PARKED,
+            gauges: ConsumerGauges::default(),
         }
+    }
+
+    /// What this consumer holds while it runs (see [`ConsumerGauges`]); all zero before
+    /// [`run`](Consumer::run) and after it returned.
+    #[must_use]
+    pub fn gauges(&self) -> ConsumerGauges {
+        self.gauges.clone()
+    }
+
+    /// Sets what a failed delivery does to its key's order (default: [`KeyOrder::Ordered`]
+    /// where the subscription [keeps per-key order](Subscription::keeps_key_order), else
+    /// [`KeyOrder::Unordered`]).
+    #[must_use]
+    pub fn with_key_order(mut self, order: KeyOrder) -> Self {
+        self.key_order = Some(order);
+        self
+    }
+
+    /// Holds at most `max_parked` deliveries in parked keys: those waiting for a retry in
+    /// place and the later ones of their keys (at least 1; default [`DEFAULT_MAX_PARKED`]).
+    /// At the bound the consumer stops receiving until a parked key moves on; the deliveries
+    /// it holds keep flowing. A key that parks takes the deliveries already waiting behind it
+    /// along, so the count can pass the bound by up to
+    /// [`with_max_pending`](Consumer::with_max_pending). The broker's own window (prefetch, max ack pending) is the other
+    /// bound: a parked key holds its messages unsettled, and a broker that has handed out as
+    /// many unsettled messages as the window allows sends no more.
+    #[must_use]
+    pub fn with_max_parked(mut self, max_parked: usize) -> Self {
+        self.max_parked = max_parked.max(1);
+        self
     }
 
     /// Extends the lease of every delivery held (running or waiting) every `interval` (at
@@ -188,7 +334,15 @@ impl<H: Handler> Consumer<H> {
             shutdown_timeout,
             settle_attempts,
             heartbeat,
+            key_order,
+            max_parked,
+            gauges,
         } = self;
+        let key_order = key_order.unwrap_or(if subscription.keeps_key_order() {
+            KeyOrder::Ordered
+        } else {
+            KeyOrder::Unordered
+        });
         let max_pending = max_pending.unwrap_or(concurrency);
         let heartbeat = heartbeat.or_else(|| {
             subscription
@@ -204,25 +358,55 @@ impl<H: Handler> Consumer<H> {
         let mut receiving = true;
         let mut receive_backoff = RECEIVE_BACKOFF_MIN;
         let mut resume_at: Option<Instant> = None;
+        let mut at_parked_bound = false;
+        let run = Run {
+            handler,
+            settle_attempts,
+            heartbeat,
+            key_order,
+        };
 
         let shutting_down = loop {
             while running.len() < concurrency {
                 let Some(delivery) = waiting.pop_ready() else {
                     break;
                 };
-                running.spawn(delivery, handler.clone(), settle_attempts, heartbeat);
+                running.spawn(delivery, &run);
             }
+            gauges.set(running.len(), &waiting);
             if !receiving && running.is_empty() && waiting.is_empty() {
                 break false;
             }
-            let can_receive = receiving && resume_at.is_none() && waiting.len() < max_pending;
+            if (waiting.held() >= max_parked) != at_parked_bound {
+                at_parked_bound = !at_parked_bound;
+                if at_parked_bound {
+                    report.paused_at_parked_bound += 1;
+                    tracing::warn!(
+                        held = waiting.held(),
+                        parked_keys = waiting.parked_keys(),
+                        "parked keys hold as many deliveries as allowed: receiving pauses until one moves on"
+                    );
+                }
+            }
+            let can_receive = receiving
+                && resume_at.is_none()
+                && waiting.pending() < max_pending
+                && !at_parked_bound;
 
             tokio::select! {
                 biased;
                 () = &mut shutdown => break true,
                 Some(joined) = running.join_next(), if !running.is_empty() => {
-                    let key = report.record(joined);
-                    waiting.finished(key.as_deref());
+                    match report.record(joined) {
+                        Finished::Released(key) => waiting.finished(key.as_deref()),
+                        Finished::Parked(delivery, after) => {
+                            waiting.park(*delivery, Instant::now() + after);
+                            report.note_parked(&waiting);
+                        }
+                    }
+                }
+                () = sleep_until(waiting.next_due()), if waiting.next_due().is_some() => {
+                    waiting.release_due(Instant::now());
                 }
                 () = sleep_until(resume_at), if resume_at.is_some() => resume_at = None,
                 () = sleep_until(next_heartbeat), if next_heartbeat.is_some() => {
@@ -242,6 +426,7 @@ impl<H: Handler> Consumer<H> {
                         report.received += 1;
                         receive_backoff = RECEIVE_BACKOFF_MIN;
                         waiting.push(delivery);
+                        report.note_parked(&waiting);
                     }
                     Some(Err(error)) => {
                         report.receive_errors += 1;
@@ -274,9 +459,7 @@ impl<H: Handler> Consumer<H> {
                 tokio::select! {
                     biased;
                     joined = running.join_next() => match joined {
-                        Some(joined) => {
-                            report.record(joined);
-                        }
+                        Some(joined) => report.record_at_shutdown(joined),
                         None => break,
                     },
                     () = &mut deadline => {
@@ -287,7 +470,7 @@ impl<H: Handler> Consumer<H> {
                         );
                         running.abort_all();
                         while let Some(joined) = running.join_next().await {
-                            report.record(joined);
+                            report.record_at_shutdown(joined);
                         }
                         break;
                     }
@@ -295,6 +478,7 @@ impl<H: Handler> Consumer<H> {
             }
         }
 
+        gauges.set(0, &KeyQueue::default());
         let closed = subscription.close().await;
         tracing::info!(?report, "consumer stopped");
         closed.map(|()| report)
@@ -309,6 +493,7 @@ impl<H: Handler> Consumer<H> {
     /// When called outside a tokio runtime.
     #[must_use = "without the handle the consumer cannot be shut down"]
     pub fn spawn(self) -> ConsumerHandle {
+        let gauges = self.gauges();
         let (signal, mut watcher) = watch::channel(false);
         let shutdown = async move {
             if watcher.wait_for(|stop| *stop).await.is_err() {
@@ -318,6 +503,7 @@ impl<H: Handler> Consumer<H> {
         };
         ConsumerHandle {
             signal,
+            gauges,
             task: tokio::spawn(self.run(shutdown)),
         }
     }
@@ -333,6 +519,8 @@ impl<H> fmt::Debug for Consumer<H> {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("settle_attempts", &self.settle_attempts)
             .field("heartbeat", &self.heartbeat)
+            .field("key_order", &self.key_order)
+            .field("max_parked", &self.max_parked)
             .finish()
     }
 }
@@ -341,10 +529,17 @@ impl<H> fmt::Debug for Consumer<H> {
 #[derive(Debug)]
 pub struct ConsumerHandle {
     signal: watch::Sender<bool>,
+    gauges: ConsumerGauges,
     task: JoinHandle<Result<ConsumerReport>>,
 }
 
 impl ConsumerHandle {
+    /// What the consumer holds right now (see [`ConsumerGauges`]).
+    #[must_use]
+    pub fn gauges(&self) -> ConsumerGauges {
+        self.gauges.clone()
+    }
+
     /// Asks the consumer to shut down gracefully; [`join`](ConsumerHandle::join) waits for it.
     /// Calling it again does nothing.
     pub fn shutdown(&self) {
@@ -423,15 +618,39 @@ pub struct ConsumerReport {
     pub undecodable: u64,
     /// Errors received from the subscription (not deliveries).
     pub receive_errors: u64,
+    /// Failed attempts retried in place ([`KeyOrder::Ordered`]): the delivery was kept and its
+    /// key parked until the retry. Not a settlement: the delivery is counted once more when it
+    /// is finally acked, rejected or dropped.
+    pub retried_in_place: u64,
+    /// The most keys parked at once.
+    pub peak_parked_keys: u64,
+    /// The most deliveries held by parked keys at once (parked, and waiting behind them).
+    pub peak_parked_deliveries: u64,
+    /// How many times receiving paused because parked keys held
+    /// [`with_max_parked`](Consumer::with_max_parked) deliveries.
+    pub paused_at_parked_bound: u64,
+}
+
+/// How a handler task ended, for the consumer loop.
+enum Finished {
+    /// The delivery was settled or dropped: its key (if any) is free again.
+    Released(Option<String>),
+    /// The delivery failed and is to be retried in place after this delay; its key stays
+    /// parked.
+    Parked(Box<Delivery>, Duration),
 }
 
 impl ConsumerReport {
-    /// Counts one finished task; returns the key it held, which is free again.
-    fn record(&mut self, joined: Joined) -> Option<String> {
+    /// Counts one finished task: whether its key is free again, or parked.
+    fn record(&mut self, joined: Joined) -> Finished {
         match joined.result {
             Ok(processed) => {
                 self.panicked += u64::from(processed.panicked);
                 self.undecodable += u64::from(processed.undecodable);
+                if let Some((delivery, after)) = processed.parked {
+                    self.retried_in_place += 1;
+                    return Finished::Parked(Box::new(delivery), after);
+                }
                 match processed.settled {
                     Some(Settled::Acked) => self.acked += 1,
                     Some(Settled::Retried) => self.retried += 1,
@@ -447,38 +666,76 @@ impl ConsumerReport {
                 self.unsettled += 1;
             }
         }
-        joined.key
+        Finished::Released(joined.key)
+    }
+
+    /// Counts a task that finished after shutdown began: a delivery it would have parked is
+    /// dropped unsettled instead, for the broker to redeliver.
+    fn record_at_shutdown(&mut self, joined: Joined) {
+        if let Finished::Parked(delivery, _) = self.record(joined) {
+            drop(delivery);
+            self.abandoned += 1;
+        }
+    }
+
+    fn note_parked(&mut self, waiting: &KeyQueue) {
+        self.peak_parked_keys = self.peak_parked_keys.max(waiting.parked_keys() as u64);
+        self.peak_parked_deliveries = self.peak_parked_deliveries.max(waiting.held() as u64);
     }
 }
 
-/// Deliveries received but not started: the ready ones in arrival order, and for each key
-/// with a delivery running or ready, the later ones of that key.
+/// Deliveries received but not started: the ready ones in arrival order; for each key with a
+/// delivery running, ready or parked, the later ones of that key; and the parked deliveries,
+/// waiting for their retry in place.
+///
+/// Two counts bound what is held: `pending` (ready, and waiting behind a key that is running
+/// or ready) against the consumer's `max_pending`, and `held` (parked, and waiting behind a
+/// parked key) against its `max_parked`, so a parked key never stops the other keys' flow
+/// before its own bound.
 #[derive(Default)]
 struct KeyQueue {
     ready: VecDeque<Delivery>,
-    /// Present for a key while one of its deliveries is running or ready; holds the rest.
-    blocked: HashMap<String, VecDeque<Delivery>>,
-    len: usize,
+    /// Present for a key while one of its deliveries is running, ready or parked.
+    blocked: HashMap<String, Later>,
+    /// Parked deliveries by the time their retry is due (and a sequence number, for ties).
+    parked: BTreeMap<(Instant, u64), Delivery>,
+    seq: u64,
+    pending: usize,
+    held: usize,
+    parked_keys: usize,
+}
+
+/// The later deliveries of one key, and whether the key is parked.
+#[derive(Default)]
+struct Later {
+    deliveries: VecDeque<Delivery>,
+    parked: bool,
 }
 
 impl KeyQueue {
     fn push(&mut self, delivery: Delivery) {
-        self.len += 1;
         let Some(key) = &delivery.envelope().key else {
+            self.pending += 1;
             self.ready.push_back(delivery);
             return;
         };
         if let Some(later) = self.blocked.get_mut(key) {
-            later.push_back(delivery);
+            if later.parked {
+                self.held += 1;
+            } else {
+                self.pending += 1;
+            }
+            later.deliveries.push_back(delivery);
         } else {
-            self.blocked.insert(key.clone(), VecDeque::new());
+            self.blocked.insert(key.clone(), Later::default());
+            self.pending += 1;
             self.ready.push_back(delivery);
         }
     }
 
     fn pop_ready(&mut self) -> Option<Delivery> {
         let delivery = self.ready.pop_front()?;
-        self.len -= 1;
+        self.pending -= 1;
         Some(delivery)
     }
 
@@ -488,7 +745,7 @@ impl KeyQueue {
         let Some(later) = self.blocked.get_mut(key) else {
             return;
         };
-        match later.pop_front() {
+        match later.deliveries.pop_front() {
             Some(next) => self.ready.push_back(next),
             None => {
                 self.blocked.remove(key);
@@ -496,21 +753,90 @@ impl KeyQueue {
         }
     }
 
-    fn len(&self) -> usize {
-        self.len
+    /// The running delivery of its key failed: it waits here until `due`, and so do the later
+    /// ones of its key.
+    fn park(&mut self, delivery: Delivery, due: Instant) {
+        match delivery
+            .envelope()
+            .key
+            .as_ref()
+            .and_then(|key| self.blocked.get_mut(key))
+        {
+            Some(later) => {
+                later.parked = true;
+                self.pending -= later.deliveries.len();
+                self.held += later.deliveries.len() + 1;
+                self.parked_keys += 1;
+            }
+            // Only keyed deliveries are parked, and a running key is always blocked; should
+            // that change, the delivery still runs again.
+            None => self.held += 1,
+        }
+        self.seq += 1;
+        self.parked.insert((due, self.seq), delivery);
+    }
+
+    /// When the next parked delivery is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.parked.first_key_value().map(|((due, _), _)| *due)
+    }
+
+    /// Makes every parked delivery due by `now` ready, as its next attempt; its key's later
+    /// deliveries count as pending again.
+    fn release_due(&mut self, now: Instant) {
+        while let Some(entry) = self.parked.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let mut delivery = entry.remove();
+            delivery.retry_in_place();
+            match delivery
+                .envelope()
+                .key
+                .as_ref()
+                .and_then(|key| self.blocked.get_mut(key))
+            {
+                Some(later) => {
+                    later.parked = false;
+                    self.held -= later.deliveries.len() + 1;
+                    self.pending += later.deliveries.len() + 1;
+                    self.parked_keys -= 1;
+                }
+                None => {
+                    self.held -= 1;
+                    self.pending += 1;
+                }
+            }
+            self.ready.push_front(delivery);
+        }
+    }
+
+    /// Deliveries ready or waiting behind a key that is running or ready.
+    fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Deliveries parked or waiting behind a parked key.
+    fn held(&self) -> usize {
+        self.held
+    }
+
+    fn parked_keys(&self) -> usize {
+        self.parked_keys
     }
 
     fn is_empty(&self) -> bool {
-        self.len == 0
+        self.pending == 0 && self.held == 0
     }
 
     /// Extends the lease of every waiting delivery, so that none is redelivered elsewhere while
-    /// it waits here for a slot or for its key.
+    /// it waits here for a slot, for its key, or for its retry in place.
     async fn keep_alive(&self) {
         let waiting: Vec<&Delivery> = self
             .ready
             .iter()
-            .chain(self.blocked.values().flatten())
+            .chain(self.blocked.values().flat_map(|later| &later.deliveries))
+            .chain(self.parked.values())
             .collect();
         for some in waiting.chunks(KEEP_ALIVE_CONCURRENCY) {
             let extended = futures::future::join_all(some.iter().map(|d| d.in_progress())).await;
@@ -520,12 +846,20 @@ impl KeyQueue {
         }
     }
 
-    /// Drops every waiting delivery (abandoning them); returns how many.
+    /// Drops every waiting and parked delivery (abandoning them); returns how many. A key's
+    /// earlier deliveries go first (the parked ones, then the ready ones, then those waiting
+    /// behind them, in order), so a broker that requeues in the order it is told gets each
+    /// key back in its order.
     fn clear(&mut self) -> u64 {
-        let dropped = self.len as u64;
-        self.ready.clear();
-        self.blocked.clear();
-        self.len = 0;
+        let dropped = (self.pending + self.held) as u64;
+        while self.parked.pop_first().is_some() {}
+        while self.ready.pop_front().is_some() {}
+        for (_, mut later) in self.blocked.drain() {
+            while later.deliveries.pop_front().is_some() {}
+        }
+        self.pending = 0;
+        self.held = 0;
+        self.parked_keys = 0;
         dropped
     }
 }
@@ -540,8 +874,18 @@ enum Settled {
 struct Processed {
     panicked: bool,
     undecodable: bool,
-    /// `None` when the delivery was dropped unsettled.
+    /// `None` when the delivery was dropped unsettled or parked.
     settled: Option<Settled>,
+    /// The delivery to retry in place after the delay ([`KeyOrder::Ordered`]).
+    parked: Option<(Delivery, Duration)>,
+}
+
+/// What every handler task of one run shares.
+struct Run<H> {
+    handler: Arc<H>,
+    settle_attempts: u32,
+    heartbeat: Option<Duration>,
+    key_order: KeyOrder,
 }
 
 /// A finished handler task: the key it held, and what it did.
@@ -558,13 +902,7 @@ struct Running {
 }
 
 impl Running {
-    fn spawn<H: Handler>(
-        &mut self,
-        delivery: Delivery,
-        handler: Arc<H>,
-        settle_attempts: u32,
-        heartbeat: Option<Duration>,
-    ) {
+    fn spawn<H: Handler>(&mut self, delivery: Delivery, run: &Run<H>) {
         let key = delivery.envelope().key.clone();
         // Trace level and not named like the OpenTelemetry `process {topic}` span: log context
         // for the handler's own events, not a second span per message in exported traces.
@@ -575,7 +913,14 @@ impl Running {
             attempt = delivery.attempt(),
             source = delivery.source(),
         );
-        let task = process(handler, delivery, settle_attempts, heartbeat).instrument(span);
+        let task = process(
+            run.handler.clone(),
+            delivery,
+            run.settle_attempts,
+            run.heartbeat,
+            run.key_order,
+        )
+        .instrument(span);
         let id = self.tasks.spawn(task).id();
         self.keys.insert(id, key);
     }
@@ -608,8 +953,9 @@ impl Running {
     }
 }
 
-/// Handles one delivery and settles it from the outcome. A delivery the adapter could not
-/// decode is dead-lettered without running the handler. Panics of the handler (and of the
+/// Handles one delivery and settles it from the outcome, or hands it back to be retried in
+/// place ([`KeyOrder::Ordered`], keyed deliveries). A delivery the adapter could not decode is
+/// dead-lettered without running the handler. Panics of the handler (and of the
 /// middleware around it) are failed attempts; a panic while settling leaves the delivery
 /// unsettled. Either way the task ends normally, so the key it holds is released.
 async fn process<H: Handler>(
@@ -617,17 +963,23 @@ async fn process<H: Handler>(
     delivery: Delivery,
     settle_attempts: u32,
     heartbeat: Option<Duration>,
+    key_order: KeyOrder,
 ) -> Processed {
     if let Some(reason) = delivery.undecodable() {
         let reason = format!("undecodable: {reason}");
         tracing::warn!(%reason, "dead-lettering a message that could not be decoded");
-        let settled = settle(delivery, Settlement::Reject { reason }, settle_attempts)
+        let settlement = Settlement::Reject {
+            reason,
+            attempts: delivery.attempt(),
+        };
+        let settled = settle(delivery, settlement, settle_attempts)
             .await
             .then_some(Settled::Rejected);
         return Processed {
             panicked: false,
             undecodable: true,
             settled,
+            parked: None,
         };
     }
     // Calling `handle` inside the future also catches a panic before its first await.
@@ -668,6 +1020,18 @@ async fn process<H: Handler>(
             (Outcome::retry(panic.into_error()), true)
         }
     };
+    if let Outcome::Retry { after, error } = &outcome {
+        if key_order == KeyOrder::Ordered && delivery.envelope().key.is_some() {
+            let after = after.unwrap_or(MIN_RETRY_IN_PLACE);
+            tracing::warn!(%error, ?after, "handler failed; will be retried in place, its key waits");
+            return Processed {
+                panicked,
+                undecodable: false,
+                settled: None,
+                parked: Some((delivery, after)),
+            };
+        }
+    }
     match &outcome {
         Outcome::Ack => tracing::debug!("handled"),
         Outcome::Retry { after, error } => {
@@ -680,7 +1044,7 @@ async fn process<H: Handler>(
         Outcome::Retry { .. } => Settled::Retried,
         Outcome::Reject { .. } => Settled::Rejected,
     };
-    let settlement = outcome.to_settlement();
+    let settlement = outcome.to_settlement(delivery.attempt());
     let settled = settle(delivery, settlement, settle_attempts)
         .await
         .then_some(settled);
@@ -688,6 +1052,7 @@ async fn process<H: Handler>(
         panicked,
         undecodable: false,
         settled,
+        parked: None,
     }
 }
 

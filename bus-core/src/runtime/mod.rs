@@ -33,7 +33,7 @@
 //! # Ok(()) }
 //! ```
 
-mod consumer;
+pub(crate) mod consumer;
 mod handler;
 mod outcome;
 
@@ -41,8 +41,8 @@ mod outcome;
 mod tests;
 
 pub use consumer::{
-    Consumer, ConsumerHandle, ConsumerReport, DEFAULT_CONCURRENCY, DEFAULT_SETTLE_ATTEMPTS,
-    DEFAULT_SHUTDOWN_TIMEOUT,
+    Consumer, ConsumerGauges, ConsumerHandle, ConsumerReport, KeyOrder, DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_PARKED, DEFAULT_SETTLE_ATTEMPTS, DEFAULT_SHUTDOWN_TIMEOUT,
 };
 pub use handler::{handler_fn, DeliveryInfo, Handler, HandlerBuilder, HandlerFn};
 pub use outcome::Outcome;

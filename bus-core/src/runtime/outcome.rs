@@ -101,8 +101,8 @@ impl Outcome {
         }
     }
 
-    /// The settlement this outcome asks for.
-    pub(crate) fn to_settlement(&self) -> Settlement {
+    /// The settlement this outcome asks for, for a delivery tried `attempts` times.
+    pub(crate) fn to_settlement(&self, attempts: u32) -> Settlement {
         match self {
             Outcome::Ack => Settlement::Ack,
             Outcome::Retry { after: None, .. } => Settlement::Nack(Redeliver::Now),
@@ -111,6 +111,7 @@ impl Outcome {
             } => Settlement::Nack(Redeliver::After(*after)),
             Outcome::Reject { error } => Settlement::Reject {
                 reason: error.to_string(),
+                attempts,
             },
         }
     }
@@ -154,19 +155,20 @@ mod tests {
     #[test]
     fn outcome_maps_to_settlement() {
         let err = || Error::new(ErrorKind::Handler, "no");
-        assert_eq!(Outcome::Ack.to_settlement(), Settlement::Ack);
+        assert_eq!(Outcome::Ack.to_settlement(1), Settlement::Ack);
         assert_eq!(
-            Outcome::retry(err()).to_settlement(),
+            Outcome::retry(err()).to_settlement(1),
             Settlement::Nack(Redeliver::Now)
         );
         assert_eq!(
-            Outcome::retry_after(Duration::from_secs(5), err()).to_settlement(),
+            Outcome::retry_after(Duration::from_secs(5), err()).to_settlement(1),
             Settlement::Nack(Redeliver::After(Duration::from_secs(5)))
         );
         assert_eq!(
-            Outcome::reject(err()).to_settlement(),
+            Outcome::reject(err()).to_settlement(1),
             Settlement::Reject {
-                reason: "handler: no".into()
+                reason: "handler: no".into(),
+                attempts: 1
             }
         );
     }

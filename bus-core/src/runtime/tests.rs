@@ -13,7 +13,7 @@ use tower_layer::Layer;
 use crate::middleware::{CatchPanicLayer, Panicked, TimeoutLayer};
 use crate::runtime::{
     handler_fn, Consumer, ConsumerHandle, ConsumerReport, DeliveryInfo, Handler, HandlerBuilder,
-    Outcome,
+    KeyOrder, Outcome,
 };
 use crate::{
     Delivery, DeliverySource, Envelope, Error, ErrorKind, Redeliver, Result, Settle, Settlement,
@@ -130,6 +130,7 @@ struct FakeSource {
     rx: mpsc::UnboundedReceiver<Result<Delivery>>,
     broker: Arc<FakeBroker>,
     lease: Option<Duration>,
+    keeps_key_order: bool,
 }
 
 #[async_trait]
@@ -150,6 +151,10 @@ impl DeliverySource for FakeSource {
     fn lease(&self) -> Option<Duration> {
         self.lease
     }
+
+    fn keeps_key_order(&self) -> bool {
+        self.keeps_key_order
+    }
 }
 
 /// The test's end of the fake subscription.
@@ -159,11 +164,20 @@ struct Feed {
 }
 
 fn fake() -> (Feed, Subscription) {
-    fake_with_lease(None)
+    fake_source(None, false)
 }
 
 /// A fake subscription whose broker redelivers what is held longer than `lease`.
 fn fake_with_lease(lease: Option<Duration>) -> (Feed, Subscription) {
+    fake_source(lease, false)
+}
+
+/// A fake subscription that declares per-key order, so the consumer retries in place.
+fn fake_ordered(lease: Option<Duration>) -> (Feed, Subscription) {
+    fake_source(lease, true)
+}
+
+fn fake_source(lease: Option<Duration>, keeps_key_order: bool) -> (Feed, Subscription) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broker = Arc::new(FakeBroker {
         log: Mutex::default(),
@@ -178,6 +192,7 @@ fn fake_with_lease(lease: Option<Duration>) -> (Feed, Subscription) {
         rx,
         broker: broker.clone(),
         lease,
+        keeps_key_order,
     };
     (
         Feed {
@@ -336,13 +351,15 @@ async fn settles_each_delivery_from_its_outcome() {
     assert_eq!(
         settled["reject"],
         Settlement::Reject {
-            reason: "serialization: not JSON".into()
+            reason: "serialization: not JSON".into(),
+            attempts: 1
         }
     );
     assert_eq!(
         settled["err-fatal"],
         Settlement::Reject {
-            reason: "not_found: no such order".into()
+            reason: "not_found: no such order".into(),
+            attempts: 1
         }
     );
     assert!(feed.broker.abandoned().is_empty());
@@ -628,7 +645,8 @@ async fn undecodable_deliveries_are_dead_lettered_without_the_handler() {
     assert_eq!(
         feed.broker.settlements()["garbled"],
         Settlement::Reject {
-            reason: "undecodable: bad bytes".to_owned()
+            reason: "undecodable: bad bytes".to_owned(),
+            attempts: 1
         }
     );
 }
@@ -1032,4 +1050,255 @@ async fn a_lease_extension_that_hangs_does_not_stall_the_consumer() {
         "{:?}",
         feed.broker.events()
     );
+}
+
+/// Runs handled by the ordered-retry tests: (message, attempt, at), in order of completion.
+type Runs = Arc<Mutex<Vec<(String, u32, tokio::time::Instant)>>>;
+
+/// A handler that records every run and fails the runs `fails` says (by message name, the
+/// attempts that fail), asking for a retry after `after`.
+fn failing_on(fails: HashMap<&'static str, Vec<u32>>, after: Duration) -> (Runs, impl Handler) {
+    let runs: Runs = Arc::default();
+    let handler = handler_fn({
+        let runs = runs.clone();
+        move |envelope: Envelope, info: DeliveryInfo| {
+            let name = name_of(&envelope);
+            let fail = fails
+                .get(name.as_str())
+                .is_some_and(|attempts| attempts.contains(&info.attempt()));
+            runs.lock()
+                .unwrap()
+                .push((name, info.attempt(), tokio::time::Instant::now()));
+            async move {
+                if fail {
+                    Outcome::retry_after(after, Error::new(ErrorKind::Handler, "not yet"))
+                } else {
+                    Outcome::Ack
+                }
+            }
+        }
+    });
+    (runs, handler)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ordered_retries_keep_the_key_waiting_and_let_other_keys_flow() {
+    let (mut feed, subscription) = fake_ordered(None);
+    for i in 1..=5 {
+        feed.send(&format!("a{i}"), Some("A"));
+    }
+    for i in 1..=20 {
+        feed.send(&format!("b{i}"), Some(&format!("B{}", i % 4)));
+    }
+    feed.end();
+    let (runs, handler) = failing_on(HashMap::from([("a2", vec![1, 2])]), Duration::from_secs(5));
+    let report = Consumer::new(subscription, handler)
+        .with_concurrency(4)
+        .run(pending())
+        .await
+        .unwrap();
+
+    let runs = runs.lock().unwrap().clone();
+    let a: Vec<(&str, u32)> = runs
+        .iter()
+        .filter(|(name, ..)| name.starts_with('a'))
+        .map(|(name, attempt, _)| (name.as_str(), *attempt))
+        .collect();
+    assert_eq!(
+        a,
+        [
+            ("a1", 1),
+            ("a2", 1),
+            ("a2", 2),
+            ("a2", 3),
+            ("a3", 1),
+            ("a4", 1),
+            ("a5", 1)
+        ],
+        "key A in order, its second message retried in place"
+    );
+    let a2_done = runs
+        .iter()
+        .find(|(n, at, _)| n == "a2" && *at == 3)
+        .unwrap()
+        .2;
+    let last_b = runs
+        .iter()
+        .filter(|(n, ..)| n.starts_with('b'))
+        .map(|r| r.2)
+        .max()
+        .unwrap();
+    assert!(
+        last_b < a2_done,
+        "the other keys finished while A was parked"
+    );
+    assert!(
+        feed.broker
+            .settlements()
+            .values()
+            .all(|s| *s == Settlement::Ack),
+        "nothing went back to the broker: {:?}",
+        feed.broker.settlements()
+    );
+    assert_eq!(
+        (
+            report.received,
+            report.acked,
+            report.retried,
+            report.retried_in_place
+        ),
+        (25, 25, 0, 2)
+    );
+    assert_eq!(
+        (report.peak_parked_keys, report.peak_parked_deliveries),
+        (1, 4)
+    );
+    assert_eq!(total(&report), report.received);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ordered_key_dead_letters_after_the_policy_and_moves_on() {
+    use crate::middleware::{RetryLayer, RetryPolicy};
+    let (mut feed, subscription) = fake_ordered(None);
+    for i in 1..=4 {
+        feed.send(&format!("a{i}"), Some("A"));
+    }
+    feed.end();
+    let (runs, handler) = failing_on(
+        HashMap::from([("a2", (1..=10).collect())]),
+        Duration::from_secs(1),
+    );
+    let policy = RetryPolicy::new()
+        .with_immediate_retries(0, Duration::ZERO)
+        .with_max_deliveries(3)
+        .with_backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1));
+    let handler = RetryLayer::new(policy).layer(handler);
+    let report = Consumer::new(subscription, handler)
+        .run(pending())
+        .await
+        .unwrap();
+
+    let order: Vec<(String, u32)> = runs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, attempt, _)| (name.clone(), *attempt))
+        .collect();
+    let expected: Vec<(String, u32)> = [
+        ("a1", 1),
+        ("a2", 1),
+        ("a2", 2),
+        ("a2", 3),
+        ("a3", 1),
+        ("a4", 1),
+    ]
+    .iter()
+    .map(|(n, a)| ((*n).to_owned(), *a))
+    .collect();
+    assert_eq!(order, expected);
+    let settled = feed.broker.settlements();
+    match &settled["a2"] {
+        Settlement::Reject { reason, attempts } => {
+            assert_eq!(*attempts, 3, "every attempt in place is counted");
+            assert!(reason.contains("gave up after 3 deliveries"), "{reason}");
+        }
+        other => panic!("a2 settled as {other:?}"),
+    }
+    assert_eq!(settled["a3"], Settlement::Ack);
+    assert_eq!(
+        (
+            report.acked,
+            report.rejected,
+            report.retried,
+            report.retried_in_place
+        ),
+        (3, 1, 0, 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unordered_and_keyless_retries_go_back_to_the_broker() {
+    for (ordered_source, order, key) in [
+        (true, Some(KeyOrder::Unordered), Some("A")),
+        (true, None, None),
+        (false, None, Some("A")),
+    ] {
+        let (mut feed, subscription) = fake_source(None, ordered_source);
+        feed.send("a1", key);
+        feed.end();
+        let (_runs, handler) = failing_on(HashMap::from([("a1", vec![1])]), Duration::from_secs(3));
+        let mut consumer = Consumer::new(subscription, handler);
+        if let Some(order) = order {
+            consumer = consumer.with_key_order(order);
+        }
+        let report = consumer.run(pending()).await.unwrap();
+        assert_eq!(
+            feed.broker.settlements()["a1"],
+            Settlement::Nack(Redeliver::After(Duration::from_secs(3))),
+            "source ordered: {ordered_source}, order {order:?}, key {key:?}"
+        );
+        assert_eq!((report.retried, report.retried_in_place), (1, 0));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn parked_keys_hold_at_most_max_parked_then_receiving_pauses() {
+    let (feed, subscription) = fake_ordered(None);
+    for i in 1..=6 {
+        feed.send(&format!("a{i}"), Some("A"));
+    }
+    feed.send("b1", Some("B"));
+    let (runs, handler) = failing_on(HashMap::from([("a1", vec![1])]), Duration::from_secs(10));
+    let consumer = Consumer::new(subscription, handler)
+        .with_max_pending(1)
+        .with_max_parked(3)
+        .spawn();
+    // a1 parks; a2 and a3 wait behind it: 3 held, the bound. a4.. stay with the broker, and
+    // so does b1, behind them.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(*feed.broker.received.borrow(), 3);
+    let names = || -> Vec<String> {
+        runs.lock()
+            .unwrap()
+            .iter()
+            .map(|(n, ..)| n.clone())
+            .collect()
+    };
+    assert_eq!(names(), ["a1"]);
+    // After the retry, A moves on and receiving resumes.
+    feed.wait_settled(7).await;
+    let report = consumer.stop().await.unwrap();
+    assert_eq!(names(), ["a1", "a1", "a2", "a3", "a4", "a5", "a6", "b1"]);
+    assert_eq!(
+        (
+            report.paused_at_parked_bound,
+            report.peak_parked_deliveries,
+            report.acked
+        ),
+        (1, 3, 7)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn parked_deliveries_keep_their_lease_and_are_abandoned_at_shutdown() {
+    let lease = Duration::from_secs(3);
+    let (feed, subscription) = fake_ordered(Some(lease));
+    feed.send("a1", Some("A"));
+    feed.send("a2", Some("A"));
+    let (runs, handler) = failing_on(HashMap::from([("a1", vec![1])]), Duration::from_secs(60));
+    let consumer = Consumer::new(subscription, handler).spawn();
+    feed.wait_received(2).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        feed.broker.progress("a1") >= 5 && feed.broker.progress("a2") >= 5,
+        "leases of the parked delivery and the one behind it: {} and {}",
+        feed.broker.progress("a1"),
+        feed.broker.progress("a2")
+    );
+    let report = consumer.stop().await.unwrap();
+    assert_eq!(runs.lock().unwrap().len(), 1, "a2 never ran before a1");
+    assert_eq!(feed.broker.abandoned(), ["a1", "a2"]);
+    assert!(feed.broker.settlements().is_empty());
+    assert_eq!((report.abandoned, report.retried_in_place), (2, 1));
+    assert_eq!(total(&report), report.received);
 }

@@ -25,7 +25,7 @@ use crate::middleware::idempotency::{IdempotencyLayer, MemoryStore};
 use crate::middleware::tracing::{TracedBroker, TracingLayer};
 use crate::middleware::{RetryLayer, RetryPolicy};
 use crate::runtime::{handler_fn, Consumer, ConsumerReport, DeliveryInfo, Handler, HandlerBuilder};
-use crate::runtime::{ConsumerHandle, Outcome};
+use crate::runtime::{ConsumerHandle, KeyOrder, Outcome};
 use crate::{
     headers, Capabilities, ConsumeOptions, Delivery, Envelope, Error, ErrorKind, MessageId,
     Publisher, SubscribeOptions,
@@ -81,7 +81,8 @@ fn assert_report_adds_up(report: &ConsumerReport, what: &str) {
 }
 
 /// A handler that always fails with a retryable error, wrapped in [`RetryLayer`] (1 immediate
-/// retry, 3 deliveries, 10 ms → 40 ms backoff), runs exactly 3 × 2 times per message; each
+/// retry, 3 deliveries, 10 ms → 40 ms backoff), in a consumer that retries through the broker
+/// ([`KeyOrder::Unordered`]), runs exactly 3 × 2 times per message; each
 /// message then lands once in `headers::dead_letter_queue(topic)` with 3 attempts, its
 /// original topic and group and the error's text as reason, and the consumer reports 2 retries
 /// and 1 rejection per message.
@@ -122,7 +123,10 @@ pub async fn retry_then_dead_letter_exact_counts(h: Harness) {
             let _ = runs_tx.send((envelope.id, info.attempt()));
             async { Err::<(), _>(Error::new(ErrorKind::Connection, FAILURE)) }
         }));
+    // Through the broker: what this case checks is its redelivery and dead-lettering.
+    // `per_key_order_kept_across_retries` covers the retries in place.
     let consumer = Consumer::new(sub, handler)
+        .with_key_order(KeyOrder::Unordered)
         .with_concurrency(MESSAGES)
         .with_shutdown_timeout(h.receive_timeout)
         .spawn();

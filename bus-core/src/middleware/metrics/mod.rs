@@ -11,6 +11,9 @@
 //! | `messaging.client.consumed.messages` | counter, `{message}` | [`MetricsLayer`]: each delivery handed to the handler | system, destination, consumer group, operation name `process` |
 //! | `messaging.process.duration` | histogram, `s` | [`MetricsLayer`]: each handler run | as above, `bus.outcome`, `error.type` on retry or reject |
 //! | `bus.consumer.outcomes` | counter, `{message}` | [`MetricsLayer`]: each handler run, by outcome | as above |
+//! | `bus.consumer.parked_keys` | gauge, `{key}` | [`BusMetrics::observe_consumer`]: keys a failed message holds back for its retry in place ([`KeyOrder::Ordered`](crate::runtime::KeyOrder)) | system, destination, consumer group |
+//! | `bus.consumer.parked_messages` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: deliveries those keys hold (parked, and waiting behind them) | as above |
+//! | `bus.consumer.running` / `bus.consumer.pending` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: handlers running; deliveries waiting for a slot or their key | as above |
 //!
 //! `bus.outcome` is `ack` (processed), `retry` (failed, will be redelivered) or `reject`
 //! (dead-lettered); `error.type` is the [`ErrorKind`](crate::ErrorKind) name; the attribute
@@ -49,10 +52,15 @@ mod broker;
 mod layer;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use opentelemetry::global;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider, ObservableGauge};
+use opentelemetry::KeyValue;
+
+use crate::middleware::tracing::semconv;
+use crate::runtime::consumer::GaugeValues;
+use crate::runtime::ConsumerGauges;
 
 pub use broker::MeteredBroker;
 pub use layer::{Metered, MetricsLayer};
@@ -75,6 +83,39 @@ struct Instruments {
     consumed: Counter<u64>,
     process_duration: Histogram<f64>,
     outcomes: Counter<u64>,
+    /// The consumers [`BusMetrics::observe_consumer`] was given, read by the gauges' callbacks;
+    /// an entry goes when its consumer's gauges are dropped.
+    consumers: Consumers,
+    /// Kept so that the callbacks stay registered as long as the instruments live.
+    _gauges: Vec<ObservableGauge<u64>>,
+}
+
+type Consumers = Arc<Mutex<Vec<(Vec<KeyValue>, Weak<GaugeValues>)>>>;
+
+/// Registers the gauge `name`, reporting `read` of every observed consumer.
+fn consumer_gauge(
+    meter: &Meter,
+    consumers: &Consumers,
+    name: &'static str,
+    unit: &'static str,
+    description: &'static str,
+    read: fn(&ConsumerGauges) -> u64,
+) -> ObservableGauge<u64> {
+    let consumers = consumers.clone();
+    meter
+        .u64_observable_gauge(name)
+        .with_unit(unit)
+        .with_description(description)
+        .with_callback(move |observer| {
+            let mut consumers = consumers.lock().unwrap_or_else(|e| e.into_inner());
+            consumers.retain(|(_, values)| values.strong_count() > 0);
+            for (attributes, values) in consumers.iter() {
+                if let Some(values) = values.upgrade() {
+                    observer.observe(read(&ConsumerGauges::from_values(values)), attributes);
+                }
+            }
+        })
+        .build()
 }
 
 impl BusMetrics {
@@ -98,6 +139,41 @@ impl BusMetrics {
     /// Instruments from `meter`.
     #[must_use]
     pub fn from_meter(meter: &Meter) -> Self {
+        let consumers = Consumers::default();
+        let gauges = vec![
+            consumer_gauge(
+                meter,
+                &consumers,
+                "bus.consumer.parked_keys",
+                "{key}",
+                "Keys held back by a failed message waiting for its retry in place.",
+                ConsumerGauges::parked_keys,
+            ),
+            consumer_gauge(
+                meter,
+                &consumers,
+                "bus.consumer.parked_messages",
+                "{message}",
+                "Deliveries held by parked keys: the failed ones and those waiting behind them.",
+                ConsumerGauges::parked_deliveries,
+            ),
+            consumer_gauge(
+                meter,
+                &consumers,
+                "bus.consumer.running",
+                "{message}",
+                "Handlers running.",
+                ConsumerGauges::running,
+            ),
+            consumer_gauge(
+                meter,
+                &consumers,
+                "bus.consumer.pending",
+                "{message}",
+                "Deliveries received and waiting for a handler slot or for their key.",
+                ConsumerGauges::pending,
+            ),
+        ];
         let instruments = Instruments {
             sent: meter
                 .u64_counter("messaging.client.sent.messages")
@@ -131,10 +207,51 @@ impl BusMetrics {
                      redelivered), reject (dead-lettered).",
                 )
                 .build(),
+            consumers,
+            _gauges: gauges,
         };
         Self {
             instruments: Arc::new(instruments),
         }
+    }
+
+    /// Reports what the consumer behind `gauges` holds (parked keys and messages, running
+    /// handlers, pending deliveries) as gauges, each time the meter provider collects, for as
+    /// long as the consumer or a clone of its gauges exists. `system` is the adapter's name,
+    /// `destination` the topic or queue, `group` the consumer group.
+    ///
+    /// ```
+    /// # async fn example(sub: bus_core::Subscription) {
+    /// use bus_core::middleware::metrics::BusMetrics;
+    /// use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo};
+    ///
+    /// let consumer = Consumer::new(sub, handler_fn(|_: bus_core::Envelope, _: DeliveryInfo| async {}));
+    /// BusMetrics::global().observe_consumer(&consumer.gauges(), "kafka", "orders", Some("billing"));
+    /// let handle = consumer.spawn();
+    /// # drop(handle); }
+    /// ```
+    pub fn observe_consumer(
+        &self,
+        gauges: &ConsumerGauges,
+        system: &str,
+        destination: &str,
+        group: Option<&str>,
+    ) {
+        let mut attributes = vec![
+            KeyValue::new(semconv::MESSAGING_SYSTEM, system.to_owned()),
+            KeyValue::new(semconv::MESSAGING_DESTINATION_NAME, destination.to_owned()),
+        ];
+        if let Some(group) = group {
+            attributes.push(KeyValue::new(
+                semconv::MESSAGING_CONSUMER_GROUP_NAME,
+                group.to_owned(),
+            ));
+        }
+        self.instruments
+            .consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((attributes, gauges.values()));
     }
 }
 

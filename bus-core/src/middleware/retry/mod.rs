@@ -4,11 +4,14 @@
 //! The flow of one failing message, with the default [`RetryPolicy`] (2 immediate retries,
 //! 5 deliveries):
 //!
-//! 1. delivery 1: the handler runs, fails with a retryable error, runs twice more at once
-//!    (immediate retries); still failing, the outcome is
-//!    [`Outcome::Retry`] with a delay of about 200 ms, and the consumer nacks with that delay;
-//! 2. deliveries 2 to 4: the same, the delay doubling each time;
-//! 3. delivery 5 (the last): still failing, the outcome becomes [`Outcome::Reject`], and the
+//! 1. attempt 1: the handler runs, fails with a retryable error, runs twice more at once
+//!    (immediate retries); still failing, the outcome is [`Outcome::Retry`] with a delay of
+//!    about 200 ms. The [`Consumer`](crate::Consumer) runs it again after that delay: in place,
+//!    its key waiting behind it, where it keeps per-key order
+//!    ([`KeyOrder::Ordered`](crate::runtime::KeyOrder::Ordered)), or by nacking it to the
+//!    broker with that delay ([`KeyOrder::Unordered`](crate::runtime::KeyOrder::Unordered));
+//! 2. attempts 2 to 4: the same, the delay doubling each time;
+//! 3. attempt 5 (the last): still failing, the outcome becomes [`Outcome::Reject`], and the
 //!    consumer rejects: the message moves to the dead-letter queue with its reason and attempt
 //!    count (see [`dead_letter`](crate::middleware::dead_letter)).
 //!

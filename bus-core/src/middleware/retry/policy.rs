@@ -18,11 +18,14 @@ type Predicate = Arc<dyn Fn(&Error) -> bool + Send + Sync>;
 ///   short pause (default: 2 retries, 50 ms apart, jittered). They absorb blips without
 ///   broker round trips. They hold one of the consumer's concurrency slots while they pause,
 ///   never the other keys.
-/// - **Redeliveries**: when the immediate retries are used up, the delivery is nacked with a
-///   delay that grows with the delivery's [`attempt`](crate::Delivery::attempt) (default:
-///   200 ms doubling up to 5 min, jittered), and the broker brings it back later.
-///   After [`max_deliveries`](RetryPolicy::max_deliveries) deliveries (default 5) the message is
-///   rejected, which dead-letters it.
+/// - **Redeliveries**: when the immediate retries are used up, the outcome asks for a retry
+///   after a delay that grows with the delivery's [`attempt`](crate::Delivery::attempt)
+///   (default: 200 ms doubling up to 5 min, jittered). The [`Consumer`](crate::Consumer) runs
+///   it again after that delay, in place with its key waiting
+///   ([`KeyOrder::Ordered`](crate::runtime::KeyOrder::Ordered)) or through the broker
+///   ([`KeyOrder::Unordered`](crate::runtime::KeyOrder::Unordered)); either way as the next
+///   attempt. After [`max_deliveries`](RetryPolicy::max_deliveries) attempts (default 5) the
+///   message is rejected, which dead-letters it.
 ///
 /// Errors the predicate calls permanent (by default those that are not
 /// [`Error::is_retryable`]) are rejected at once, without retries.
