@@ -504,6 +504,8 @@ macro_rules! conformance_suite {
             retry_then_dead_letter_exact_counts,
             idempotency_under_injected_duplicates,
             per_key_order_under_concurrency_16,
+            per_key_order_kept_across_retries,
+            parked_key_dead_letters_and_moves_on,
             graceful_shutdown_loses_nothing,
             trace_id_continuity_publish_to_process,
             undecodable_message_is_dead_lettered,
