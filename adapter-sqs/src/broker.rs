@@ -8,10 +8,11 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
+use bus_core::secrets::redact_url;
 use bus_core::{headers, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::SqsConfig;
+use crate::config::{CredentialsSource, SqsConfig};
 use crate::error::map;
 use crate::names::{fnv1a, Names};
 use crate::wire::{self, Wire};
@@ -72,44 +73,30 @@ impl std::fmt::Debug for Inner {
 impl Inner {
     pub(crate) async fn connect(config: SqsConfig) -> Result<Self> {
         config.check_max_message_bytes()?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(endpoint) = &config.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let Some(region) = &config.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                id.clone(),
-                secret.clone(),
-                config.session_token.clone(),
-                None,
-                "bus-sqs-config",
-            ));
-        } else if config.endpoint.is_some() && config.access_key_id.is_none() {
-            // A local server (moto, ministack) takes any credentials; AWS itself is only
-            // reached without an endpoint, through the default chain.
-            if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-                loader = loader.test_credentials();
+        config.check_connection_settings()?;
+        let (sqs, sns) = clients(&config).await?;
+        // Fail fast on a wrong endpoint, certificate or credentials rather than at the first
+        // publish, and within the connect timeout whatever the SDK's retries and credential
+        // lookups take.
+        let probe = sqs.list_queues().max_results(1).send();
+        match tokio::time::timeout(config.connect_timeout(), probe).await {
+            Ok(result) => {
+                result.map_err(|e| map(e, "connecting to SQS"))?;
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    bus_core::ErrorKind::Timeout,
+                    format!(
+                        "connecting to SQS at {}: no answer within {} ms (`connect_timeout_ms`)",
+                        config
+                            .endpoint
+                            .as_deref()
+                            .map_or_else(|| "AWS".to_owned(), redact_url),
+                        config.connect_timeout_ms
+                    ),
+                ))
             }
         }
-        if let Some(hook) = &config.loader {
-            loader = hook(loader);
-        }
-        let shared = loader.load().await;
-        let mut sqs_builder = aws_sdk_sqs::config::Builder::from(&shared);
-        if let Some(hook) = &config.sqs_config {
-            sqs_builder = hook(sqs_builder);
-        }
-        let sqs = aws_sdk_sqs::Client::from_conf(sqs_builder.build());
-        let sns = aws_sdk_sns::Client::new(&shared);
-        // Fail fast on a wrong endpoint or credentials rather than at the first publish.
-        sqs.list_queues()
-            .max_results(1)
-            .send()
-            .await
-            .map_err(|e| map(e, "connecting to SQS"))?;
         let names = Names::new(&config.name_prefix, config.fifo);
         Ok(Self {
             sqs,
@@ -441,6 +428,96 @@ impl Inner {
         };
         Some((fifo_safe(&group), dedup))
     }
+}
+
+/// The SQS and SNS clients the configuration describes: endpoint, region, TLS, credentials
+/// (static, profile, default chain or dummy for a local server, then an assumed role), the
+/// connect timeout, then the hooks.
+async fn clients(config: &SqsConfig) -> Result<(aws_sdk_sqs::Client, aws_sdk_sns::Client)> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(config.connect_timeout())
+            .build(),
+    );
+    if let Some(region) = &config.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(profile) = &config.profile {
+        loader = loader.profile_name(profile);
+    }
+    match config.credentials_source() {
+        CredentialsSource::Static => {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                config.access_key_id.clone().unwrap_or_default(),
+                config.secret_access_key.clone().unwrap_or_default(),
+                config.session_token.clone(),
+                None,
+                "bus-sqs-config",
+            ));
+        }
+        // The profile's credentials only: a profile that is missing or holds none is an
+        // error, never a fall back to the rest of the chain (an instance role, say).
+        CredentialsSource::Profile => {
+            let name = config.profile.clone().unwrap_or_default();
+            loader = loader.credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(name)
+                    .build(),
+            );
+        }
+        CredentialsSource::LocalTest => loader = loader.test_credentials(),
+        CredentialsSource::DefaultChain => {}
+    }
+    if let Some(client) = crate::tls::http_client(config)? {
+        loader = loader.http_client(client);
+    }
+    if let Some(hook) = &config.loader {
+        loader = hook(loader);
+    }
+    let mut shared = loader.load().await;
+    if let Some(role) = &config.role_arn {
+        let base = shared.credentials_provider().ok_or_else(|| {
+            Error::config(format!(
+                "SQS: no credentials to assume the role `{role}` with (give keys, a profile, \
+                 or credentials in the environment)"
+            ))
+        })?;
+        let mut sts = shared.to_builder();
+        if let Some(endpoint) = &config.sts_endpoint {
+            sts.set_endpoint_url(Some(endpoint.clone()));
+        }
+        let mut assume = aws_config::sts::AssumeRoleProvider::builder(role)
+            .configure(&sts.build())
+            .session_name(
+                config
+                    .role_session_name
+                    .clone()
+                    .unwrap_or_else(|| format!("bus-{}", uuid::Uuid::now_v7().simple())),
+            );
+        if let Some(id) = &config.external_id {
+            assume = assume.external_id(id);
+        }
+        let provider = assume.build_from_provider(base).await;
+        shared = shared
+            .into_builder()
+            .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                provider,
+            ))
+            .build();
+    }
+    let mut sqs = aws_sdk_sqs::config::Builder::from(&shared);
+    let mut sns = aws_sdk_sns::config::Builder::from(&shared);
+    if let Some(endpoint) = &config.endpoint {
+        sqs = sqs.endpoint_url(endpoint);
+        sns = sns.endpoint_url(endpoint);
+    }
+    if let Some(hook) = &config.sqs_config {
+        sqs = hook(sqs);
+    }
+    Ok((
+        aws_sdk_sqs::Client::from_conf(sqs.build()),
+        aws_sdk_sns::Client::from_conf(sns.build()),
+    ))
 }
 
 /// What a batcher sends to, and when it stops.

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus_core::secrets::REDACTED;
 use bus_core::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -29,14 +30,37 @@ pub const SQS_MIN_MESSAGE_BYTES: usize = 16 * 1024;
 /// The longest a message can be kept invisible: SQS's limit of 12 hours, in seconds.
 pub const SQS_MAX_VISIBILITY_SECS: u32 = 43_200;
 
+/// Where the credentials come from, in the order [`SqsConfig`] chooses them (see
+/// [`SqsConfig::credentials_source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialsSource {
+    /// [`SqsConfig::access_key_id`] and [`SqsConfig::secret_access_key`] (and
+    /// [`SqsConfig::session_token`]).
+    Static,
+    /// The named profile of the shared AWS config and credentials files
+    /// ([`SqsConfig::profile`]).
+    Profile,
+    /// The AWS SDK's default chain: environment, profile files (`AWS_PROFILE`), SSO, web
+    /// identity, container and instance roles.
+    DefaultChain,
+    /// Dummy credentials, for a local server on a loopback endpoint when nothing else is
+    /// configured (no key, profile or role here, neither `AWS_ACCESS_KEY_ID` nor `AWS_PROFILE`
+    /// in the environment).
+    LocalTest,
+}
+
 /// How to reach SQS and SNS and how to use them.
 ///
 /// Reads through serde (an `[sqs]` section of `BusConfig`) or from an `sqs://` URL
 /// ([`SqsConfig::from_url`]). Without an endpoint the AWS SDK's defaults apply: the region and
 /// credentials come from the environment, profile files or instance metadata, exactly as for
 /// any AWS program. With an endpoint (a local server such as moto, or a VPC endpoint) the
-/// region still matters for signing, and credentials may be given here. The secret key and
-/// session token never appear in `Debug` output or in logs.
+/// region still matters for signing. Credentials: static keys, a [`profile`](Self::profile),
+/// or the default chain, optionally used to assume a [`role_arn`](Self::role_arn) (see
+/// [`credentials_source`](Self::credentials_source)). An `https` endpoint is verified against
+/// the system's roots, or [`tls_ca`](Self::tls_ca). The secret key and session token never
+/// appear in `Debug` output, errors or logs, and are not serialized.
 ///
 /// ```
 /// use adapter_sqs::SqsConfig;
@@ -59,10 +83,42 @@ pub struct SqsConfig {
     /// The access key id; with [`secret_access_key`](Self::secret_access_key) replaces the
     /// default credential chain.
     pub access_key_id: Option<String>,
-    /// The secret access key (never printed).
+    /// The secret access key (never printed, and not serialized: give it by URL, environment
+    /// or profile).
+    #[serde(skip_serializing)]
     pub secret_access_key: Option<String>,
-    /// A session token for temporary credentials (never printed).
+    /// A session token for temporary credentials (never printed, and not serialized).
+    #[serde(skip_serializing)]
     pub session_token: Option<String>,
+    /// The profile of the shared AWS config and credentials files (`~/.aws/config`,
+    /// `~/.aws/credentials`, or `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE`) whose
+    /// credentials and region to use, instead of `AWS_PROFILE` or `default`. Ignored for
+    /// credentials when static keys are given.
+    pub profile: Option<String>,
+    /// An IAM role to assume (`sts:AssumeRole`) with the credentials chosen otherwise (static
+    /// keys, profile or default chain); the role's temporary credentials sign every call and
+    /// are renewed before they expire.
+    pub role_arn: Option<String>,
+    /// The session name of the assumed role (shown in CloudTrail); default `bus-<uuid>`.
+    pub role_session_name: Option<String>,
+    /// The external id the role's trust policy may require.
+    pub external_id: Option<String>,
+    /// The STS endpoint used to assume [`role_arn`](Self::role_arn); `None`: the SDK's own
+    /// (AWS's regional STS, or `AWS_ENDPOINT_URL_STS`). [`endpoint`](Self::endpoint) is for
+    /// SQS and SNS only.
+    pub sts_endpoint: Option<String>,
+    /// The CA certificates (a PEM file's path, or PEM text) that the endpoint's TLS
+    /// certificate must chain to, instead of the system's roots. Setting it makes an `sqs://`
+    /// URL's endpoint `https`.
+    pub tls_ca: Option<String>,
+    /// A name the endpoint's certificate may be valid for besides the endpoint's host (a
+    /// certificate for `sqs.internal` reached as `10.0.0.5`). Also makes the endpoint `https`.
+    pub tls_server_name: Option<String>,
+    /// How long connecting may take, in milliseconds: each TCP and TLS connect of the HTTP
+    /// client, and the whole first call that checks the endpoint and credentials in
+    /// [`SqsBroker::connect_with`](crate::SqsBroker::connect_with) (with its retries and
+    /// credential lookups). Default 10,000.
+    pub connect_timeout_ms: u64,
     /// Long-polling wait of each receive (`WaitTimeSeconds`), 0 to 20 seconds.
     pub wait_time_secs: u32,
     /// Messages per receive, send and delete call, 1 to 10 (SQS's batch limit).
@@ -116,6 +172,14 @@ impl Default for SqsConfig {
             access_key_id: None,
             secret_access_key: None,
             session_token: None,
+            profile: None,
+            role_arn: None,
+            role_session_name: None,
+            external_id: None,
+            sts_endpoint: None,
+            tls_ca: None,
+            tls_server_name: None,
+            connect_timeout_ms: 10_000,
             wait_time_secs: 20,
             batch_size: 10,
             visibility_timeout_secs: 30,
@@ -136,13 +200,29 @@ impl Default for SqsConfig {
 
 impl fmt::Debug for SqsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |s: &Option<String>| s.as_ref().map(|_| "***");
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
+        // PEM text is shown by its length only: it is public, but long.
+        let ca = self.tls_ca.as_ref().map(|ca| {
+            if ca.contains("-----BEGIN") {
+                format!("<PEM, {} bytes>", ca.len())
+            } else {
+                ca.clone()
+            }
+        });
         f.debug_struct("SqsConfig")
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &hidden(&self.secret_access_key))
             .field("session_token", &hidden(&self.session_token))
+            .field("profile", &self.profile)
+            .field("role_arn", &self.role_arn)
+            .field("role_session_name", &self.role_session_name)
+            .field("external_id", &self.external_id)
+            .field("sts_endpoint", &self.sts_endpoint)
+            .field("tls_ca", &ca)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("wait_time_secs", &self.wait_time_secs)
             .field("batch_size", &self.batch_size)
             .field("visibility_timeout_secs", &self.visibility_timeout_secs)
@@ -177,6 +257,14 @@ impl PartialEq for SqsConfig {
             && self.access_key_id == other.access_key_id
             && self.secret_access_key == other.secret_access_key
             && self.session_token == other.session_token
+            && self.profile == other.profile
+            && self.role_arn == other.role_arn
+            && self.role_session_name == other.role_session_name
+            && self.external_id == other.external_id
+            && self.sts_endpoint == other.sts_endpoint
+            && self.tls_ca == other.tls_ca
+            && self.tls_server_name == other.tls_server_name
+            && self.connect_timeout_ms == other.connect_timeout_ms
             && self.wait_time_secs == other.wait_time_secs
             && self.batch_size == other.batch_size
             && self.visibility_timeout_secs == other.visibility_timeout_secs
@@ -206,9 +294,11 @@ impl SqsConfig {
 
     /// Applies an `sqs://` URL onto this configuration.
     ///
-    /// `sqs://host:port` sets the endpoint `http://host:port` (`https` with `tls=true`);
-    /// `sqs://` without a host keeps AWS's own endpoints. Query parameters: `region`,
-    /// `access_key_id`, `secret_access_key`, `session_token`, `wait_time_secs`, `batch_size`,
+    /// `sqs://host:port` sets the endpoint `http://host:port` (`https` with `tls=true`, or
+    /// with `tls_ca` or `tls_server_name`); `sqs://` without a host keeps AWS's own endpoints.
+    /// Query parameters: `region`, `access_key_id`, `secret_access_key`, `session_token`,
+    /// `profile`, `role_arn`, `role_session_name`, `external_id`, `sts_endpoint`, `tls_ca`,
+    /// `tls_server_name`, `connect_timeout_ms`, `wait_time_secs`, `batch_size`,
     /// `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `fifo_dedup_by_id`,
     /// `max_receive_count`,
     /// `name_prefix`, `source`, `max_message_bytes`, `sender_idle_ms`, `tls`.
@@ -248,6 +338,20 @@ impl SqsConfig {
                 "access_key_id" => self.access_key_id = Some(value.into_owned()),
                 "secret_access_key" => self.secret_access_key = Some(value.into_owned()),
                 "session_token" => self.session_token = Some(value.into_owned()),
+                "profile" => self.profile = Some(value.into_owned()),
+                "role_arn" => self.role_arn = Some(value.into_owned()),
+                "role_session_name" => self.role_session_name = Some(value.into_owned()),
+                "external_id" => self.external_id = Some(value.into_owned()),
+                "sts_endpoint" => self.sts_endpoint = Some(value.into_owned()),
+                "tls_ca" => {
+                    self.tls_ca = Some(value.into_owned());
+                    tls = true;
+                }
+                "tls_server_name" => {
+                    self.tls_server_name = Some(value.into_owned());
+                    tls = true;
+                }
+                "connect_timeout_ms" => self.connect_timeout_ms = number()?.max(1),
                 "wait_time_secs" => self.wait_time_secs = small(number()?).min(20),
                 "batch_size" => self.batch_size = small(number()?).clamp(1, 10),
                 "visibility_timeout_secs" => {
@@ -308,6 +412,106 @@ impl SqsConfig {
         self.access_key_id = Some(access_key_id.into());
         self.secret_access_key = Some(secret_access_key.into());
         self
+    }
+
+    /// Sets a session token, for temporary static credentials.
+    #[must_use]
+    pub fn with_session_token(mut self, token: impl Into<String>) -> Self {
+        self.session_token = Some(token.into());
+        self
+    }
+
+    /// Takes credentials (and the region, unless set) from this profile of the shared AWS
+    /// config and credentials files (see [`profile`](Self::profile)).
+    #[must_use]
+    pub fn with_profile(mut self, profile: impl Into<String>) -> Self {
+        self.profile = Some(profile.into());
+        self
+    }
+
+    /// Assumes this IAM role with the credentials chosen otherwise (see
+    /// [`role_arn`](Self::role_arn)).
+    #[must_use]
+    pub fn with_role(mut self, role_arn: impl Into<String>) -> Self {
+        self.role_arn = Some(role_arn.into());
+        self
+    }
+
+    /// Sets the session name of the assumed role.
+    #[must_use]
+    pub fn with_role_session_name(mut self, name: impl Into<String>) -> Self {
+        self.role_session_name = Some(name.into());
+        self
+    }
+
+    /// Sets the external id passed when assuming the role.
+    #[must_use]
+    pub fn with_external_id(mut self, id: impl Into<String>) -> Self {
+        self.external_id = Some(id.into());
+        self
+    }
+
+    /// Sets the STS endpoint used to assume the role (see
+    /// [`sts_endpoint`](Self::sts_endpoint)).
+    #[must_use]
+    pub fn with_sts_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.sts_endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Trusts these CA certificates (a PEM file's path, or PEM text) for the endpoint's TLS
+    /// certificate instead of the system's roots.
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: impl Into<String>) -> Self {
+        self.tls_ca = Some(ca.into());
+        self
+    }
+
+    /// Accepts an endpoint certificate valid for `name` (see
+    /// [`tls_server_name`](Self::tls_server_name)).
+    #[must_use]
+    pub fn with_tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Sets the connect timeout (see [`connect_timeout_ms`](Self::connect_timeout_ms)); at
+    /// least 1 ms.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self
+    }
+
+    /// The connect timeout, as a duration.
+    #[must_use]
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+
+    /// Where the credentials come from with this configuration, before a role is assumed
+    /// with them ([`role_arn`](Self::role_arn)): static keys when both the key id and the
+    /// secret are set; else the profile when one is named; else, for an endpoint on loopback
+    /// (`127.0.0.1`, `::1`, `localhost`) with neither `AWS_ACCESS_KEY_ID` nor `AWS_PROFILE` in
+    /// the environment and no role to assume, dummy credentials (a local server such as moto
+    /// takes any); else the default chain.
+    #[must_use]
+    pub fn credentials_source(&self) -> CredentialsSource {
+        if self.access_key_id.is_some() && self.secret_access_key.is_some() {
+            CredentialsSource::Static
+        } else if self.profile.is_some() {
+            CredentialsSource::Profile
+        } else if self.role_arn.is_none()
+            && self.endpoint.as_deref().is_some_and(is_loopback)
+            && std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
+            && std::env::var_os("AWS_PROFILE").is_none()
+        {
+            CredentialsSource::LocalTest
+        } else {
+            CredentialsSource::DefaultChain
+        }
     }
 
     /// Sets the long-polling wait (at most 20 s).
@@ -441,8 +645,59 @@ impl SqsConfig {
         Ok(())
     }
 
+    /// Checks the credential and TLS settings that can be checked before connecting.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for half a key pair, a session token without keys, or a TLS
+    /// setting with a plain `http` endpoint.
+    pub(crate) fn check_connection_settings(&self) -> Result<()> {
+        match (&self.access_key_id, &self.secret_access_key) {
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "SQS: `access_key_id` is set without `secret_access_key`",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "SQS: `secret_access_key` is set without `access_key_id`",
+                ))
+            }
+            _ => {}
+        }
+        if self.session_token.is_some() && self.access_key_id.is_none() {
+            return Err(Error::config(
+                "SQS: `session_token` is set without `access_key_id` and `secret_access_key`",
+            ));
+        }
+        if self.tls_ca.is_some() || self.tls_server_name.is_some() {
+            if let Some(endpoint) = &self.endpoint {
+                if !endpoint.starts_with("https://") {
+                    return Err(Error::config(format!(
+                        "SQS: `tls_ca` or `tls_server_name` is set but the endpoint `{}` is not \
+                         https",
+                        bus_core::secrets::redact_url(endpoint)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn visibility(&self) -> i32 {
         i32::try_from(self.visibility_timeout_secs.min(SQS_MAX_VISIBILITY_SECS)).unwrap_or(30)
+    }
+}
+
+/// Whether an endpoint URL's host is a loopback address or `localhost`.
+fn is_loopback(endpoint: &str) -> bool {
+    let Ok(url) = Url::parse(endpoint) else {
+        return false;
+    };
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -480,6 +735,60 @@ mod tests {
         let small = SqsConfig::default().with_max_message_bytes(100);
         assert_eq!(
             small.check_max_message_bytes().unwrap_err().kind(),
+            ErrorKind::Config
+        );
+    }
+
+    /// Before: no TLS or credential settings but static keys, and serde wrote the secret key
+    /// and session token in clear.
+    #[test]
+    fn tls_and_credential_settings() {
+        let c = SqsConfig::from_url(
+            "sqs://localhost:4566?tls_ca=/etc/ca.pem&tls_server_name=sqs.internal&profile=p\
+             &role_arn=arn:aws:iam::1:role/r&role_session_name=s&external_id=x\
+             &sts_endpoint=https://sts.internal&connect_timeout_ms=500",
+        )
+        .unwrap();
+        assert_eq!(c.endpoint.as_deref(), Some("https://localhost:4566"));
+        assert_eq!(c.tls_ca.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(c.tls_server_name.as_deref(), Some("sqs.internal"));
+        assert_eq!(c.profile.as_deref(), Some("p"));
+        assert_eq!(c.role_arn.as_deref(), Some("arn:aws:iam::1:role/r"));
+        assert_eq!(c.external_id.as_deref(), Some("x"));
+        assert_eq!(c.sts_endpoint.as_deref(), Some("https://sts.internal"));
+        assert_eq!(c.connect_timeout(), Duration::from_millis(500));
+        assert_eq!(c.credentials_source(), CredentialsSource::Profile);
+        let keys = c.clone().with_credentials("AKID", "s3cret");
+        assert_eq!(keys.credentials_source(), CredentialsSource::Static);
+        let remote = SqsConfig::default().with_endpoint("https://vpce.example:443");
+        assert_eq!(remote.credentials_source(), CredentialsSource::DefaultChain);
+
+        let secret = SqsConfig::default()
+            .with_credentials("AKID", "s3cretKEY")
+            .with_session_token("s3cretTOKEN")
+            .with_tls_ca("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let json = serde_json::to_string(&secret).unwrap();
+        let debug = format!("{secret:?}");
+        for shown in [&json, &debug] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+        assert!(debug.contains("<PEM, "), "{debug}");
+        assert_eq!(
+            SqsConfig::default()
+                .with_credentials("AKID", "x")
+                .with_endpoint("http://h")
+                .with_tls_ca("/ca.pem")
+                .check_connection_settings()
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Config
+        );
+        let half = SqsConfig {
+            access_key_id: Some("AKID".into()),
+            ..SqsConfig::default()
+        };
+        assert_eq!(
+            half.check_connection_settings().unwrap_err().kind(),
             ErrorKind::Config
         );
     }

@@ -10,24 +10,139 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let kind = kind_of(&error);
+    let mut kind = kind_of(&error);
     let detail = match (error.code(), error.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
-        _ => error.to_string(),
+        _ => match (before_the_server(&error), unparsed_error(&error)) {
+            (Some((refused, detail)), _) => {
+                kind = refused;
+                detail
+            }
+            (None, Some((code, message))) => format!("{code}: {message}"),
+            (None, None) => error.to_string(),
+        },
     };
     Error::with_source(kind, format!("{doing}: {detail}"), error)
 }
 
 /// The bus error kind of an SDK error.
-pub(crate) fn kind_of<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> ErrorKind {
+pub(crate) fn kind_of<E: ProvideErrorMetadata, R: 'static>(error: &SdkError<E, R>) -> ErrorKind {
     match error {
         SdkError::ConstructionFailure(_) => ErrorKind::Config,
         SdkError::TimeoutError(_) => ErrorKind::Timeout,
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => ErrorKind::Connection,
-        SdkError::ServiceError(_) => kind_of_code(error.code().unwrap_or_default()),
+        SdkError::ServiceError(_) => match error.code() {
+            Some(code) => kind_of_code(code),
+            None => kind_of_code(&unparsed_error(error).unwrap_or_default().0),
+        },
         _ => ErrorKind::Other,
     }
+}
+
+/// The code and message of an error response the SDK could not parse: one in another
+/// protocol's format than the service's (moto answers authentication failures of the JSON
+/// protocol SQS speaks in XML, and SNS's in SQS's XML layout), read from the body
+/// (`<Code>`, `<Message>`) so that the error still says what the server said.
+fn unparsed_error<E, R: 'static>(error: &SdkError<E, R>) -> Option<(String, String)> {
+    let raw: &dyn std::any::Any = error.raw_response()?;
+    let raw = raw.downcast_ref::<aws_sdk_sqs::config::http::HttpResponse>()?;
+    let body = std::str::from_utf8(raw.body().bytes()?).ok()?;
+    let element = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{tag}>"))? + start;
+        Some(body[start..end].trim().to_owned())
+    };
+    let code = element("Code")?;
+    let message = element("Message").unwrap_or_else(|| format!("HTTP {}", raw.status()));
+    Some((code, message))
+}
+
+/// A request that failed before the server could answer because of a setting rather than the
+/// network: the endpoint's certificate refused, or no credentials found. Both are
+/// [`ErrorKind::Config`] (trying again does not help), with what to check; `None` otherwise.
+fn before_the_server<E, R>(error: &SdkError<E, R>) -> Option<(ErrorKind, String)>
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let SdkError::DispatchFailure(failure) = error else {
+        return None;
+    };
+    let source: &(dyn std::error::Error + 'static) = failure.as_connector_error()?;
+    if let Some(tls) = find::<rustls::Error>(source) {
+        let hint = match tls {
+            rustls::Error::InvalidCertificate(_) => {
+                "the endpoint's TLS certificate was refused; check `tls_ca` (the CA that \
+                 signed it; without it, the system's roots) and `tls_server_name` (a name it \
+                 is valid for)"
+            }
+            _ => "the TLS handshake with the endpoint failed",
+        };
+        return Some((ErrorKind::Config, format!("{hint} ({tls})")));
+    }
+    if let Some(credentials) =
+        find::<aws_credential_types::provider::error::CredentialsError>(source)
+    {
+        let reason = match find::<
+            SdkError<
+                aws_sdk_sts::operation::assume_role::AssumeRoleError,
+                aws_sdk_sqs::config::http::HttpResponse,
+            >,
+        >(source)
+        {
+            // What STS said, rather than the SDK's "service error".
+            Some(sts) => match (sts.code(), sts.message(), unparsed_error(sts)) {
+                (Some(code), message, _) => {
+                    format!(": AssumeRole: {code}: {}", message.unwrap_or_default())
+                }
+                (None, _, Some((code, message))) => format!(": AssumeRole: {code}: {message}"),
+                _ => format!(": AssumeRole: {sts}"),
+            },
+            None => find_source(credentials).map_or_else(String::new, |e| format!(": {e}")),
+        };
+        return Some((
+            ErrorKind::Config,
+            format!(
+                "no usable AWS credentials ({credentials}{reason}); check the keys, `profile`, \
+                 `role_arn` or the environment"
+            ),
+        ));
+    }
+    None
+}
+
+/// The first error of type `T` in `error`'s chain, looking inside I/O errors too (whose
+/// `source` skips the error they wrap).
+fn find<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<T>() {
+            return Some(found);
+        }
+        if let Some(inner) = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            if let Some(found) = find::<T>(inner) {
+                return Some(found);
+            }
+        }
+        next = current.source();
+    }
+    None
+}
+
+/// The source of a credentials error, which says why (a missing profile, a refused
+/// `AssumeRole`).
+fn find_source(
+    error: &aws_credential_types::provider::error::CredentialsError,
+) -> Option<&(dyn std::error::Error + 'static)> {
+    std::error::Error::source(error)
 }
 
 /// The bus error kind of an AWS error code (SQS's JSON and query protocols, and SNS).
@@ -42,6 +157,11 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
         "InvalidClientTokenId"
         | "UnrecognizedClientException"
         | "SignatureDoesNotMatch"
+        | "InvalidSignatureException"
+        | "IncompleteSignature"
+        | "InvalidAccessKeyId"
+        | "ExpiredToken"
+        | "ExpiredTokenException"
         | "InvalidSecurity"
         | "MissingAuthenticationToken" => ErrorKind::Config,
         "RequestThrottled"

@@ -38,11 +38,12 @@ mod names;
 mod publisher;
 mod requests;
 mod subscriber;
+mod tls;
 mod wire;
 
 pub use config::{
-    LoaderHook, SqsConfig, SqsConfigHook, SQS_MAX_MESSAGE_BYTES, SQS_MAX_VISIBILITY_SECS,
-    SQS_MIN_MESSAGE_BYTES,
+    CredentialsSource, LoaderHook, SqsConfig, SqsConfigHook, SQS_MAX_MESSAGE_BYTES,
+    SQS_MAX_VISIBILITY_SECS, SQS_MIN_MESSAGE_BYTES,
 };
 pub use publisher::SqsBroker;
 
