@@ -17,7 +17,7 @@
 //!
 //! `bus.outcome` is `ack` (processed), `retry` (failed, will be redelivered) or `reject`
 //! (dead-lettered); `error.type` is the [`ErrorKind`](crate::ErrorKind) name; the attribute
-//! names are in [`semconv`](crate::middleware::tracing::semconv). Histograms use the
+//! names are in [`semconv`]. Histograms use the
 //! conventions' bucket boundaries, 5 ms to 10 s.
 //!
 //! The instruments are created once, in a [`BusMetrics`], and shared (cheaply cloned) by every
