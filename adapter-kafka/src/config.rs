@@ -112,7 +112,9 @@ pub struct KafkaConfig {
     pub sasl_mechanism: Option<String>,
     /// `sasl.username`.
     pub sasl_username: Option<String>,
-    /// `sasl.password` (never shown in `Debug`).
+    /// `sasl.password` (never shown in `Debug`, and not serialized: give it by URL or set it
+    /// at runtime).
+    #[serde(skip_serializing)]
     pub sasl_password: Option<String>,
     /// `ssl.ca.location`: a PEM file of the CA certificates that may sign the brokers'
     /// certificates (instead of the system's trust store).
@@ -121,7 +123,9 @@ pub struct KafkaConfig {
     pub ssl_certificate_location: Option<String>,
     /// `ssl.key.location`: the client certificate's private key (PEM).
     pub ssl_key_location: Option<String>,
-    /// `ssl.key.password`: the password of an encrypted client key (never shown in `Debug`).
+    /// `ssl.key.password`: the password of an encrypted client key (never shown in `Debug`,
+    /// and not serialized).
+    #[serde(skip_serializing)]
     pub ssl_key_password: Option<String>,
     /// Whether the broker's certificate must name the host it was reached by
     /// (`ssl.endpoint.identification.algorithm` `https`, librdkafka's default, when unset or
@@ -141,7 +145,9 @@ pub struct KafkaConfig {
     /// memory stays bounded whatever the nacks; those behind wait in Kafka (at least 1).
     pub max_delayed: usize,
     /// Any other rdkafka `ClientConfig` key, applied last to every client (producer,
-    /// consumers, admin), so it can override what `bus` sets.
+    /// consumers, admin), so it can override what `bus` sets. Serialized with the values of
+    /// secret-looking keys (`sasl.password`, `ssl.key.password`, …) as `***`.
+    #[serde(serialize_with = "bus_core::secrets::serialize_settings")]
     pub client_options: BTreeMap<String, String>,
 }
 
@@ -696,5 +702,24 @@ mod tests {
         assert_eq!(c.compression, Compression::Gzip);
         assert!(c.idempotence);
         assert_eq!(c.partitions, 3);
+    }
+
+    #[test]
+    fn a_serialized_config_holds_no_secret() {
+        const SECRET: &str = "Zq9-secret-value";
+        let config = KafkaConfig::default()
+            .with_sasl("SCRAM-SHA-256", "svc", SECRET)
+            .with_ssl_key_password(SECRET)
+            .with_client_option("sasl.oauthbearer.client.secret", SECRET)
+            .with_client_option("client.id", "billing");
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains(SECRET), "{json}");
+        assert!(json.contains(r#""client.id":"billing""#), "{json}");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(SECRET), "{debug}");
+        // Read back, it is the same but for the secrets.
+        let back: KafkaConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.sasl_password, None);
+        assert_eq!(back.sasl_username.as_deref(), Some("svc"));
     }
 }

@@ -34,12 +34,14 @@ pub enum Credentials {
     UserPassword {
         /// The user.
         user: String,
-        /// The password.
+        /// The password (not serialized).
+        #[serde(skip_serializing)]
         password: String,
     },
     /// A token.
     Token {
-        /// The token.
+        /// The token (not serialized).
+        #[serde(skip_serializing)]
         token: String,
     },
     /// A `.creds` file (JWT and NKey seed), as `nsc` writes it.
@@ -51,7 +53,8 @@ pub enum Credentials {
     /// public key (`U…`).
     #[serde(rename = "nkey")]
     NKey {
-        /// The seed.
+        /// The seed (not serialized).
+        #[serde(skip_serializing)]
         seed: String,
     },
 }
@@ -114,7 +117,9 @@ type ConnectHook = dyn Fn(async_nats::ConnectOptions) -> async_nats::ConnectOpti
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NatsConfig {
-    /// The server address, `nats://host:port` (`tls://` for TLS).
+    /// The server address, `nats://host:port` (`tls://` for TLS). Serialized without its
+    /// password or token (`bus_core::secrets::serialize_url`).
+    #[serde(serialize_with = "bus_core::secrets::serialize_url")]
     pub url: String,
     /// How to authenticate.
     pub credentials: Credentials,
@@ -733,9 +738,17 @@ mod tests {
             }
         );
         assert!(!format!("{config:?}").contains("\"pw\""));
+        // Serialized without the password: it cannot be read back as it was.
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains("\"pw\""), "{json}");
+        assert!(serde_json::from_str::<NatsConfig>(&json).is_err());
+        let plain = NatsConfig {
+            credentials: Credentials::None,
+            ..config.clone()
+        };
         let back: NatsConfig =
-            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
-        assert_eq!(back, config);
+            serde_json::from_str(&serde_json::to_string(&plain).unwrap()).unwrap();
+        assert_eq!(back, plain);
         assert!(serde_json::from_str::<NatsConfig>(r#"{"prefetsh":1}"#).is_err());
     }
 
@@ -803,5 +816,32 @@ mod tests {
         assert!(!redact_url("nats://a:hunter2@127.0.0.1?token=x").contains("hunter2"));
         let err = NatsConfig::from_url("nats://127.0.0.1?token=t0k3n&nope=1").unwrap_err();
         assert!(!err.to_string().contains("t0k3n"), "{err}");
+    }
+
+    #[test]
+    fn a_serialized_config_holds_no_secret() {
+        const SECRET: &str = "Zq9-secret-value";
+        for credentials in [
+            Credentials::UserPassword {
+                user: "svc".into(),
+                password: SECRET.into(),
+            },
+            Credentials::Token {
+                token: SECRET.into(),
+            },
+            Credentials::NKey {
+                seed: SECRET.into(),
+            },
+        ] {
+            let config = NatsConfig {
+                url: format!("nats://{SECRET}@127.0.0.1:4222?token={SECRET}"),
+                credentials,
+                ..NatsConfig::default()
+            };
+            let json = serde_json::to_string(&config).unwrap();
+            assert!(!json.contains(SECRET), "{json}");
+            let debug = format!("{config:?}");
+            assert!(!debug.contains(SECRET), "{debug}");
+        }
     }
 }

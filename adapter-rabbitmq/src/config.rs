@@ -88,7 +88,9 @@ pub struct RabbitMqConfig {
     /// lapin's own query parameters (`heartbeat`, `frame_max`, `channel_max`,
     /// `connection_timeout`, `auth_mechanism`) are passed through; the TLS parameters
     /// (`tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`) and
-    /// `connect_timeout_ms` override the fields of the same meaning.
+    /// `connect_timeout_ms` override the fields of the same meaning. Serialized without its
+    /// password (`bus_core::secrets::serialize_url`).
+    #[serde(serialize_with = "bus_core::secrets::serialize_url")]
     pub url: String,
     /// The CA certificates (PEM) that the server's certificate must chain to, instead of the
     /// system's roots. `amqps://` only.
@@ -427,5 +429,16 @@ mod tests {
         assert!(config.quorum_queues);
         assert_eq!(config.topic_exchange, "bus.topics");
         assert!(serde_json::from_str::<RabbitMqConfig>(r#"{"prefetsh":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_serialized_config_holds_no_secret() {
+        const SECRET: &str = "Zq9-secret-value";
+        let config = RabbitMqConfig::new(format!("amqps://svc:{SECRET}@mq.example/%2f"));
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains(SECRET), "{json}");
+        assert!(json.contains("amqps://svc:***@mq.example/%2f"), "{json}");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(SECRET), "{debug}");
     }
 }

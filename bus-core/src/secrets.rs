@@ -9,6 +9,10 @@
 //! [`UNREADABLE`] only. Every adapter and the facade use it, so a secret is hidden the same way
 //! wherever it appears.
 
+use std::collections::BTreeMap;
+
+use serde::ser::SerializeMap;
+use serde::Serializer;
 use url::Url;
 
 /// What stands in for a hidden value.
@@ -107,6 +111,48 @@ pub fn redact_url(url: &str) -> String {
     }
     // Keep the marker readable rather than percent-encoded.
     parsed.as_str().replace("%2A%2A%2A", REDACTED)
+}
+
+/// A serde `serialize_with` for a URL setting: writes [`redact_url`] of it, so a serialized
+/// configuration never holds the URL's password, token or secret parameters. Read back, such
+/// a URL authenticates with [`REDACTED`] and is refused by the broker: give secrets at runtime
+/// (a URL from the environment such as `BUS_URL`, or a file), not in a stored configuration.
+///
+/// ```
+/// #[derive(serde::Serialize)]
+/// struct Config {
+///     #[serde(serialize_with = "bus_core::secrets::serialize_url")]
+///     url: String,
+/// }
+/// let json = serde_json::to_string(&Config { url: "amqp://app:hunter2@mq/%2f".into() }).unwrap();
+/// assert_eq!(json, r#"{"url":"amqp://app:***@mq/%2f"}"#);
+/// ```
+///
+/// # Errors
+/// Those of the serializer.
+pub fn serialize_url<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
+/// A serde `serialize_with` for free-form client settings (a name → value map passed to a
+/// broker's own client): writes every entry, the values of those whose names carry a secret
+/// ([`is_secret_name`]) as [`REDACTED`].
+///
+/// # Errors
+/// Those of the serializer.
+pub fn serialize_settings<S: Serializer>(
+    settings: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(Some(settings.len()))?;
+    for (name, value) in settings {
+        if is_secret_name(name) {
+            map.serialize_entry(name, REDACTED)?;
+        } else {
+            map.serialize_entry(name, value)?;
+        }
+    }
+    map.end()
 }
 
 #[cfg(test)]

@@ -46,13 +46,20 @@ const DEFAULT_URL: &str = "memory://";
 ///
 /// The `Debug` output, and every error `bus` makes from the URL, show the URL with its
 /// password (and the values of query parameters that look secret) replaced by `***`.
-/// Serializing the configuration keeps them, so that it can be read back.
+/// Serializing the configuration does too, and leaves out the adapters' password, token,
+/// seed and secret-key settings: a stored configuration holds no secret. Give secrets at
+/// runtime (`BUS_URL`, the adapter's URL parameters, files); a configuration read back from
+/// its serialized form authenticates with `***` and is refused.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BusConfig {
-    /// The broker's URL; its scheme picks the adapter. Defaults to `memory://`.
-    #[serde(default = "default_url")]
+    /// The broker's URL; its scheme picks the adapter. Defaults to `memory://`. Serialized
+    /// without its secrets (`bus_core::secrets::serialize_url`).
+    #[serde(
+        default = "default_url",
+        serialize_with = "bus_core::secrets::serialize_url"
+    )]
     pub url: String,
 
     /// Settings of the in-process broker, used with `memory://` URLs.
@@ -505,6 +512,18 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    #[test]
+    fn a_serialized_config_holds_no_secret() {
+        const SECRET: &str = "Zq9-secret-value";
+        let config: BusConfig = serde_json::from_str(&format!(
+            r#"{{"url":"nats://svc:{SECRET}@127.0.0.1:4222?token={SECRET}"}}"#
+        ))
+        .unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains(SECRET), "{json}");
+        assert!(json.contains("nats://svc:***@127.0.0.1:4222"), "{json}");
     }
 
     #[test]
