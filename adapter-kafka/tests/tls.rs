@@ -316,8 +316,9 @@ async fn a_missing_ca_file_is_a_config_error() {
     assert_eq!(error.kind(), ErrorKind::Config, "{error}");
 }
 
-/// SCRAM-SHA-256 over TLS (`sasl_ssl`, inferred from the CA and the credentials): tansu with
-/// `--authentication` checks SCRAM passwords against the users in its storage. Its `user
+/// SCRAM-SHA-256 and SCRAM-SHA-512 over TLS (`sasl_ssl`, inferred from the CA and the
+/// credentials), a user of each: tansu with `--authentication` checks SCRAM passwords against
+/// the users in its storage. Its `user
 /// create` command cannot log in, so the user is created before authentication is turned on
 /// (SQLite storage keeps it across the restart). tansu accepts any PLAIN password, so PLAIN
 /// has no wrong-password case here.
@@ -331,34 +332,43 @@ async fn sasl_scram_over_tls_right_password_round_trips_wrong_one_is_rejected() 
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().unwrap().port();
     let mut tansu = support::Tansu::start_advertising(binary.clone(), 19095, port).await;
-    let created = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(&binary)
-            .args(["user", "create", "--broker", "tcp://127.0.0.1:19095"])
-            .args(["--mechanism", "scram256", "bus-user", PASSWORD])
-            .output(),
-    )
-    .await
-    .expect("tansu user create within 30 s")
-    .expect("run tansu user create");
-    assert!(created.status.success(), "tansu user create: {created:?}");
+    for (mechanism, user) in [("scram256", "bus-user"), ("scram512", "bus-user-512")] {
+        let created = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(&binary)
+                .args(["user", "create", "--broker", "tcp://127.0.0.1:19095"])
+                .args(["--mechanism", mechanism, user, PASSWORD])
+                .output(),
+        )
+        .await
+        .expect("tansu user create within 30 s")
+        .expect("run tansu user create");
+        assert!(
+            created.status.success(),
+            "tansu user create {mechanism}: {created:?}"
+        );
+    }
     tansu.restart_with_authentication().await;
     let dir = tansu.dir().to_path_buf();
     let ca = Ca::new("bus test CA");
     let terminator = Terminator::start(listener, ca.server(&["127.0.0.1", "localhost"]), 19095);
     let ca = ca.write(&dir, "ca");
 
-    let scram = |password: &str| {
-        config(terminator.port, &ca).with_sasl("SCRAM-SHA-256", "bus-user", password)
-    };
-    let broker = KafkaBroker::connect(scram(PASSWORD))
-        .await
-        .expect("connect with SCRAM over TLS");
-    round_trip(&broker).await;
-    broker.close().await.expect("close");
+    for (mechanism, user) in [
+        ("SCRAM-SHA-256", "bus-user"),
+        ("SCRAM-SHA-512", "bus-user-512"),
+    ] {
+        let scram =
+            |password: &str| config(terminator.port, &ca).with_sasl(mechanism, user, password);
+        let broker = KafkaBroker::connect(scram(PASSWORD))
+            .await
+            .unwrap_or_else(|e| panic!("connect with {mechanism} over TLS: {e}"));
+        round_trip(&broker).await;
+        broker.close().await.expect("close");
 
-    let error = refused(scram(WRONG)).await;
-    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
-    let shown = format!("{error} {error:?}");
-    assert!(!shown.contains(WRONG), "{shown}");
+        let error = refused(scram(WRONG)).await;
+        assert_eq!(error.kind(), ErrorKind::Rejected, "{mechanism}: {error}");
+        let shown = format!("{error} {error:?}");
+        assert!(!shown.contains(WRONG), "{mechanism}: {shown}");
+    }
 }
