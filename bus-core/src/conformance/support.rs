@@ -38,6 +38,18 @@ pub(crate) fn no_groups(case: &str, caps: &Capabilities) -> bool {
     true
 }
 
+/// Skips `case` (returning `true`) when the adapter cannot dead-letter.
+pub(crate) fn no_dead_letter(case: &str, caps: &Capabilities) -> bool {
+    let Some(reason) = caps.dead_letter.unsupported_reason() else {
+        return false;
+    };
+    skip(
+        case,
+        format!("{}: dead-lettering unsupported: {reason}", caps.name),
+    );
+    true
+}
+
 /// Skips `case` (returning `true`) when the adapter does not keep per-key order.
 pub(crate) fn no_per_key_order(case: &str, caps: &Capabilities) -> bool {
     if caps.per_key_order {

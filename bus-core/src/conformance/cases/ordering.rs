@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::conformance::support::{ack, assert_quiet, consume, recv, skip, subscribe, unique, SEQ};
+use crate::conformance::support::{
+    ack, assert_quiet, consume, no_dead_letter, recv, skip, subscribe, unique, SEQ,
+};
 use crate::conformance::{report, Harness};
 use crate::middleware::{RetryLayer, RetryPolicy};
 use crate::runtime::{handler_fn, Consumer, ConsumerHandle, DeliveryInfo, HandlerBuilder};
@@ -333,11 +335,7 @@ pub async fn parked_key_dead_letters_and_moves_on(h: Harness) {
     if no_order_across_retries(CASE, &caps) {
         return;
     }
-    if let Some(reason) = caps.dead_letter.unsupported_reason() {
-        skip(
-            CASE,
-            format!("{}: dead-lettering unsupported: {reason}", caps.name),
-        );
+    if no_dead_letter(CASE, &caps) {
         return;
     }
     let topic = unique("orderdlq");

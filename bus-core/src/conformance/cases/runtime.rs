@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::conformance::support::{
-    ack, assert_per_key_order, assert_quiet, consume, no_groups, no_per_key_order, publish, recv,
-    skip, subscribe, unique, SEQ,
+    ack, assert_per_key_order, assert_quiet, consume, no_dead_letter, no_groups, no_per_key_order,
+    publish, recv, skip, subscribe, unique, SEQ,
 };
 use crate::conformance::Harness;
 use crate::middleware::idempotency::{IdempotencyLayer, MemoryStore};
@@ -100,11 +100,7 @@ pub async fn retry_then_dead_letter_exact_counts(h: Harness) {
         );
         return;
     }
-    if let Some(reason) = caps.dead_letter.unsupported_reason() {
-        skip(
-            CASE,
-            format!("{}: dead-lettering unsupported: {reason}", caps.name),
-        );
+    if no_dead_letter(CASE, &caps) {
         return;
     }
     let topic = unique("retrydlq");

@@ -5,8 +5,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::conformance::support::{
-    ack, assert_quiet, assert_same, consume, next_within, publish, recv, send, skip, subscribe,
-    unique, Next,
+    ack, assert_quiet, assert_same, consume, next_within, no_dead_letter, publish, recv, send,
+    skip, subscribe, unique, Next,
 };
 use crate::conformance::Harness;
 use crate::{
@@ -145,11 +145,7 @@ pub async fn nack_after_delay_waits(h: Harness) {
 pub async fn reject_dead_letters_from_topic(h: Harness) {
     const CASE: &str = "reject_dead_letters_from_topic";
     let caps = h.capabilities();
-    if let Some(reason) = caps.dead_letter.unsupported_reason() {
-        skip(
-            CASE,
-            format!("{}: dead-lettering unsupported: {reason}", caps.name),
-        );
+    if no_dead_letter(CASE, &caps) {
         return;
     }
     let topic = unique("rej");
@@ -169,11 +165,7 @@ pub async fn reject_dead_letters_from_topic(h: Harness) {
 pub async fn reject_dead_letters_from_queue(h: Harness) {
     const CASE: &str = "reject_dead_letters_from_queue";
     let caps = h.capabilities();
-    if let Some(reason) = caps.dead_letter.unsupported_reason() {
-        skip(
-            CASE,
-            format!("{}: dead-lettering unsupported: {reason}", caps.name),
-        );
+    if no_dead_letter(CASE, &caps) {
         return;
     }
     let queue = unique("rejq");
