@@ -1,6 +1,10 @@
 //! Keeping secrets out of output: one redaction for every broker URL that `bus` prints, puts in
 //! an error, logs or shows in a `Debug`.
 //!
+//! A setting that carries a secret is a [`Secret`]: given inline it is never shown nor
+//! serialized; given as a reference to an environment variable or a file, the reference is what
+//! a serialized config holds, so such a config round-trips without the secret in it.
+//!
 //! [`redact_url`] hides a URL's password, a user part that stands alone (NATS and others take
 //! a token there: `nats://<token>@host`), and the values of query parameters whose names say
 //! they carry a secret ([`is_secret_name`]). A URL it cannot read with certainty (it does not
@@ -10,10 +14,14 @@
 //! wherever it appears.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
 
 use serde::ser::SerializeMap;
-use serde::Serializer;
+use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
+
+use crate::Error;
 
 /// What stands in for a hidden value.
 pub const REDACTED: &str = "***";
@@ -155,6 +163,134 @@ pub fn serialize_settings<S: Serializer>(
     map.end()
 }
 
+/// A secret setting (a password, token, key or seed): the value itself, or where to read it
+/// when the client connects.
+///
+/// In a config file it is a string (the value, [`Secret::Inline`]), `{ env = "NAME" }`
+/// ([`Secret::Env`]) or `{ file = "/path" }` ([`Secret::File`], the file's content with one
+/// trailing newline removed). `Debug` never shows an inline value, and serialization writes
+/// only the references: an inline secret is left out of a serialized config (fields holding
+/// one use `skip_serializing_if = "Secret::is_inline"`), so a config that must round-trip
+/// through a file names an environment variable or a file instead.
+///
+/// ```
+/// use bus_core::secrets::Secret;
+///
+/// let inline: Secret = serde_json::from_str(r#""hunter2""#).unwrap();
+/// assert_eq!(format!("{inline:?}"), "Secret(***)");
+/// assert!(inline.is_inline());
+///
+/// let by_env: Secret = serde_json::from_str(r#"{"env": "BUS_DOC_SECRET"}"#).unwrap();
+/// assert_eq!(serde_json::to_string(&by_env).unwrap(), r#"{"env":"BUS_DOC_SECRET"}"#);
+/// std::env::set_var("BUS_DOC_SECRET", "hunter2");
+/// assert_eq!(by_env.resolve().unwrap(), "hunter2");
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Secret {
+    /// The value itself. Never shown nor serialized.
+    Inline(String),
+    /// Read from this environment variable when the client connects.
+    Env {
+        /// The variable's name.
+        env: String,
+    },
+    /// Read from this file when the client connects (one trailing `\n` or `\r\n` removed).
+    File {
+        /// The file's path.
+        file: PathBuf,
+    },
+}
+
+impl Secret {
+    /// A secret read from the environment variable `name`.
+    #[must_use]
+    pub fn env(name: impl Into<String>) -> Self {
+        Secret::Env { env: name.into() }
+    }
+
+    /// A secret read from the file at `path`.
+    #[must_use]
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Secret::File { file: path.into() }
+    }
+
+    /// Whether the value is given inline (and so is not serialized).
+    #[must_use]
+    pub fn is_inline(&self) -> bool {
+        matches!(self, Secret::Inline(_))
+    }
+
+    /// [`is_inline`](Self::is_inline) for an optional secret: `skip_serializing_if` of an
+    /// `Option<Secret>` field.
+    #[must_use]
+    #[allow(clippy::ref_option)] // serde passes `&Option<Secret>`.
+    pub fn is_inline_or_none(secret: &Option<Secret>) -> bool {
+        secret.as_ref().is_none_or(Secret::is_inline)
+    }
+
+    /// The value: the inline one, or the variable's or file's content now.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the variable is unset or not
+    /// UTF-8, or the file cannot be read; the message names the variable or file, never a
+    /// value.
+    pub fn resolve(&self) -> Result<String, Error> {
+        match self {
+            Secret::Inline(value) => Ok(value.clone()),
+            Secret::Env { env } => std::env::var(env).map_err(|e| {
+                Error::config(format!(
+                    "secret: environment variable `{env}` cannot be read: {e}"
+                ))
+            }),
+            Secret::File { file } => {
+                let mut value = std::fs::read_to_string(file).map_err(|e| {
+                    Error::config(format!(
+                        "secret: file `{}` cannot be read: {e}",
+                        file.display()
+                    ))
+                })?;
+                if value.ends_with('\n') {
+                    value.pop();
+                    if value.ends_with('\r') {
+                        value.pop();
+                    }
+                }
+                Ok(value)
+            }
+        }
+    }
+}
+
+impl Default for Secret {
+    /// An empty inline secret.
+    fn default() -> Self {
+        Secret::Inline(String::new())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret::Inline(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret::Inline(value.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Inline(_) => write!(f, "Secret({REDACTED})"),
+            Secret::Env { env } => write!(f, "Secret(env {env:?})"),
+            Secret::File { file } => write!(f, "Secret(file {:?})", file.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +365,56 @@ mod tests {
         ] {
             assert!(!is_secret_name(name), "{name}");
         }
+    }
+    #[test]
+    fn a_secret_resolves_from_where_it_says_and_never_shows_inline() {
+        let dir = std::env::temp_dir().join(format!("bus-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("password");
+        std::fs::write(&path, "from-file-Zq9\r\n").unwrap();
+        assert_eq!(Secret::file(&path).resolve().unwrap(), "from-file-Zq9");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        std::env::set_var("BUS_SECRET_TEST_VAR", "from-env-Zq9");
+        assert_eq!(
+            Secret::env("BUS_SECRET_TEST_VAR").resolve().unwrap(),
+            "from-env-Zq9"
+        );
+
+        let missing = Secret::env("BUS_SECRET_TEST_UNSET").resolve().unwrap_err();
+        assert_eq!(missing.kind(), crate::ErrorKind::Config);
+        assert!(
+            missing.to_string().contains("BUS_SECRET_TEST_UNSET"),
+            "{missing}"
+        );
+        let missing = Secret::file("/nonexistent/bus/secret")
+            .resolve()
+            .unwrap_err();
+        assert_eq!(missing.kind(), crate::ErrorKind::Config);
+
+        let inline = Secret::from("Zq9SECRETx");
+        assert!(!format!("{inline:?}").contains("Zq9"));
+        assert_eq!(inline.resolve().unwrap(), "Zq9SECRETx");
+    }
+
+    #[test]
+    fn only_references_are_serialized() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Config {
+            #[serde(default, skip_serializing_if = "Secret::is_inline_or_none")]
+            password: Option<Secret>,
+        }
+        let inline: Config = serde_json::from_str(r#"{"password": "Zq9SECRETx"}"#).unwrap();
+        assert_eq!(inline.password, Some(Secret::from("Zq9SECRETx")));
+        assert_eq!(serde_json::to_string(&inline).unwrap(), "{}");
+
+        for json in [
+            r#"{"password":{"env":"PW"}}"#,
+            r#"{"password":{"file":"/run/pw"}}"#,
+        ] {
+            let config: Config = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&config).unwrap(), json);
+        }
+        assert!(serde_json::from_str::<Config>(r#"{"password":{"vault":"x"}}"#).is_err());
     }
 }
