@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
-use bus_core::secrets::redact_url;
+use bus_core::secrets::{redact_url, Secret};
 use bus_core::{headers, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -447,10 +447,19 @@ async fn clients(config: &SqsConfig) -> Result<(aws_sdk_sqs::Client, aws_sdk_sns
     }
     match config.credentials_source() {
         CredentialsSource::Static => {
+            let secret_access_key = match &config.secret_access_key {
+                Some(secret) => secret.resolve()?,
+                None => String::new(),
+            };
+            let session_token = config
+                .session_token
+                .as_ref()
+                .map(Secret::resolve)
+                .transpose()?;
             loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
                 config.access_key_id.clone().unwrap_or_default(),
-                config.secret_access_key.clone().unwrap_or_default(),
-                config.session_token.clone(),
+                secret_access_key,
+                session_token,
                 None,
                 "bus-sqs-config",
             ));

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::secrets::REDACTED;
+use bus_core::secrets::Secret;
 use bus_core::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -60,7 +60,8 @@ pub enum CredentialsSource {
 /// or the default chain, optionally used to assume a [`role_arn`](Self::role_arn) (see
 /// [`credentials_source`](Self::credentials_source)). An `https` endpoint is verified against
 /// the system's roots, or [`tls_ca`](Self::tls_ca). The secret key and session token never
-/// appear in `Debug` output, errors or logs, and are not serialized.
+/// appear in `Debug` output, errors or logs; given inline they are not serialized, given as
+/// a [`Secret`] reference (environment variable or file) the reference is.
 ///
 /// ```
 /// use adapter_sqs::SqsConfig;
@@ -83,13 +84,15 @@ pub struct SqsConfig {
     /// The access key id; with [`secret_access_key`](Self::secret_access_key) replaces the
     /// default credential chain.
     pub access_key_id: Option<String>,
-    /// The secret access key (never printed, and not serialized: give it by URL, environment
-    /// or profile).
-    #[serde(skip_serializing)]
-    pub secret_access_key: Option<String>,
-    /// A session token for temporary credentials (never printed, and not serialized).
-    #[serde(skip_serializing)]
-    pub session_token: Option<String>,
+    /// The secret access key: inline (never printed, and not serialized), or a reference to
+    /// an environment variable or file read when connecting (`{ env = "NAME" }`,
+    /// `{ file = "/path" }`), which is serialized as the reference.
+    #[serde(skip_serializing_if = "Secret::is_inline_or_none")]
+    pub secret_access_key: Option<Secret>,
+    /// A session token for temporary credentials, given like
+    /// [`secret_access_key`](Self::secret_access_key).
+    #[serde(skip_serializing_if = "Secret::is_inline_or_none")]
+    pub session_token: Option<Secret>,
     /// The profile of the shared AWS config and credentials files (`~/.aws/config`,
     /// `~/.aws/credentials`, or `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE`) whose
     /// credentials and region to use, instead of `AWS_PROFILE` or `default`. Ignored for
@@ -200,7 +203,6 @@ impl Default for SqsConfig {
 
 impl fmt::Debug for SqsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
         // PEM text is shown by its length only: it is public, but long.
         let ca = self.tls_ca.as_ref().map(|ca| {
             if ca.contains("-----BEGIN") {
@@ -213,8 +215,8 @@ impl fmt::Debug for SqsConfig {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &hidden(&self.secret_access_key))
-            .field("session_token", &hidden(&self.session_token))
+            .field("secret_access_key", &self.secret_access_key)
+            .field("session_token", &self.session_token)
             .field("profile", &self.profile)
             .field("role_arn", &self.role_arn)
             .field("role_session_name", &self.role_session_name)
@@ -336,8 +338,10 @@ impl SqsConfig {
             match &*name {
                 "region" => self.region = Some(value.into_owned()),
                 "access_key_id" => self.access_key_id = Some(value.into_owned()),
-                "secret_access_key" => self.secret_access_key = Some(value.into_owned()),
-                "session_token" => self.session_token = Some(value.into_owned()),
+                "secret_access_key" => {
+                    self.secret_access_key = Some(Secret::Inline(value.into_owned()));
+                }
+                "session_token" => self.session_token = Some(Secret::Inline(value.into_owned())),
                 "profile" => self.profile = Some(value.into_owned()),
                 "role_arn" => self.role_arn = Some(value.into_owned()),
                 "role_session_name" => self.role_session_name = Some(value.into_owned()),
@@ -407,7 +411,7 @@ impl SqsConfig {
     pub fn with_credentials(
         mut self,
         access_key_id: impl Into<String>,
-        secret_access_key: impl Into<String>,
+        secret_access_key: impl Into<Secret>,
     ) -> Self {
         self.access_key_id = Some(access_key_id.into());
         self.secret_access_key = Some(secret_access_key.into());
@@ -416,7 +420,7 @@ impl SqsConfig {
 
     /// Sets a session token, for temporary static credentials.
     #[must_use]
-    pub fn with_session_token(mut self, token: impl Into<String>) -> Self {
+    pub fn with_session_token(mut self, token: impl Into<Secret>) -> Self {
         self.session_token = Some(token.into());
         self
     }

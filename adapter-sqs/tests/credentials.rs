@@ -25,6 +25,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use adapter_sqs::{CredentialsSource, SqsBroker, SqsConfig};
+use bus_core::secrets::Secret;
 use bus_core::ErrorKind;
 use support::{moto_available, round_trip, temp_dir, xml_value, Moto};
 
@@ -153,6 +154,48 @@ async fn static_keys_round_trip_and_wrong_ones_are_config_errors() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("InvalidClientTokenId"), "{err}");
     assert!(!format!("{err} {err:?}").contains(&server.full.secret));
+}
+
+/// The secret key given by reference, as a config file names it: from an environment
+/// variable and from a file, each round-trips, and serializing the config keeps the reference
+/// but not the secret. An unset variable is a `Config` error that names it, before any call.
+#[tokio::test]
+async fn a_secret_key_by_reference_round_trips() {
+    let Some(server) = server() else { return };
+    let variable = format!("BUS_TEST_SQS_SECRET_{}", std::process::id());
+    std::env::set_var(&variable, &server.full.secret);
+    let file = server.dir.join("secret-access-key");
+    std::fs::write(&file, format!("{}\n", server.full.secret)).unwrap();
+    for reference in [
+        serde_json::json!({ "env": variable }),
+        serde_json::json!({ "file": file }),
+    ] {
+        let config: SqsConfig = serde_json::from_value(serde_json::json!({
+            "endpoint": server.moto.endpoint(),
+            "region": "us-east-1",
+            "access_key_id": server.full.id,
+            "secret_access_key": reference,
+        }))
+        .unwrap();
+        assert_eq!(config.credentials_source(), CredentialsSource::Static);
+        let shown = serde_json::to_string(&config).unwrap();
+        assert!(!shown.contains(&server.full.secret), "{shown}");
+        let back: SqsConfig = serde_json::from_str(&shown).unwrap();
+        assert_eq!(back, config, "{shown}");
+        round_trip(config)
+            .await
+            .expect("round trip with the referenced key");
+    }
+
+    let unset = SqsConfig::from_url(&server.moto.url())
+        .unwrap()
+        .with_credentials(&server.full.id, Secret::env("BUS_TEST_SQS_SECRET_UNSET"));
+    let err = SqsBroker::connect_with(unset).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(
+        err.to_string().contains("BUS_TEST_SQS_SECRET_UNSET"),
+        "{err}"
+    );
 }
 
 /// A user's own keys without the permission: `Rejected` (AccessDenied), not `Config`.
@@ -333,7 +376,7 @@ async fn secrets_appear_in_no_output() {
         "{base}&access_key_id=AKIAUNKNOWNKEY000000&secret_access_key={SECRET}&session_token={TOKEN}"
     );
     let config = SqsConfig::from_url(&url).unwrap();
-    assert_eq!(config.secret_access_key.as_deref(), Some(SECRET));
+    assert_eq!(config.secret_access_key, Some(SECRET.into()));
     let mut outputs = vec![
         format!("{config:?}"),
         format!("{config:#?}"),
