@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus_core::secrets::Secret;
 use lapin::ConnectionProperties;
 use serde::{Deserialize, Serialize};
 
@@ -89,9 +90,15 @@ pub struct RabbitMqConfig {
     /// `connection_timeout`, `auth_mechanism`) are passed through; the TLS parameters
     /// (`tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`) and
     /// `connect_timeout_ms` override the fields of the same meaning. Serialized without its
-    /// password (`bus_core::secrets::serialize_url`).
+    /// password (`bus_core::secrets::serialize_url`): a config that must round-trip gives
+    /// the password in [`password`](Self::password) as a reference instead.
     #[serde(serialize_with = "bus_core::secrets::serialize_url")]
     pub url: String,
+    /// The password, instead of the URL's: inline (never shown nor serialized) or read when
+    /// connecting from an environment variable or a file (`{ env = "NAME" }`,
+    /// `{ file = "/path" }`), which is serialized as the reference.
+    #[serde(skip_serializing_if = "Secret::is_inline_or_none")]
+    pub password: Option<Secret>,
     /// The CA certificates (PEM) that the server's certificate must chain to, instead of the
     /// system's roots. `amqps://` only.
     pub tls_ca: Option<Pem>,
@@ -144,6 +151,7 @@ impl Default for RabbitMqConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            password: None,
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
@@ -173,6 +181,7 @@ impl PartialEq for RabbitMqConfig {
         };
         hooks_equal
             && self.url == other.url
+            && self.password == other.password
             && self.tls_ca == other.tls_ca
             && self.tls_cert == other.tls_cert
             && self.tls_key == other.tls_key
@@ -195,6 +204,7 @@ impl fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqConfig")
             .field("url", &redact(&self.url))
+            .field("password", &self.password)
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
@@ -246,6 +256,13 @@ impl RabbitMqConfig {
     #[must_use]
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self
+    }
+
+    /// Sets the password, instead of the URL's (see [`password`](Self::password)).
+    #[must_use]
+    pub fn with_password(mut self, password: impl Into<Secret>) -> Self {
+        self.password = Some(password.into());
         self
     }
 
@@ -440,5 +457,21 @@ mod tests {
         assert!(json.contains("amqps://svc:***@mq.example/%2f"), "{json}");
         let debug = format!("{config:?}");
         assert!(!debug.contains(SECRET), "{debug}");
+
+        let inline = config.clone().with_password(SECRET);
+        let json = serde_json::to_string(&inline).unwrap();
+        assert!(!json.contains(SECRET), "{json}");
+        assert!(!format!("{inline:?}").contains(SECRET));
+
+        for reference in [
+            Secret::env("RABBITMQ_PASSWORD"),
+            Secret::file("/run/secrets/mq"),
+        ] {
+            let by_reference =
+                RabbitMqConfig::new("amqps://svc@mq.example/%2f").with_password(reference);
+            let json = serde_json::to_string(&by_reference).unwrap();
+            let back: RabbitMqConfig = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, by_reference, "{json}");
+        }
     }
 }

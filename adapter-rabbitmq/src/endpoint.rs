@@ -63,7 +63,8 @@ impl Endpoint {
     /// # Errors
     /// `Config` for a URL that does not parse, TLS settings on `amqp://`, a certificate or key
     /// that cannot be read or parsed, a certificate without its key (or the reverse), an
-    /// invalid server name. No message holds the password or key material.
+    /// invalid server name, a [`password`](RabbitMqConfig::password) reference that cannot
+    /// be read. No message holds the password or key material.
     pub(crate) fn resolve(config: &RabbitMqConfig) -> Result<Self> {
         let shown = redact(&config.url);
         let mut url = Url::parse(config.url.trim()).map_err(|e| {
@@ -126,6 +127,9 @@ impl Endpoint {
             let e = e.replace(url.as_str(), &shown);
             config_error(format!("`{shown}` is not a valid AMQP URL: {e}"))
         })?;
+        if let Some(password) = &config.password {
+            uri.authority.userinfo.password = password.resolve()?;
+        }
         if let Some(mechanism) = config.auth_mechanism {
             uri.query.auth_mechanism = Some(match mechanism {
                 AuthMechanism::Plain => SASLMechanism::Plain,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use adapter_rabbitmq::{AuthMechanism, Pem, RabbitMqBroker, RabbitMqConfig};
 use bus_core::conformance::{broker_url, REQUIRE_BROKERS_VAR};
+use bus_core::secrets::Secret;
 use bus_core::{
     Broker, Envelope, Error, ErrorKind, MessageId, Publisher, SubscribeOptions, Subscriber,
 };
@@ -200,6 +201,49 @@ async fn password_login_over_tls_with_the_test_ca_round_trips() {
         ["true", "bus-tls-user", "PLAIN"]
     );
     broker.close().await.expect("close");
+}
+
+/// The password given apart from the URL, by reference as a config file names it: read
+/// from an environment variable and from a file, each logs in and round-trips; the
+/// serialized config holds the reference, not the password. An unset variable is a `Config`
+/// error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_by_reference_logs_in() {
+    let Some(setup) = Setup::from_env() else {
+        return;
+    };
+    let mut url = url::Url::parse(&setup.url).unwrap();
+    url.set_password(None).unwrap();
+    let variable = format!("BUS_TEST_RABBITMQ_PASSWORD_{}", std::process::id());
+    std::env::set_var(&variable, setup.password());
+    let file = std::env::temp_dir().join(format!("bus-rabbitmq-password-{}", std::process::id()));
+    std::fs::write(&file, format!("{}\n", setup.password())).unwrap();
+    for password in [Secret::env(&variable), Secret::file(&file)] {
+        let config = RabbitMqConfig::new(url.as_str())
+            .with_tls_ca(Pem::file(setup.file("ca.pem")))
+            .with_password(password);
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains(&setup.password()), "{json}");
+        let config: RabbitMqConfig = serde_json::from_str(&json).unwrap();
+        let broker = connect(config)
+            .await
+            .expect("log in with the referenced password");
+        round_trip(&broker).await;
+        broker.close().await.expect("close");
+    }
+    std::fs::remove_file(&file).unwrap();
+
+    let err = refused(
+        RabbitMqConfig::new(url.as_str())
+            .with_tls_ca(Pem::file(setup.file("ca.pem")))
+            .with_password(Secret::env("BUS_TEST_RABBITMQ_PASSWORD_UNSET")),
+    )
+    .await;
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(
+        err.message().contains("BUS_TEST_RABBITMQ_PASSWORD_UNSET"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

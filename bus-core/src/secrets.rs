@@ -53,7 +53,12 @@ pub fn is_secret_name(name: &str) -> bool {
         || lower.ends_with("-key")
 }
 
-/// `url` safe to print: the password, a user part without a password (a token), and the
+/// The schemes whose user part without a password is only a user name (the password is then
+/// given apart, as a [`Secret`]); for any other, a lone user part may be a token and is hidden.
+const USER_NAME_SCHEMES: &[&str] = &["amqp", "amqps", "kafka"];
+
+/// `url` safe to print: the password, a user part without a password (a token, except on
+/// `amqp`, `amqps` and `kafka`, where it is the user name), and the
 /// values of secret query parameters replaced by [`REDACTED`]; the scheme, user name, host,
 /// port, path and other parameters kept, so the output still says where it connects.
 ///
@@ -97,7 +102,10 @@ pub fn redact_url(url: &str) -> String {
         if parsed.set_password(Some(REDACTED)).is_err() {
             return unreadable();
         }
-    } else if !parsed.username().is_empty() && parsed.set_username(REDACTED).is_err() {
+    } else if !parsed.username().is_empty()
+        && !USER_NAME_SCHEMES.contains(&parsed.scheme())
+        && parsed.set_username(REDACTED).is_err()
+    {
         return unreadable();
     }
     if parsed.query().is_some() {
@@ -336,6 +344,8 @@ mod tests {
             "kafka://127.0.0.1:9092"
         );
         assert_eq!(redact_url("memory://"), "memory://");
+        assert_eq!(redact_url("amqps://svc@mq/%2f"), "amqps://svc@mq/%2f");
+        assert_eq!(redact_url("nats://svc@127.0.0.1"), "nats://***@127.0.0.1");
         assert_eq!(redact_url("garbage"), UNREADABLE);
         assert_eq!(redact_url("amqp://[bad"), "amqp://<unreadable URL>");
     }
