@@ -23,7 +23,37 @@ where
             (None, None) => error.to_string(),
         },
     };
+    let code = error
+        .code()
+        .map(str::to_owned)
+        .or_else(|| unparsed_error(&error).map(|(code, _)| code));
+    if code.as_deref().is_some_and(is_authentication_failure) {
+        return Error::with_source(
+            kind,
+            format!("{doing}: authentication failed: {detail}"),
+            error,
+        );
+    }
     Error::with_source(kind, format!("{doing}: {detail}"), error)
+}
+
+/// Whether an AWS error code says the request's credentials were refused (unknown or expired
+/// key, wrong secret, bad signature): [`ErrorKind::Rejected`], as a refused login is on every
+/// adapter.
+fn is_authentication_failure(code: &str) -> bool {
+    matches!(
+        code,
+        "InvalidClientTokenId"
+            | "UnrecognizedClientException"
+            | "SignatureDoesNotMatch"
+            | "InvalidSignatureException"
+            | "IncompleteSignature"
+            | "InvalidAccessKeyId"
+            | "ExpiredToken"
+            | "ExpiredTokenException"
+            | "InvalidSecurity"
+            | "MissingAuthenticationToken"
+    )
 }
 
 /// The bus error kind of an SDK error.
@@ -154,16 +184,7 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
         | "NotFoundException"
         | "ResourceNotFoundException" => ErrorKind::NotFound,
         "AccessDenied" | "AccessDeniedException" | "AuthorizationError" => ErrorKind::Rejected,
-        "InvalidClientTokenId"
-        | "UnrecognizedClientException"
-        | "SignatureDoesNotMatch"
-        | "InvalidSignatureException"
-        | "IncompleteSignature"
-        | "InvalidAccessKeyId"
-        | "ExpiredToken"
-        | "ExpiredTokenException"
-        | "InvalidSecurity"
-        | "MissingAuthenticationToken" => ErrorKind::Config,
+        code if is_authentication_failure(code) => ErrorKind::Rejected,
         "RequestThrottled"
         | "ThrottlingException"
         | "Throttling"
@@ -202,5 +223,8 @@ mod tests {
         assert_eq!(kind_of_code("MessageTooLong"), ErrorKind::PayloadTooLarge);
         assert_eq!(kind_of_code("RequestThrottled"), ErrorKind::Backpressure);
         assert_eq!(kind_of_code("InvalidParameterValue"), ErrorKind::Rejected);
+        assert_eq!(kind_of_code("SignatureDoesNotMatch"), ErrorKind::Rejected);
+        assert!(is_authentication_failure("InvalidClientTokenId"));
+        assert!(!is_authentication_failure("AccessDenied"));
     }
 }

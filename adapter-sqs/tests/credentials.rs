@@ -119,12 +119,16 @@ async fn moto_refuses_unknown_credentials() {
         return;
     }
     let err = SqsBroker::connect_with(config).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("InvalidClientTokenId"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+    assert!(
+        err.to_string()
+            .contains("authentication failed: InvalidClientTokenId"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
-async fn static_keys_round_trip_and_wrong_ones_are_config_errors() {
+async fn static_keys_round_trip_and_wrong_ones_are_rejected() {
     let Some(server) = server() else { return };
     let config = static_keys(server, &server.full);
     assert_eq!(config.credentials_source(), CredentialsSource::Static);
@@ -138,8 +142,12 @@ async fn static_keys_round_trip_and_wrong_ones_are_config_errors() {
     let err = SqsBroker::connect_with(static_keys(server, &wrong))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("SignatureDoesNotMatch"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+    assert!(
+        err.to_string()
+            .contains("authentication failed: SignatureDoesNotMatch"),
+        "{err}"
+    );
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("Wr0ngSecretKeyZq9"), "{shown}");
 
@@ -151,7 +159,7 @@ async fn static_keys_round_trip_and_wrong_ones_are_config_errors() {
     let err = SqsBroker::connect_with(static_keys(server, &unknown))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(err.to_string().contains("InvalidClientTokenId"), "{err}");
     assert!(!format!("{err} {err:?}").contains(&server.full.secret));
 }
@@ -354,7 +362,14 @@ async fn child() {
         println!("child: {source:?} round trip ok");
     } else {
         let err = SqsBroker::connect_with(config).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        // Refused keys are `Rejected`, as a refused login is everywhere; credentials that
+        // cannot be found (a missing profile) are `Config`.
+        let kind = if expect == "SignatureDoesNotMatch" {
+            ErrorKind::Rejected
+        } else {
+            ErrorKind::Config
+        };
+        assert_eq!(err.kind(), kind, "{err}");
         assert!(err.to_string().contains(&expect), "{err}");
         let shown = format!("{err} {err:?}");
         assert!(!shown.contains("Wr0ng"), "{shown}");
