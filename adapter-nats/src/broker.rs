@@ -316,7 +316,10 @@ impl NatsBroker {
     ///   trusted);
     /// - [`ErrorKind::Config`] for TLS settings that cannot work: a server certificate the
     ///   configured CA did not sign or that names another host, a CA, certificate or key file
-    ///   that cannot be read, a malformed NKey seed.
+    ///   that cannot be read; and for credentials that cannot be used: a malformed NKey seed,
+    ///   a `.creds` file that cannot be read or parsed, a password, token or seed given as an
+    ///   environment variable that is unset or a file that cannot be read (named in the
+    ///   message), all before anything is sent.
     ///
     /// None of these messages holds a password, token, seed or key. A server without JetStream
     /// is found out on the first stream `bus` needs ([`ErrorKind::Unsupported`]).

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus_core::secrets::Secret;
 use bus_core::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -23,6 +24,26 @@ pub enum Storage {
 }
 
 /// How the adapter authenticates. Secrets never appear in `Debug` output.
+///
+/// The password, token and seed are [`Secret`]s: given inline (a string) they are never
+/// serialized; given as `{ env = "NAME" }` or `{ file = "/path" }` they are read when the
+/// broker connects, and the reference is what a serialized config holds:
+///
+/// ```
+/// use adapter_nats::{Credentials, NatsConfig};
+/// use bus_core::secrets::Secret;
+///
+/// let config: NatsConfig = serde_json::from_str(
+///     r#"{"credentials":{"user_password":{"user":"svc","password":{"env":"NATS_PASSWORD"}}}}"#,
+/// )?;
+/// assert_eq!(
+///     config.credentials,
+///     Credentials::user_password("svc", Secret::env("NATS_PASSWORD"))
+/// );
+/// let json = serde_json::to_string(&config)?;
+/// assert!(json.contains(r#""password":{"env":"NATS_PASSWORD"}"#));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
@@ -34,17 +55,18 @@ pub enum Credentials {
     UserPassword {
         /// The user.
         user: String,
-        /// The password (not serialized).
-        #[serde(skip_serializing)]
-        password: String,
+        /// The password (serialized only as an `env` or `file` reference).
+        #[serde(default, skip_serializing_if = "Secret::is_inline")]
+        password: Secret,
     },
     /// A token.
     Token {
-        /// The token (not serialized).
-        #[serde(skip_serializing)]
-        token: String,
+        /// The token (serialized only as an `env` or `file` reference).
+        #[serde(default, skip_serializing_if = "Secret::is_inline")]
+        token: Secret,
     },
-    /// A `.creds` file (JWT and NKey seed), as `nsc` writes it.
+    /// A `.creds` file (the user's JWT and NKey seed), as `nsc` writes it, for a server in
+    /// operator (decentralized JWT) mode.
     CredsFile {
         /// Path of the file.
         path: PathBuf,
@@ -53,26 +75,58 @@ pub enum Credentials {
     /// public key (`U…`).
     #[serde(rename = "nkey")]
     NKey {
-        /// The seed (not serialized).
-        #[serde(skip_serializing)]
-        seed: String,
+        /// The seed (serialized only as an `env` or `file` reference).
+        #[serde(default, skip_serializing_if = "Secret::is_inline")]
+        seed: Secret,
     },
+}
+
+impl Credentials {
+    /// A user name and password.
+    #[must_use]
+    pub fn user_password(user: impl Into<String>, password: impl Into<Secret>) -> Self {
+        Credentials::UserPassword {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// A token.
+    #[must_use]
+    pub fn token(token: impl Into<Secret>) -> Self {
+        Credentials::Token {
+            token: token.into(),
+        }
+    }
+
+    /// An NKey seed (`SU…`).
+    #[must_use]
+    pub fn nkey(seed: impl Into<Secret>) -> Self {
+        Credentials::NKey { seed: seed.into() }
+    }
+
+    /// A `.creds` file.
+    #[must_use]
+    pub fn creds_file(path: impl Into<PathBuf>) -> Self {
+        Credentials::CredsFile { path: path.into() }
+    }
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `Secret`'s own Debug shows a reference and hides an inline value.
         match self {
             Credentials::None => f.write_str("None"),
-            Credentials::UserPassword { user, .. } => f
+            Credentials::UserPassword { user, password } => f
                 .debug_struct("UserPassword")
                 .field("user", user)
-                .field("password", &"***")
+                .field("password", password)
                 .finish(),
-            Credentials::Token { .. } => f.debug_struct("Token").field("token", &"***").finish(),
+            Credentials::Token { token } => f.debug_struct("Token").field("token", token).finish(),
             Credentials::CredsFile { path } => {
                 f.debug_struct("CredsFile").field("path", path).finish()
             }
-            Credentials::NKey { .. } => f.debug_struct("NKey").field("seed", &"***").finish(),
+            Credentials::NKey { seed } => f.debug_struct("NKey").field("seed", seed).finish(),
         }
     }
 }
@@ -286,12 +340,9 @@ impl NatsConfig {
         if !url.username().is_empty() {
             let user = percent_decode(url.username());
             self.credentials = match url.password() {
-                Some(password) => Credentials::UserPassword {
-                    user,
-                    password: percent_decode(password),
-                },
+                Some(password) => Credentials::user_password(user, percent_decode(password)),
                 // `nats://TOKEN@host` is how NATS URLs carry a token.
-                None => Credentials::Token { token: user },
+                None => Credentials::token(user),
             };
         }
         let mut unknown = Vec::new();
@@ -374,21 +425,9 @@ impl NatsConfig {
                     };
                 }
                 "name" => self.client_name = Some(value.into_owned()),
-                "token" => {
-                    self.credentials = Credentials::Token {
-                        token: value.into_owned(),
-                    };
-                }
-                "nkey" => {
-                    self.credentials = Credentials::NKey {
-                        seed: value.into_owned(),
-                    };
-                }
-                "creds" => {
-                    self.credentials = Credentials::CredsFile {
-                        path: PathBuf::from(value.as_ref()),
-                    };
-                }
+                "token" => self.credentials = Credentials::token(value.into_owned()),
+                "nkey" => self.credentials = Credentials::nkey(value.into_owned()),
+                "creds" => self.credentials = Credentials::creds_file(value.as_ref()),
                 "prefix" => {
                     if value.is_empty()
                         || !value
@@ -423,7 +462,9 @@ impl NatsConfig {
         self
     }
 
-    /// Sets the credentials.
+    /// Sets the credentials: [`Credentials::user_password`], [`Credentials::token`],
+    /// [`Credentials::nkey`] (each secret inline or a [`Secret`] reference) or
+    /// [`Credentials::creds_file`].
     #[must_use]
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
         self.credentials = credentials;
@@ -583,10 +624,17 @@ impl NatsConfig {
         let mut options = match &self.credentials {
             Credentials::None => async_nats::ConnectOptions::new(),
             Credentials::UserPassword { user, password } => {
-                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+                async_nats::ConnectOptions::with_user_and_password(
+                    user.clone(),
+                    resolve(password, "user_password.password")?,
+                )
             }
-            Credentials::Token { token } => async_nats::ConnectOptions::with_token(token.clone()),
-            Credentials::NKey { seed } => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            Credentials::Token { token } => {
+                async_nats::ConnectOptions::with_token(resolve(token, "token.token")?)
+            }
+            Credentials::NKey { seed } => {
+                async_nats::ConnectOptions::with_nkey(resolve(seed, "nkey.seed")?)
+            }
             Credentials::CredsFile { path } => {
                 async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
@@ -637,6 +685,14 @@ impl NatsConfig {
         }
         Ok(options)
     }
+}
+
+/// The value of the credentials' secret `field`, read now. The error names the field and the
+/// variable or file, never a value.
+fn resolve(secret: &Secret, field: &str) -> Result<String> {
+    secret
+        .resolve()
+        .map_err(|e| Error::config(format!("NATS credentials ({field}): {}", e.message())))
 }
 
 /// Query parameters whose values are secrets, shown as `***`.
@@ -695,10 +751,7 @@ mod tests {
         assert_eq!(config.url, "nats://10.0.0.1:4223");
         assert_eq!(
             config.credentials,
-            Credentials::UserPassword {
-                user: "alice".into(),
-                password: "s3cr@t".into()
-            }
+            Credentials::user_password("alice", "s3cr@t")
         );
         assert!(!config.durable);
         assert_eq!(config.prefetch, 10);
@@ -730,18 +783,13 @@ mod tests {
         assert_eq!(config.prefetch, 8);
         assert_eq!(config.storage, Storage::Memory);
         assert!(config.durable);
-        assert_eq!(
-            config.credentials,
-            Credentials::UserPassword {
-                user: "svc".into(),
-                password: "pw".into()
-            }
-        );
+        assert_eq!(config.credentials, Credentials::user_password("svc", "pw"));
         assert!(!format!("{config:?}").contains("\"pw\""));
-        // Serialized without the password: it cannot be read back as it was.
+        // Serialized without the inline password: read back, it is empty.
         let json = serde_json::to_string(&config).unwrap();
         assert!(!json.contains("\"pw\""), "{json}");
-        assert!(serde_json::from_str::<NatsConfig>(&json).is_err());
+        let back: NatsConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.credentials, Credentials::user_password("svc", ""));
         let plain = NatsConfig {
             credentials: Credentials::None,
             ..config.clone()
@@ -765,12 +813,7 @@ mod tests {
         assert_eq!(config.tls_server_name.as_deref(), Some("nats.internal"));
         assert_eq!(config.connect_timeout(), Duration::from_millis(2500));
         assert!(config.tls_required() && !config.tls);
-        assert_eq!(
-            config.credentials,
-            Credentials::NKey {
-                seed: "SUSEED".into()
-            }
-        );
+        assert_eq!(config.credentials, Credentials::nkey("SUSEED"));
         assert!(!format!("{config:?}").contains("SUSEED"));
         assert!(!redact_url("nats://h?nkey=SUSEED").contains("SUSEED"));
         let err = NatsConfig::from_url("nats://h?nkey=SUSEED&connect_timeout_ms=0").unwrap_err();
@@ -780,7 +823,7 @@ mod tests {
             r#"{"credentials":{"nkey":{"seed":"SUSEED"}},"tls_ca":"/etc/ca.pem","connect_timeout_ms":900}"#,
         )
         .unwrap();
-        assert!(matches!(&config.credentials, Credentials::NKey { seed } if seed == "SUSEED"));
+        assert_eq!(config.credentials, Credentials::nkey("SUSEED"));
         assert!(config.tls_required());
         assert_eq!(config.connect_timeout(), Duration::from_millis(900));
     }
@@ -822,16 +865,9 @@ mod tests {
     fn a_serialized_config_holds_no_secret() {
         const SECRET: &str = "Zq9-secret-value";
         for credentials in [
-            Credentials::UserPassword {
-                user: "svc".into(),
-                password: SECRET.into(),
-            },
-            Credentials::Token {
-                token: SECRET.into(),
-            },
-            Credentials::NKey {
-                seed: SECRET.into(),
-            },
+            Credentials::user_password("svc", SECRET),
+            Credentials::token(SECRET),
+            Credentials::nkey(SECRET),
         ] {
             let config = NatsConfig {
                 url: format!("nats://{SECRET}@127.0.0.1:4222?token={SECRET}"),
@@ -843,5 +879,84 @@ mod tests {
             let debug = format!("{config:?}");
             assert!(!debug.contains(SECRET), "{debug}");
         }
+    }
+
+    #[test]
+    fn secret_references_round_trip_through_serde() {
+        for credentials in [
+            Credentials::user_password("svc", Secret::env("NATS_PASSWORD")),
+            Credentials::user_password("svc", Secret::file("/run/secrets/nats-password")),
+            Credentials::token(Secret::env("NATS_TOKEN")),
+            Credentials::nkey(Secret::file("/run/secrets/nats.nk")),
+            Credentials::creds_file("/run/secrets/user.creds"),
+        ] {
+            let config = NatsConfig {
+                credentials,
+                ..NatsConfig::default()
+            };
+            let json = serde_json::to_string(&config).unwrap();
+            let back: NatsConfig = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, config, "{json}");
+        }
+
+        // As a config file writes them.
+        let config: NatsConfig = serde_json::from_str(
+            r#"{"credentials":{"user_password":{"user":"svc","password":{"env":"NATS_PASSWORD"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.credentials,
+            Credentials::user_password("svc", Secret::env("NATS_PASSWORD"))
+        );
+        let json = serde_json::to_string(&config.credentials).unwrap();
+        assert_eq!(
+            json,
+            r#"{"user_password":{"user":"svc","password":{"env":"NATS_PASSWORD"}}}"#
+        );
+        let config: NatsConfig =
+            serde_json::from_str(r#"{"credentials":{"nkey":{"seed":{"file":"/run/nk"}}}}"#)
+                .unwrap();
+        assert_eq!(
+            config.credentials,
+            Credentials::nkey(Secret::file("/run/nk"))
+        );
+        assert_eq!(
+            format!("{:?}", config.credentials),
+            r#"NKey { seed: Secret(file "/run/nk") }"#
+        );
+
+        // Inline: left out, so what is read back has an empty secret.
+        let json = serde_json::to_string(&Credentials::token("t0k3n-Zq9")).unwrap();
+        assert_eq!(json, r#"{"token":{}}"#);
+        assert_eq!(
+            serde_json::from_str::<Credentials>(&json).unwrap(),
+            Credentials::token("")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_secret_is_a_config_error_naming_where_it_was_looked_for() {
+        let variable = format!("BUS_NATS_UNIT_UNSET_{}", std::process::id());
+        let error = NatsConfig::default()
+            .with_credentials(Credentials::user_password("svc", Secret::env(&variable)))
+            .connect_options()
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(error.to_string().contains(&variable), "{error}");
+        assert!(
+            error.to_string().contains("user_password.password"),
+            "{error}"
+        );
+        let error = NatsConfig::default()
+            .with_credentials(Credentials::nkey(Secret::file("/nonexistent/bus/nats.nk")))
+            .connect_options()
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error.to_string().contains("/nonexistent/bus/nats.nk"),
+            "{error}"
+        );
     }
 }

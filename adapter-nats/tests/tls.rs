@@ -1,9 +1,10 @@
 //! TLS and authentication against real nats-server processes that each test starts on a free
 //! loopback port, with a throwaway CA and certificates generated here (rcgen): TLS with
-//! user/password on JetStream, NKeys, mutual TLS, tokens, a server-name override; and what a
-//! user gets from each wrong setting (a wrong CA, a missing or untrusted client certificate, a
-//! wrong password or token, a server that never answers): a typed error, quickly, that shows no
-//! secret.
+//! user/password on JetStream, a password given as an environment variable or file reference
+//! (`Secret`), NKeys, mutual TLS, tokens, a server-name override; and what a user gets from
+//! each wrong setting (a wrong CA, a missing or untrusted client certificate, a wrong password
+//! or token, an unset password variable, a server that never answers): a typed error,
+//! quickly, that shows no secret.
 //!
 //! Needs `nats-server` on `PATH` (or `/usr/sbin/nats-server`); without it the tests print
 //! "skipped: …", and fail when `BUS_REQUIRE_BROKERS=1`.
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use adapter_nats::{Credentials, NatsBroker, NatsConfig};
+use bus_core::secrets::Secret;
 use bus_core::{
     Broker, Envelope, Error, ErrorKind, MessageId, Publisher, SubscribeOptions, Subscriber, Support,
 };
@@ -376,10 +378,7 @@ async fn tls_with_the_right_ca_and_a_password_round_trips_on_jetstream() {
     // Builder form, by host name: a nats:// URL with a CA set still requires TLS.
     let config = NatsConfig::from_url(&format!("nats://localhost:{}", server.port))
         .unwrap()
-        .with_credentials(Credentials::UserPassword {
-            user: "alice".into(),
-            password: PASSWORD.into(),
-        })
+        .with_credentials(Credentials::user_password("alice", PASSWORD))
         .with_tls_ca(&pki.ca);
     round_trip(NatsBroker::connect_with(config).await.expect("connect")).await;
 }
@@ -396,7 +395,7 @@ async fn an_nkey_round_trips() {
 
     let config = NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)]))
         .unwrap()
-        .with_credentials(Credentials::NKey { seed: seed.clone() });
+        .with_credentials(Credentials::nkey(seed.as_str()));
     assert!(!format!("{config:?}").contains(&seed));
     round_trip(
         NatsBroker::connect_with(config)
@@ -420,9 +419,7 @@ async fn an_nkey_round_trips() {
     let error = connect_fails(
         NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)]))
             .unwrap()
-            .with_credentials(Credentials::NKey {
-                seed: stranger.clone(),
-            }),
+            .with_credentials(Credentials::nkey(stranger.as_str())),
     )
     .await;
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
@@ -432,9 +429,7 @@ async fn an_nkey_round_trips() {
     let error = connect_fails(
         NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)]))
             .unwrap()
-            .with_credentials(Credentials::NKey {
-                seed: "SUNOTASEED".into(),
-            }),
+            .with_credentials(Credentials::nkey("SUNOTASEED")),
     )
     .await;
     assert_eq!(error.kind(), ErrorKind::Config, "{error}");
@@ -626,10 +621,7 @@ async fn a_wrong_password_is_rejected_without_showing_it() {
         .unwrap(),
         NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)]))
             .unwrap()
-            .with_credentials(Credentials::UserPassword {
-                user: "alice".into(),
-                password: WRONG_PASSWORD.into(),
-            }),
+            .with_credentials(Credentials::user_password("alice", WRONG_PASSWORD)),
         // No credentials at all on a server that wants them.
         NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)])).unwrap(),
     ] {
@@ -651,6 +643,84 @@ async fn a_wrong_password_is_rejected_without_showing_it() {
         let shown = everything_shown(&error);
         assert!(!shown.contains(WRONG_PASSWORD), "{shown}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_from_an_env_var_or_a_file_round_trips_and_an_unset_one_is_a_config_error() {
+    let Some(binary) = nats_server_binary() else {
+        return;
+    };
+    let pki = Pki::new();
+    let nkey = nkeys::KeyPair::new_user();
+    let server = password_and_nkey_server(&binary, &pki, &nkey.public_key()).await;
+    let with_password = |password: Secret| {
+        NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)]))
+            .unwrap()
+            .with_credentials(Credentials::user_password("alice", password))
+    };
+    // Unique to this process: tests of other crates may run alongside.
+    let variable = format!("BUS_NATS_TEST_PASSWORD_{}", std::process::id());
+    std::env::set_var(&variable, PASSWORD);
+
+    round_trip(
+        NatsBroker::connect_with(with_password(Secret::env(&variable)))
+            .await
+            .expect("connect with the password from an environment variable"),
+    )
+    .await;
+
+    // As a config file gives it; the reference, not the password, is what serializes.
+    let config: NatsConfig = serde_json::from_value(serde_json::json!({
+        "url": format!("tls://127.0.0.1:{}", server.port),
+        "tls_ca": pki.ca,
+        "durable": false,
+        "credentials": { "user_password": { "user": "alice", "password": { "env": variable } } },
+    }))
+    .expect("config");
+    let json = serde_json::to_string(&config).unwrap();
+    assert!(
+        json.contains(&variable) && !json.contains(PASSWORD),
+        "{json}"
+    );
+    round_trip(
+        NatsBroker::connect_with(config)
+            .await
+            .expect("connect with a deserialized env reference"),
+    )
+    .await;
+
+    // A file with a trailing newline, as `echo` and secret mounts write it.
+    let file = pki.dir.path().join("nats-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).expect("write password file");
+    round_trip(
+        NatsBroker::connect_with(with_password(Secret::file(&file)))
+            .await
+            .expect("connect with the password from a file"),
+    )
+    .await;
+
+    // A wrong password in the file: refused by the server, not shown.
+    std::fs::write(&file, WRONG_PASSWORD).expect("write password file");
+    let error = connect_fails(with_password(Secret::file(&file))).await;
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    assert!(!everything_shown(&error).contains(WRONG_PASSWORD));
+
+    // Unset variable, missing file: named, before anything is sent.
+    let unset = format!("BUS_NATS_TEST_UNSET_{}", std::process::id());
+    std::env::remove_var(&unset);
+    let error = connect_fails(with_password(Secret::env(&unset))).await;
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    assert!(!error.is_retryable());
+    assert!(error.to_string().contains(&unset), "{error}");
+    assert!(
+        error.to_string().contains("user_password.password"),
+        "{error}"
+    );
+    let missing = pki.dir.path().join("no-such-password");
+    let error = connect_fails(with_password(Secret::file(&missing))).await;
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    assert!(error.to_string().contains("no-such-password"), "{error}");
+    std::env::remove_var(&variable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
