@@ -639,9 +639,16 @@ impl NatsConfig {
                 async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
                     .map_err(|e| {
+                        // async-nats' own errors quote neither the JWT nor the seed.
+                        let what = if e.kind() == std::io::ErrorKind::InvalidData {
+                            "holds no user JWT and NKey seed that can be read (the .creds \
+                             format nsc writes)"
+                        } else {
+                            "cannot be read"
+                        };
                         Error::with_source(
                             ErrorKind::Config,
-                            format!("reading the NATS credentials file {}", path.display()),
+                            format!("the NATS credentials file {} {what}", path.display()),
                             e,
                         )
                     })?

@@ -1,10 +1,12 @@
 //! TLS and authentication against real nats-server processes that each test starts on a free
 //! loopback port, with a throwaway CA and certificates generated here (rcgen): TLS with
 //! user/password on JetStream, a password given as an environment variable or file reference
-//! (`Secret`), NKeys, mutual TLS, tokens, a server-name override; and what a user gets from
-//! each wrong setting (a wrong CA, a missing or untrusted client certificate, a wrong password
-//! or token, an unset password variable, a server that never answers): a typed error,
-//! quickly, that shows no secret.
+//! (`Secret`), NKeys, mutual TLS, tokens, a server-name override, and a `.creds` file on a
+//! server in operator (decentralized JWT) mode whose operator, accounts and user are made here
+//! (nkeys); and what a user gets from each wrong setting (a wrong CA, a missing or untrusted
+//! client certificate, a wrong password or token, an unset password variable, a creds file of
+//! an unknown account or none at all, a server that never answers): a typed error, quickly,
+//! that shows no secret.
 //!
 //! Needs `nats-server` on `PATH` (or `/usr/sbin/nats-server`); without it the tests print
 //! "skipped: …", and fail when `BUS_REQUIRE_BROKERS=1`.
@@ -14,9 +16,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adapter_nats::{Credentials, NatsBroker, NatsConfig};
+use base64::Engine as _;
 use bus_core::secrets::Secret;
 use bus_core::{
     Broker, Envelope, Error, ErrorKind, MessageId, Publisher, SubscribeOptions, Subscriber, Support,
@@ -721,6 +724,212 @@ async fn a_password_from_an_env_var_or_a_file_round_trips_and_an_unset_one_is_a_
     assert_eq!(error.kind(), ErrorKind::Config, "{error}");
     assert!(error.to_string().contains("no-such-password"), "{error}");
     std::env::remove_var(&variable);
+}
+
+// ---- decentralized authentication: a .creds file -------------------------------------------
+
+/// A JWT as `nsc` writes it: `claims` (`jti`, `iat`, `iss`, `sub`, `name`, `nats`) signed with
+/// `signer`'s ed25519 key over `<header>.<claims>`, base64url without padding.
+fn jwt(signer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        // The server does not check the id; nsc writes a hash of the claims here.
+        "jti": format!("BUSTEST{}X{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
+        "iat": SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs(),
+        "iss": signer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", b64.encode(claims.to_string()));
+    let signature = signer.sign(signed.as_bytes()).expect("sign JWT");
+    format!("{signed}.{}", b64.encode(signature))
+}
+
+/// The JWT of an account signed by `operator`, without limits, with JetStream or not (the
+/// system account may not have it).
+fn account_jwt(
+    operator: &nkeys::KeyPair,
+    account: &nkeys::KeyPair,
+    name: &str,
+    jetstream: bool,
+) -> String {
+    // A limit left out reads as 0: no connections, no subscriptions, no JetStream.
+    let mut limits = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    if jetstream {
+        for limit in ["mem_storage", "disk_storage", "streams", "consumer"] {
+            limits[limit] = serde_json::json!(-1);
+        }
+    }
+    jwt(
+        operator,
+        &account.public_key(),
+        name,
+        serde_json::json!({
+            "type": "account",
+            "version": 2,
+            "limits": limits,
+            "default_permissions": { "pub": {}, "sub": {} },
+        }),
+    )
+}
+
+/// A `.creds` file for a new user of `account` (signed by the account's identity key, so no
+/// `issuer_account`): the user's JWT and seed, as `nsc generate creds` writes them. Returns
+/// the path and the JWT and seed (which no error may show).
+fn creds_file(dir: &Path, file: &str, account: &nkeys::KeyPair) -> (PathBuf, String, String) {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("user seed");
+    let user_jwt = jwt(
+        account,
+        &user.public_key(),
+        file,
+        serde_json::json!({
+            "type": "user",
+            "version": 2,
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        }),
+    );
+    let path = dir.join(format!("{file}.creds"));
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\
+             NKEYs are sensitive and should be treated as secrets.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+             *************************************************************\n"
+        ),
+    )
+    .expect("write creds file");
+    (path, user_jwt, seed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_round_trips_and_one_of_an_unknown_account_is_rejected() {
+    let Some(binary) = nats_server_binary() else {
+        return;
+    };
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    // nats-server 2.9 starts JetStream in operator mode only with a system account.
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "bus-test-operator",
+        serde_json::json!({
+            "type": "operator",
+            "version": 2,
+            "system_account": system.public_key(),
+        }),
+    );
+    // Operator mode: the server trusts the operator and knows the accounts it signed from
+    // memory (`resolver: MEMORY`, the accounts' JWTs given in the config).
+    let server = Server::start(
+        &binary,
+        &format!(
+            "operator: \"{operator_jwt}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n  \
+             {}: \"{}\"\n}}\njetstream {{ store_dir: \"$DIR/js\" }}",
+            system.public_key(),
+            account_jwt(&operator, &system, "SYS", false),
+            account.public_key(),
+            account_jwt(&operator, &account, "bus-test-account", true),
+        ),
+    )
+    .await;
+    let dir = TempDir::new();
+    let nats_url = format!("nats://127.0.0.1:{}", server.port);
+
+    // On JetStream (the default), by the builder; on core NATS, by the URL's `creds=`.
+    let (right, _, _) = creds_file(dir.path(), "right", &account);
+    let bus = NatsBroker::connect_with(
+        NatsConfig::from_url(&nats_url)
+            .unwrap()
+            .with_credentials(Credentials::creds_file(&right)),
+    )
+    .await
+    .expect("connect with a creds file");
+    assert_eq!(
+        bus.capabilities().delivery_count,
+        Support::Native,
+        "JetStream"
+    );
+    round_trip(bus).await;
+    let bus = NatsBroker::connect(&format!(
+        "{nats_url}?creds={}&durable=false",
+        right.display()
+    ))
+    .await
+    .expect("connect with creds=");
+    round_trip(bus).await;
+
+    // A user of an account the operator never signed (the server does not know it).
+    let stranger = nkeys::KeyPair::new_account();
+    let (unknown, user_jwt, seed) = creds_file(dir.path(), "unknown-account", &stranger);
+    let error = connect_fails(
+        NatsConfig::from_url(&nats_url)
+            .unwrap()
+            .with_credentials(Credentials::creds_file(&unknown)),
+    )
+    .await;
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    assert!(!error.is_retryable());
+    assert!(
+        error.to_string().contains("authentication failed"),
+        "{error}"
+    );
+    let cause = error
+        .source_ref()
+        .and_then(|source| source.downcast_ref::<async_nats::ConnectError>())
+        .expect("the client's error kept as the source");
+    assert_eq!(
+        cause.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+    );
+    let shown = everything_shown(&error);
+    assert!(
+        !shown.contains(&seed) && !shown.contains(&user_jwt),
+        "{shown}"
+    );
+
+    // No creds at all on a server in operator mode.
+    let error = connect_fails(NatsConfig::from_url(&nats_url).unwrap()).await;
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+
+    // A file that is not there, or not a creds file: named, before connecting.
+    let missing = dir.path().join("no-such.creds");
+    let error = connect_fails(
+        NatsConfig::from_url(&nats_url)
+            .unwrap()
+            .with_credentials(Credentials::creds_file(&missing)),
+    )
+    .await;
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    assert!(
+        error.to_string().contains("no-such.creds cannot be read"),
+        "{error}"
+    );
+    let garbled = dir.path().join("garbled.creds");
+    std::fs::write(&garbled, format!("user {user_jwt}\nseed {seed}\n")).expect("write");
+    let error = connect_fails(
+        NatsConfig::from_url(&nats_url)
+            .unwrap()
+            .with_credentials(Credentials::creds_file(&garbled)),
+    )
+    .await;
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    let shown = everything_shown(&error);
+    assert!(
+        !shown.contains(&seed) && !shown.contains(&user_jwt),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
