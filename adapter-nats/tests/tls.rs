@@ -756,7 +756,9 @@ fn account_jwt(
     name: &str,
     jetstream: bool,
 ) -> String {
-    // A limit left out reads as 0: no connections, no subscriptions, no JetStream.
+    // A limit left out reads as 0: without `conn` the server refuses every connection
+    // ("maximum account active connections exceeded"); without storage limits the account
+    // has no JetStream.
     let mut limits = serde_json::json!({
         "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
         "wildcards": true, "conn": -1, "leaf": -1,
