@@ -3,11 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
-use bus_core::secrets::redact_url;
+use bus_core::secrets::{redact_url, Secret};
 use bus_core::{Error, Result};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+
+use crate::oauth::{OAuthTokenProvider, TokenProvider};
 
 /// Compression of produced message batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -69,7 +72,9 @@ impl Compression {
 /// ```
 ///
 /// `Debug` output never shows the SASL password, the TLS key password, or the values of
-/// [`client_options`](KafkaConfig::client_options) (which may hold secrets).
+/// [`client_options`](KafkaConfig::client_options) (which may hold secrets). Those passwords
+/// are [`Secret`]s: given inline they are never serialized; given as `{ env = "NAME" }` or
+/// `{ file = "/path" }` the reference is serialized, and read each time a client is created.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -112,10 +117,11 @@ pub struct KafkaConfig {
     pub sasl_mechanism: Option<String>,
     /// `sasl.username`.
     pub sasl_username: Option<String>,
-    /// `sasl.password` (never shown in `Debug`, and not serialized: give it by URL or set it
-    /// at runtime).
-    #[serde(skip_serializing)]
-    pub sasl_password: Option<String>,
+    /// `sasl.password`: inline (never shown in `Debug`, not serialized), or a reference to an
+    /// environment variable or a file (serialized as the reference), read when each client is
+    /// created.
+    #[serde(default, skip_serializing_if = "Secret::is_inline_or_none")]
+    pub sasl_password: Option<Secret>,
     /// `ssl.ca.location`: a PEM file of the CA certificates that may sign the brokers'
     /// certificates (instead of the system's trust store).
     pub ssl_ca_location: Option<String>,
@@ -123,10 +129,13 @@ pub struct KafkaConfig {
     pub ssl_certificate_location: Option<String>,
     /// `ssl.key.location`: the client certificate's private key (PEM).
     pub ssl_key_location: Option<String>,
-    /// `ssl.key.password`: the password of an encrypted client key (never shown in `Debug`,
-    /// and not serialized).
-    #[serde(skip_serializing)]
-    pub ssl_key_password: Option<String>,
+    /// `ssl.key.password`: the password of an encrypted client key ([`ssl_key_location`]
+    /// in PKCS#8 `ENCRYPTED PRIVATE KEY` or traditional encrypted PEM), a [`Secret`] as
+    /// [`sasl_password`](KafkaConfig::sasl_password) is.
+    ///
+    /// [`ssl_key_location`]: KafkaConfig::ssl_key_location
+    #[serde(default, skip_serializing_if = "Secret::is_inline_or_none")]
+    pub ssl_key_password: Option<Secret>,
     /// Whether the broker's certificate must name the host it was reached by
     /// (`ssl.endpoint.identification.algorithm` `https`, librdkafka's default, when unset or
     /// `true`; `none` when `false`, which trusts any certificate the CA signed, for any
@@ -149,6 +158,10 @@ pub struct KafkaConfig {
     /// secret-looking keys (`sasl.password`, `ssl.key.password`, …) as `***`.
     #[serde(serialize_with = "bus_core::secrets::serialize_settings")]
     pub client_options: BTreeMap<String, String>,
+    /// Gives the tokens of SASL `OAUTHBEARER`: set in code only (not serialized), with
+    /// [`with_oauth_token_provider`](KafkaConfig::with_oauth_token_provider).
+    #[serde(skip)]
+    oauth: Option<TokenProvider>,
 }
 
 impl Default for KafkaConfig {
@@ -177,6 +190,7 @@ impl Default for KafkaConfig {
             ssl_key_password: None,
             ssl_endpoint_identification: None,
             client_options: BTreeMap::new(),
+            oauth: None,
         }
     }
 }
@@ -225,7 +239,7 @@ impl KafkaConfig {
                 let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
                 self.sasl_username = Some(decode(user));
                 if !password.is_empty() {
-                    self.sasl_password = Some(decode(password));
+                    self.sasl_password = Some(Secret::from(decode(password)));
                 }
                 hosts
             }
@@ -350,13 +364,14 @@ impl KafkaConfig {
         self
     }
 
-    /// Sets SASL credentials (and the mechanism).
+    /// Sets SASL credentials (and the mechanism). The password is a [`Secret`]: a string, or
+    /// `Secret::env("NAME")` / `Secret::file("/path")` read when each client is created.
     #[must_use]
     pub fn with_sasl(
         mut self,
         mechanism: impl Into<String>,
         username: impl Into<String>,
-        password: impl Into<String>,
+        password: impl Into<Secret>,
     ) -> Self {
         self.sasl_mechanism = Some(mechanism.into());
         self.sasl_username = Some(username.into());
@@ -393,9 +408,9 @@ impl KafkaConfig {
     }
 
     /// Sets the password of an encrypted client key (`ssl.key.password`; never shown in
-    /// `Debug` or errors).
+    /// `Debug` or errors): a string, or `Secret::env("NAME")` / `Secret::file("/path")`.
     #[must_use]
-    pub fn with_ssl_key_password(mut self, password: impl Into<String>) -> Self {
+    pub fn with_ssl_key_password(mut self, password: impl Into<Secret>) -> Self {
         self.ssl_key_password = Some(password.into());
         self
     }
@@ -413,6 +428,54 @@ impl KafkaConfig {
     pub fn with_client_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.client_options.insert(key.into(), value.into());
         self
+    }
+
+    /// Sets what gives the tokens of SASL `OAUTHBEARER` (with
+    /// `with_sasl_mechanism("OAUTHBEARER")` or `sasl_mechanism = "OAUTHBEARER"`). Not
+    /// serialized; `Debug` says whether one is set. Two configurations are equal only if they
+    /// hold the same provider (the same `Arc`).
+    ///
+    /// rdkafka's admin client cannot ask a provider for a token (it never serves the request,
+    /// rust-rdkafka issue 757), so a connection using one creates no topics: the topics it
+    /// uses, including the `.retry` and `.dlq` topics and request-reply's reply topics, must
+    /// exist or be created by the broker when first named (`auto.create.topics.enable`);
+    /// a missing one is a [`NotFound`](bus_core::ErrorKind::NotFound) error. Nor does it
+    /// delete the private groups of closed subscriptions or the reply topics of closed
+    /// connections.
+    #[must_use]
+    pub fn with_oauth_token_provider(mut self, provider: Arc<dyn OAuthTokenProvider>) -> Self {
+        self.oauth = Some(TokenProvider(provider));
+        self
+    }
+
+    /// Sets `sasl.mechanism` alone, e.g. `OAUTHBEARER` (see
+    /// [`with_oauth_token_provider`](KafkaConfig::with_oauth_token_provider)).
+    #[must_use]
+    pub fn with_sasl_mechanism(mut self, mechanism: impl Into<String>) -> Self {
+        self.sasl_mechanism = Some(mechanism.into());
+        self
+    }
+
+    /// The OAUTHBEARER token provider, if one is set.
+    #[must_use]
+    pub fn oauth_token_provider(&self) -> Option<&Arc<dyn OAuthTokenProvider>> {
+        self.oauth.as_ref().map(|p| &p.0)
+    }
+
+    pub(crate) fn token_provider(&self) -> Option<&TokenProvider> {
+        self.oauth.as_ref()
+    }
+
+    /// Whether the clients authenticate with tokens from a provider: SASL `OAUTHBEARER`
+    /// (set here or in the escape hatch) and a provider set. rdkafka's admin client cannot.
+    pub(crate) fn uses_token_provider(&self) -> bool {
+        let mechanism = ["sasl.mechanism", "sasl.mechanisms"]
+            .iter()
+            .rev()
+            .find_map(|key| self.client_options.get(*key))
+            .or(self.sasl_mechanism.as_ref());
+        self.oauth.is_some()
+            && mechanism.is_some_and(|m| m.trim().eq_ignore_ascii_case("OAUTHBEARER"))
     }
 
     /// Checks the values that would otherwise fail late.
@@ -479,8 +542,12 @@ impl KafkaConfig {
         }
     }
 
-    /// The settings every client shares: servers, client id, security, then the escape hatch.
-    pub(crate) fn client_config(&self) -> ClientConfig {
+    /// The settings every client shares: servers, client id, security (the secrets read now).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) when a secret's variable or file
+    /// cannot be read (naming it, never a value).
+    pub(crate) fn client_config(&self) -> Result<ClientConfig> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", &self.client_id);
@@ -491,27 +558,30 @@ impl KafkaConfig {
             );
         }
         let protocol = self.effective_security_protocol();
+        let sasl_password = resolve(self.sasl_password.as_ref(), "sasl_password")?;
+        let ssl_key_password = resolve(self.ssl_key_password.as_ref(), "ssl_key_password")?;
         let optional = [
             ("security.protocol", &protocol),
             ("sasl.mechanism", &self.sasl_mechanism),
             ("sasl.username", &self.sasl_username),
-            ("sasl.password", &self.sasl_password),
+            ("sasl.password", &sasl_password),
             ("ssl.ca.location", &self.ssl_ca_location),
             ("ssl.certificate.location", &self.ssl_certificate_location),
             ("ssl.key.location", &self.ssl_key_location),
-            ("ssl.key.password", &self.ssl_key_password),
+            ("ssl.key.password", &ssl_key_password),
         ];
         for (key, value) in optional {
             if let Some(value) = value {
                 c.set(key, value);
             }
         }
-        c
+        Ok(c)
     }
 
-    /// The connection settings alone, for the client that checks the brokers answer.
-    pub(crate) fn probe_config(&self) -> ClientConfig {
-        self.finish(self.client_config())
+    /// The connection settings alone, for the client that checks the brokers answer (and
+    /// for the admin client).
+    pub(crate) fn probe_config(&self) -> Result<ClientConfig> {
+        Ok(self.finish(self.client_config()?))
     }
 
     /// Applies the escape hatch last.
@@ -528,8 +598,8 @@ impl KafkaConfig {
         self.max_payload_bytes.saturating_add(64 * 1024)
     }
 
-    pub(crate) fn producer_config(&self) -> ClientConfig {
-        let mut c = self.client_config();
+    pub(crate) fn producer_config(&self) -> Result<ClientConfig> {
+        let mut c = self.client_config()?;
         c.set("enable.idempotence", self.idempotence.to_string())
             .set("acks", "all")
             .set("linger.ms", self.linger_ms.to_string())
@@ -542,11 +612,11 @@ impl KafkaConfig {
                 self.fetch_rewind.min(1_000_000).to_string(),
             );
         }
-        self.finish(c)
+        Ok(self.finish(c))
     }
 
-    pub(crate) fn consumer_config(&self, group: &str) -> ClientConfig {
-        let mut c = self.client_config();
+    pub(crate) fn consumer_config(&self, group: &str) -> Result<ClientConfig> {
+        let mut c = self.client_config()?;
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -560,12 +630,22 @@ impl KafkaConfig {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("fetch.wait.max.ms", "100")
             .set("enable.partition.eof", "false");
-        self.finish(c)
+        Ok(self.finish(c))
     }
 
     pub(crate) fn source(&self) -> String {
         format!("bus://{}", self.client_id)
     }
+}
+
+/// The value of the secret setting `name`, read now.
+fn resolve(secret: Option<&Secret>, name: &str) -> Result<Option<String>> {
+    secret
+        .map(|s| {
+            s.resolve()
+                .map_err(|e| Error::config(format!("kafka: {name}: {}", e.message())))
+        })
+        .transpose()
 }
 
 fn decode(text: &str) -> String {
@@ -577,7 +657,6 @@ fn decode(text: &str) -> String {
 
 impl fmt::Debug for KafkaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redacted = |s: &Option<String>| s.as_ref().map(|_| "***");
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("client_id", &self.client_id)
@@ -595,11 +674,11 @@ impl fmt::Debug for KafkaConfig {
             .field("security_protocol", &self.security_protocol)
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)
-            .field("sasl_password", &redacted(&self.sasl_password))
+            .field("sasl_password", &self.sasl_password)
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("ssl_certificate_location", &self.ssl_certificate_location)
             .field("ssl_key_location", &self.ssl_key_location)
-            .field("ssl_key_password", &redacted(&self.ssl_key_password))
+            .field("ssl_key_password", &self.ssl_key_password)
             .field(
                 "ssl_endpoint_identification",
                 &self.ssl_endpoint_identification,
@@ -608,6 +687,7 @@ impl fmt::Debug for KafkaConfig {
                 "client_options",
                 &self.client_options.keys().collect::<Vec<_>>(),
             )
+            .field("oauth_token_provider", &self.oauth.as_ref().map(|_| "set"))
             .finish()
     }
 }
@@ -637,7 +717,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.bootstrap_servers, "k1:9092,k2:9092");
         assert_eq!(c.sasl_username.as_deref(), Some("app"));
-        assert_eq!(c.sasl_password.as_deref(), Some("s@cret"));
+        assert_eq!(c.sasl_password, Some(Secret::from("s@cret")));
         assert_eq!(c.partitions, 6);
         assert_eq!(c.compression, Compression::Lz4);
         assert_eq!(c.client_id, "billing");
@@ -656,7 +736,7 @@ mod tests {
         assert_eq!(c.ssl_certificate_location.as_deref(), Some("/etc/c.pem"));
         assert_eq!(c.ssl_key_location.as_deref(), Some("/etc/c.key"));
         assert_eq!(c.ssl_endpoint_identification, Some(false));
-        let native = c.client_config();
+        let native = c.client_config().unwrap();
         assert_eq!(native.get("security.protocol"), Some("ssl"));
         assert_eq!(native.get("ssl.ca.location"), Some("/etc/ca.pem"));
         assert_eq!(
@@ -665,10 +745,10 @@ mod tests {
         );
         let sasl = KafkaConfig::from_url("kafka://u:p@k1:9093?tls_ca=/ca.pem").unwrap();
         assert_eq!(
-            sasl.client_config().get("security.protocol"),
+            sasl.client_config().unwrap().get("security.protocol"),
             Some("sasl_ssl")
         );
-        let plain = KafkaConfig::new("k1:9092").client_config();
+        let plain = KafkaConfig::new("k1:9092").client_config().unwrap();
         assert_eq!(plain.get("security.protocol"), None);
         assert_eq!(plain.get("ssl.endpoint.identification.algorithm"), None);
         for bad in [
@@ -720,6 +800,139 @@ mod tests {
         // Read back, it is the same but for the secrets.
         let back: KafkaConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back.sasl_password, None);
+        assert_eq!(back.ssl_key_password, None);
         assert_eq!(back.sasl_username.as_deref(), Some("svc"));
+
+        // Given as references, the secrets are serialized as the references, and the config
+        // reads back equal.
+        let by_reference = config
+            .with_sasl("SCRAM-SHA-256", "svc", Secret::env("BUS_KAFKA_PASSWORD"))
+            .with_ssl_key_password(Secret::file("/run/secrets/kafka-key-password"));
+        let json = serde_json::to_string(&by_reference).unwrap();
+        assert!(
+            json.contains(r#""sasl_password":{"env":"BUS_KAFKA_PASSWORD"}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""ssl_key_password":{"file":"/run/secrets/kafka-key-password"}"#),
+            "{json}"
+        );
+        assert!(!json.contains(SECRET), "{json}");
+        let back: KafkaConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.sasl_password, by_reference.sasl_password);
+        assert_eq!(back.ssl_key_password, by_reference.ssl_key_password);
+        // Equal but for the escape hatch's secret value, which is serialized as `***`.
+        let mut expected = by_reference.clone();
+        expected.client_options.insert(
+            "sasl.oauthbearer.client.secret".into(),
+            REDACTED_VALUE.into(),
+        );
+        assert_eq!(back, expected);
+    }
+
+    const REDACTED_VALUE: &str = bus_core::secrets::REDACTED;
+
+    #[test]
+    fn secret_references_round_trip_and_resolve_when_a_client_is_built() {
+        let text = r#"{
+            "bootstrap_servers": "h:1",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "svc",
+            "sasl_password": {"env": "BUS_KAFKA_UNIT_PASSWORD"},
+            "ssl_ca_location": "/ca.pem",
+            "ssl_certificate_location": "/c.pem",
+            "ssl_key_location": "/c.key",
+            "ssl_key_password": {"file": "/run/secrets/bus-kafka-key-password"}
+        }"#;
+        let config: KafkaConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            config.sasl_password,
+            Some(Secret::env("BUS_KAFKA_UNIT_PASSWORD"))
+        );
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(
+            json.contains(r#""sasl_password":{"env":"BUS_KAFKA_UNIT_PASSWORD"}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""ssl_key_password":{"file":"/run/secrets/bus-kafka-key-password"}"#),
+            "{json}"
+        );
+        let back: KafkaConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        let debug = format!("{config:?}");
+        assert!(debug.contains("BUS_KAFKA_UNIT_PASSWORD"), "{debug}");
+
+        // Read when a client is built: an unset variable is a Config error naming it.
+        std::env::remove_var("BUS_KAFKA_UNIT_PASSWORD");
+        let error = config.client_config().unwrap_err();
+        assert_eq!(error.kind(), bus_core::ErrorKind::Config);
+        assert!(
+            error.to_string().contains("sasl_password")
+                && error.to_string().contains("BUS_KAFKA_UNIT_PASSWORD"),
+            "{error}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("bus-kafka-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_password = dir.join("key-password");
+        std::fs::write(&key_password, "Zq9-key-pass\n").unwrap();
+        std::env::set_var("BUS_KAFKA_UNIT_PASSWORD", "Zq9-sasl-pass");
+        let config = config.with_ssl_key_password(Secret::file(&key_password));
+        let native = config.client_config().unwrap();
+        assert_eq!(native.get("sasl.password"), Some("Zq9-sasl-pass"));
+        assert_eq!(native.get("ssl.key.password"), Some("Zq9-key-pass"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let error = config.client_config().unwrap_err();
+        assert_eq!(error.kind(), bus_core::ErrorKind::Config);
+        assert!(error.to_string().contains("ssl_key_password"), "{error}");
+        assert!(!format!("{error} {error:?}").contains("Zq9"), "{error}");
+        // And the values never in a serialized config or its Debug.
+        let shown = format!("{} {config:?}", serde_json::to_string(&config).unwrap());
+        assert!(!shown.contains("Zq9"), "{shown}");
+    }
+
+    #[test]
+    fn a_token_provider_is_neither_serialized_nor_shown_and_turns_off_the_admin_client() {
+        struct None_;
+        impl crate::OAuthTokenProvider for None_ {
+            fn token(&self, _config: Option<&str>) -> Result<crate::OAuthToken> {
+                Err(Error::config("none"))
+            }
+        }
+        let provider: Arc<dyn crate::OAuthTokenProvider> = Arc::new(None_);
+        let config = KafkaConfig::new("h:1").with_oauth_token_provider(provider.clone());
+        assert!(format!("{config:?}").contains(r#"oauth_token_provider: Some("set")"#));
+        assert!(format!("{:?}", KafkaConfig::new("h:1")).contains("oauth_token_provider: None"));
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains("oauth"), "{json}");
+        assert!(serde_json::from_str::<KafkaConfig>(r#"{"oauth": null}"#).is_err());
+        let back: KafkaConfig = serde_json::from_str(&json).unwrap();
+        assert!(back.oauth_token_provider().is_none());
+        assert_eq!(config.clone(), config);
+        assert_ne!(
+            config,
+            KafkaConfig::new("h:1").with_oauth_token_provider(Arc::new(None_))
+        );
+
+        // The provider is used (and the admin client left out) only with OAUTHBEARER.
+        assert!(!config.uses_token_provider());
+        assert!(config
+            .clone()
+            .with_sasl_mechanism("oauthbearer")
+            .uses_token_provider());
+        assert!(config
+            .clone()
+            .with_sasl_mechanism("PLAIN")
+            .with_client_option("sasl.mechanisms", "OAUTHBEARER")
+            .uses_token_provider());
+        assert!(!config
+            .clone()
+            .with_sasl_mechanism("OAUTHBEARER")
+            .with_client_option("sasl.mechanism", "PLAIN")
+            .uses_token_provider());
+        assert!(!KafkaConfig::new("h:1")
+            .with_sasl_mechanism("OAUTHBEARER")
+            .uses_token_provider());
     }
 }

@@ -33,6 +33,7 @@ mod config;
 mod error;
 mod fit;
 mod names;
+mod oauth;
 mod offsets;
 mod publisher;
 mod requests;
@@ -49,6 +50,7 @@ use bus_core::{
 };
 
 pub use config::{Compression, KafkaConfig};
+pub use oauth::{OAuthToken, OAuthTokenProvider};
 pub use rdkafka;
 
 use publisher::Shared;
@@ -75,10 +77,13 @@ impl KafkaBroker {
     /// brokers answer.
     ///
     /// # Errors
-    /// [`Config`](bus_core::ErrorKind::Config) for an invalid configuration or a broker
-    /// certificate librdkafka refused (wrong CA, another host name),
+    /// [`Config`](bus_core::ErrorKind::Config) for an invalid configuration, a secret whose
+    /// environment variable or file cannot be read, a client key that cannot be read or
+    /// decrypted (a wrong `ssl_key_password`), a broker certificate librdkafka refused (wrong
+    /// CA, another host name), or an OAUTHBEARER token librdkafka cannot use;
     /// [`Rejected`](bus_core::ErrorKind::Rejected) when the SASL login or the client
-    /// certificate is refused,
+    /// certificate is refused; the [`OAuthTokenProvider`]'s own error, of the kind it gave,
+    /// when it fails;
     /// [`Connection`](bus_core::ErrorKind::Connection) when no broker answers within
     /// 10 seconds. The message ends with librdkafka's last reported reason, if any.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
@@ -257,4 +262,5 @@ const _: fn() = || {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<KafkaBroker>();
     send_sync::<KafkaConfig>();
+    send_sync::<OAuthToken>();
 };

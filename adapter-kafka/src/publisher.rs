@@ -13,14 +13,18 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio::sync::watch;
 
+use crate::oauth::Auth;
 use crate::{error, names, wire, KafkaConfig};
 
 /// What every part of one connection shares: the producer, the admin client, the topics
 /// known to exist, and whether the connection is closed.
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
-    pub(crate) producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    pub(crate) producer: FutureProducer<Auth>,
+    /// None when the clients authenticate with an OAUTHBEARER token provider: rdkafka's admin
+    /// client never serves librdkafka's token request (it does not poll its main queue), so it
+    /// could never authenticate. Topics are then looked up, not created.
+    admin: Option<AdminClient<DefaultClientContext>>,
     created: Mutex<HashSet<String>>,
     closed: AtomicBool,
     pub(crate) closed_tx: watch::Sender<bool>,
@@ -64,14 +68,19 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     pub(crate) fn new(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
-        let producer: FutureProducer = config
-            .producer_config()
-            .create()
-            .map_err(|e| error::map(e, "creating the Kafka producer"))?;
-        let admin: AdminClient<DefaultClientContext> = config
-            .finish(config.client_config())
-            .create()
-            .map_err(|e| error::map(e, "creating the Kafka admin client"))?;
+        let producer: FutureProducer<Auth> = config
+            .producer_config()?
+            .create_with_context(Auth::new(config.token_provider()))
+            .map_err(|e| error::creating(e, "creating the Kafka producer", &config))?;
+        let admin = if config.uses_token_provider() {
+            None
+        } else {
+            let admin: AdminClient<DefaultClientContext> = config
+                .probe_config()?
+                .create()
+                .map_err(|e| error::map(e, "creating the Kafka admin client"))?;
+            Some(admin)
+        };
         let (closed_tx, _) = watch::channel(false);
         Ok(Self {
             source: config.source(),
@@ -133,6 +142,12 @@ impl Shared {
         if missing.is_empty() {
             return Ok(());
         }
+        let Some(admin) = &self.admin else {
+            for topic in missing {
+                self.look_up(topic).await?;
+            }
+            return Ok(());
+        };
         let partitions = partitions.unwrap_or(self.config.partitions);
         let new: Vec<NewTopic<'_>> = missing
             .iter()
@@ -145,8 +160,7 @@ impl Shared {
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
-        let results = self
-            .admin
+        let results = admin
             .create_topics(&new, &options)
             .await
             .map_err(|e| error::map(e, format!("creating topics {missing:?}")))?;
@@ -178,22 +192,29 @@ impl Shared {
         Ok(())
     }
 
-    /// Deletes a consumer group (one that has no members left).
+    /// Deletes a consumer group (one that has no members left). Without an admin client
+    /// (see [`Shared::admin`]) the group is left to the broker's offset retention.
     pub(crate) async fn delete_group(&self, group: &str) -> Result<()> {
+        let Some(admin) = &self.admin else {
+            tracing::debug!(group, "no admin client (OAUTHBEARER provider): group left");
+            return Ok(());
+        };
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = self
-            .admin
+        let results = admin
             .delete_groups(&[group], &options)
             .await
             .map_err(|e| error::map(e, format!("deleting Kafka group `{group}`")))?;
         admin_results(results, "deleting Kafka group")
     }
 
-    /// Deletes a topic.
+    /// Deletes a topic. Without an admin client (see [`Shared::admin`]) it is left.
     pub(crate) async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let Some(admin) = &self.admin else {
+            tracing::debug!(topic, "no admin client (OAUTHBEARER provider): topic left");
+            return Ok(());
+        };
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = self
-            .admin
+        let results = admin
             .delete_topics(&[topic], &options)
             .await
             .map_err(|e| error::map(e, format!("deleting Kafka topic `{topic}`")))?;
@@ -202,6 +223,33 @@ impl Shared {
             .expect("topic set poisoned")
             .remove(topic);
         admin_results(results, "deleting Kafka topic")
+    }
+
+    /// Without an admin client: checks that `topic` exists. A broker that creates topics when
+    /// they are first named (`auto.create.topics.enable`) does so on this metadata request,
+    /// and answers that it has no leader yet: asked again a few times before giving up.
+    async fn look_up(&self, topic: &str) -> Result<()> {
+        let mut pause = Duration::from_millis(200);
+        for _ in 0..4 {
+            match self.check_exists(topic).await {
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                other => return other,
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        match self.check_exists(topic).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "Kafka topic `{topic}` does not exist, and a connection that authenticates \
+                     with an OAUTHBEARER token provider cannot create topics (rdkafka's admin \
+                     client cannot ask the provider for a token): create it beforehand, or let \
+                     the broker create topics (auto.create.topics.enable)"
+                ),
+            )),
+            other => other,
+        }
     }
 
     /// Checks that `topic` exists (made by somebody else), so that sending to it does not wait

@@ -29,6 +29,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::oauth::Auth;
 use crate::offsets::OffsetTracker;
 use crate::publisher::Shared;
 use crate::{error, fit, names, wire};
@@ -154,9 +155,20 @@ struct Ctx {
     assigned: watch::Sender<u64>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
+    /// Hands out OAUTHBEARER tokens, served by the worker's polls.
+    auth: Auth,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> std::result::Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.auth.generate(config)
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn rebalance(
@@ -383,10 +395,11 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
         assigned: assigned_tx,
         shared: shared.clone(),
         stop: stop.clone(),
+        auth: Auth::new(shared.config.token_provider()),
     };
     let consumer: BaseConsumer<Ctx> = shared
         .config
-        .consumer_config(&spec.group)
+        .consumer_config(&spec.group)?
         .create_with_context(ctx)
         .map_err(|e| error::map(e, "creating a Kafka consumer"))?;
     consumer
@@ -882,10 +895,22 @@ impl KafkaSettle {
         if tpl.count() == 0 {
             return;
         }
-        let config = self.shared.config.consumer_config(&self.group);
+        let config = match self.shared.config.consumer_config(&self.group) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::debug!(error = %e, "committing after close failed");
+                return;
+            }
+        };
+        let auth = Auth::new(self.shared.config.token_provider());
         let state = self.state.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config.create()?;
+            let consumer: BaseConsumer<Auth> = config.create_with_context(auth.clone())?;
+            // Nothing polls this consumer: its token must be served before the commit, which
+            // would otherwise fail, never logged in (tests/tls.rs checks it lands).
+            auth.prime(Duration::from_secs(10), || {
+                let _ = consumer.poll(Duration::from_millis(50));
+            });
             consumer.commit(&tpl, CommitMode::Sync)?;
             lock(&state).mark_committed(&tpl);
             Ok::<_, rdkafka::error::KafkaError>(())

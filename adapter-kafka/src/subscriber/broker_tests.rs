@@ -323,11 +323,13 @@ async fn a_commit_counts_only_once_the_broker_confirmed_it() {
         assigned: watch::channel(0).0,
         shared: broker.shared.clone(),
         stop: Arc::default(),
+        auth: crate::oauth::Auth::default(),
     };
     let consumer: BaseConsumer<Ctx> = broker
         .shared
         .config
         .consumer_config(&group)
+        .unwrap()
         .create_with_context(ctx)
         .unwrap();
     let consumer = Arc::new(consumer);
