@@ -4,14 +4,21 @@
 //! published with publisher confirms, pipelined in batches of 1,000 (bus: `publish_batch`;
 //! raw: `basic_publish` for the whole batch, then every confirm), persistent, into one durable
 //! queue bound to the topic exchange; then consumed with manual acks, prefetch 1,000, one ack
-//! per message. The broker is `BUS_TEST_RABBITMQ_URL` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! per message. The raw client sends what a service needs to say the same thing: a message id,
+//! type, time, correlation id and source, as AMQP properties and the same CloudEvents header
+//! table bus writes, built per message (a second raw row, `raw bare`, sends the payload with no
+//! properties at all, for reference: the difference is what the broker does with the headers,
+//! not client code). `BUS_BENCH_ROUNDS` rounds (default 3) alternate which client goes first;
+//! the table shows the median and the range of each figure. The broker is
+//! `BUS_TEST_RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //!
 //! ```text
-//! BUS_BENCH_MESSAGES=100000 cargo bench -p adapter-rabbitmq --bench throughput
+//! BUS_BENCH_MESSAGES=100000 BUS_BENCH_ROUNDS=5 cargo bench -p adapter-rabbitmq --bench throughput
 //! ```
 //!
-//! Prints a table and, last, `ratio publish=<bus/raw> consume=<bus/raw>`.
+//! Prints a table, the range of the per-round ratios, and, last, `ratio publish=<bus/raw>
+//! consume=<bus/raw>` (medians of the per-round ratios of rates), against the raw client with
+//! the same headers.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +26,7 @@ use adapter_rabbitmq::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use adapter_rabbitmq::lapin::types::FieldTable;
+use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
@@ -91,14 +98,48 @@ async fn delete_queue(url: &str, queue: &str) {
     let _ = connection.close(200, "done").await;
 }
 
-async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
+/// The properties the raw client sends per message: with `headers`, what bus writes for an
+/// envelope (the CloudEvents attributes as headers, id, type, correlation id and time as
+/// properties), built per message as a service would; without, persistence only.
+fn raw_properties(headers: bool, queue: &str) -> BasicProperties {
+    let props = BasicProperties::default().with_delivery_mode(2);
+    if !headers {
+        return props;
+    }
+    let id = bus_core::MessageId::new().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let time = format!("{}", now.as_millis());
+    let mut table = FieldTable::default();
+    let mut put = |name: &str, value: &str| {
+        table.insert(
+            ShortString::from(format!("cloudEvents:{name}")),
+            AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())),
+        );
+    };
+    put("specversion", "1.0");
+    put("id", &id);
+    put("type", "bench.message");
+    put("source", &format!("/bus/{queue}"));
+    put("time", &time);
+    put("correlationid", &id);
+    props
+        .with_timestamp(now.as_secs())
+        .with_message_id(ShortString::from(id.clone()))
+        .with_correlation_id(ShortString::from(id))
+        .with_type(ShortString::from("bench.message"))
+        .with_headers(table)
+}
+
+async fn through_lapin(url: &str, n: usize, tag: &str, headers: bool) -> Row {
     let connection = connect_raw(url).await;
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    let queue = format!("bench.{tag}.raw");
+    let queue = format!("bench.{tag}.raw{}", if headers { "" } else { ".bare" });
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -117,6 +158,22 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
         )
         .await
         .expect("bind");
+    // Consuming from before the publish, as the bus subscription does: both sides have a
+    // prefetch window filled while publishing.
+    let consumer_channel = connection.create_channel().await.expect("channel");
+    consumer_channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = consumer_channel
+        .basic_consume(
+            &queue,
+            "bench",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
     let payload = vec![b'x'; SIZE];
     let started = Instant::now();
     let mut sent = 0;
@@ -124,7 +181,7 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
         let count = BATCH.min(n - sent);
         let mut confirms = Vec::with_capacity(count);
         for _ in 0..count {
-            let props = BasicProperties::default().with_delivery_mode(2);
+            let props = raw_properties(headers, &queue);
             confirms.push(
                 channel
                     .basic_publish(
@@ -144,24 +201,14 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
         sent += count;
     }
     let publish = started.elapsed();
-    let consumer_channel = connection.create_channel().await.expect("channel");
-    consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = consumer_channel
-        .basic_consume(
-            &queue,
-            "bench",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
     let started = Instant::now();
     for _ in 0..n {
         let delivery = consumer.next().await.expect("open").expect("delivery");
-        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        // By tag on the channel, as bus acks.
+        consumer_channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .expect("ack");
     }
     let consume = started.elapsed();
     drop(consumer);
@@ -172,55 +219,110 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
     Row { publish, consume }
 }
 
+/// The median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// `median [min–max]` of `values`.
+fn spread(mut values: Vec<f64>, digits: usize) -> String {
+    let m = median(&mut values);
+    format!(
+        "{m:.digits$} [{:.digits$}–{:.digits$}]",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
 #[tokio::main]
 async fn main() {
     let url = std::env::var("BUS_TEST_RABBITMQ_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    let n: usize = std::env::var("BUS_BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(100_000);
+    let env_number = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(default)
+    };
+    let n = env_number("BUS_BENCH_MESSAGES", 100_000);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 3);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let tag = format!("{}", std::process::id());
-    // Raw first, then bus: the topic exchange exists after the bus connection declared it,
-    // so connect bus once to declare it.
+    // The topic exchange exists once a bus connection declared it.
     let declare = RabbitMqBroker::connect(&url).await.expect("connect");
     let _ = declare.close().await;
-    let raw = through_lapin(&url, n, &tag).await;
-    let bus = through_bus(&url, n, &tag).await;
+
+    let mut bus_rows = Vec::new();
+    let mut raw_rows = Vec::new();
+    let mut bare_rows = Vec::new();
+    for round in 0..rounds {
+        let tag = format!("{}.{round}", std::process::id());
+        if round % 2 == 0 {
+            raw_rows.push(through_lapin(&url, n, &tag, true).await);
+            bus_rows.push(through_bus(&url, n, &tag).await);
+        } else {
+            bus_rows.push(through_bus(&url, n, &tag).await);
+            raw_rows.push(through_lapin(&url, n, &tag, true).await);
+        }
+        bare_rows.push(through_lapin(&url, n, &tag, false).await);
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
 
     println!();
     println!(
         "RabbitMQ throughput: {n} messages x {SIZE} B, publisher confirms pipelined in batches \
-         of {BATCH}, persistent, prefetch {PREFETCH}, one ack per message"
+         of {BATCH}, persistent, prefetch {PREFETCH}, one ack per message; {rounds} rounds, \
+         median [min–max]"
     );
     println!("machine: {cores} cores (nproc), a shared 2-core box; broker on loopback");
     println!();
     println!(
-        "| {:<10} | {:>14} | {:>11} | {:>14} | {:>11} |",
-        "client", "publish msg/s", "publish MB/s", "consume msg/s", "consume MB/s"
+        "| {:<14} | {:>26} | {:>26} |",
+        "client", "publish msg/s", "consume msg/s"
     );
-    println!(
-        "|{:-<12}|{:->16}|{:->13}|{:->16}|{:->13}|",
-        "", "", "", "", ""
-    );
-    for (name, row) in [("bus", &bus), ("raw lapin", &raw)] {
+    println!("|{:-<16}|{:->28}|{:->28}|", "", "", "");
+    for (name, rows) in [
+        ("bus", &bus_rows),
+        ("raw lapin", &raw_rows),
+        ("raw bare", &bare_rows),
+    ] {
         println!(
-            "| {:<10} | {:>14.0} | {:>11.2} | {:>14.0} | {:>11.2} |",
+            "| {:<14} | {:>26} | {:>26} |",
             name,
-            rate(n, row.publish),
-            mb(n, row.publish),
-            rate(n, row.consume),
-            mb(n, row.consume)
+            spread(rows.iter().map(|r| rate(n, r.publish)).collect(), 0),
+            spread(rows.iter().map(|r| rate(n, r.consume)).collect(), 0),
         );
     }
+    let mb_rows = |rows: &[Row]| {
+        let mut v: Vec<f64> = rows.iter().map(|r| mb(n, r.publish)).collect();
+        median(&mut v)
+    };
     println!();
+    println!("bus publish MB/s (median): {:.2}", mb_rows(&bus_rows));
+    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
+        bus_rows
+            .iter()
+            .zip(&raw_rows)
+            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
+            .collect()
+    };
+    let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
+    println!(
+        "ratio ranges: publish {} consume {}",
+        spread(publish.clone(), 2),
+        spread(consume.clone(), 2)
+    );
     println!(
         "ratio publish={:.2} consume={:.2}",
-        raw.publish.as_secs_f64() / bus.publish.as_secs_f64(),
-        raw.consume.as_secs_f64() / bus.consume.as_secs_f64()
+        median(&mut publish.clone()),
+        median(&mut consume.clone())
     );
 }
