@@ -1,60 +1,49 @@
 //! Throughput of bus over NATS JetStream against raw async-nats JetStream on the same server, in
-//! one run: N messages of 256 bytes published (pipelined, a window of 1,000 unacknowledged
-//! publishes on both sides: bus through `publish_batch`) and consumed (pull, prefetch 256, each
-//! message acked). One-at-a-time publishing (each PubAck awaited) is measured too, on a
-//! smaller count, for both.
+//! one run.
 //!
-//! `BUS_TEST_NATS_URL` (default `nats://127.0.0.1:4222`), `BUS_BENCH_MESSAGES` (default
-//! 100,000). Run: `cargo bench -p adapter-nats --bench throughput`.
+//! The same workload both ways: `BUS_BENCH_MESSAGES` messages (default 100,000) of 256 bytes,
+//! file storage, published pipelined (a window of 1,000 unacknowledged publishes on both
+//! sides: bus through `publish_batch`) and consumed (pull, prefetch 256, each message acked);
+//! one-at-a-time publishing (each PubAck awaited) on a smaller count. The raw client sends what
+//! a service needs to say the same thing: the CloudEvents headers bus writes (`ce-id`,
+//! `ce-type`, `ce-source`, `ce-time`, `ce-specversion`, `ce-correlationid`), built per message;
+//! a `raw bare` row sends the payload without headers, for reference (the difference is what
+//! the server does with headers, not client code). Both consumers pull from before the publish.
+//! `BUS_BENCH_ROUNDS` rounds (default 3) alternate which client goes first; the table shows the
+//! median and the range of each figure.
+//!
+//! `BUS_TEST_NATS_URL` (default `nats://127.0.0.1:4222`). Run:
+//!
+//! ```text
+//! BUS_BENCH_MESSAGES=100000 BUS_BENCH_ROUNDS=5 cargo bench -p adapter-nats --bench throughput
+//! ```
+//!
+//! Prints a table, the range of the per-round ratios, and, last, `ratio publish=<bus/raw>
+//! consume=<bus/raw>` (medians of the per-round ratios of rates), against the raw client with
+//! the same headers.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use adapter_nats::{NatsBroker, NatsConfig};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
+use async_nats::HeaderMap;
+use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 
 const SIZE: usize = 256;
 const WINDOW: usize = 1_000;
 const PREFETCH: usize = 256;
 
+/// One client's times in one round.
 struct Row {
-    what: String,
-    count: usize,
-    elapsed: Duration,
+    publish: Duration,
+    consume: Duration,
+    single: Duration,
 }
 
-impl Row {
-    fn rate(&self) -> f64 {
-        self.count as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let url = std::env::var("BUS_TEST_NATS_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
-    let count: usize = std::env::var("BUS_BENCH_MESSAGES")
-        .ok()
-        .and_then(|n| n.trim().parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(100_000);
-    let single = count.min(5_000);
+async fn through_bus(bus: &NatsBroker, n: usize, single: usize, tag: &str) -> Row {
     let payload = vec![b'x'; SIZE];
-    let run = bus_core::MessageId::new().to_string();
-    let mut rows = Vec::new();
-
-    // --- bus ---------------------------------------------------------------------------
-    let bus = NatsBroker::connect_with(
-        NatsConfig::from_url(&url)
-            .expect("NATS URL")
-            .with_max_age(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("connect bus");
-    let topic = format!("bench.{run}");
+    let topic = format!("bench.{tag}");
     let mut sub = bus
         .subscribe(
             &topic,
@@ -62,31 +51,24 @@ async fn main() {
         )
         .await
         .expect("subscribe");
-    let envelopes: Vec<Envelope> = (0..count)
-        .map(|_| Envelope::new("bench.message", payload.clone()))
-        .collect();
     let started = Instant::now();
-    for chunk in envelopes.chunks(WINDOW) {
-        bus.publish_batch(&topic, chunk.to_vec())
-            .await
-            .expect("bus publish");
+    let mut sent = 0;
+    while sent < n {
+        let batch: Vec<Envelope> = (sent..(sent + WINDOW).min(n))
+            .map(|_| Envelope::new("bench.message", payload.clone()))
+            .collect();
+        sent += batch.len();
+        bus.publish_batch(&topic, batch).await.expect("bus publish");
     }
-    let bus_publish = Row {
-        what: format!("bus publish_batch (window {WINDOW})"),
-        count,
-        elapsed: started.elapsed(),
-    };
+    let publish = started.elapsed();
     let started = Instant::now();
-    for _ in 0..count {
+    for _ in 0..n {
         let d = sub.next().await.expect("open").expect("delivery");
         d.ack().await.expect("ack");
     }
-    let bus_consume = Row {
-        what: format!("bus consume + ack (prefetch {PREFETCH})"),
-        count,
-        elapsed: started.elapsed(),
-    };
-    let single_topic = format!("bench.single.{run}");
+    let consume = started.elapsed();
+    let _ = sub.close().await;
+    let single_topic = format!("bench.single.{tag}");
     let started = Instant::now();
     for _ in 0..single {
         bus.publish(
@@ -96,22 +78,46 @@ async fn main() {
         .await
         .expect("bus publish");
     }
-    let bus_single = Row {
-        what: "bus publish, one at a time".to_owned(),
-        count: single,
-        elapsed: started.elapsed(),
-    };
-    let _ = sub.close().await;
+    let single = started.elapsed();
+    let js = jetstream::new(bus.client().clone());
+    let _ = js.delete_stream(bus.topic_stream(&topic)).await;
+    let _ = js.delete_stream(bus.topic_stream(&single_topic)).await;
+    Row {
+        publish,
+        consume,
+        single,
+    }
+}
 
-    // --- raw async-nats ------------------------------------------------------------------
-    let client = async_nats::connect(url.as_str())
-        .await
-        .expect("raw connect");
-    let js = jetstream::new(client);
-    let raw_stream = format!("bench-raw-{run}");
-    let subject = format!("benchraw.{run}");
+/// The headers bus writes for an envelope, built per message as a service would.
+fn raw_headers(subject: &str) -> HeaderMap {
+    let id = MessageId::new().to_string();
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let mut map = HeaderMap::new();
+    map.insert("ce-specversion", "1.0");
+    map.insert("ce-id", id.as_str());
+    map.insert("ce-type", "bench.message");
+    map.insert("ce-source", format!("/bus/{subject}").as_str());
+    map.insert("ce-time", millis.to_string().as_str());
+    map.insert("ce-correlationid", id.as_str());
+    map
+}
+
+async fn through_raw(
+    client: &async_nats::Client,
+    n: usize,
+    single: usize,
+    tag: &str,
+    headers: bool,
+) -> Row {
+    let js = jetstream::new(client.clone());
+    let name = format!("bench-raw-{}-{tag}", if headers { "h" } else { "bare" }).replace('.', "-");
+    let subject = format!("benchraw.{name}");
     js.create_stream(stream::Config {
-        name: raw_stream.clone(),
+        name: name.clone(),
         subjects: vec![subject.clone()],
         storage: stream::StorageType::File,
         ..stream::Config::default()
@@ -125,112 +131,183 @@ async fn main() {
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ..pull::Config::default()
             },
-            raw_stream.as_str(),
+            name.as_str(),
         )
         .await
         .expect("raw consumer");
-    let body = bytes::Bytes::from(payload.clone());
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < count {
-        let n = WINDOW.min(count - sent);
-        let mut acks = Vec::with_capacity(n);
-        for _ in 0..n {
-            acks.push(
-                js.publish(subject.clone(), body.clone())
-                    .await
-                    .expect("raw publish"),
-            );
-        }
-        for ack in acks {
-            ack.await.expect("raw puback");
-        }
-        sent += n;
-    }
-    let raw_publish = Row {
-        what: format!("raw publish (window {WINDOW})"),
-        count,
-        elapsed: started.elapsed(),
-    };
-    let started = Instant::now();
+    // Pulling from before the publish, as the bus subscription does.
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(PREFETCH)
         .messages()
         .await
         .expect("raw pull");
-    for _ in 0..count {
+    let body = bytes::Bytes::from(vec![b'x'; SIZE]);
+    let publish_one = |subject: String| {
+        let js = js.clone();
+        let body = body.clone();
+        async move {
+            if headers {
+                let map = raw_headers(&subject);
+                js.publish_with_headers(subject, map, body).await
+            } else {
+                js.publish(subject, body).await
+            }
+        }
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let count = WINDOW.min(n - sent);
+        let mut acks = Vec::with_capacity(count);
+        for _ in 0..count {
+            acks.push(publish_one(subject.clone()).await.expect("raw publish"));
+        }
+        for ack in acks {
+            ack.await.expect("raw puback");
+        }
+        sent += count;
+    }
+    let publish = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..n {
         let m = messages.next().await.expect("open").expect("message");
         m.ack().await.expect("raw ack");
     }
-    let raw_consume = Row {
-        what: format!("raw consume + ack (prefetch {PREFETCH})"),
-        count,
-        elapsed: started.elapsed(),
-    };
+    let consume = started.elapsed();
     drop(messages);
     let started = Instant::now();
     for _ in 0..single {
-        js.publish(subject.clone(), body.clone())
+        publish_one(subject.clone())
             .await
             .expect("raw publish")
             .await
             .expect("raw puback");
     }
-    let raw_single = Row {
-        what: "raw publish, one at a time".to_owned(),
-        count: single,
-        elapsed: started.elapsed(),
-    };
+    let single = started.elapsed();
+    let _ = js.delete_stream(&name).await;
+    Row {
+        publish,
+        consume,
+        single,
+    }
+}
 
-    // --- clean up and report --------------------------------------------------------------
-    let _ = js.delete_stream(&raw_stream).await;
-    let _ = js.delete_stream(bus.topic_stream(&topic)).await;
-    let _ = js.delete_stream(bus.topic_stream(&single_topic)).await;
+/// The median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// `median [min–max]` of `values`.
+fn spread(mut values: Vec<f64>, digits: usize) -> String {
+    let m = median(&mut values);
+    format!(
+        "{m:.digits$} [{:.digits$}–{:.digits$}]",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let url = std::env::var("BUS_TEST_NATS_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+    let env_number = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(default)
+    };
+    let n = env_number("BUS_BENCH_MESSAGES", 100_000);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 3);
+    let single = n.min(5_000);
+    let bus = NatsBroker::connect_with(
+        NatsConfig::from_url(&url)
+            .expect("NATS URL")
+            .with_max_age(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("connect bus");
+    let client = async_nats::connect(url.as_str())
+        .await
+        .expect("raw connect");
+
+    let (mut bus_rows, mut raw_rows, mut bare_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let tag = format!("{}.{round}", MessageId::new().as_str().replace('-', ""));
+        if round % 2 == 0 {
+            raw_rows.push(through_raw(&client, n, single, &tag, true).await);
+            bus_rows.push(through_bus(&bus, n, single, &tag).await);
+        } else {
+            bus_rows.push(through_bus(&bus, n, single, &tag).await);
+            raw_rows.push(through_raw(&client, n, single, &tag, true).await);
+        }
+        bare_rows.push(through_raw(&client, n, single, &tag, false).await);
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
     let _ = bus.close().await;
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!();
     println!(
-        "NATS JetStream throughput: {count} messages of {SIZE} B ({single} for one-at-a-time), \
-         file storage, {url}"
+        "NATS JetStream throughput: {n} messages of {SIZE} B ({single} for one-at-a-time), file \
+         storage, window {WINDOW}, prefetch {PREFETCH}; {rounds} rounds, median [min–max]"
     );
-    println!("machine: nproc = {cores}, a 2-core shared box (other builds and tests may run)");
+    println!("machine: nproc = {cores}, a 2-core shared box; server on loopback");
     println!();
     println!(
-        "| {:<38} | {:>8} | {:>10} | {:>7} | {:>8} |",
-        "what", "messages", "msgs/s", "MB/s", "seconds"
+        "| {:<14} | {:>24} | {:>24} | {:>24} |",
+        "client", "publish msg/s", "consume msg/s", "one at a time msg/s"
     );
-    println!(
-        "|{:-<40}|{:->10}|{:->12}|{:->9}|{:->10}|",
-        "", "", "", "", ""
-    );
-    rows.extend([
-        bus_publish,
-        raw_publish,
-        bus_consume,
-        raw_consume,
-        bus_single,
-        raw_single,
-    ]);
-    for row in &rows {
+    println!("|{:-<16}|{:->26}|{:->26}|{:->26}|", "", "", "", "");
+    for (name, rows) in [
+        ("bus", &bus_rows),
+        ("raw async-nats", &raw_rows),
+        ("raw bare", &bare_rows),
+    ] {
         println!(
-            "| {:<38} | {:>8} | {:>10.0} | {:>7.2} | {:>8.2} |",
-            row.what,
-            row.count,
-            row.rate(),
-            row.rate() * SIZE as f64 / 1e6,
-            row.elapsed.as_secs_f64()
+            "| {:<14} | {:>24} | {:>24} | {:>24} |",
+            name,
+            spread(rows.iter().map(|r| rate(n, r.publish)).collect(), 0),
+            spread(rows.iter().map(|r| rate(n, r.consume)).collect(), 0),
+            spread(rows.iter().map(|r| rate(single, r.single)).collect(), 0),
         );
     }
+    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
+        bus_rows
+            .iter()
+            .zip(&raw_rows)
+            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
+            .collect()
+    };
+    let (publish, consume, one) = (
+        ratios(|r| r.publish),
+        ratios(|r| r.consume),
+        ratios(|r| r.single),
+    );
     println!();
     println!(
-        "one at a time: bus/raw = {:.2}",
-        rows[4].rate() / rows[5].rate()
+        "ratio ranges: publish {} consume {} one-at-a-time {}",
+        spread(publish.clone(), 2),
+        spread(consume.clone(), 2),
+        spread(one, 2)
     );
     println!(
         "ratio publish={:.2} consume={:.2}",
-        rows[0].rate() / rows[1].rate(),
-        rows[2].rate() / rows[3].rate()
+        median(&mut publish.clone()),
+        median(&mut consume.clone())
     );
 }
