@@ -109,9 +109,13 @@ fn write_attributes(
     mut altered: impl FnMut(&'static str, &str),
 ) {
     let mut attribute = |name: &'static str, value: &str, id: bool| {
-        if (id && value.is_empty()) || needs_escape_value(value) {
-            altered(name, value);
+        let refused = (id && value.is_empty()) || needs_escape_value(value);
+        if !refused {
+            // The usual case: written as it is, without building a cleaned copy first.
+            map.insert(name, value);
+            return;
         }
+        altered(name, value);
         let mut written = value.replace(['\r', '\n'], " ").trim().to_owned();
         if id && written.is_empty() {
             written = MessageId::derived(&[value.as_bytes()]).to_string();
@@ -122,7 +126,11 @@ fn write_attributes(
     attribute(CE_ID, envelope.id.as_str(), true);
     attribute(CE_TYPE, &envelope.kind, false);
     // The configured source and the formatted time are not the envelope's: never refused.
-    let source = source.replace(['\r', '\n'], " ");
+    let source = if source.contains(['\r', '\n']) {
+        std::borrow::Cow::Owned(source.replace(['\r', '\n'], " "))
+    } else {
+        std::borrow::Cow::Borrowed(source)
+    };
     attribute(CE_SOURCE, source.trim(), false);
     attribute(CE_TIME, &headers::format_time(envelope.timestamp), false);
     attribute(CE_CORRELATIONID, envelope.correlation_id.as_str(), true);
