@@ -1,8 +1,9 @@
 //! The connection: the client, the JetStream context, the streams made so far, and close.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bus_core::{async_trait, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
@@ -21,9 +22,9 @@ pub(crate) const MAX_STORED_HEADER_LEN: usize = u16::MAX as usize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// A topic: limits retention, every consumer (group) reads every message.
-    Topic,
+    Topic = 0,
     /// A queue: work-queue retention, one shared consumer, a message gone once acked.
-    Queue,
+    Queue = 1,
 }
 
 /// What every handle, subscription and delivery of one connection shares.
@@ -33,14 +34,36 @@ pub(crate) struct Inner {
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: jetstream::Context,
     pub(crate) names: Names,
-    /// Streams created or updated by this connection (by stream name).
-    streams: Mutex<HashSet<String>>,
+    /// Streams created or updated by this connection (by stream name), each with the subject
+    /// its messages are sent on.
+    streams: Mutex<HashMap<String, async_nats::Subject>>,
+    /// Where the messages of a topic or queue go, once its stream is known to exist: the
+    /// subject, so publishing does not build the names again per message.
+    /// Topics first, queues second (by name).
+    routes: Mutex<[HashMap<String, async_nats::Subject>; 2]>,
+    /// The server's `max_payload`, read again after a reconnect or a second.
+    max_payload: Mutex<MaxPayload>,
     closed: watch::Sender<bool>,
     /// Copies of nacked core NATS messages waiting out their delay (`subscriber::CoreSettle`):
     /// close sends them at once and waits for them.
     pub(crate) core_copies: watch::Sender<usize>,
     pub(crate) runtime: tokio::runtime::Handle,
 }
+
+/// The server's `max_payload` as last read, and when: `Client::server_info` copies the whole
+/// server information (a dozen strings), too much to do per message.
+#[derive(Debug)]
+struct MaxPayload {
+    value: usize,
+    /// The client's connection count when it was read: a reconnect (maybe to another server)
+    /// reads it again.
+    connects: u64,
+    read: Option<Instant>,
+}
+
+/// How long a `max_payload` read stays in use at most (the server information can arrive a
+/// moment after the reconnect that the connection count shows).
+const MAX_PAYLOAD_REFRESH: Duration = Duration::from_secs(1);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only inserts and removals happen under the lock: no invariant a panic could break.
@@ -84,7 +107,20 @@ impl Inner {
 
     /// The server's limit on one message (headers and body together).
     pub(crate) fn max_payload(&self) -> usize {
-        self.client.server_info().max_payload
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        let mut cached = lock(&self.max_payload);
+        let fresh = cached.connects == connects
+            && cached
+                .read
+                .is_some_and(|read| read.elapsed() < MAX_PAYLOAD_REFRESH);
+        if !fresh {
+            *cached = MaxPayload {
+                value: self.client.server_info().max_payload,
+                connects,
+                read: Some(Instant::now()),
+            };
+        }
+        cached.value
     }
 
     /// Refuses a message the server would refuse: headers and payload over `max_payload`.
@@ -116,7 +152,7 @@ impl Inner {
                 self.names.queue_subject(name),
             ),
         };
-        if lock(&self.streams).contains(&stream) {
+        if lock(&self.streams).contains_key(&stream) {
             return Ok(stream);
         }
         let config = stream::Config {
@@ -129,7 +165,7 @@ impl Inner {
                     "queue"
                 }
             )),
-            subjects: vec![subject],
+            subjects: vec![subject.clone()],
             retention: match kind {
                 Kind::Topic => stream::RetentionPolicy::Limits,
                 Kind::Queue => stream::RetentionPolicy::WorkQueue,
@@ -149,8 +185,27 @@ impl Inner {
             .create_or_update_stream(config)
             .await
             .map_err(|e| error::stream(e, &stream))?;
-        lock(&self.streams).insert(stream.clone());
+        lock(&self.streams).insert(stream.clone(), subject.into());
         Ok(stream)
+    }
+
+    /// The subject the messages of a topic or queue are sent on, its stream made sure of
+    /// ([`ensure_stream`](Self::ensure_stream)) the first time, and remembered until the
+    /// stream is forgotten.
+    async fn route(&self, kind: Kind, name: &str) -> Result<async_nats::Subject> {
+        if let Some(subject) = lock(&self.routes)[kind as usize].get(name) {
+            return Ok(subject.clone());
+        }
+        let stream = self.ensure_stream(kind, name).await?;
+        let subject = lock(&self.streams)
+            .get(&stream)
+            .cloned()
+            .unwrap_or_else(|| match kind {
+                Kind::Topic => self.names.topic_subject(name).into(),
+                Kind::Queue => self.names.queue_subject(name).into(),
+            });
+        lock(&self.routes)[kind as usize].insert(name.to_owned(), subject.clone());
+        Ok(subject)
     }
 
     /// Forgets that a stream exists (it was deleted behind this connection's back).
@@ -160,6 +215,7 @@ impl Inner {
             Kind::Queue => self.names.queue_stream(name),
         };
         lock(&self.streams).remove(&stream);
+        lock(&self.routes)[kind as usize].remove(name);
     }
 
     /// The durable pull consumer `config` names on `stream`: the existing one (keeping its
@@ -240,11 +296,7 @@ impl Inner {
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
     ) -> Result<jetstream::context::PublishAckFuture> {
-        self.ensure_stream(kind, name).await?;
-        let subject = match kind {
-            Kind::Topic => self.names.topic_subject(name),
-            Kind::Queue => self.names.queue_subject(name),
-        };
+        let subject = self.route(kind, name).await?;
         self.jetstream
             .publish_with_headers(subject.clone(), headers, payload)
             .await
@@ -355,7 +407,13 @@ impl NatsBroker {
                 config,
                 client,
                 jetstream,
-                streams: Mutex::new(HashSet::new()),
+                streams: Mutex::new(HashMap::new()),
+                routes: Mutex::new([HashMap::new(), HashMap::new()]),
+                max_payload: Mutex::new(MaxPayload {
+                    value: 0,
+                    connects: 0,
+                    read: None,
+                }),
                 closed,
                 core_copies: watch::channel(0).0,
                 runtime: tokio::runtime::Handle::current(),
