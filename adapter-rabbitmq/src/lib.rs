@@ -42,6 +42,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
+#[doc(hidden)]
+pub mod cost;
 mod endpoint;
 mod error;
 mod link;

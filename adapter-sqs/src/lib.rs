@@ -33,6 +33,8 @@
 
 mod broker;
 mod config;
+#[doc(hidden)]
+pub mod cost;
 mod error;
 mod names;
 mod publisher;

@@ -27,6 +27,8 @@
 
 mod broker;
 mod capabilities;
+#[doc(hidden)]
+pub mod cost;
 mod delivery;
 mod envelope;
 mod error;
