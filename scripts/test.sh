@@ -60,6 +60,9 @@ cargo test -q --workspace --all-features property_ -- --nocapture >"$property_lo
 # `-q` prints a dot per test on the same line as the output, hence -o.
 grep -oE 'property .+: [0-9]+ cases passed \((fixed|random) seed\)' "$property_log"
 
+step "cost gate: allocations and instructions per message against perf/cost-baseline.txt (scripts/cost.sh)"
+bash scripts/cost.sh
+
 step "docs (RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --all-features)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 
