@@ -46,10 +46,14 @@ const DEFAULT_URL: &str = "memory://";
 ///
 /// The `Debug` output, and every error `bus` makes from the URL, show the URL with its
 /// password (and the values of query parameters that look secret) replaced by `***`.
-/// Serializing the configuration does too, and leaves out the adapters' password, token,
-/// seed and secret-key settings: a stored configuration holds no secret. Give secrets at
-/// runtime (`BUS_URL`, the adapter's URL parameters, files); a configuration read back from
-/// its serialized form authenticates with `***` and is refused.
+/// Serializing the configuration does too. The adapters' password, token, seed and
+/// secret-key settings are [`bus_core::secrets::Secret`]s: given inline they are left out
+/// when serializing, given as a reference (`{ env = "NAME" }`, `{ file = "/path" }`, read
+/// when connecting) they are written as the reference. So a stored configuration holds no
+/// secret, and one that must round-trip names where its secrets are, in the adapter
+/// sections. A URL read back from its serialized form holds `***` for its password and is
+/// refused by the broker: give such a URL at runtime (`BUS_URL`), or the password apart
+/// (RabbitMQ `password`, NATS `credentials`, Kafka `sasl_password`, SQS `secret_access_key`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
