@@ -108,7 +108,14 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
                 if let Some(failure) = auth.take_failure() {
                     return Err(failure);
                 }
-                if Instant::now() >= deadline {
+                // A refused certificate or login does not become right by waiting.
+                let refused = reported
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_deref()
+                    .and_then(refusal)
+                    .is_some();
+                if refused || Instant::now() >= deadline {
                     break error;
                 }
                 // Not a busy loop where librdkafka answers at once (no broker known yet).
@@ -122,8 +129,20 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
     let Some(reason) = last else {
         return Err(map(error, WHAT));
     };
-    let kind = if reason.contains("SSL handshake failed") || reason.contains("certificate verify") {
-        ErrorKind::Config
+    let kind = refusal(&reason).unwrap_or_else(|| map(error.clone(), WHAT).kind());
+    Err(Error::with_source(
+        kind,
+        format!("{WHAT}: {error}; last broker error: {reason}"),
+        error,
+    ))
+}
+
+/// The kind of a connection failure librdkafka reported that is definite: the broker's
+/// certificate refused here (`Config`), or the login or client certificate refused by the
+/// broker (`Rejected`). `None` for anything that may pass (a broker not up yet).
+fn refusal(reason: &str) -> Option<ErrorKind> {
+    if reason.contains("SSL handshake failed") || reason.contains("certificate verify") {
+        Some(ErrorKind::Config)
     } else if reason.contains("SASL authentication")
         || reason.contains("Authentication failed")
         // TLS alerts of a broker that refused (or missed) our client certificate.
@@ -131,15 +150,10 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
         || reason.contains("alert bad certificate")
         || reason.contains("alert unknown ca")
     {
-        ErrorKind::Rejected
+        Some(ErrorKind::Rejected)
     } else {
-        map(error.clone(), WHAT).kind()
-    };
-    Err(Error::with_source(
-        kind,
-        format!("{WHAT}: {error}; last broker error: {reason}"),
-        error,
-    ))
+        None
+    }
 }
 
 fn code_kind(code: RDKafkaErrorCode) -> ErrorKind {
