@@ -316,6 +316,25 @@ async fn connect_fails(config: NatsConfig) -> Error {
     error
 }
 
+/// A login the server refused: `Rejected`, not retryable, saying so, with the client's
+/// `AuthorizationViolation` kept as the source.
+fn assert_login_refused(error: &Error) {
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    assert!(!error.is_retryable());
+    assert!(
+        error.to_string().contains("authentication failed"),
+        "{error}"
+    );
+    let cause = error
+        .source_ref()
+        .and_then(|source| source.downcast_ref::<async_nats::ConnectError>())
+        .expect("the client's error kept as the source");
+    assert_eq!(
+        cause.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+    );
+}
+
 /// The error's Display, Debug and the Display and Debug of every source below it.
 fn everything_shown(error: &Error) -> String {
     let mut shown = format!("{error}\n{error:?}");
@@ -629,20 +648,7 @@ async fn a_wrong_password_is_rejected_without_showing_it() {
         NatsConfig::from_url(&url("tls", "", server.port, &[("tls_ca", &pki.ca)])).unwrap(),
     ] {
         let error = connect_fails(config).await;
-        assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
-        assert!(!error.is_retryable());
-        assert!(
-            error.to_string().contains("authentication failed"),
-            "{error}"
-        );
-        let cause = error
-            .source_ref()
-            .and_then(|source| source.downcast_ref::<async_nats::ConnectError>())
-            .expect("the client's error kept as the source");
-        assert_eq!(
-            cause.kind(),
-            async_nats::ConnectErrorKind::AuthorizationViolation
-        );
+        assert_login_refused(&error);
         let shown = everything_shown(&error);
         assert!(!shown.contains(WRONG_PASSWORD), "{shown}");
     }
@@ -881,20 +887,7 @@ async fn a_creds_file_round_trips_and_one_of_an_unknown_account_is_rejected() {
             .with_credentials(Credentials::creds_file(&unknown)),
     )
     .await;
-    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
-    assert!(!error.is_retryable());
-    assert!(
-        error.to_string().contains("authentication failed"),
-        "{error}"
-    );
-    let cause = error
-        .source_ref()
-        .and_then(|source| source.downcast_ref::<async_nats::ConnectError>())
-        .expect("the client's error kept as the source");
-    assert_eq!(
-        cause.kind(),
-        async_nats::ConnectErrorKind::AuthorizationViolation
-    );
+    assert_login_refused(&error);
     let shown = everything_shown(&error);
     assert!(
         !shown.contains(&seed) && !shown.contains(&user_jwt),
