@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use adapter_nats::{NatsBroker, NatsConfig};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::HeaderMap;
+use bus_core::conformance::bench::{env_number, median, spread};
 use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 
@@ -193,27 +194,6 @@ async fn through_raw(
     }
 }
 
-/// The median of `values` (sorted in place).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
-/// `median [min–max]` of `values`.
-fn spread(mut values: Vec<f64>, digits: usize) -> String {
-    let m = median(&mut values);
-    format!(
-        "{m:.digits$} [{:.digits$}–{:.digits$}]",
-        values[0],
-        values[values.len() - 1]
-    )
-}
-
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -224,13 +204,6 @@ async fn main() {
         .ok()
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
-    let env_number = |name: &str, default: usize| -> usize {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(default)
-    };
     let n = env_number("BUS_BENCH_MESSAGES", 100_000);
     let rounds = env_number("BUS_BENCH_ROUNDS", 3);
     let single = n.min(5_000);

@@ -29,6 +29,7 @@ use adapter_rabbitmq::lapin::options::{
 use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
+use bus_core::conformance::bench::{env_number, median, spread};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 
@@ -219,40 +220,12 @@ async fn through_lapin(url: &str, n: usize, tag: &str, headers: bool) -> Row {
     Row { publish, consume }
 }
 
-/// The median of `values` (sorted in place).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
-/// `median [min–max]` of `values`.
-fn spread(mut values: Vec<f64>, digits: usize) -> String {
-    let m = median(&mut values);
-    format!(
-        "{m:.digits$} [{:.digits$}–{:.digits$}]",
-        values[0],
-        values[values.len() - 1]
-    )
-}
-
 #[tokio::main]
 async fn main() {
     let url = std::env::var("BUS_TEST_RABBITMQ_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    let env_number = |name: &str, default: usize| -> usize {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(default)
-    };
     let n = env_number("BUS_BENCH_MESSAGES", 100_000);
     let rounds = env_number("BUS_BENCH_ROUNDS", 3);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

@@ -78,6 +78,7 @@ use futures::future::BoxFuture;
 use crate::{Broker, Capabilities};
 
 pub mod arbitrary;
+pub mod bench;
 pub mod cases;
 mod faults;
 mod support;
