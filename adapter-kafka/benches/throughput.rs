@@ -20,9 +20,14 @@
 //! BUS_BENCH_MESSAGES=100000 cargo bench -p adapter-kafka --bench throughput
 //! ```
 //!
-//! Prints a table and, last, `ratio publish=<bus/raw> consume=<bus/raw>` (pipelined publish).
+//! `BUS_BENCH_ROUNDS` rounds (default 3) alternate which client goes first; the table shows the
+//! median and the range of each figure. Prints the range of the per-round ratios and, last,
+//! `ratio publish=<bus/raw> consume=<bus/raw>` (medians of the per-round ratios; pipelined
+//! publish).
 
 use std::time::{Duration, Instant};
+
+use bus_core::conformance::bench::{env_number, median, spread};
 
 use adapter_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use adapter_kafka::rdkafka::client::DefaultClientContext;
@@ -213,15 +218,21 @@ async fn main() {
     let servers = KafkaConfig::from_url(&url)
         .expect("a kafka:// URL")
         .bootstrap_servers;
-    let n: usize = std::env::var("BUS_BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|&n| n > 1)
-        .unwrap_or(20_000);
+    let n = env_number("BUS_BENCH_MESSAGES", 20_000).max(2);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 3);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let tag = format!("{}", uuid::Uuid::now_v7().simple());
-    let raw = through_rdkafka(&servers, n, &tag).await;
-    let bus = through_bus(&servers, n, &tag).await;
+    let (mut bus_rows, mut raw_rows) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let tag = format!("{}", uuid::Uuid::now_v7().simple());
+        if round % 2 == 0 {
+            raw_rows.push(through_rdkafka(&servers, n, &tag).await);
+            bus_rows.push(through_bus(&servers, n, &tag).await);
+        } else {
+            bus_rows.push(through_bus(&servers, n, &tag).await);
+            raw_rows.push(through_rdkafka(&servers, n, &tag).await);
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
     let seq = SEQUENTIAL.min(n) - 1;
 
     println!();
@@ -235,35 +246,42 @@ async fn main() {
         "(default count 20,000, not 100,000: tansu's memory storage slows down as a partition \
          grows; set BUS_BENCH_MESSAGES to change it)"
     );
+    println!("{rounds} rounds, median [min–max]");
     println!();
     println!(
-        "| {:<11} | {:>15} | {:>14} | {:>18} | {:>14} | {:>13} |",
-        "client",
-        "publish msg/s",
-        "publish MB/s",
-        "one-at-a-time msg/s",
-        "consume msg/s",
-        "consume MB/s"
+        "| {:<11} | {:>22} | {:>22} | {:>22} |",
+        "client", "publish msg/s", "one-at-a-time msg/s", "consume msg/s"
     );
-    println!(
-        "|{:-<13}|{:->17}|{:->16}|{:->20}|{:->16}|{:->15}|",
-        "", "", "", "", "", ""
-    );
-    for (name, row) in [("bus", &bus), ("raw rdkafka", &raw)] {
+    println!("|{:-<13}|{:->24}|{:->24}|{:->24}|", "", "", "", "");
+    for (name, rows) in [("bus", &bus_rows), ("raw rdkafka", &raw_rows)] {
         println!(
-            "| {:<11} | {:>15.0} | {:>14.2} | {:>18.0} | {:>14.0} | {:>13.2} |",
+            "| {:<11} | {:>22} | {:>22} | {:>22} |",
             name,
-            rate(n - 1, row.publish),
-            mb(n - 1, row.publish),
-            rate(seq, row.sequential),
-            rate(n, row.consume),
-            mb(n, row.consume)
+            spread(rows.iter().map(|r| rate(n - 1, r.publish)).collect(), 0),
+            spread(rows.iter().map(|r| rate(seq, r.sequential)).collect(), 0),
+            spread(rows.iter().map(|r| rate(n, r.consume)).collect(), 0),
         );
     }
+    let mut publish_mb: Vec<f64> = bus_rows.iter().map(|r| mb(n - 1, r.publish)).collect();
     println!();
+    println!("bus publish MB/s (median): {:.2}", median(&mut publish_mb));
+    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
+        bus_rows
+            .iter()
+            .zip(&raw_rows)
+            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
+            .collect()
+    };
+    let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
+    println!(
+        "ratio ranges: publish {} one-at-a-time {} consume {}",
+        spread(publish.clone(), 2),
+        spread(ratios(|r| r.sequential), 2),
+        spread(consume.clone(), 2)
+    );
     println!(
         "ratio publish={:.2} consume={:.2}",
-        raw.publish.as_secs_f64() / bus.publish.as_secs_f64(),
-        raw.consume.as_secs_f64() / bus.consume.as_secs_f64()
+        median(&mut publish.clone()),
+        median(&mut consume.clone())
     );
 }

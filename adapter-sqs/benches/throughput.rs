@@ -17,6 +17,9 @@
 //!
 //! The default is 500 messages, not the contract's 100,000: moto scans a whole queue on every
 //! send and slows sharply as a queue fills (docs/adapters/sqs.md). The count is printed.
+//! `BUS_BENCH_ROUNDS` rounds (default 3) alternate which client goes first; the table shows the
+//! median and the range of each figure, and the last line is `ratio publish=<bus/raw>
+//! consume=<bus/raw>` (medians of the per-round ratios).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 use adapter_sqs::aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use adapter_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use adapter_sqs::{SqsBroker, SqsConfig};
+use bus_core::conformance::bench::{env_number, median, spread};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::Mutex;
 
@@ -233,10 +237,8 @@ fn main() {
         println!("skipped: set BUS_TEST_SQS_URL (e.g. sqs://127.0.0.1:4566?region=us-east-1)");
         return;
     };
-    let count: usize = std::env::var("BUS_BENCH_MESSAGES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(500);
+    let count = env_number("BUS_BENCH_MESSAGES", 500);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -259,24 +261,48 @@ fn main() {
             "publish: SNS PublishBatch, {BATCH} per call, {PUBLISHERS} tasks; consume: 2 \
              pollers, 10 per receive, DeleteMessageBatch"
         );
-        let raw = through_sdk(&raw_broker, count).await;
-        let bus = through_bus(config, count).await;
+        let (mut bus_runs, mut raw_runs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                raw_runs.push(through_sdk(&raw_broker, count).await);
+                bus_runs.push(through_bus(config.clone(), count).await);
+            } else {
+                bus_runs.push(through_bus(config.clone(), count).await);
+                raw_runs.push(through_sdk(&raw_broker, count).await);
+            }
+            eprintln!("round {} of {rounds} done", round + 1);
+        }
+        println!("{rounds} rounds, median [min–max]");
         println!(
-            "{:<8} {:>10} {:>12} {:>8} {:>12} {:>12} {:>8}",
-            "side", "publish s", "msgs/s", "MB/s", "consume s", "msgs/s", "MB/s"
+            "| {:<8} | {:>22} | {:>22} |",
+            "side", "publish msg/s", "consume msg/s"
         );
-        for (side, run) in [("raw sdk", &raw), ("bus", &bus)] {
-            let (pm, pb) = rate(count, run.publish);
-            let (cm, cb) = rate(count, run.consume);
+        println!("|{:-<10}|{:->24}|{:->24}|", "", "", "");
+        for (side, runs) in [("bus", &bus_runs), ("raw sdk", &raw_runs)] {
             println!(
-                "{side:<8} {:>10.2} {pm:>12.0} {pb:>8.3} {:>12.2} {cm:>12.0} {cb:>8.3}",
-                run.publish.as_secs_f64(),
-                run.consume.as_secs_f64()
+                "| {side:<8} | {:>22} | {:>22} |",
+                spread(runs.iter().map(|r| rate(count, r.publish).0).collect(), 0),
+                spread(runs.iter().map(|r| rate(count, r.consume).0).collect(), 0),
             );
         }
         raw_broker.close().await.ok();
-        let publish = raw.publish.as_secs_f64() / bus.publish.as_secs_f64();
-        let consume = raw.consume.as_secs_f64() / bus.consume.as_secs_f64();
-        println!("ratio publish={publish:.2} consume={consume:.2}");
+        let ratios = |pick: fn(&Run) -> Duration| -> Vec<f64> {
+            bus_runs
+                .iter()
+                .zip(&raw_runs)
+                .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
+                .collect()
+        };
+        let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
+        println!(
+            "ratio ranges: publish {} consume {}",
+            spread(publish.clone(), 2),
+            spread(consume.clone(), 2)
+        );
+        println!(
+            "ratio publish={:.2} consume={:.2}",
+            median(&mut publish.clone()),
+            median(&mut consume.clone())
+        );
     });
 }
