@@ -248,9 +248,17 @@ impl Publisher for MemoryBroker {
         // does. If one group is full past the timeout, the groups before it keep their copy:
         // the caller sees the error and may publish again (at-least-once).
         let deadline = inner.deadline();
-        for group in groups {
+        // Each group but the last gets a copy; the last gets the envelope itself.
+        let mut groups = groups.into_iter().peekable();
+        let mut envelope = Some(envelope);
+        while let Some(group) = groups.next() {
+            let envelope = match groups.peek() {
+                Some(_) => envelope.clone(),
+                None => envelope.take(),
+            }
+            .expect("the last group takes the envelope");
             group
-                .push(envelope.clone(), inner.faults(), deadline, &inner.closed)
+                .push(envelope, inner.faults(), deadline, &inner.closed)
                 .await?;
         }
         Ok(())
@@ -374,13 +382,20 @@ impl DeliverySource for Member {
             if self.left || self.inner.closed.is_closed() {
                 return None;
             }
+            // Most calls find a message waiting: only an empty-handed one registers for
+            // `readable`, then looks again so that no push in between is missed.
+            if let Take::Taken(entry) = self.buffer.take(false) {
+                return Some(Ok(self.delivery(entry)));
+            }
             let readable = self.buffer.readable().notified();
             tokio::pin!(readable);
             readable.as_mut().enable();
-            let due = match self.buffer.take() {
+            let due = match self.buffer.take(true) {
                 Take::Taken(entry) => return Some(Ok(self.delivery(entry))),
                 Take::Wait(due) => due,
             };
+            // Counted as waiting until this is dropped, also when this future is.
+            let _waiting = Waiting(&self.buffer);
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 () = &mut readable => {}
@@ -398,6 +413,15 @@ impl DeliverySource for Member {
     /// A key's messages are handed out in publish order, one at a time per group.
     fn keeps_key_order(&self) -> bool {
         true
+    }
+}
+
+/// A member counted among those waiting for its buffer to become readable.
+struct Waiting<'a>(&'a Buffer);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.stop_waiting();
     }
 }
 

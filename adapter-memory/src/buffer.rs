@@ -5,7 +5,7 @@
 //! (like an SQS FIFO message group). A nacked or abandoned message goes back in its original
 //! place, so it stays ahead of the later messages of its key.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -35,6 +35,53 @@ struct State {
     in_flight: usize,
     keys_in_flight: HashSet<String>,
     members: usize,
+    /// Waiting messages without a key.
+    ready_unkeyed: usize,
+    /// Waiting messages per key: when every key that has some is in flight and none is
+    /// without a key, nothing can be taken, which `take` then knows without scanning them all.
+    ready_keys: HashMap<String, usize>,
+    /// Members waiting for `readable`, publishers waiting for `writable`: nobody to notify
+    /// otherwise.
+    readers_waiting: usize,
+    writers_waiting: usize,
+}
+
+impl State {
+    fn count_ready(&mut self, key: Option<&String>) {
+        match key {
+            None => self.ready_unkeyed += 1,
+            Some(key) => match self.ready_keys.get_mut(key) {
+                Some(count) => *count += 1,
+                None => {
+                    self.ready_keys.insert(key.clone(), 1);
+                }
+            },
+        }
+    }
+
+    fn uncount_ready(&mut self, key: Option<&String>) {
+        match key {
+            None => self.ready_unkeyed -= 1,
+            Some(key) => {
+                if let Some(count) = self.ready_keys.get_mut(key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.ready_keys.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether no waiting message can be taken whatever its time: every one has a key that
+    /// is in flight.
+    fn all_keys_in_flight(&self) -> bool {
+        self.ready_unkeyed == 0
+            && self
+                .ready_keys
+                .keys()
+                .all(|key| self.keys_in_flight.contains(key))
+    }
 }
 
 /// Faults to inject into one push (see [`Chaos`](crate::Chaos)).
@@ -102,36 +149,23 @@ impl Buffer {
         deadline: Instant,
         closed: &crate::broker::Closed,
     ) -> Result<()> {
-        let copies = faults.copies.max(1);
+        let mut envelope = Some(envelope);
+        // Most pushes find room: only a full buffer registers for `writable`.
+        if self.try_push(&mut envelope, faults, false) {
+            return Ok(());
+        }
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
             writable.as_mut().enable();
-            {
-                let mut state = self.state();
-                if state.ready.len() + state.in_flight + copies <= self.capacity {
-                    let not_before = faults.delay.map(|d| Instant::now() + d);
-                    for _ in 0..copies {
-                        let seq = state.next_seq;
-                        state.next_seq += 1;
-                        state.ready.push_back(Entry {
-                            seq,
-                            envelope: envelope.clone(),
-                            attempt: 1,
-                            not_before,
-                            first_failure: None,
-                        });
-                    }
-                    drop(state);
-                    self.readable.notify_waiters();
-                    return Ok(());
-                }
+            if self.try_push(&mut envelope, faults, true) {
+                return Ok(());
             }
-            tokio::select! {
-                () = &mut writable => {}
-                () = closed.wait() => return Err(Error::closed("the memory broker was closed")),
+            let outcome = tokio::select! {
+                () = &mut writable => Ok(()),
+                () = closed.wait() => Err(Error::closed("the memory broker was closed")),
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::new(
+                    Err(Error::new(
                         ErrorKind::Backpressure,
                         format!(
                             "`{}`{} is full ({} messages): no room freed in time",
@@ -139,48 +173,110 @@ impl Buffer {
                             self.group.as_deref().map(|g| format!(" group `{g}`")).unwrap_or_default(),
                             self.capacity
                         ),
-                    ));
+                    ))
                 }
-            }
+            };
+            self.state().writers_waiting -= 1;
+            outcome?;
         }
     }
 
-    /// Takes the first deliverable message, marking it (and its key) in flight.
-    pub(crate) fn take(&self) -> Take {
+    /// Appends the envelope if there is room (taking it out of `envelope`); otherwise, when
+    /// `waiting`, counts the caller among the publishers waiting for room.
+    fn try_push(&self, envelope: &mut Option<Envelope>, faults: Faults, waiting: bool) -> bool {
+        let copies = faults.copies.max(1);
         let mut state = self.state();
-        let now = Instant::now();
-        let mut earliest: Option<Instant> = None;
-        let mut found = None;
-        {
-            let mut blocked: HashSet<&str> = HashSet::new();
-            for (index, entry) in state.ready.iter().enumerate() {
-                if let Some(key) = entry.envelope.key.as_deref() {
-                    // Only the first waiting message of a key may go, and only if no earlier
-                    // one of that key is in flight.
-                    if state.keys_in_flight.contains(key) || !blocked.insert(key) {
-                        continue;
-                    }
-                }
-                match entry.not_before {
-                    Some(due) if due > now => {
-                        earliest = Some(earliest.map_or(due, |e| e.min(due)));
-                    }
-                    _ => {
-                        found = Some(index);
-                        break;
-                    }
-                }
+        if state.ready.len() + state.in_flight + copies > self.capacity {
+            if waiting {
+                state.writers_waiting += 1;
             }
+            return false;
         }
-        let Some(index) = found else {
-            return Take::Wait(earliest);
+        let not_before = faults.delay.map(|d| Instant::now() + d);
+        for copy in 0..copies {
+            let envelope = if copy + 1 == copies {
+                envelope.take().expect("pushed once")
+            } else {
+                envelope.clone().expect("pushed once")
+            };
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.count_ready(envelope.key.as_ref());
+            state.ready.push_back(Entry {
+                seq,
+                envelope,
+                attempt: 1,
+                not_before,
+                first_failure: None,
+            });
+        }
+        let wake = state.readers_waiting > 0;
+        drop(state);
+        if wake {
+            self.readable.notify_waiters();
+        }
+        true
+    }
+
+    /// Takes the first deliverable message, marking it (and its key) in flight. With
+    /// `waiting`, a caller that finds none is counted among the members waiting for
+    /// [`readable`](Buffer::readable) until it calls [`stop_waiting`](Buffer::stop_waiting).
+    pub(crate) fn take(&self, waiting: bool) -> Take {
+        let mut state = self.state();
+        let found = if state.all_keys_in_flight() {
+            Err(None)
+        } else {
+            Self::find(&state)
+        };
+        let index = match found {
+            Ok(index) => index,
+            Err(earliest) => {
+                if waiting {
+                    state.readers_waiting += 1;
+                }
+                return Take::Wait(earliest);
+            }
         };
         let entry = state.ready.remove(index).expect("index found above");
+        state.uncount_ready(entry.envelope.key.as_ref());
         state.in_flight += 1;
         if let Some(key) = &entry.envelope.key {
             state.keys_in_flight.insert(key.clone());
         }
         Take::Taken(entry)
+    }
+
+    /// The index of the first deliverable message, or when the next may become due.
+    fn find(state: &State) -> std::result::Result<usize, Option<Instant>> {
+        let now = Instant::now();
+        let mut earliest: Option<Instant> = None;
+        // Keys whose first waiting message is not due yet: their later ones wait behind it.
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for (index, entry) in state.ready.iter().enumerate() {
+            let key = entry.envelope.key.as_deref();
+            if let Some(key) = key {
+                // Only the first waiting message of a key may go, and only if no earlier one
+                // of that key is in flight.
+                if state.keys_in_flight.contains(key) || blocked.contains(key) {
+                    continue;
+                }
+            }
+            match entry.not_before {
+                Some(due) if due > now => {
+                    earliest = Some(earliest.map_or(due, |e| e.min(due)));
+                    if let Some(key) = key {
+                        blocked.insert(key);
+                    }
+                }
+                _ => return Ok(index),
+            }
+        }
+        Err(earliest)
+    }
+
+    /// Counts out a member that [`take`](Buffer::take) counted as waiting.
+    pub(crate) fn stop_waiting(&self) {
+        self.state().readers_waiting -= 1;
     }
 
     /// Waits until a message may have become deliverable or `until` passed.
@@ -192,9 +288,16 @@ impl Buffer {
     pub(crate) fn settle(&self, entry: &Entry) {
         let mut state = self.state();
         Self::release(&mut state, entry);
+        // Room was freed; and a message of the entry's key may go now.
+        let wake_writers = state.writers_waiting > 0;
+        let wake_readers = state.readers_waiting > 0 && entry.envelope.key.is_some();
         drop(state);
-        self.readable.notify_waiters();
-        self.writable.notify_waiters();
+        if wake_readers {
+            self.readable.notify_waiters();
+        }
+        if wake_writers {
+            self.writable.notify_waiters();
+        }
     }
 
     /// Puts an in-flight entry back in its place for another attempt.
@@ -203,10 +306,14 @@ impl Buffer {
         Self::release(&mut state, &entry);
         entry.attempt += 1;
         entry.not_before = not_before;
+        state.count_ready(entry.envelope.key.as_ref());
         let at = state.ready.partition_point(|e| e.seq < entry.seq);
         state.ready.insert(at, entry);
+        let wake = state.readers_waiting > 0;
         drop(state);
-        self.readable.notify_waiters();
+        if wake {
+            self.readable.notify_waiters();
+        }
     }
 
     fn release(state: &mut State, entry: &Entry) {
