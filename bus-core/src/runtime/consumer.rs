@@ -647,8 +647,9 @@ impl ConsumerReport {
             Ok(processed) => {
                 self.panicked += u64::from(processed.panicked);
                 self.undecodable += u64::from(processed.undecodable);
-                if let Some((delivery, after)) = processed.parked {
+                if let Some(parked) = processed.parked {
                     self.retried_in_place += 1;
+                    let (delivery, after) = *parked;
                     return Finished::Parked(Box::new(delivery), after);
                 }
                 match processed.settled {
@@ -876,8 +877,9 @@ struct Processed {
     undecodable: bool,
     /// `None` when the delivery was dropped unsettled or parked.
     settled: Option<Settled>,
-    /// The delivery to retry in place after the delay ([`KeyOrder::Ordered`]).
-    parked: Option<(Delivery, Duration)>,
+    /// The delivery to retry in place after the delay ([`KeyOrder::Ordered`]). Boxed: the
+    /// task's output is moved several times, and most carry none.
+    parked: Option<Box<(Delivery, Duration)>>,
 }
 
 /// What every handler task of one run shares.
@@ -913,13 +915,13 @@ impl Running {
             attempt = delivery.attempt(),
             source = delivery.source(),
         );
-        let task = process(
+        let task = Box::pin(process(
             run.handler.clone(),
             delivery,
             run.settle_attempts,
             run.heartbeat,
             run.key_order,
-        )
+        ))
         .instrument(span);
         let id = self.tasks.spawn(task).id();
         self.keys.insert(id, key);
@@ -988,8 +990,9 @@ async fn process<H: Handler>(
         let Some(every) = heartbeat else {
             return handled.await;
         };
-        // The lease is extended beside the handler, for as long as it runs.
-        let keep_alive = async {
+        // The lease is extended beside the handler, for as long as it runs. Boxed, so that
+        // the handler tasks of a subscription without a lease do not carry its timers.
+        let keep_alive = Box::pin(async {
             loop {
                 tokio::time::sleep(every).await;
                 match tokio::time::timeout(every, delivery.in_progress()).await {
@@ -1003,7 +1006,7 @@ async fn process<H: Handler>(
                     ),
                 }
             }
-        };
+        });
         tokio::select! {
             result = handled => result,
             never = keep_alive => never,
@@ -1028,7 +1031,7 @@ async fn process<H: Handler>(
                 panicked,
                 undecodable: false,
                 settled: None,
-                parked: Some((delivery, after)),
+                parked: Some(Box::new((delivery, after))),
             };
         }
     }
@@ -1045,6 +1048,9 @@ async fn process<H: Handler>(
         Outcome::Reject { .. } => Settled::Rejected,
     };
     let settlement = outcome.to_settlement(delivery.attempt());
+    // Boxed: the settling state (the delivery moved into the adapter's settle future, the
+    // backoff timer) is over 1 KiB, and the handler task's future would otherwise carry it
+    // from the start, copied whole each time the task is moved into place and polled.
     let settled = settle(delivery, settlement, settle_attempts)
         .await
         .then_some(settled);
