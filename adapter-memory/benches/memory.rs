@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use adapter_memory::{MemoryBroker, MemoryConfig};
+use bus_core::conformance::bench::{env_number, median, spread};
 use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo};
 use bus_core::{Bytes, Envelope, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::{mpsc, Notify};
@@ -28,14 +29,8 @@ const PAYLOAD: usize = 256;
 /// Room in the broker's group buffer and in the channel.
 const CAPACITY: usize = 10_000;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// `count` envelopes as a publisher would make them; `keys` distinct keys, round robin, or none.
+/// `count` envelopes as a publisher would make them: without a key (`keys` 0), or with
+/// `keys` distinct keys round robin.
 fn envelopes(count: usize, keys: usize) -> Vec<Envelope> {
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     (0..count)
@@ -124,27 +119,11 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
-fn spread(values: &[f64]) -> String {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(0.0, f64::max);
-    format!("{:.0}–{:.0}", min, max)
-}
-
 fn main() {
-    let messages = env_or("BUS_BENCH_MESSAGES", 200_000);
-    let rounds = env_or("BUS_BENCH_ROUNDS", 7).max(1);
-    let keys = env_or("BUS_BENCH_KEYS", 16);
-    let workers = env_or("BUS_BENCH_WORKERS", 2);
+    let messages = env_number("BUS_BENCH_MESSAGES", 200_000);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 7).max(1);
+    let keys = env_number("BUS_BENCH_KEYS", 16);
+    let workers = env_number("BUS_BENCH_WORKERS", 2);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -168,37 +147,23 @@ fn main() {
         runtime.block_on(async {
             bus.push(rate(messages, bus_round(envelopes(messages, 0)).await));
             channel.push(rate(messages, channel_round(envelopes(messages, 0)).await));
-            if keys > 0 {
-                bus_keyed.push(rate(messages, bus_round(envelopes(messages, keys)).await));
-            }
+            bus_keyed.push(rate(messages, bus_round(envelopes(messages, keys)).await));
         });
     }
 
+    println!("{:<34} msgs/s: median [min–max]", "path");
+    let bus_median = median(&mut bus.clone());
+    let channel_median = median(&mut channel.clone());
+    println!("{:<34} {}", "bus: publish → Consumer → ack", spread(bus, 0));
     println!(
-        "{:<34} {:>14} {:>22}",
-        "path", "median msgs/s", "min–max msgs/s"
+        "{:<34} {}",
+        format!("bus, {keys} keys (per-key order)"),
+        spread(bus_keyed, 0)
     );
-    let bus_median = median(&mut bus);
-    let channel_median = median(&mut channel);
     println!(
-        "{:<34} {:>14.0} {:>22}",
-        "bus: publish → Consumer → ack",
-        bus_median,
-        spread(&bus)
-    );
-    if keys > 0 {
-        println!(
-            "{:<34} {:>14.0} {:>22}",
-            format!("bus, {keys} keys (per-key order)"),
-            median(&mut bus_keyed),
-            spread(&bus_keyed)
-        );
-    }
-    println!(
-        "{:<34} {:>14.0} {:>22}",
+        "{:<34} {}",
         "tokio mpsc: send → recv → drop",
-        channel_median,
-        spread(&channel)
+        spread(channel, 0)
     );
     println!(
         "memory msgs/s={:.0} ratio_vs_channel={:.3}",

@@ -14,9 +14,9 @@
 //!   store).
 //!
 //! ```text
-//! cargo bench -p bus-core --features opentelemetry --bench runtime
-//! BUS_BENCH_MESSAGES=50000 BUS_BENCH_ROUNDS=9 cargo bench -p bus-core --features opentelemetry --bench runtime
-//! cargo bench -p bus-core --features opentelemetry --bench runtime -- --instructions
+//! cargo bench -p bus-core --features conformance --bench runtime
+//! BUS_BENCH_MESSAGES=50000 BUS_BENCH_ROUNDS=9 cargo bench -p bus-core --features conformance --bench runtime
+//! cargo bench -p bus-core --features conformance --bench runtime -- --instructions
 //! ```
 //!
 //! Prints a table and the line `runtime ns_per_msg=<consumer + stack> overhead_ns=<consumer +
@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use adapter_memory::{MemoryBroker, MemoryConfig};
+use bus_core::conformance::bench::{env_number, median};
 use bus_core::middleware::idempotency::{IdempotencyLayer, MemoryStore};
 use bus_core::middleware::metrics::{BusMetrics, MetricsLayer};
 use bus_core::middleware::tracing::TracingLayer;
@@ -56,13 +57,6 @@ const WAYS: [&str; 7] = [
     "+ metrics",
     "consumer + stack",
 ];
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A broker whose group holds `count` messages, and a subscription to that group.
 async fn filled(count: usize) -> (MemoryBroker, Subscription) {
@@ -187,16 +181,6 @@ struct Providers {
     meter: SdkMeterProvider,
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
 /// Instructions per message of `way` under callgrind: this binary run with N and 2N
 /// messages, the difference over N.
 fn instructions(way: &str, count: u64) -> Result<f64, String> {
@@ -231,8 +215,8 @@ fn main() {
         round(&runtime, way, n, &providers);
         return;
     }
-    let messages = env_or("BUS_BENCH_MESSAGES", 20_000);
-    let rounds = env_or("BUS_BENCH_ROUNDS", 7).max(1);
+    let messages = env_number("BUS_BENCH_MESSAGES", 20_000);
+    let rounds = env_number("BUS_BENCH_ROUNDS", 7).max(1);
     println!(
         "consumer runtime on the memory broker: {messages} waiting messages of {PAYLOAD} B, \
          {rounds} interleaved rounds, one thread"
