@@ -105,8 +105,10 @@ built=$(mktemp)
 work=$(mktemp -d)
 trap 'rm -rf "$built" "$work"' EXIT
 "${build[@]}" --message-format=json-render-diagnostics >"$built"
-mapfile -t benches < <(jq -r 'select(.reason == "compiler-artifact" and .target.name == "cost"
-    and (.target.kind | index("bench"))) | .executable // empty' "$built" | sort -u)
+# The executables of the bench targets named `cost`, from cargo's JSON lines (no jq needed).
+mapfile -t benches < <(grep '"reason":"compiler-artifact"' "$built" |
+    grep '"kind":\["bench"\]' | grep '"name":"cost"' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u)
 [ "${#benches[@]}" -gt 0 ] || die "no bench named cost was built"
 
 args=()
