@@ -30,6 +30,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
+#[doc(hidden)]
+pub mod cost;
 mod error;
 mod fit;
 mod names;

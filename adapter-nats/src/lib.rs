@@ -8,6 +8,8 @@
 
 mod broker;
 mod config;
+#[doc(hidden)]
+pub mod cost;
 mod dead_letters;
 mod error;
 pub mod names;
