@@ -12,8 +12,10 @@ pub(crate) fn map(error: lapin::Error, doing: &str) -> Error {
     Error::with_source(kind, format!("{doing}: {error}"), error)
 }
 
-/// Maps the failure of a connection attempt to `endpoint`: TLS refusals (either side) are
-/// `Config` errors, a refused login is `Rejected` with "authentication failed", I/O
+/// Maps the failure of a connection attempt to `endpoint`: the server's certificate refused
+/// here, and other TLS failures, are `Config` errors; the client certificate refused by the
+/// server (its alert) and a refused login are `Rejected` (the login with "authentication
+/// failed"); I/O
 /// failures `Connection`. Messages name the URL without its password; lapin's error stays
 /// the typed source (its own source, for TLS, the [`rustls::Error`]).
 pub(crate) fn connecting(error: lapin::Error, endpoint: &Endpoint) -> Error {
@@ -26,6 +28,25 @@ pub(crate) fn connecting(error: lapin::Error, endpoint: &Endpoint) -> Error {
                     "TLS handshake with {shown} failed: the server's certificate was not \
                      accepted ({reason:?}); tls_ca must hold the CA that signed it, and \
                      tls_server_name (else the URL's host) a name it is valid for"
+                ),
+            ),
+            // The server refused the client certificate (or wanted one): refused like a
+            // wrong password, as on every adapter.
+            Some(rustls::Error::AlertReceived(
+                alert @ (rustls::AlertDescription::BadCertificate
+                | rustls::AlertDescription::CertificateRequired
+                | rustls::AlertDescription::UnknownCA
+                | rustls::AlertDescription::CertificateUnknown
+                | rustls::AlertDescription::CertificateRevoked
+                | rustls::AlertDescription::CertificateExpired
+                | rustls::AlertDescription::UnsupportedCertificate
+                | rustls::AlertDescription::AccessDenied),
+            )) => (
+                ErrorKind::Rejected,
+                format!(
+                    "TLS handshake with {shown} failed: the server ended it with the alert \
+                     {alert:?}: it does not accept the client certificate, or needs one \
+                     (tls_cert, tls_key)"
                 ),
             ),
             Some(rustls::Error::AlertReceived(alert)) => (
@@ -142,5 +163,40 @@ mod tests {
         assert_eq!(kind_of(&missing), ErrorKind::NotFound);
         let io = lapin::Error::IOError(std::sync::Arc::new(std::io::Error::other("reset")));
         assert!(map(io, "x").is_retryable());
+    }
+
+    /// The server refusing the client certificate is `Rejected`, as on every adapter; the
+    /// server's certificate refused here is `Config`.
+    #[test]
+    fn tls_refusals_map_by_side() {
+        let config = crate::RabbitMqConfig::new("amqps://127.0.0.1/%2f");
+        let endpoint = crate::endpoint::Endpoint::resolve(&config).unwrap();
+        let tls =
+            |e: rustls::Error| lapin::Error::IOError(std::sync::Arc::new(std::io::Error::other(e)));
+        let refused = connecting(
+            tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadCertificate,
+            )),
+            &endpoint,
+        );
+        assert_eq!(refused.kind(), ErrorKind::Rejected, "{refused}");
+        assert!(
+            refused.message().contains("client certificate"),
+            "{refused}"
+        );
+        let untrusted = connecting(
+            tls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+            &endpoint,
+        );
+        assert_eq!(untrusted.kind(), ErrorKind::Config, "{untrusted}");
+        let other_alert = connecting(
+            tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::ProtocolVersion,
+            )),
+            &endpoint,
+        );
+        assert_eq!(other_alert.kind(), ErrorKind::Config, "{other_alert}");
     }
 }
