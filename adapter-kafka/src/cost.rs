@@ -7,29 +7,12 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
-use bus_core::cost::{measured, Item};
+use bus_core::cost::{measured, wire_envelope, Item};
 use bus_core::Envelope;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Timestamp;
 
 use crate::wire;
-
-/// The message both items carry: a 256-byte JSON payload, a key, a causation id, a content
-/// type, trace context and two application headers.
-#[must_use]
-pub fn envelope() -> Envelope {
-    let parent = Envelope::new("order.created", "{}");
-    let payload = format!(r#"{{"order":42,"note":"{}"}}"#, "x".repeat(233));
-    Envelope::new("order.placed", payload)
-        .caused_by(&parent)
-        .with_key("order-42")
-        .with_content_type("application/json")
-        .with_header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .with_header("tenant", "acme")
-}
 
 /// The record Kafka would deliver for `envelope`. An `OwnedMessage`: the consumer's
 /// `BorrowedMessage` needs a broker, and both read their headers from an `rd_kafka_headers_t`.
@@ -50,7 +33,7 @@ fn delivered(envelope: &Envelope) -> OwnedMessage {
 /// The receive time is fixed, so the count does not depend on the clock.
 #[must_use]
 pub fn items() -> Vec<Item> {
-    let sent = envelope();
+    let sent = wire_envelope();
     let received = delivered(&sent);
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_001);
     vec![

@@ -3,27 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use bus_core::cost::{measured, Item};
-use bus_core::Envelope;
+use bus_core::cost::{measured, wire_envelope, Item};
 
 use crate::wire;
-
-/// The message both items carry: a 256-byte JSON payload, a key, a causation id, a content
-/// type, trace context and two application headers.
-#[must_use]
-pub fn envelope() -> Envelope {
-    let parent = Envelope::new("order.created", "{}");
-    let payload = format!(r#"{{"order":42,"note":"{}"}}"#, "x".repeat(233));
-    Envelope::new("order.placed", payload)
-        .caused_by(&parent)
-        .with_key("order-42")
-        .with_content_type("application/json")
-        .with_header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .with_header("tenant", "acme")
-}
 
 /// What the subscriber hands the decoder besides the message, for a JetStream message.
 fn defaults() -> wire::Defaults {
@@ -45,7 +27,7 @@ fn defaults() -> wire::Defaults {
 /// apart from one run to the next); over a map per operation it averages out.
 #[must_use]
 pub fn items() -> Vec<Item> {
-    let sent = envelope();
+    let sent = wire_envelope();
     let received = sent.clone();
     vec![
         Item::new("nats.encode", move |n| {

@@ -2,28 +2,10 @@
 //! `bus_core::cost` and `benches/cost.rs`.
 
 use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
-use bus_core::cost::{measured, Item};
+use bus_core::cost::{measured, wire_envelope, Item};
 use bus_core::Envelope;
 
 use crate::wire;
-
-/// The message both items carry: a 256-byte JSON payload, a key, a causation id, a content
-/// type, trace context and two application headers (ten attributes with the required ones,
-/// so nothing is packed).
-#[must_use]
-pub fn envelope() -> Envelope {
-    let parent = Envelope::new("order.created", "{}");
-    let payload = format!(r#"{{"order":42,"note":"{}"}}"#, "x".repeat(233));
-    Envelope::new("order.placed", payload)
-        .caused_by(&parent)
-        .with_key("order-42")
-        .with_content_type("application/json")
-        .with_header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .with_header("tenant", "acme")
-}
 
 /// What the adapter sends for `envelope`: the wire form and the SDK's attribute map.
 fn encode(envelope: &Envelope) -> usize {
@@ -53,10 +35,11 @@ fn delivered(envelope: &Envelope) -> Message {
 }
 
 /// `sqs.encode`: an envelope into the wire form and the SDK's attribute map; `sqs.decode`: a
-/// received SDK message back into an envelope.
+/// received SDK message back into an envelope. The shared envelope makes ten attributes with
+/// the required ones, so nothing is packed.
 #[must_use]
 pub fn items() -> Vec<Item> {
-    let sent = envelope();
+    let sent = wire_envelope();
     let received = delivered(&sent);
     vec![
         Item::new("sqs.encode", move |n| {

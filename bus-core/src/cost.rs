@@ -272,6 +272,24 @@ pub fn main(counter: AllocationCounter, items: Vec<Item>) -> ExitCode {
     }
 }
 
+/// The message every adapter's wire items (`<adapter>.encode`, `<adapter>.decode`) carry, the
+/// same for all so their figures compare: a 256-byte JSON payload, a key, a causation id, a
+/// content type, trace context and two application headers.
+#[must_use]
+pub fn wire_envelope() -> Envelope {
+    let parent = Envelope::new("order.created", "{}");
+    let payload = format!(r#"{{"order":42,"note":"{}"}}"#, "x".repeat(233));
+    Envelope::new("order.placed", payload)
+        .caused_by(&parent)
+        .with_key("order-42")
+        .with_content_type("application/json")
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .with_header("tenant", "acme")
+}
+
 /// `count` envelopes of a `payload`-byte body, each with its own id; with `keys`, keyed
 /// round robin over that many keys.
 #[must_use]
