@@ -27,7 +27,7 @@
 
 use std::time::{Duration, Instant};
 
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, median, print_ratios, ratios, spread};
 
 use adapter_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use adapter_kafka::rdkafka::client::DefaultClientContext;
@@ -265,23 +265,10 @@ async fn main() {
     let mut publish_mb: Vec<f64> = bus_rows.iter().map(|r| mb(n - 1, r.publish)).collect();
     println!();
     println!("bus publish MB/s (median): {:.2}", median(&mut publish_mb));
-    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
-        bus_rows
-            .iter()
-            .zip(&raw_rows)
-            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
-            .collect()
-    };
-    let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
-    println!(
-        "ratio ranges: publish {} one-at-a-time {} consume {}",
-        spread(publish.clone(), 2),
-        spread(ratios(|r| r.sequential), 2),
-        spread(consume.clone(), 2)
-    );
-    println!(
-        "ratio publish={:.2} consume={:.2}",
-        median(&mut publish.clone()),
-        median(&mut consume.clone())
+    let ratio = |pick: fn(&Row) -> Duration| ratios(&bus_rows, &raw_rows, pick);
+    print_ratios(
+        &ratio(|r| r.publish),
+        &ratio(|r| r.consume),
+        &[("one-at-a-time", ratio(|r| r.sequential))],
     );
 }

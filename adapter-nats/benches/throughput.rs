@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use adapter_nats::{NatsBroker, NatsConfig};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::HeaderMap;
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, print_ratios, ratios, spread};
 use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 
@@ -259,28 +259,11 @@ async fn main() {
             spread(rows.iter().map(|r| rate(single, r.single)).collect(), 0),
         );
     }
-    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
-        bus_rows
-            .iter()
-            .zip(&raw_rows)
-            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
-            .collect()
-    };
-    let (publish, consume, one) = (
-        ratios(|r| r.publish),
-        ratios(|r| r.consume),
-        ratios(|r| r.single),
-    );
+    let ratio = |pick: fn(&Row) -> Duration| ratios(&bus_rows, &raw_rows, pick);
     println!();
-    println!(
-        "ratio ranges: publish {} consume {} one-at-a-time {}",
-        spread(publish.clone(), 2),
-        spread(consume.clone(), 2),
-        spread(one, 2)
-    );
-    println!(
-        "ratio publish={:.2} consume={:.2}",
-        median(&mut publish.clone()),
-        median(&mut consume.clone())
+    print_ratios(
+        &ratio(|r| r.publish),
+        &ratio(|r| r.consume),
+        &[("one-at-a-time", ratio(|r| r.single))],
     );
 }

@@ -29,7 +29,7 @@ use adapter_rabbitmq::lapin::options::{
 use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, median, print_ratios, ratios, spread};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 
@@ -280,22 +280,6 @@ async fn main() {
     };
     println!();
     println!("bus publish MB/s (median): {:.2}", mb_rows(&bus_rows));
-    let ratios = |pick: fn(&Row) -> Duration| -> Vec<f64> {
-        bus_rows
-            .iter()
-            .zip(&raw_rows)
-            .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
-            .collect()
-    };
-    let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
-    println!(
-        "ratio ranges: publish {} consume {}",
-        spread(publish.clone(), 2),
-        spread(consume.clone(), 2)
-    );
-    println!(
-        "ratio publish={:.2} consume={:.2}",
-        median(&mut publish.clone()),
-        median(&mut consume.clone())
-    );
+    let ratio = |pick: fn(&Row) -> Duration| ratios(&bus_rows, &raw_rows, pick);
+    print_ratios(&ratio(|r| r.publish), &ratio(|r| r.consume), &[]);
 }

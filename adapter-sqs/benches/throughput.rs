@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use adapter_sqs::aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use adapter_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use adapter_sqs::{SqsBroker, SqsConfig};
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, print_ratios, ratios, spread};
 use bus_core::{Broker, Envelope, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::Mutex;
 
@@ -286,23 +286,7 @@ fn main() {
             );
         }
         raw_broker.close().await.ok();
-        let ratios = |pick: fn(&Run) -> Duration| -> Vec<f64> {
-            bus_runs
-                .iter()
-                .zip(&raw_runs)
-                .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
-                .collect()
-        };
-        let (publish, consume) = (ratios(|r| r.publish), ratios(|r| r.consume));
-        println!(
-            "ratio ranges: publish {} consume {}",
-            spread(publish.clone(), 2),
-            spread(consume.clone(), 2)
-        );
-        println!(
-            "ratio publish={:.2} consume={:.2}",
-            median(&mut publish.clone()),
-            median(&mut consume.clone())
-        );
+        let ratio = |pick: fn(&Run) -> Duration| ratios(&bus_runs, &raw_runs, pick);
+        print_ratios(&ratio(|r| r.publish), &ratio(|r| r.consume), &[]);
     });
 }

@@ -1,6 +1,8 @@
 //! What the benches of every crate share: their settings from the environment and the
 //! statistics of their rounds (median and range), so that each prints its figures the same way.
 
+use std::time::Duration;
+
 /// The positive number in the environment variable `name`, else `default`.
 #[must_use]
 pub fn env_number(name: &str, default: usize) -> usize {
@@ -41,6 +43,36 @@ pub fn spread(mut values: Vec<f64>, digits: usize) -> String {
     }
 }
 
+/// The per-round ratios of the raw client's time to bus's, `pick` taking one time from each
+/// round's figures (rounds in the same order on both sides): above 1, bus was faster.
+#[must_use]
+pub fn ratios<R>(bus: &[R], raw: &[R], pick: impl Fn(&R) -> Duration) -> Vec<f64> {
+    bus.iter()
+        .zip(raw)
+        .map(|(bus, raw)| pick(raw).as_secs_f64() / pick(bus).as_secs_f64())
+        .collect()
+}
+
+/// Prints the range of every ratio (`ratio ranges: publish … consume … <name> …`, `others`
+/// after the two) and, last, the line the docs and notes quote: `ratio publish=<median>
+/// consume=<median>`.
+pub fn print_ratios(publish: &[f64], consume: &[f64], others: &[(&str, Vec<f64>)]) {
+    let mut ranges = format!(
+        "ratio ranges: publish {} consume {}",
+        spread(publish.to_vec(), 2),
+        spread(consume.to_vec(), 2)
+    );
+    for (name, values) in others {
+        ranges.push_str(&format!(" {name} {}", spread(values.clone(), 2)));
+    }
+    println!("{ranges}");
+    println!(
+        "ratio publish={:.2} consume={:.2}",
+        median(&mut publish.to_vec()),
+        median(&mut consume.to_vec())
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +83,12 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&mut []).is_nan());
         assert_eq!(spread(Vec::new(), 2), "none");
+    }
+
+    #[test]
+    fn ratios_are_raw_over_bus_per_round() {
+        let bus = [Duration::from_secs(2), Duration::from_secs(1)];
+        let raw = [Duration::from_secs(1), Duration::from_secs(1)];
+        assert_eq!(ratios(&bus, &raw, |d| *d), [0.5, 1.0]);
     }
 }
