@@ -1,6 +1,6 @@
 //! The connection: the client, the JetStream context, the streams made so far, and close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -34,9 +34,8 @@ pub(crate) struct Inner {
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: jetstream::Context,
     pub(crate) names: Names,
-    /// Streams created or updated by this connection (by stream name), each with the subject
-    /// its messages are sent on.
-    streams: Mutex<HashMap<String, async_nats::Subject>>,
+    /// Streams created or updated by this connection (by stream name).
+    streams: Mutex<HashSet<String>>,
     /// Where the messages of a topic or queue go, once its stream is known to exist: the
     /// subject, so publishing does not build the names again per message.
     /// Topics first, queues second (by name).
@@ -124,7 +123,12 @@ impl Inner {
     }
 
     /// Refuses a message the server would refuse: headers and payload over `max_payload`.
-    pub(crate) fn check_size(&self, headers: &async_nats::HeaderMap, payload: usize) -> Result<()> {
+    /// Returns the length of the header block.
+    pub(crate) fn check_size(
+        &self,
+        headers: &async_nats::HeaderMap,
+        payload: usize,
+    ) -> Result<usize> {
         let max = self.max_payload();
         let header_len = wire::header_len(headers);
         if max > 0 && payload + header_len > max {
@@ -136,12 +140,19 @@ impl Inner {
                 ),
             ));
         }
-        Ok(())
+        Ok(header_len)
     }
 
     /// The stream backing `name` (a topic or a queue), created or updated on first use by this
     /// connection.
     pub(crate) async fn ensure_stream(&self, kind: Kind, name: &str) -> Result<String> {
+        self.ensure_stream_subject(kind, name)
+            .await
+            .map(|(stream, _)| stream)
+    }
+
+    /// [`ensure_stream`](Self::ensure_stream), also returning the subject the stream holds.
+    async fn ensure_stream_subject(&self, kind: Kind, name: &str) -> Result<(String, String)> {
         let (stream, subject) = match kind {
             Kind::Topic => (
                 self.names.topic_stream(name),
@@ -152,8 +163,8 @@ impl Inner {
                 self.names.queue_subject(name),
             ),
         };
-        if lock(&self.streams).contains_key(&stream) {
-            return Ok(stream);
+        if lock(&self.streams).contains(&stream) {
+            return Ok((stream, subject));
         }
         let config = stream::Config {
             name: stream.clone(),
@@ -185,8 +196,8 @@ impl Inner {
             .create_or_update_stream(config)
             .await
             .map_err(|e| error::stream(e, &stream))?;
-        lock(&self.streams).insert(stream.clone(), subject.into());
-        Ok(stream)
+        lock(&self.streams).insert(stream.clone());
+        Ok((stream, subject))
     }
 
     /// The subject the messages of a topic or queue are sent on, its stream made sure of
@@ -196,14 +207,8 @@ impl Inner {
         if let Some(subject) = lock(&self.routes)[kind as usize].get(name) {
             return Ok(subject.clone());
         }
-        let stream = self.ensure_stream(kind, name).await?;
-        let subject = lock(&self.streams)
-            .get(&stream)
-            .cloned()
-            .unwrap_or_else(|| match kind {
-                Kind::Topic => self.names.topic_subject(name).into(),
-                Kind::Queue => self.names.queue_subject(name).into(),
-            });
+        let (_, subject) = self.ensure_stream_subject(kind, name).await?;
+        let subject = async_nats::Subject::from(subject);
         lock(&self.routes)[kind as usize].insert(name.to_owned(), subject.clone());
         Ok(subject)
     }
@@ -261,8 +266,7 @@ impl Inner {
     ) -> Result<jetstream::context::PublishAckFuture> {
         self.check()?;
         let headers = wire::encode(envelope, &self.config.source)?;
-        self.check_size(&headers, envelope.payload.len())?;
-        let header_len = wire::header_len(&headers);
+        let header_len = self.check_size(&headers, envelope.payload.len())?;
         if header_len > MAX_STORED_HEADER_LEN {
             return Err(Error::new(
                 ErrorKind::HeadersTooLarge,
@@ -407,7 +411,7 @@ impl NatsBroker {
                 config,
                 client,
                 jetstream,
-                streams: Mutex::new(HashMap::new()),
+                streams: Mutex::new(HashSet::new()),
                 routes: Mutex::new([HashMap::new(), HashMap::new()]),
                 max_payload: Mutex::new(MaxPayload {
                     value: 0,

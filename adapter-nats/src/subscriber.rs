@@ -1124,7 +1124,7 @@ impl Settle for CoreSettle {
             let _pending = pending;
             let copy = settle.copy();
             match settle.inner.check_size(&copy.headers, copy.payload.len()) {
-                Ok(()) => send_copy(&settle.inner, &copy).await,
+                Ok(_) => send_copy(&settle.inner, &copy).await,
                 Err(refused) => {
                     if let Err(error) = settle.dead_letter_copy(&refused).await {
                         tracing::error!(%error, subject = %copy.subject, "a dropped core NATS message could be neither redelivered nor dead-lettered; it is lost");
