@@ -11,30 +11,27 @@ where
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let mut kind = kind_of(&error);
-    let detail = match (error.code(), error.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
+    let (code, detail) = match (error.code(), error.message()) {
+        (Some(code), Some(message)) => (Some(code.to_owned()), format!("{code}: {message}")),
+        (Some(code), None) => (Some(code.to_owned()), code.to_owned()),
         _ => match (before_the_server(&error), unparsed_error(&error)) {
             (Some((refused, detail)), _) => {
                 kind = refused;
-                detail
+                (None, detail)
             }
-            (None, Some((code, message))) => format!("{code}: {message}"),
-            (None, None) => error.to_string(),
+            (None, Some((code, message))) => {
+                let detail = format!("{code}: {message}");
+                (Some(code), detail)
+            }
+            (None, None) => (None, error.to_string()),
         },
     };
-    let code = error
-        .code()
-        .map(str::to_owned)
-        .or_else(|| unparsed_error(&error).map(|(code, _)| code));
-    if code.as_deref().is_some_and(is_authentication_failure) {
-        return Error::with_source(
-            kind,
-            format!("{doing}: authentication failed: {detail}"),
-            error,
-        );
-    }
-    Error::with_source(kind, format!("{doing}: {detail}"), error)
+    let refused_login = if code.as_deref().is_some_and(is_authentication_failure) {
+        "authentication failed: "
+    } else {
+        ""
+    };
+    Error::with_source(kind, format!("{doing}: {refused_login}{detail}"), error)
 }
 
 /// Whether an AWS error code says the request's credentials were refused (unknown or expired
