@@ -55,9 +55,9 @@ pub(crate) struct Inner {
 struct MaxPayload {
     value: usize,
     /// The client's connection count when it was read: a reconnect (maybe to another server)
-    /// reads it again.
+    /// reads it again. 0 before the first read (the count starts at 1).
     connects: u64,
-    read: Option<Instant>,
+    read: Instant,
 }
 
 /// How long a `max_payload` read stays in use at most (the server information can arrive a
@@ -108,15 +108,12 @@ impl Inner {
     pub(crate) fn max_payload(&self) -> usize {
         let connects = self.client.statistics().connects.load(Ordering::Relaxed);
         let mut cached = lock(&self.max_payload);
-        let fresh = cached.connects == connects
-            && cached
-                .read
-                .is_some_and(|read| read.elapsed() < MAX_PAYLOAD_REFRESH);
+        let fresh = cached.connects == connects && cached.read.elapsed() < MAX_PAYLOAD_REFRESH;
         if !fresh {
             *cached = MaxPayload {
                 value: self.client.server_info().max_payload,
                 connects,
-                read: Some(Instant::now()),
+                read: Instant::now(),
             };
         }
         cached.value
@@ -416,7 +413,7 @@ impl NatsBroker {
                 max_payload: Mutex::new(MaxPayload {
                     value: 0,
                     connects: 0,
-                    read: None,
+                    read: Instant::now(),
                 }),
                 closed,
                 core_copies: watch::channel(0).0,
