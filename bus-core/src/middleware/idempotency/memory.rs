@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::future::Cache;
+use moka::sync::Cache;
 use moka::ops::compute::Op;
 use moka::Expiry;
 
@@ -144,9 +144,8 @@ impl IdempotencyStore for MemoryStore {
                     }
                 };
                 claim = Some(found);
-                std::future::ready(op)
-            })
-            .await;
+                op
+            });
         claim.ok_or_else(|| Error::new(ErrorKind::Other, "memory store: claim did not run"))
     }
 
@@ -166,9 +165,8 @@ impl IdempotencyStore for MemoryStore {
                         until: deadline(now, ttl),
                     }),
                 };
-                std::future::ready(op)
-            })
-            .await;
+                op
+            });
         if lost {
             return Err(lease_lost(key));
         }
@@ -183,9 +181,8 @@ impl IdempotencyStore for MemoryStore {
                     Some(Slot::Claimed { token: held, .. }) if held == *token => Op::Remove,
                     _ => Op::Nop,
                 };
-                std::future::ready(op)
-            })
-            .await;
+                op
+            });
         Ok(())
     }
 }
