@@ -155,7 +155,7 @@ impl IdempotencyStore for MemoryStore {
             .entry_by_ref(key)
             .and_compute_with(|existing| {
                 let now = Instant::now();
-                let op = match existing.map(moka::Entry::into_value) {
+                match existing.map(moka::Entry::into_value) {
                     Some(Slot::Completed { until }) if until > now => Op::Nop,
                     Some(Slot::Claimed { token: held, until }) if until > now && held != *token => {
                         lost = true;
@@ -164,8 +164,7 @@ impl IdempotencyStore for MemoryStore {
                     _ => Op::Put(Slot::Completed {
                         until: deadline(now, ttl),
                     }),
-                };
-                op
+                }
             });
         if lost {
             return Err(lease_lost(key));
@@ -177,11 +176,10 @@ impl IdempotencyStore for MemoryStore {
         self.cache
             .entry_by_ref(key)
             .and_compute_with(|existing| {
-                let op = match existing.map(moka::Entry::into_value) {
+                match existing.map(moka::Entry::into_value) {
                     Some(Slot::Claimed { token: held, .. }) if held == *token => Op::Remove,
                     _ => Op::Nop,
-                };
-                op
+                }
             });
         Ok(())
     }
