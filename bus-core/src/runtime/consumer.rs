@@ -896,11 +896,11 @@ struct Joined {
     result: Result<Processed, JoinError>,
 }
 
-/// The handler tasks, and the key each one holds.
+/// The handler tasks, and the key each one holds (tasks without a key are not in `keys`).
 #[derive(Default)]
 struct Running {
     tasks: JoinSet<Processed>,
-    keys: HashMap<Id, Option<String>>,
+    keys: HashMap<Id, String>,
 }
 
 impl Running {
@@ -924,7 +924,9 @@ impl Running {
         ))
         .instrument(span);
         let id = self.tasks.spawn(task).id();
-        self.keys.insert(id, key);
+        if let Some(key) = key {
+            self.keys.insert(id, key);
+        }
     }
 
     /// The next finished task, with the key it held: also for a task that failed, so that its
@@ -935,7 +937,11 @@ impl Running {
             Ok((id, _)) => *id,
             Err(error) => error.id(),
         };
-        let key = self.keys.remove(&id).flatten();
+        let key = if self.keys.is_empty() {
+            None
+        } else {
+            self.keys.remove(&id)
+        };
         Some(Joined {
             key,
             result: joined.map(|(_, processed)| processed),
