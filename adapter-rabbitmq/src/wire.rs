@@ -1,6 +1,7 @@
 //! The envelope on the wire: AMQP 0-9-1 properties plus the CloudEvents AMQP binding's
 //! application properties (binary content mode), and the names of what the adapter declares.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use bus_core::{headers, Envelope, Error, ErrorKind, Headers, MessageId, Result};
@@ -35,6 +36,20 @@ pub(crate) mod ce {
         PARTITIONKEY,
         DATACONTENTTYPE,
     ];
+
+    /// The header names the attributes are written under, `cloudEvents:` and the attribute,
+    /// spelled out so that no message builds them.
+    pub(crate) mod header {
+        pub(crate) const ID: &str = "cloudEvents:id";
+        pub(crate) const TYPE: &str = "cloudEvents:type";
+        pub(crate) const SOURCE: &str = "cloudEvents:source";
+        pub(crate) const SPECVERSION: &str = "cloudEvents:specversion";
+        pub(crate) const TIME: &str = "cloudEvents:time";
+        pub(crate) const CORRELATION: &str = "cloudEvents:correlationid";
+        pub(crate) const CAUSATION: &str = "cloudEvents:causationid";
+        pub(crate) const PARTITIONKEY: &str = "cloudEvents:partitionkey";
+        pub(crate) const DATACONTENTTYPE: &str = "cloudEvents:datacontenttype";
+    }
 }
 
 /// RabbitMQ's own count of earlier deliveries of a message on a quorum queue.
@@ -51,6 +66,11 @@ fn short(value: &str) -> Option<ShortString> {
 
 fn long(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// A long string of `value`, without copying it.
+fn long_owned(value: String) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
 }
 
 /// Header names the adapter writes or reads itself: an application header of that name would
@@ -357,31 +377,36 @@ fn shorten_texts(copy: &mut Envelope, note: &mut Note, max: usize) -> bool {
 /// The AMQP properties of `envelope`. A `copy` does not write the correlation id when it is
 /// the id (reading restores it), so that an oversized id is not carried twice.
 fn build(envelope: &Envelope, source: &str, attempt: u32, copy: bool) -> BasicProperties {
+    use ce::header;
     let mut table = FieldTable::default();
-    let mut ce = |name: &str, value: &str| {
-        table.insert(ShortString::from(format!("{CE_PREFIX}{name}")), long(value));
-    };
-    ce(ce::SPECVERSION, "1.0");
-    ce(ce::ID, envelope.id.as_str());
-    ce(ce::TYPE, &envelope.kind);
-    ce(ce::SOURCE, &format!("/bus/{source}"));
-    ce(ce::TIME, &headers::format_time(envelope.timestamp));
+    let mut ce = |name: &str, value: AMQPValue| table.insert(ShortString::from(name), value);
+    ce(header::SPECVERSION, long("1.0"));
+    ce(header::ID, long(envelope.id.as_str()));
+    ce(header::TYPE, long(&envelope.kind));
+    let mut source_attribute = String::with_capacity("/bus/".len() + source.len());
+    source_attribute.push_str("/bus/");
+    source_attribute.push_str(source);
+    ce(header::SOURCE, long_owned(source_attribute));
+    ce(
+        header::TIME,
+        long_owned(headers::format_time(envelope.timestamp)),
+    );
     let correlation = (!copy || envelope.correlation_id != envelope.id)
         .then_some(envelope.correlation_id.as_str());
     if let Some(correlation) = correlation {
-        ce(ce::CORRELATION, correlation);
+        ce(header::CORRELATION, long(correlation));
     }
     if let Some(causation) = &envelope.causation_id {
-        ce(ce::CAUSATION, causation.as_str());
+        ce(header::CAUSATION, long(causation.as_str()));
     }
     if let Some(key) = &envelope.key {
-        ce(ce::PARTITIONKEY, key);
+        ce(header::PARTITIONKEY, long(key));
     }
     let content_type = envelope.content_type.as_deref();
     let content_type_property = content_type.and_then(short);
     if let (Some(content_type), None) = (content_type, &content_type_property) {
         // Too long for the AMQP property: carried as the CloudEvents attribute instead.
-        ce(ce::DATACONTENTTYPE, content_type);
+        ce(header::DATACONTENTTYPE, long(content_type));
     }
     for (name, value) in &envelope.headers {
         if let Some(name) = short(name) {
@@ -533,19 +558,24 @@ fn json(value: &AMQPValue, depth: usize) -> serde_json::Value {
 
 /// A header value as text: strings as they are (lossily for bytes that are not UTF-8),
 /// numbers and booleans printed, decimals as decimals, times as RFC 3339, void as empty,
-/// tables and arrays as JSON. Never fails.
-fn text(value: &AMQPValue) -> String {
+/// tables and arrays as JSON. Never fails; borrows the value's own text where it can.
+fn text(value: &AMQPValue) -> Cow<'_, str> {
     match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::DecimalValue(d) => decimal(d),
-        AMQPValue::Timestamp(t) => timestamp(*t),
-        AMQPValue::Void => String::new(),
-        other => json(other, 0).to_string(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()),
+        AMQPValue::ShortString(s) => Cow::Borrowed(s.as_str()),
+        AMQPValue::Float(n) => Cow::Owned(n.to_string()),
+        AMQPValue::Double(n) => Cow::Owned(n.to_string()),
+        AMQPValue::DecimalValue(d) => Cow::Owned(decimal(d)),
+        AMQPValue::Timestamp(t) => Cow::Owned(timestamp(*t)),
+        AMQPValue::Void => Cow::Borrowed(""),
+        other => Cow::Owned(json(other, 0).to_string()),
     }
+}
+
+/// An AMQP short-string property's text, if it is set.
+fn property(p: &Option<ShortString>) -> Option<Cow<'_, str>> {
+    p.as_ref().map(|s| Cow::Borrowed(s.as_str()))
 }
 
 /// A count written in a header (`bus-attempt`, `x-delivery-count`), of whatever integer or
@@ -637,11 +667,17 @@ pub(crate) struct Received {
 /// ([`headers::BINARY_HEADERS`]), other types printed. A CloudEvent of a `specversion` `bus`
 /// does not read is marked undecodable.
 pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
-    let mut ce_attrs: Vec<(String, String)> = Vec::new();
+    // The mapped attributes are read where they lie, and only what the envelope keeps is
+    // copied out of them.
+    let mut mapped: [Option<&AMQPValue>; ce::MAPPED.len()] = [None; ce::MAPPED.len()];
+    let mut extensions = Vec::new();
     let mut user = Headers::new();
     let mut written_attempt = None;
     let mut delivery_count = None;
     if let Some(table) = props.headers() {
+        // In name order, so `cloudEvents:` comes before `cloudEvents_`: a mapped attribute
+        // spelled both ways (`cloudEvents:time` and `cloudEvents_time`) is read in the first
+        // spelling, and the second dropped; so is an extension's second spelling.
         for (name, value) in table.inner() {
             let name = name.as_str();
             if name == headers::ATTEMPT {
@@ -652,7 +688,12 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
                 .strip_prefix(CE_PREFIX)
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
-                ce_attrs.push((attr.to_owned(), text(value)));
+                match ce::MAPPED.iter().position(|mapped| *mapped == attr) {
+                    Some(at) => {
+                        mapped[at].get_or_insert(value);
+                    }
+                    None => extensions.push((attr, value)),
+                }
             } else {
                 match value {
                     AMQPValue::LongString(s) => {
@@ -662,45 +703,46 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
                         headers::insert_bytes(&mut user, name.as_bytes(), b.as_slice());
                     }
                     other => {
-                        user.insert(name.to_owned(), text(other));
+                        user.insert(name.to_owned(), text(other).into_owned());
                     }
                 }
             }
         }
     }
-    let mut take = |attr: &str| {
-        ce_attrs
+    let attribute = |attr: &str| {
+        ce::MAPPED
             .iter()
-            .position(|(name, _)| name == attr)
-            .map(|i| ce_attrs.swap_remove(i).1)
+            .position(|mapped| *mapped == attr)
+            .and_then(|at| mapped[at])
+            .map(text)
     };
-    let specversion = take(ce::SPECVERSION);
+    let specversion = attribute(ce::SPECVERSION);
     let undecodable = specversion
         .as_deref()
         .and_then(|v| headers::check_specversion(v).err());
-    let property = |p: &Option<ShortString>| p.as_ref().map(|s| s.as_str().to_owned());
-    let id: MessageId = take(ce::ID)
+    let id: MessageId = attribute(ce::ID)
         .filter(|s| !s.is_empty())
         .or_else(|| property(props.message_id()))
         .filter(|s| !s.is_empty())
-        .map_or_else(|| content_id(props, &payload), MessageId::from);
-    let kind = take(ce::TYPE)
+        .map_or_else(|| content_id(props, &payload), |s| MessageId::from(&*s));
+    let kind = attribute(ce::TYPE)
         .or_else(|| property(props.kind()))
+        .map(Cow::into_owned)
         .unwrap_or_default();
-    let correlation_id = take(ce::CORRELATION)
+    let correlation_id = attribute(ce::CORRELATION)
         .or_else(|| property(props.correlation_id()))
         .filter(|s| !s.is_empty())
-        .map_or_else(|| id.clone(), MessageId::from);
-    let causation_id = take(ce::CAUSATION)
+        .map_or_else(|| id.clone(), |s| MessageId::from(&*s));
+    let causation_id = attribute(ce::CAUSATION)
         .filter(|s| !s.is_empty())
-        .map(MessageId::from);
-    let ce_time = take(ce::TIME);
+        .map(|s| MessageId::from(&*s));
+    let ce_time = attribute(ce::TIME);
     let amqp_time = props
         .timestamp()
         .map(|s| (s, headers::time_from_unix_secs(s)));
     let timestamp = match (ce_time, amqp_time) {
         (Some(raw), amqp) => headers::parse_time(&raw).ok().or_else(|| {
-            user.insert(headers::RAW_TIME.to_owned(), raw);
+            user.insert(headers::RAW_TIME.to_owned(), raw.into_owned());
             amqp.and_then(|(_, time)| time)
         }),
         (None, Some((raw, time))) => time.or_else(|| {
@@ -710,24 +752,23 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
         (None, None) => None,
     }
     .unwrap_or_else(SystemTime::now);
-    let key = take(ce::PARTITIONKEY);
-    let content_type = property(props.content_type()).or_else(|| take(ce::DATACONTENTTYPE));
-    let source = take(ce::SOURCE);
+    let key = attribute(ce::PARTITIONKEY).map(Cow::into_owned);
+    let content_type = property(props.content_type())
+        .or_else(|| attribute(ce::DATACONTENTTYPE))
+        .map(Cow::into_owned);
     if undecodable.is_some() {
         // What the message said about itself goes to the dead letter with it.
+        let source = attribute(ce::SOURCE);
         for (attr, value) in [(ce::SPECVERSION, specversion), (ce::SOURCE, source)] {
             if let Some(value) = value {
-                user.insert(format!("{ORIGINAL_PREFIX}{attr}"), value);
+                user.insert(format!("{ORIGINAL_PREFIX}{attr}"), value.into_owned());
             }
         }
     }
-    // The binding's own attributes are not application headers; other extensions are. A
-    // mapped attribute spelled both ways (`cloudEvents:time` and `cloudEvents_time`) is read
-    // once and its second spelling dropped.
-    for (attr, value) in ce_attrs {
-        if !ce::MAPPED.contains(&attr.as_str()) {
-            user.insert(format!("{CE_PREFIX}{attr}"), value);
-        }
+    // The binding's own attributes are not application headers; other extensions are.
+    for (attr, value) in extensions {
+        user.entry(format!("{CE_PREFIX}{attr}"))
+            .or_insert_with(|| text(value).into_owned());
     }
     let attempt = written_attempt
         .unwrap_or(1)
@@ -747,7 +788,7 @@ pub(crate) fn envelope(props: &BasicProperties, payload: Vec<u8>) -> Received {
     Received {
         envelope,
         attempt,
-        reply_to: property(props.reply_to()),
+        reply_to: props.reply_to().as_ref().map(|s| s.as_str().to_owned()),
         undecodable,
     }
 }
@@ -1297,6 +1338,75 @@ mod tests {
     }
 
     #[test]
+    fn attribute_header_names_are_the_prefix_and_the_attribute() {
+        use ce::header;
+        let names = [
+            header::ID,
+            header::TYPE,
+            header::SOURCE,
+            header::SPECVERSION,
+            header::TIME,
+            header::CORRELATION,
+            header::CAUSATION,
+            header::PARTITIONKEY,
+            header::DATACONTENTTYPE,
+        ];
+        for (attr, name) in ce::MAPPED.iter().zip(names) {
+            assert_eq!(name, format!("{CE_PREFIX}{attr}"));
+        }
+    }
+
+    #[test]
+    fn the_properties_written_are_those_of_the_binding() {
+        // Spelled out, name by name: the static names (before: `cloudEvents:` + name per
+        // message) and values moved in instead of copied change nothing on the wire.
+        let parent = Envelope::new("order.created", "{}");
+        let sent = Envelope::new("order.placed", "{}")
+            .caused_by(&parent)
+            .with_key("order-42")
+            .with_content_type("application/json")
+            .with_header("traceparent", "00-abc-def-01")
+            .with_header("tenant", "acme");
+        let time = headers::format_time(sent.timestamp);
+        let seconds = u64::try_from(headers::unix_millis(sent.timestamp) / 1000).unwrap();
+        let expected = |attempt: Option<i64>| {
+            let mut entries = vec![
+                ("cloudEvents:specversion", long("1.0")),
+                ("cloudEvents:id", long(sent.id.as_str())),
+                ("cloudEvents:type", long("order.placed")),
+                ("cloudEvents:source", long("/bus/orders")),
+                ("cloudEvents:time", long(&time)),
+                ("cloudEvents:correlationid", long(parent.id.as_str())),
+                ("cloudEvents:causationid", long(parent.id.as_str())),
+                ("cloudEvents:partitionkey", long("order-42")),
+                ("traceparent", long("00-abc-def-01")),
+                ("tenant", long("acme")),
+            ];
+            if let Some(attempt) = attempt {
+                entries.push(("bus-attempt", AMQPValue::LongLongInt(attempt)));
+            }
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_timestamp(seconds)
+                .with_headers(table(entries))
+                .with_message_id(sent.id.as_str().into())
+                .with_correlation_id(parent.id.as_str().into())
+                .with_type("order.placed".into())
+                .with_content_type("application/json".into())
+        };
+        assert_eq!(properties(&sent, "orders", 1).unwrap(), expected(None));
+        assert_eq!(properties(&sent, "orders", 3).unwrap(), expected(Some(3)));
+        let long_type = Envelope::new("k", "x").with_content_type("t".repeat(300));
+        let props = properties(&long_type, "q", 1).unwrap();
+        let table = props.headers().clone().unwrap();
+        assert_eq!(
+            table.inner().get("cloudEvents:datacontenttype"),
+            Some(&long(&"t".repeat(300)))
+        );
+        assert_eq!(props.content_type(), &None);
+    }
+
+    #[test]
     fn an_attribute_spelled_twice_is_read_once() {
         let props = BasicProperties::default().with_headers(table(vec![
             ("cloudEvents:time", long("2026-01-01T00:00:00Z")),
@@ -1307,6 +1417,17 @@ mod tests {
         assert_eq!(got.header("cloudEvents:ext"), Some("e"));
         assert_eq!(got.headers.len(), 1, "{:?}", got.headers);
         assert!(properties(&got, "q", 1).is_ok());
+        // The `cloudEvents:` spelling is the one read, of an extension too.
+        assert_eq!(
+            got.timestamp,
+            headers::parse_time("2026-01-01T00:00:00Z").unwrap()
+        );
+        let props = BasicProperties::default().with_headers(table(vec![
+            ("cloudEvents:ext", long("colon")),
+            ("cloudEvents_ext", long("underscore")),
+        ]));
+        let got = envelope(&props, Vec::new()).envelope;
+        assert_eq!(got.header("cloudEvents:ext"), Some("colon"));
     }
 
     /// Any header value lapin can hand over, nested a few levels.
