@@ -11,6 +11,11 @@
 //! [`Responder`], [`Broker`]), [`Delivery`] and its settlement, [`Capabilities`], and
 //! [`Error`] with its [`ErrorKind`].
 //!
+//! Services are usually written one level up, with [`Service`] (module [`service`]): typed
+//! handlers per message kind, a [`Context`] that publishes with correlation and causation
+//! ids, and a graceful run until [`shutdown_signal`]. [`Bus`] and the
+//! [`Consumer`] runtime are the lower-level API underneath.
+//!
 //! # Example
 //!
 //! ```
@@ -62,11 +67,13 @@
 mod config;
 mod handle;
 mod scheme;
+pub mod service;
 
 pub use bus_core::*;
 
 pub use config::BusConfig;
 pub use handle::Bus;
+pub use service::{shutdown_signal, Context, Service};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
@@ -110,11 +117,16 @@ mod tests {
 
     fn assert_send_sync<T: Send + Sync + 'static>() {}
     fn assert_send<T: Send>(_: &T) {}
+    fn assert_send_only<T: Send + 'static>() {}
 
     #[test]
     fn public_types_are_send_and_sync() {
         assert_send_sync::<Bus>();
         assert_send_sync::<BusConfig>();
+        assert_send_sync::<Context>();
+        assert_send_sync::<service::ServiceReport>();
+        assert_send_only::<Service>();
+        assert_send_only::<service::ServiceHandle>();
         #[cfg(feature = "memory")]
         assert_send_sync::<MemoryConfig>();
     }

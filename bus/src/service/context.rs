@@ -1,0 +1,188 @@
+//! [`Context`]: what a service handler knows about the message it handles, and how it
+//! publishes the messages that message causes.
+
+use std::sync::Arc;
+
+use bus_core::{headers, Delivery, Envelope, Headers, Message, MessageId, Result};
+
+use crate::Bus;
+
+/// What a [`Service`](super::Service) handler receives beside the decoded message: the
+/// delivery's attempt, the whole envelope with its headers, and a way to publish follow-up
+/// messages that stay in the handled message's conversation.
+///
+/// Every message published or sent through the context is marked as caused by the handled
+/// one ([`Envelope::caused_by`]): its `correlation_id` is the handled message's correlation
+/// id and its `causation_id` the handled message's id. The W3C trace context headers
+/// (`traceparent`, `tracestate`) of the handled message are copied too, so the follow-up
+/// stays in the same trace without tracing middleware. So a chain of events across services
+/// stays traceable with no code in the handler:
+///
+/// ```no_run
+/// # use bus::{Message, service::Context};
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderPlaced { order_id: String }
+/// # impl Message for OrderPlaced { const KIND: &'static str = "order.placed"; }
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct PaymentRequested { order_id: String }
+/// # impl Message for PaymentRequested { const KIND: &'static str = "payment.requested"; }
+/// async fn on_order(order: OrderPlaced, ctx: Context) -> bus::Result<()> {
+///     ctx.publish("payments", &PaymentRequested { order_id: order.order_id }).await?;
+///     Ok(())
+/// }
+/// ```
+///
+/// A context is cheap to clone (the envelope's payload is shared) and may outlive the
+/// handler, e.g. in a task the handler spawns; publishing through it then still works, but
+/// the handled message is settled when the handler returns, not when that task ends.
+#[derive(Debug, Clone)]
+pub struct Context {
+    bus: Bus,
+    envelope: Envelope,
+    attempt: u32,
+    source: Arc<str>,
+    group: Option<Arc<str>>,
+    service: Arc<str>,
+}
+
+impl Context {
+    pub(crate) fn new(bus: Bus, service: Arc<str>, delivery: &Delivery) -> Self {
+        Self {
+            bus,
+            envelope: delivery.envelope().clone(),
+            attempt: delivery.attempt(),
+            source: Arc::from(delivery.source()),
+            group: delivery.group().map(Arc::from),
+            service,
+        }
+    }
+
+    /// Which delivery of the message this is: 1 on the first, 2 after one redelivery or
+    /// retry, …
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The envelope of the message being handled: id, kind, correlation and causation ids,
+    /// key, headers and the raw payload.
+    #[must_use]
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The headers of the message being handled.
+    #[must_use]
+    pub fn headers(&self) -> &Headers {
+        &self.envelope.headers
+    }
+
+    /// The value of the handled message's header `name`, if present.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.envelope.header(name)
+    }
+
+    /// The topic (or queue) the message was received from.
+    #[must_use]
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The consumer group the message was received in, if any.
+    #[must_use]
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// The name of the service handling the message.
+    #[must_use]
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The bus the service runs on, for what the context does not wrap. Messages published
+    /// directly on it are root messages, not caused by the handled one (unless marked with
+    /// [`Context::follow_up`]).
+    #[must_use]
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// Marks `envelope` as caused by the handled message: its correlation id becomes the
+    /// handled message's correlation id and its causation id the handled message's id; the
+    /// handled message's `traceparent` / `tracestate` headers are copied onto it unless it
+    /// carries a `traceparent` of its own (a trace context the caller chose, kept whole as
+    /// `TracedBroker` keeps it). Everything else (id, kind, key, other headers, payload) is
+    /// kept.
+    ///
+    /// [`Context::publish`] and [`Context::send`] do this for typed messages; use it to build
+    /// an envelope with a key or headers of its own, then publish it with
+    /// [`Context::publish_envelope`] (which calls it again, harmlessly).
+    #[must_use]
+    pub fn follow_up(&self, envelope: Envelope) -> Envelope {
+        let mut envelope = envelope.caused_by(&self.envelope);
+        let parent_trace = self.envelope.header(headers::TRACEPARENT);
+        if let (Some(traceparent), false) = (
+            parent_trace,
+            envelope.headers.contains_key(headers::TRACEPARENT),
+        ) {
+            envelope
+                .headers
+                .insert(headers::TRACEPARENT.to_owned(), traceparent.to_owned());
+            // A `tracestate` belongs to its `traceparent`: take the parent's or none.
+            match self.envelope.header(headers::TRACESTATE) {
+                Some(state) => envelope
+                    .headers
+                    .insert(headers::TRACESTATE.to_owned(), state.to_owned()),
+                None => envelope.headers.remove(headers::TRACESTATE),
+            };
+        }
+        envelope
+    }
+
+    /// Encodes `message` as JSON, marks it as caused by the handled message
+    /// ([`Context::follow_up`]) and publishes it to `topic`; returns the id it was published
+    /// with.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when the message cannot
+    /// be encoded; otherwise as [`Bus::publish`]. Returned with `?` from a handler, a
+    /// retryable error (a lost connection, backpressure) makes the handled message be retried.
+    ///
+    /// # Cancel safety
+    /// If the future is dropped, the message may or may not have been published.
+    pub async fn publish<M: Message>(&self, topic: &str, message: &M) -> Result<MessageId> {
+        self.publish_envelope(topic, Envelope::encode(message)?)
+            .await
+    }
+
+    /// Marks `envelope` as caused by the handled message ([`Context::follow_up`]) and
+    /// publishes it to `topic`; returns its id.
+    ///
+    /// # Errors
+    /// As [`Bus::publish`].
+    ///
+    /// # Cancel safety
+    /// If the future is dropped, the message may or may not have been published.
+    pub async fn publish_envelope(&self, topic: &str, envelope: Envelope) -> Result<MessageId> {
+        let envelope = self.follow_up(envelope);
+        let id = envelope.id.clone();
+        self.bus.publish(topic, envelope).await?;
+        Ok(id)
+    }
+
+    /// Encodes `message` as JSON, marks it as caused by the handled message
+    /// ([`Context::follow_up`]) and sends it to the work queue `queue`; returns its id.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when the message cannot
+    /// be encoded; otherwise as [`Bus::send`].
+    ///
+    /// # Cancel safety
+    /// If the future is dropped, the message may or may not have been sent.
+    pub async fn send<M: Message>(&self, queue: &str, message: &M) -> Result<MessageId> {
+        let envelope = self.follow_up(Envelope::encode(message)?);
+        let id = envelope.id.clone();
+        self.bus.send(queue, envelope).await?;
+        Ok(id)
+    }
+}
