@@ -4,8 +4,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::sync::Cache;
 use moka::ops::compute::Op;
+use moka::sync::Cache;
 use moka::Expiry;
 
 use super::store::lease_lost;
@@ -122,50 +122,46 @@ impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
         let mut claim = None;
         // The cache runs one compute per key at a time, so the check and the insert are atomic.
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|existing| {
-                let now = Instant::now();
-                let (found, op) = match existing.map(moka::Entry::into_value) {
-                    Some(Slot::Completed { until }) if until > now => (Claim::Completed, Op::Nop),
-                    Some(Slot::Claimed { until, .. }) if until > now => (
-                        Claim::InFlight {
-                            retry_after: until - now,
-                        },
-                        Op::Nop,
-                    ),
-                    _ => {
-                        let token = ClaimToken::new();
-                        let slot = Slot::Claimed {
-                            token: token.clone(),
-                            until: deadline(now, lease),
-                        };
-                        (Claim::Acquired(token), Op::Put(slot))
-                    }
-                };
-                claim = Some(found);
-                op
-            });
+        self.cache.entry_by_ref(key).and_compute_with(|existing| {
+            let now = Instant::now();
+            let (found, op) = match existing.map(moka::Entry::into_value) {
+                Some(Slot::Completed { until }) if until > now => (Claim::Completed, Op::Nop),
+                Some(Slot::Claimed { until, .. }) if until > now => (
+                    Claim::InFlight {
+                        retry_after: until - now,
+                    },
+                    Op::Nop,
+                ),
+                _ => {
+                    let token = ClaimToken::new();
+                    let slot = Slot::Claimed {
+                        token: token.clone(),
+                        until: deadline(now, lease),
+                    };
+                    (Claim::Acquired(token), Op::Put(slot))
+                }
+            };
+            claim = Some(found);
+            op
+        });
         claim.ok_or_else(|| Error::new(ErrorKind::Other, "memory store: claim did not run"))
     }
 
     async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<()> {
         let mut lost = false;
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|existing| {
-                let now = Instant::now();
-                match existing.map(moka::Entry::into_value) {
-                    Some(Slot::Completed { until }) if until > now => Op::Nop,
-                    Some(Slot::Claimed { token: held, until }) if until > now && held != *token => {
-                        lost = true;
-                        Op::Nop
-                    }
-                    _ => Op::Put(Slot::Completed {
-                        until: deadline(now, ttl),
-                    }),
+        self.cache.entry_by_ref(key).and_compute_with(|existing| {
+            let now = Instant::now();
+            match existing.map(moka::Entry::into_value) {
+                Some(Slot::Completed { until }) if until > now => Op::Nop,
+                Some(Slot::Claimed { token: held, until }) if until > now && held != *token => {
+                    lost = true;
+                    Op::Nop
                 }
-            });
+                _ => Op::Put(Slot::Completed {
+                    until: deadline(now, ttl),
+                }),
+            }
+        });
         if lost {
             return Err(lease_lost(key));
         }
@@ -173,14 +169,12 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<()> {
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|existing| {
-                match existing.map(moka::Entry::into_value) {
-                    Some(Slot::Claimed { token: held, .. }) if held == *token => Op::Remove,
-                    _ => Op::Nop,
-                }
-            });
+        self.cache.entry_by_ref(key).and_compute_with(|existing| {
+            match existing.map(moka::Entry::into_value) {
+                Some(Slot::Claimed { token: held, .. }) if held == *token => Op::Remove,
+                _ => Op::Nop,
+            }
+        });
         Ok(())
     }
 }
