@@ -5,9 +5,11 @@
 //! responder queue is bound the broker returns the request at once: that is
 //! `ErrorKind::NoResponders`. Replies come back on the requester's channel, which consumes
 //! the direct reply-to pseudo-queue, and are matched to their request by causation id (a reply
-//! is caused by its request).
+//! is caused by its request). The waiting requests read the replies themselves, one at a time
+//! (see [`ReplyChannel::reply`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Channel;
+use lapin::{Channel, Consumer};
 use tokio::sync::oneshot;
 
 use crate::error::map;
@@ -50,18 +52,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The requester's channel (consuming direct reply-to) and the requests awaiting replies.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
-    channel: tokio::sync::Mutex<Option<Channel>>,
+    channel: tokio::sync::Mutex<Option<Arc<ReplyChannel>>>,
     pending: Pending,
 }
 
 impl Replies {
     /// The channel requests are published on, with its reply consumer; made again after a
     /// connection loss.
-    async fn channel(&self, inner: &Inner) -> Result<Channel> {
+    async fn channel(&self, inner: &Inner) -> Result<Arc<ReplyChannel>> {
         let mut guard = self.channel.lock().await;
-        if let Some(channel) = guard.as_ref() {
-            if channel.status().connected() {
-                return Ok(channel.clone());
+        if let Some(current) = guard.as_ref() {
+            if current.channel.status().connected() && !current.ended.load(Ordering::Acquire) {
+                return Ok(current.clone());
             }
         }
         let session = inner.link.session().await?;
@@ -70,7 +72,7 @@ impl Replies {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| map(e, "enabling publisher confirms"))?;
-        let mut replies = channel
+        let replies = channel
             .basic_consume(
                 REPLY_TO,
                 &format!("bus-replies-{}", MessageId::new()),
@@ -82,28 +84,87 @@ impl Replies {
             )
             .await
             .map_err(|e| map(e, "consuming direct reply-to"))?;
-        let pending = self.pending.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = replies.next().await {
-                let received = wire::envelope(&delivery.properties, delivery.data);
-                let reply = received.envelope;
-                if let Some(reason) = received.undecodable {
-                    // Not handed over as a good reply: the requester times out.
-                    tracing::warn!(id = %reply.id, %reason, "undecodable reply, dropped");
-                    continue;
-                }
-                let waiting = reply
-                    .causation_id
-                    .as_ref()
-                    .and_then(|request| lock(&pending).remove(request));
-                // A reply nobody waits for any more (timed out) is dropped.
-                if let Some(waiting) = waiting {
-                    let _ = waiting.send(reply);
-                }
-            }
+        let current = Arc::new(ReplyChannel {
+            channel,
+            replies: tokio::sync::Mutex::new(replies),
+            ended: AtomicBool::new(false),
         });
-        *guard = Some(channel.clone());
-        Ok(channel)
+        *guard = Some(current.clone());
+        Ok(current)
+    }
+}
+
+/// A channel publishing requests and consuming their replies (direct reply-to).
+#[derive(Debug)]
+struct ReplyChannel {
+    channel: Channel,
+    /// The replies, read by one waiting request at a time.
+    replies: tokio::sync::Mutex<Consumer>,
+    /// The reply consumer ended (channel closed or consumer cancelled): no more replies come.
+    ended: AtomicBool,
+}
+
+impl ReplyChannel {
+    /// Waits for the reply to `request`, which `rx` receives if another request reads it.
+    ///
+    /// The waiting requests take turns reading the replies: the one holding the consumer hands
+    /// each other request's reply to its `pending` sender and stops at its own. A lone request
+    /// is so woken by lapin itself, as a raw client is; a task reading every reply added a task
+    /// and a thread wake-up to each round trip (benches/request_reply.rs). Replies nobody
+    /// waits for any more stay buffered in lapin until the next request reads and drops them.
+    /// When the consumer ends (its channel closed), the waiting requests fail with
+    /// `Connection` at once instead of timing out.
+    ///
+    /// Cancel safe: lapin's consumer loses nothing when its `next` is dropped.
+    async fn reply(
+        &self,
+        pending: &Pending,
+        request: &MessageId,
+        mut rx: oneshot::Receiver<Envelope>,
+    ) -> Result<Envelope> {
+        let lost = || {
+            Error::new(
+                ErrorKind::Connection,
+                "the reply channel was lost before the reply came",
+            )
+        };
+        let mut replies = tokio::select! {
+            biased;
+            reply = &mut rx => return reply.map_err(|_| lost()),
+            replies = self.replies.lock() => replies,
+        };
+        loop {
+            if self.ended.load(Ordering::Acquire) {
+                return Err(lost());
+            }
+            let delivery = tokio::select! {
+                biased;
+                reply = &mut rx => return reply.map_err(|_| lost()),
+                delivery = replies.next() => delivery,
+            };
+            let Some(Ok(delivery)) = delivery else {
+                self.ended.store(true, Ordering::Release);
+                return Err(lost());
+            };
+            let received = wire::envelope(&delivery.properties, delivery.data);
+            let reply = received.envelope;
+            if let Some(reason) = received.undecodable {
+                // Not handed over as a good reply: the requester times out.
+                tracing::warn!(id = %reply.id, %reason, "undecodable reply, dropped");
+                continue;
+            }
+            let Some(cause) = reply.causation_id.as_ref() else {
+                continue;
+            };
+            if cause == request {
+                return Ok(reply);
+            }
+            // A reply nobody waits for any more (timed out) is dropped.
+            let waiting = lock(pending).remove(cause);
+            if let Some(waiting) = waiting {
+                let _ = waiting.send(reply);
+            }
+        }
     }
 }
 
@@ -128,10 +189,11 @@ impl Requester for RabbitMqBroker {
         lock(&inner.replies.pending).insert(request.id.clone(), tx);
         let _forget = Forget(&inner.replies.pending, request.id.clone());
         let work = async {
-            let channel = inner.replies.channel(inner).await?;
+            let replies = inner.replies.channel(inner).await?;
             let props = wire::properties(&request, topic, 1)?.with_reply_to(REPLY_TO.into());
             inner.link.session().await?.check_headers(&props)?;
-            let confirm = channel
+            let confirm = replies
+                .channel
                 .basic_publish(
                     &inner.config().request_exchange,
                     &key,
@@ -153,12 +215,7 @@ impl Requester for RabbitMqBroker {
                     ))
                 }
             }
-            rx.await.map_err(|_| {
-                Error::new(
-                    ErrorKind::Connection,
-                    "the reply channel was lost before the reply came",
-                )
-            })
+            replies.reply(&inner.replies.pending, &request.id, rx).await
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(result) => result,
@@ -205,7 +262,7 @@ impl RequestSource for Serving {
                 Ok(raw) => raw,
                 Err(e) => return Some(Err(e)),
             };
-            let received = wire::envelope(&delivery.properties, delivery.data.clone());
+            let received = wire::envelope(&delivery.properties, delivery.data);
             // (An undecodable request is skipped below: it is answered nowhere.)
             let foreign = received
                 .reply_to

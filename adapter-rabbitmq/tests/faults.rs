@@ -7,7 +7,9 @@
 //!   store no copy (no next attempt, no dead letter, nothing when dropped), or one message the
 //!   handler acked runs up to three times;
 //! - `nack(After(d))` with many distinct (jittered) delays shares a few retry queues (the
-//!   documented ladder of delays), each redelivery still no sooner than asked.
+//!   documented ladder of delays), each redelivery still no sooner than asked;
+//! - the requester's connection is closed while a request waits for its reply: the request
+//!   fails with `Connection` at once, not at its timeout, and the next request is answered.
 //!
 //! Needs `rabbitmqctl` on the `PATH` with the right to run it (root, as on the test machines).
 
@@ -20,8 +22,8 @@ use adapter_rabbitmq::lapin::{Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
 use bus_core::conformance::broker_url;
 use bus_core::{
-    headers, Broker, Delivery, Envelope, ErrorKind, MessageId, Publisher, Redeliver,
-    SubscribeOptions, Subscriber, Subscription,
+    headers, Broker, Delivery, Envelope, ErrorKind, MessageId, Publisher, Redeliver, Requester,
+    Responder, ServeOptions, SubscribeOptions, Subscriber, Subscription,
 };
 use tokio::time::Instant;
 
@@ -327,4 +329,77 @@ async fn jittered_delays_share_a_few_retry_queues() {
         "{MESSAGES} distinct delays made {} retry queues: {retry_queues:?}",
         retry_queues.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_a_lost_connection_fails_at_once() {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let name = format!("bus-faults-{}", MessageId::new());
+    let requester = std::sync::Arc::new(
+        RabbitMqBroker::with_config(
+            RabbitMqConfig::new(&url)
+                .with_connection_name(&name)
+                .with_reconnect_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .expect("connect"),
+    );
+    let responder = RabbitMqBroker::connect(&url).await.expect("connect");
+    let service = unique("lost");
+    let mut requests = responder
+        .serve(&service, ServeOptions::default())
+        .await
+        .expect("serve");
+    // The first request is held unanswered; every later one is answered.
+    let (held_tx, held) = tokio::sync::oneshot::channel();
+    let serving = tokio::spawn(async move {
+        let mut held_tx = Some(held_tx);
+        while let Some(Ok(request)) = requests.next().await {
+            match held_tx.take() {
+                Some(tx) => {
+                    let _ = tx.send(request);
+                }
+                None => {
+                    let _ = request.reply(Envelope::new("faults.answer", "ok")).await;
+                }
+            }
+        }
+    });
+    let waiting = {
+        let requester = requester.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = requester
+                .request(&service, Envelope::new("faults.ask", "held"), TIMEOUT)
+                .await;
+            (result, started.elapsed())
+        })
+    };
+    let _held = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the responder got the first request")
+        .expect("held");
+
+    close_connections_named(&name).await;
+
+    // Before: the request waited for its 30 s timeout on a reply channel that was gone.
+    let (result, elapsed) = waiting.await.expect("request task");
+    let error = result.expect_err("no reply can come on a closed channel");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "failed only after {elapsed:?}"
+    );
+    let answer = requester
+        .request(&service, Envelope::new("faults.ask", "again"), TIMEOUT)
+        .await
+        .expect("a request after the reconnection is answered");
+    assert_eq!(answer.kind, "faults.answer");
+    let _ = requester.close().await;
+    let _ = responder.close().await;
+    serving.await.expect("responder task");
 }

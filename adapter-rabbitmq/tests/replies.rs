@@ -5,8 +5,13 @@
 //! reason, and nothing is published to the queue it named. Before, the responder published
 //! its reply there.
 //!
+//! The waiting requests read the replies themselves, one at a time, handing each other's over:
+//! replies that come back in any order, and a reading request that gives up, still leave
+//! every other request with its own reply.
+//!
 //! Needs `BUS_TEST_RABBITMQ_URL`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use adapter_rabbitmq::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -153,4 +158,77 @@ async fn a_request_naming_a_foreign_reply_queue_is_refused_and_dead_lettered() {
         "something other than the marker reached `{victim}`"
     );
     let _ = broker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_each_get_their_reply_when_one_gives_up() {
+    const REQUESTS: u64 = 20;
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let requester = Arc::new(RabbitMqBroker::connect(&url).await.expect("connect"));
+    let responder = RabbitMqBroker::connect(&url).await.expect("connect");
+    let service = format!("replies.turns.{}", bus_core::MessageId::new());
+    let mut requests = responder
+        .serve(&service, ServeOptions::default())
+        .await
+        .expect("serve");
+    // Request `i` is answered after (REQUESTS - i) × 20 ms: replies come back in reverse order
+    // of the requests, and request 0's only after it gave up.
+    let serving = tokio::spawn(async move {
+        while let Some(Ok(request)) = requests.next().await {
+            tokio::spawn(async move {
+                let i: u64 = String::from_utf8_lossy(&request.envelope().payload)
+                    .parse()
+                    .expect("an index");
+                tokio::time::sleep(Duration::from_millis((REQUESTS - i) * 20)).await;
+                let answer = format!("answer {i}");
+                let _ = request.reply(Envelope::new("replies.answer", answer)).await;
+            });
+        }
+    });
+    let ask = |i: u64, timeout: Duration| {
+        let requester = requester.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            requester
+                .request(
+                    &service,
+                    Envelope::new("replies.ask", i.to_string()),
+                    timeout,
+                )
+                .await
+        })
+    };
+    // Request 0 goes first, so it is likely the one reading when it gives up.
+    let first = ask(0, Duration::from_millis(150));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let others: Vec<_> = (1..REQUESTS)
+        .map(|i| (i, ask(i, Duration::from_secs(20))))
+        .collect();
+    let gave_up = first
+        .await
+        .expect("request task")
+        .expect_err("no reply in 150 ms");
+    assert!(gave_up.is_timeout(), "{gave_up}");
+    for (i, request) in others {
+        let reply = request
+            .await
+            .expect("request task")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(
+            reply.payload,
+            format!("answer {i}").as_bytes(),
+            "request {i}"
+        );
+    }
+    // Request 0's late reply is read and dropped by the next request, which gets its own.
+    let next = ask(REQUESTS, Duration::from_secs(20))
+        .await
+        .expect("request task")
+        .expect("a request after the others");
+    assert_eq!(next.payload, format!("answer {REQUESTS}").as_bytes());
+    let _ = requester.close().await;
+    let _ = responder.close().await;
+    serving.await.expect("responder task");
 }
