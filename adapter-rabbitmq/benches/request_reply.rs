@@ -21,9 +21,12 @@
 //! BUS_BENCH_MESSAGES=2000 BUS_BENCH_ROUNDS=5 cargo bench -p adapter-rabbitmq --bench request_reply
 //! ```
 //!
-//! Prints a table of p50 and p99 per client (median and range across rounds), the range of the
-//! per-round ratios, then `latency p50 ratio=<bus/raw>` and, last, `latency p99
-//! ratio=<bus/raw>` (medians of the per-round ratios; above 1 means bus was slower).
+//! Prints a table of p50 and p99 per client (median and range across rounds), with the CPU time
+//! the whole process spent per request and how often its threads went to sleep per request
+//! (Linux), the range of the per-round ratios, then `latency p50 ratio=<bus/raw>` and, last,
+//! `latency p99 ratio=<bus/raw>` (medians of the per-round ratios; above 1 means bus was
+//! slower). On this noisy machine the sleeps per request are the steadiest figure: each is a
+//! thread that went to sleep and had to be woken, which under load is where latency goes.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -46,11 +49,45 @@ const PREFETCH: u16 = 100;
 const REQUEST_EXCHANGE: &str = "bus.requests";
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// The p50 and p99 of one round, in microseconds.
+/// The p50 and p99 of one round, in microseconds, and per request the CPU time the process
+/// spent (µs) and the times its threads went to sleep.
 #[derive(Debug, Clone, Copy)]
 struct Row {
     p50: f64,
     p99: f64,
+    cpu: Option<f64>,
+    sleeps: Option<f64>,
+}
+
+/// CPU time and voluntary context switches of the process.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    sleeps: u64,
+}
+
+/// What every thread of this process has used so far: CPU time (the first field of each
+/// thread's `/proc/self/task/<id>/schedstat`) and voluntary context switches (each a thread
+/// going to sleep to wait, to be woken again); `None` where there is no such file (not Linux).
+/// Requester, responder, lapin's I/O threads and tokio's workers all count; the threads live
+/// through a round.
+fn usage() -> Option<Usage> {
+    let mut cpu = 0;
+    let mut sleeps = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
+        let schedstat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+        cpu += schedstat.split_whitespace().next()?.parse::<u64>().ok()?;
+        let status = std::fs::read_to_string(path.join("status")).ok()?;
+        let switches = status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))?;
+        sleeps += switches.trim().parse::<u64>().ok()?;
+    }
+    Some(Usage {
+        cpu: Duration::from_nanos(cpu),
+        sleeps,
+    })
 }
 
 /// The nearest-rank percentile `p` (0–100) of sorted `times`, in microseconds.
@@ -59,11 +96,18 @@ fn percentile(sorted: &[Duration], p: usize) -> f64 {
     sorted[rank - 1].as_secs_f64() * 1e6
 }
 
-fn row(mut times: Vec<Duration>) -> Row {
+fn row(mut times: Vec<Duration>, before: Option<Usage>) -> Row {
+    let used = usage().zip(before).map(|(after, before)| Usage {
+        cpu: after.cpu - before.cpu,
+        sleeps: after.sleeps - before.sleeps,
+    });
+    let n = times.len() as f64;
     times.sort_unstable();
     Row {
         p50: percentile(&times, 50),
         p99: percentile(&times, 99),
+        cpu: used.map(|u| u.cpu.as_secs_f64() * 1e6 / n),
+        sleeps: used.map(|u| u.sleeps as f64 / n),
     }
 }
 
@@ -87,7 +131,11 @@ async fn through_bus(url: &str, n: usize, tag: &str) -> Row {
     });
     let payload = vec![b'x'; SIZE];
     let mut times = Vec::with_capacity(n);
+    let mut before = None;
     for i in 0..WARM_UP + n {
+        if i == WARM_UP {
+            before = usage();
+        }
         let started = Instant::now();
         let reply = requester
             .request(
@@ -103,10 +151,11 @@ async fn through_bus(url: &str, n: usize, tag: &str) -> Row {
             times.push(elapsed);
         }
     }
+    let row = row(times, before);
     requester.close().await.expect("close");
     responder.close().await.expect("close");
     serving.await.expect("responder task");
-    row(times)
+    row
 }
 
 async fn connect_raw(url: &str) -> Connection {
@@ -253,7 +302,11 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
         .expect("consume direct reply-to");
     let payload = vec![b'x'; SIZE];
     let mut times = Vec::with_capacity(n);
+    let mut before = None;
     for i in 0..WARM_UP + n {
+        if i == WARM_UP {
+            before = usage();
+        }
         let started = Instant::now();
         let props =
             raw_properties("bench.request", &key, None).with_reply_to(ShortString::from(REPLY_TO));
@@ -290,10 +343,11 @@ async fn through_lapin(url: &str, n: usize, tag: &str) -> Row {
             times.push(elapsed);
         }
     }
+    let row = row(times, before);
     let _ = connection.close(200, "done").await;
     let _ = serving.close(200, "done").await;
     let _ = responder.await;
-    row(times)
+    row
 }
 
 #[tokio::main]
@@ -331,29 +385,43 @@ async fn main() {
     );
     println!("machine: {cores} cores (nproc), a shared 2-core box; broker on loopback");
     println!();
-    println!("| {:<10} | {:>22} | {:>22} |", "client", "p50 µs", "p99 µs");
-    println!("|{:-<12}|{:->24}|{:->24}|", "", "", "");
+    println!(
+        "| {:<10} | {:>20} | {:>20} | {:>20} | {:>20} |",
+        "client", "p50 µs", "p99 µs", "CPU µs / request", "sleeps / request"
+    );
+    println!(
+        "|{:-<12}|{:->22}|{:->22}|{:->22}|{:->22}|",
+        "", "", "", "", ""
+    );
     for (name, rows) in [("bus", &bus_rows), ("raw lapin", &raw_rows)] {
         println!(
-            "| {:<10} | {:>22} | {:>22} |",
+            "| {:<10} | {:>20} | {:>20} | {:>20} | {:>20} |",
             name,
             spread(rows.iter().map(|r| r.p50).collect(), 0),
             spread(rows.iter().map(|r| r.p99).collect(), 0),
+            spread(rows.iter().filter_map(|r| r.cpu).collect(), 0),
+            spread(rows.iter().filter_map(|r| r.sleeps).collect(), 1),
         );
     }
-    let ratios = |pick: fn(&Row) -> f64| -> Vec<f64> {
+    println!(
+        "(CPU and sleeps, Linux only: every thread of this process, requester and responder \
+         together, over the measured requests; a sleep is a thread waiting to be woken)"
+    );
+    let ratios = |pick: fn(&Row) -> Option<f64>| -> Vec<f64> {
         bus_rows
             .iter()
             .zip(&raw_rows)
-            .map(|(bus, raw)| pick(bus) / pick(raw))
+            .filter_map(|(bus, raw)| Some(pick(bus)? / pick(raw)?))
             .collect()
     };
-    let (p50, p99) = (ratios(|r| r.p50), ratios(|r| r.p99));
+    let (p50, p99) = (ratios(|r| Some(r.p50)), ratios(|r| Some(r.p99)));
     println!();
     println!(
-        "latency ratio ranges (bus/raw, per round): p50 {} p99 {}",
+        "ratio ranges (bus/raw, per round): p50 {} p99 {} CPU {} sleeps {}",
         spread(p50.clone(), 2),
-        spread(p99.clone(), 2)
+        spread(p99.clone(), 2),
+        spread(ratios(|r| r.cpu), 2),
+        spread(ratios(|r| r.sleeps), 2)
     );
     println!("latency p50 ratio={:.2}", median(&mut p50.clone()));
     println!("latency p99 ratio={:.2}", median(&mut p99.clone()));
