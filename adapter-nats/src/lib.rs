@@ -15,6 +15,7 @@ mod error;
 pub mod names;
 mod poison;
 mod publisher;
+mod pulling;
 mod request;
 mod subscriber;
 mod tls;

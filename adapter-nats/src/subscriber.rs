@@ -1,80 +1,29 @@
 //! Subscriptions: JetStream pull consumers (groups, private subscriptions, queues) and core
 //! NATS subscriptions, and how their deliveries are settled.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self};
-use async_nats::StatusCode;
 use bus_core::{
     async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
     Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
-use crate::{dead_letters, error, poison, wire, NatsBroker};
+use crate::pulling::{self, Buffer, Pulled, Spec, Turn};
+use crate::{dead_letters, error, wire, NatsBroker};
 
-/// How long one pull (batch) request stays open on the server. Short, because a pull request
-/// cannot be cancelled: closing a subscription waits for its open request to end before
-/// handing messages back, since the server may still send messages (redeliveries too) to it.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// A private subscription's consumer is removed by the server after this long without pulls
 /// (when the process died before closing it).
 const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
-/// How much longer than `PULL_EXPIRES` to wait for the end of a pull request.
-const PULL_GRACE: Duration = Duration::from_secs(2);
-/// How long a pull loop waits before sweeping again after a sweep failed, at first and at most.
-const SWEEP_RETRY: Duration = Duration::from_secs(1);
-const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
-/// The shortest interval between two extensions of the buffered deliveries.
-const MIN_EXTEND_EVERY: Duration = Duration::from_millis(100);
-
-/// A pulled message and its number in [`Buffered`].
-type Pulled = (u64, jetstream::Message);
-
-/// A delivery's turn at its acknowledgement subject: the buffer's extender holds it while it
-/// sends `+WPI` for the delivery, settlement and `in_progress` take it first, so a `+WPI` is
-/// never sent after (and never undoes the delay of) a `-NAK`.
-type Turn = Arc<tokio::sync::Mutex<()>>;
-
-/// The messages pulled and waiting in a subscription's buffer, which nobody else extends yet:
-/// the subscription sends `+WPI` for them until `next()` hands them out (from then on the
-/// holder does, the `Consumer` at a third of the ack wait).
-#[derive(Default)]
-struct Buffered {
-    next: u64,
-    waiting: HashMap<u64, Waiting>,
-}
-
-/// One message waiting in the buffer.
-struct Waiting {
-    /// Its acknowledgement subject.
-    reply: async_nats::Subject,
-    /// When it arrived or was last extended.
-    extended: Instant,
-    turn: Turn,
-}
-
-impl Buffered {
-    /// Takes `number` out of the buffer's extension list and gives its turn.
-    fn take(this: &Mutex<Self>, number: u64) -> Turn {
-        this.lock()
-            .expect("buffered messages")
-            .waiting
-            .remove(&number)
-            .map(|w| w.turn)
-            .unwrap_or_default()
-    }
-}
 
 #[async_trait]
 impl Subscriber for NatsBroker {
@@ -159,43 +108,17 @@ pub(crate) async fn consume(
     Ok(Subscription::new(Box::new(source)))
 }
 
-/// What a pull source reads from, and how to make its consumer again.
-#[derive(Debug, Clone)]
-struct Spec {
-    stream: String,
-    config: pull::Config,
-    /// The topic or queue name, as the user gave it.
-    source: String,
-    group: Option<String>,
-    /// A private subscription: its consumer is deleted when it closes.
-    private: bool,
-}
-
-impl Spec {
-    fn sweep_target(&self) -> poison::Target {
-        poison::Target {
-            stream: self.stream.clone(),
-            consumer: self.config.durable_name.clone().unwrap_or_default(),
-            source: self.source.clone(),
-            group: self.group.clone(),
-        }
-    }
-}
-
 /// A JetStream pull consumer behind a subscription. Pulling starts on the first call to
-/// `next` (so a subscription that is never read takes no message from its group), in a task
-/// that hands messages over a channel, which makes `next` cancel safe.
+/// `next` (so a subscription that is never read takes no message from its group); `next`
+/// reads the pulled messages itself, a task sends the requests (module `pulling`).
 struct PullSource {
     inner: Arc<Inner>,
     spec: Arc<Spec>,
-    batch: usize,
     consumer: Option<PullConsumer>,
-    messages: Option<mpsc::Receiver<Pulled>>,
-    /// Pulled messages not yet handed out, extended while they wait.
-    buffered: Arc<Mutex<Buffered>>,
+    /// Pulled messages not yet handed out.
+    buffer: Arc<Buffer>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
-    closed: watch::Receiver<bool>,
     done: bool,
 }
 
@@ -204,7 +127,6 @@ impl fmt::Debug for PullSource {
         f.debug_struct("PullSource")
             .field("stream", &self.spec.stream)
             .field("consumer", &self.spec.config.durable_name)
-            .field("batch", &self.batch)
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
@@ -212,17 +134,13 @@ impl fmt::Debug for PullSource {
 
 impl PullSource {
     fn new(inner: Arc<Inner>, consumer: PullConsumer, spec: Spec, batch: usize) -> Self {
-        let closed = inner.closed_signal();
         Self {
             inner,
             spec: Arc::new(spec),
-            batch: batch.max(1),
             consumer: Some(consumer),
-            messages: None,
-            buffered: Arc::default(),
+            buffer: Arc::new(Buffer::new(batch)),
             stop: watch::channel(false).0,
             task: None,
-            closed,
             done: false,
         }
     }
@@ -231,20 +149,16 @@ impl PullSource {
         let Some(consumer) = self.consumer.take() else {
             return;
         };
-        let (tx, rx) = mpsc::channel(self.batch);
-        self.messages = Some(rx);
-        self.task = Some(self.inner.runtime.spawn(pull_loop(
+        self.task = Some(self.inner.runtime.spawn(pulling::run(
             self.inner.clone(),
             self.spec.clone(),
             consumer,
-            self.batch,
-            tx,
-            self.buffered.clone(),
+            self.buffer.clone(),
             self.stop.subscribe(),
         )));
-        self.inner.runtime.spawn(extend_buffered(
+        self.inner.runtime.spawn(pulling::extend(
             self.inner.clone(),
-            Arc::downgrade(&self.buffered),
+            Arc::downgrade(&self.buffer),
             self.stop.subscribe(),
         ));
     }
@@ -255,14 +169,12 @@ impl PullSource {
         self.done = true;
         let _ = self.stop.send(true);
         let task = self.task.take();
-        let messages = self.messages.take();
         let inner = self.inner.clone();
         let spec = self.spec.clone();
-        let buffered = self.buffered.clone();
         async move {
             if let Some(task) = task {
-                // The task ends once its last batch request has ended on the server (filled or
-                // expired, at most PULL_EXPIRES), having handed back what that batch brought.
+                // The task ends once its open requests have ended on the server (filled or
+                // expired, at most PULL_EXPIRES), having handed back what was pulled.
                 let _ = task.await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), inner.client.flush()).await;
             }
@@ -272,15 +184,6 @@ impl PullSource {
                     .jetstream
                     .delete_consumer_from_stream(&name, &spec.stream)
                     .await;
-                return;
-            }
-            if let Some(mut messages) = messages {
-                messages.close();
-                while let Some((number, message)) = messages.recv().await {
-                    let turn = Buffered::take(&buffered, number);
-                    let _turn = turn.lock().await;
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                }
             }
         }
     }
@@ -302,16 +205,10 @@ impl DeliverySource for PullSource {
             return None;
         }
         self.start();
-        let messages = self.messages.as_mut()?;
-        tokio::select! {
-            message = messages.recv() => {
-                let (number, message) = message?;
-                // From here its holder extends it (the `Consumer` does).
-                let turn = Buffered::take(&self.buffered, number);
-                Some(Ok(delivery(&self.inner, &self.spec, message, turn)))
-            }
-            _ = self.closed.wait_for(|closed| *closed) => None,
-        }
+        // The pull task ends the buffer when the connection closes.
+        let buffer = &self.buffer;
+        let pulled = std::future::poll_fn(|cx| buffer.poll_next(cx)).await?;
+        Some(Ok(delivery(&self.inner, &self.spec, pulled)))
     }
 
     /// The consumer's ack wait: JetStream redelivers a message not acknowledged within it,
@@ -333,326 +230,11 @@ impl DeliverySource for PullSource {
     }
 }
 
-/// Pulls from `consumer` into `tx` until told to stop, starting over (with the consumer looked
-/// up or made again) after errors such as a server restart.
-///
-/// Each pull is one batch request that ends by itself (filled, or expired after
-/// `PULL_EXPIRES`). When told to stop, the loop keeps reading the open batch until it ends,
-/// and only then naks what it holds: a nak while the request is still open would have the
-/// server redeliver the message to that same request, which is about to go away, and the
-/// message would then wait out the whole ack wait.
-async fn pull_loop(
-    inner: Arc<Inner>,
-    spec: Arc<Spec>,
-    consumer: PullConsumer,
-    batch: usize,
-    tx: mpsc::Sender<Pulled>,
-    buffered: Arc<Mutex<Buffered>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut closed = inner.closed_signal();
-    let mut consumer = Some(consumer);
-    let mut backoff = Duration::from_millis(100);
-    let mut sweeper = poison::Sweeper::new(spec.sweep_target());
-    // When to sweep for messages the client cannot read (module `poison`), if it is due.
-    let mut sweep_at: Option<tokio::time::Instant> = None;
-    let mut sweep_retry = SWEEP_RETRY;
-    loop {
-        if *stop.borrow() || inner.is_closed() {
-            return;
-        }
-        let current = match consumer.take() {
-            Some(c) => Ok(c),
-            None => inner.consumer(&spec.stream, &spec.config).await,
-        };
-        if let (Ok(c), Some(at)) = (&current, sweep_at) {
-            if tokio::time::Instant::now() >= at {
-                let swept = tokio::select! {
-                    swept = sweeper.run(&inner, c) => swept,
-                    () = stopped(&mut stop) => return,
-                    () = stopped(&mut closed) => return,
-                };
-                match swept {
-                    Ok(()) => {
-                        sweep_at = None;
-                        sweep_retry = SWEEP_RETRY;
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            stream = %spec.stream,
-                            error = %e,
-                            "looking for messages the client cannot read failed; trying again \
-                             in {sweep_retry:?}"
-                        );
-                        sweep_at = Some(tokio::time::Instant::now() + sweep_retry);
-                        sweep_retry = (sweep_retry * 2).min(SWEEP_RETRY_MAX);
-                    }
-                }
-            }
-        }
-        // Pull only what the buffer has room for: every pulled message goes straight into the
-        // buffer, where its ack wait is extended until it is handed out. (Messages the client
-        // held while waiting for room were redelivered once their ack wait ran out.)
-        let first = tokio::select! {
-            permit = tx.reserve() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = stopped(&mut stop) => return,
-            () = stopped(&mut closed) => return,
-        };
-        let mut permits = vec![first];
-        while permits.len() < batch {
-            match tx.try_reserve() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
-        let pulled = match &current {
-            Ok(c) => PullBatch::start(&inner, c, permits.len()).await,
-            Err(e) => Err(e.to_string()),
-        };
-        match pulled {
-            Ok(mut messages) => {
-                let mut stopping = false;
-                let mut hand_back = Vec::new();
-                let mut failed = false;
-                loop {
-                    let item = if stopping {
-                        messages.next().await
-                    } else {
-                        tokio::select! {
-                            item = messages.next() => item,
-                            () = stopped(&mut stop) => { stopping = true; continue; }
-                            () = stopped(&mut closed) => { stopping = true; continue; }
-                        }
-                    };
-                    match item {
-                        Some(Ok(message)) if stopping => hand_back.push(message),
-                        Some(Ok(message)) => {
-                            backoff = Duration::from_millis(100);
-                            // The request asked for as many messages as there are permits.
-                            match permits.pop() {
-                                Some(permit) => {
-                                    let mut buffered = buffered.lock().expect("buffered messages");
-                                    let number = buffered.next;
-                                    buffered.next += 1;
-                                    if let Some(reply) = message.message.reply.clone() {
-                                        let waiting = Waiting {
-                                            reply,
-                                            extended: Instant::now(),
-                                            turn: Turn::default(),
-                                        };
-                                        buffered.waiting.insert(number, waiting);
-                                    }
-                                    permit.send((number, message));
-                                }
-                                None => hand_back.push(message),
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(
-                                stream = %spec.stream,
-                                error = %e,
-                                "pulling from JetStream failed; pulling again"
-                            );
-                            failed = true;
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                for message in hand_back {
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                }
-                if stopping {
-                    return;
-                }
-                if messages.lost(&inner) {
-                    // Perhaps cut by a message the client cannot read, which would be
-                    // redelivered (and cut the connection) for ever.
-                    sweep_at.get_or_insert_with(tokio::time::Instant::now);
-                }
-                if !failed {
-                    // The batch ended normally: pull the next one with the same consumer.
-                    consumer = current.ok();
-                    continue;
-                }
-            }
-            Err(e) => tracing::warn!(
-                stream = %spec.stream,
-                error = %e,
-                "starting a JetStream pull failed; retrying in {backoff:?}"
-            ),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// One pull request, read from its own inbox. Unlike `async-nats`' batch stream, this tells
-/// the server's status messages (no reply subject) from stored messages (with one), so that a stored message whose header block carries a status line
-/// (`NATS/1.0 408 …`) is delivered (and found undecodable) rather than taken for the end of
-/// the request and redelivered for ever.
-struct PullBatch {
-    subscriber: async_nats::Subscriber,
-    context: jetstream::Context,
-    remaining: usize,
-    deadline: tokio::time::Instant,
-    /// The client's connection count when the request was sent.
-    connects: u64,
-    /// Whether the request ended as the server ends it: filled, or with a status.
-    ended: bool,
-}
-
-impl PullBatch {
-    async fn start(
-        inner: &Inner,
-        consumer: &PullConsumer,
-        batch: usize,
-    ) -> std::result::Result<Self, String> {
-        let connects = inner.client.statistics().connects.load(Ordering::Relaxed);
-        let inbox = inner.client.new_inbox();
-        let subscriber = inner
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = pull::BatchConfig {
-            batch,
-            expires: Some(PULL_EXPIRES),
-            ..pull::BatchConfig::default()
-        };
-        consumer
-            .request_batch(request, inbox.into())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            subscriber,
-            context: inner.jetstream.clone(),
-            remaining: batch,
-            // The server ends the request at expiry (408); this bounds the wait when that
-            // status is lost with the connection.
-            deadline: tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE,
-            connects,
-            ended: false,
-        })
-    }
-
-    /// Whether the connection dropped while the request was open: it ended without the
-    /// server's word, or the client reconnected meanwhile.
-    fn lost(&self, inner: &Inner) -> bool {
-        !self.ended || inner.client.statistics().connects.load(Ordering::Relaxed) != self.connects
-    }
-
-    /// The next stored message, `None` once the request has ended, or the error status that
-    /// ended it.
-    async fn next(&mut self) -> Option<std::result::Result<jetstream::Message, String>> {
-        loop {
-            if self.remaining == 0 {
-                self.ended = true;
-                return None;
-            }
-            let message = tokio::time::timeout_at(self.deadline, self.subscriber.next())
-                .await
-                .ok()??;
-            // The server's status messages never carry a reply subject.
-            if message.reply.is_some() {
-                self.remaining -= 1;
-                return Some(Ok(jetstream::Message {
-                    message,
-                    context: self.context.clone(),
-                }));
-            }
-            match message.status {
-                Some(StatusCode::IDLE_HEARTBEAT) | None => {}
-                Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
-                    self.ended = true;
-                    return None;
-                }
-                Some(status) => {
-                    self.ended = true;
-                    return Some(Err(format!(
-                        "the pull request ended with status {status} ({})",
-                        message.description.unwrap_or_default()
-                    )));
-                }
-            }
-        }
-    }
-}
-
-/// Keeps the messages waiting in a subscription's buffer from being redelivered: at a third of
-/// the ack wait, `+WPI` for every one that arrived or was extended more than a sixth of it
-/// ago. Without it a slow consumer's buffered messages were redelivered while they waited, and
-/// arrived twice with inflated attempts. Ends with the subscription.
-async fn extend_buffered(
-    inner: Arc<Inner>,
-    buffered: Weak<Mutex<Buffered>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut closed = inner.closed_signal();
-    let every = (inner.config.ack_wait() / 3).max(MIN_EXTEND_EVERY);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stopped(&mut stop) => return,
-            () = stopped(&mut closed) => return,
-        }
-        let Some(buffered) = buffered.upgrade() else {
-            return;
-        };
-        // Each message's turn is taken while it is still in the buffer: once `next()` has
-        // handed it out, its holder settles or extends it, never this task.
-        let due: Vec<(u64, async_nats::Subject, tokio::sync::OwnedMutexGuard<()>)> = {
-            let buffered = buffered.lock().expect("buffered messages");
-            buffered
-                .waiting
-                .iter()
-                .filter(|(_, w)| w.extended.elapsed() >= every / 2)
-                .filter_map(|(number, w)| {
-                    let turn = w.turn.clone().try_lock_owned().ok()?;
-                    Some((*number, w.reply.clone(), turn))
-                })
-                .collect()
-        };
-        for (number, reply, _turn) in due {
-            let sent = Instant::now();
-            match inner
-                .client
-                .publish(reply, bytes::Bytes::from_static(b"+WPI"))
-                .await
-            {
-                Ok(()) => {
-                    if let Some(w) = buffered
-                        .lock()
-                        .expect("buffered messages")
-                        .waiting
-                        .get_mut(&number)
-                    {
-                        w.extended = sent;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "extending a buffered message failed"),
-            }
-        }
-    }
-}
-
-/// Completes once the flag is set (or its sender is gone).
-async fn stopped(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|set| *set).await;
-}
-
-fn delivery(
-    inner: &Arc<Inner>,
-    spec: &Arc<Spec>,
-    message: jetstream::Message,
-    turn: Turn,
-) -> Delivery {
+fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, pulled: Pulled) -> Delivery {
+    let message = jetstream::Message {
+        message: pulled.message,
+        context: inner.jetstream.clone(),
+    };
     let (attempt, id, time) = match message.info() {
         Ok(info) => (
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -683,7 +265,7 @@ fn delivery(
         Box::new(JetStreamSettle {
             inner: inner.clone(),
             acker: Arc::new(acker),
-            turn,
+            turn: pulled.turn,
             envelope,
             source: spec.source.clone(),
             group: spec.group.clone(),
@@ -701,12 +283,21 @@ fn marked(delivery: Delivery, undecodable: Option<String>) -> Delivery {
     }
 }
 
+/// Waits for a delivery's turn at its acknowledgement subject, if it has one.
+async fn turn_of(turn: Option<&Turn>) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    match turn {
+        Some(turn) => Some(turn.lock().await),
+        None => None,
+    }
+}
+
 /// Settles one JetStream delivery: ack, nak (with delay), term after dead-lettering, progress.
 struct JetStreamSettle {
     inner: Arc<Inner>,
     acker: Arc<Acker>,
-    /// Taken before anything is sent on the acknowledgement subject.
-    turn: Turn,
+    /// Taken before anything is sent on the acknowledgement subject, if the buffer's extender
+    /// may send there.
+    turn: Option<Turn>,
     envelope: Envelope,
     source: String,
     group: Option<String>,
@@ -726,7 +317,7 @@ impl fmt::Debug for JetStreamSettle {
 #[async_trait]
 impl Settle for JetStreamSettle {
     async fn settle(&self, settlement: Settlement) -> Result<()> {
-        let _turn = self.turn.lock().await;
+        let _turn = turn_of(self.turn.as_ref()).await;
         let (kind, what) = match settlement {
             Settlement::Ack => (AckKind::Ack, "ack"),
             Settlement::Nack(Redeliver::After(delay)) => {
@@ -762,7 +353,7 @@ impl Settle for JetStreamSettle {
     }
 
     async fn in_progress(&self) -> Result<()> {
-        let _turn = self.turn.lock().await;
+        let _turn = turn_of(self.turn.as_ref()).await;
         self.acker
             .ack_with(AckKind::Progress)
             .await
@@ -774,7 +365,7 @@ impl Settle for JetStreamSettle {
         let turn = self.turn.clone();
         // If this fails, JetStream redelivers after the ack wait anyway.
         self.inner.runtime.spawn(async move {
-            let _turn = turn.lock().await;
+            let _turn = turn_of(turn.as_ref()).await;
             let _ = acker.ack_with(AckKind::Nak(None)).await;
         });
     }
