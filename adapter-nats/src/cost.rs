@@ -8,10 +8,10 @@ use bus_core::cost::{measured, wire_envelope, Item};
 use crate::wire;
 
 /// What the subscriber hands the decoder besides the message, for a JetStream message.
-fn defaults() -> wire::Defaults {
+fn defaults() -> wire::Defaults<'static> {
     wire::Defaults {
-        id: Some("ORDERS:42".to_owned()),
-        kind: "orders".to_owned(),
+        id: Some("ORDERS:42"),
+        kind: "orders",
         time: SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(1_700_000_000)),
     }
 }

@@ -273,7 +273,7 @@ mod tests {
             payload,
             wire::Defaults {
                 id: None,
-                kind: "orders".into(),
+                kind: "orders",
                 time: None,
             },
         )

@@ -179,8 +179,8 @@ impl Sweeper {
                 &block,
                 payload,
                 wire::Defaults {
-                    id: Some(format!("{stream}:{seq}")),
-                    kind: source.clone(),
+                    id: Some(&format!("{stream}:{seq}")),
+                    kind: &source,
                     time: stored.time.and_then(|t| headers::parse_time(&t).ok()),
                 },
                 reason.clone(),

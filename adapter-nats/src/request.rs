@@ -43,7 +43,7 @@ impl Requester for NatsBroker {
             reply.payload,
             wire::Defaults {
                 id: None,
-                kind: topic.to_owned(),
+                kind: topic,
                 time: None,
             },
         );
@@ -118,7 +118,7 @@ impl RequestSource for Serving {
                 message.payload,
                 wire::Defaults {
                     id: None,
-                    kind: self.topic.clone(),
+                    kind: &self.topic,
                     time: None,
                 },
             )

@@ -251,8 +251,8 @@ fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, pulled: Pulled) -> Delivery {
         message.status.map(|s| (s, message.description.as_deref())),
         message.payload,
         wire::Defaults {
-            id,
-            kind: spec.source.clone(),
+            id: id.as_deref(),
+            kind: &spec.source,
             time,
         },
     );
@@ -491,7 +491,7 @@ impl DeliverySource for CoreSource {
             message.payload.clone(),
             wire::Defaults {
                 id: None,
-                kind: self.source.clone(),
+                kind: &self.source,
                 time: None,
             },
         );

@@ -238,12 +238,12 @@ pub(crate) fn header_len(map: &HeaderMap) -> usize {
 /// What to use where a message carries no CloudEvents attributes (published by a plain
 /// client).
 #[derive(Debug)]
-pub(crate) struct Defaults {
+pub(crate) struct Defaults<'a> {
     /// The id: e.g. the stream and sequence, stable across redeliveries. Without one, an id
     /// derived from the message's content.
-    pub(crate) id: Option<String>,
+    pub(crate) id: Option<&'a str>,
     /// The kind: the topic or queue it was received from.
-    pub(crate) kind: String,
+    pub(crate) kind: &'a str,
     /// When the server stored it, if known.
     pub(crate) time: Option<SystemTime>,
 }
@@ -264,21 +264,22 @@ pub(crate) fn decode(
     map: Option<&HeaderMap>,
     status: Option<(StatusCode, Option<&str>)>,
     payload: Bytes,
-    defaults: Defaults,
+    defaults: Defaults<'_>,
 ) -> Received {
-    let mut fields = Vec::new();
+    // Borrowed: only what the envelope keeps is copied.
+    let mut fields: Vec<(&str, &str)> = Vec::new();
     if let Some(map) = map {
         for (name, values) in map.iter() {
             let name: &str = name.as_ref();
             for value in values {
-                fields.push((name.to_owned(), value.as_str().to_owned()));
+                fields.push((name, value.as_str()));
             }
         }
     }
     // The client's map has no order between names: sort by name, so that a derived id is the
     // same every time, keeping the values of a repeated header in the order received (the
     // last one wins).
-    fields.sort_by(|a, b| a.0.cmp(&b.0));
+    fields.sort_by(|a, b| a.0.cmp(b.0));
     let problem = match status {
         Some((code, description)) if code != StatusCode::OK => Some(format!(
             "the message carries the status line `{}`, which only the server may send",
@@ -291,7 +292,7 @@ pub(crate) fn decode(
         )),
         _ => None,
     };
-    build(fields, Headers::new(), payload, defaults, problem)
+    build(&fields, Headers::new(), payload, defaults, problem)
 }
 
 /// The envelope of a message from its raw header block (as `STREAM.MSG.GET` returns it), read
@@ -301,7 +302,7 @@ pub(crate) fn decode(
 pub(crate) fn decode_raw(
     block: &[u8],
     payload: Bytes,
-    defaults: Defaults,
+    defaults: Defaults<'_>,
     reason: String,
 ) -> Received {
     let mut fields = Vec::new();
@@ -324,7 +325,11 @@ pub(crate) fn decode_raw(
             _ => headers::insert_bytes(&mut binary, name, value),
         }
     }
-    build(fields, binary, payload, defaults, Some(reason))
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    build(&fields, binary, payload, defaults, Some(reason))
 }
 
 /// Why `async-nats` (0.46) would fail to read this header block, if it would: it then drops
@@ -379,11 +384,29 @@ pub(crate) fn client_cannot_read(block: &[u8]) -> Option<String> {
     None
 }
 
+/// The CloudEvents attribute (or content type) a header name stands for, in any case.
+fn attribute(name: &str) -> Option<&'static str> {
+    [
+        CE_ID,
+        CE_TYPE,
+        CE_TIME,
+        CE_CORRELATIONID,
+        CE_CAUSATIONID,
+        CE_PARTITIONKEY,
+        CONTENT_TYPE,
+        CE_DATACONTENTTYPE,
+        CE_SPECVERSION,
+        CE_SOURCE,
+    ]
+    .into_iter()
+    .find(|attribute| attribute.eq_ignore_ascii_case(name))
+}
+
 fn build(
-    fields: Vec<(String, String)>,
+    fields: &[(&str, &str)],
     mut user: Headers,
     payload: Bytes,
-    defaults: Defaults,
+    defaults: Defaults<'_>,
     mut problem: Option<String>,
 ) -> Received {
     let mut id = None;
@@ -396,33 +419,32 @@ fn build(
     let mut content_type = None;
     let mut ce_content_type = None;
     let mut specversion = None;
-    for (name, value) in &fields {
+    for &(name, value) in fields {
         if let Some(escaped) = name.strip_prefix(ESCAPED) {
             // Always a user header, whatever its decoded name looks like.
             user.insert(pct_decode(escaped), pct_decode(value));
             continue;
         }
-        let value = value.clone();
-        match name.to_ascii_lowercase().as_str() {
-            CE_ID => id = Some(value),
-            CE_TYPE => kind = Some(value),
-            CE_TIME => raw_time = Some(value),
-            CE_CORRELATIONID => correlation = Some(value),
-            CE_CAUSATIONID => causation = Some(value),
-            CE_PARTITIONKEY => key = Some(value),
-            CONTENT_TYPE => content_type = Some(value),
-            CE_DATACONTENTTYPE => ce_content_type = Some(value),
-            CE_SPECVERSION => specversion = Some(value),
-            CE_SOURCE => {}
-            lower => {
-                if lower == "nats-msg-id" {
-                    msg_id = Some(value.clone());
+        match attribute(name) {
+            Some(CE_ID) => id = Some(value),
+            Some(CE_TYPE) => kind = Some(value),
+            Some(CE_TIME) => raw_time = Some(value),
+            Some(CE_CORRELATIONID) => correlation = Some(value),
+            Some(CE_CAUSATIONID) => causation = Some(value),
+            Some(CE_PARTITIONKEY) => key = Some(value),
+            Some(CONTENT_TYPE) => content_type = Some(value),
+            Some(CE_DATACONTENTTYPE) => ce_content_type = Some(value),
+            Some(CE_SPECVERSION) => specversion = Some(value),
+            Some(_) => {}
+            None => {
+                if name.eq_ignore_ascii_case(NATS_MSG_ID) {
+                    msg_id = Some(value);
                 }
-                user.insert(name.clone(), value);
+                user.insert(name.to_owned(), value.to_owned());
             }
         }
     }
-    if let Some(Err(reason)) = specversion.as_deref().map(headers::check_specversion) {
+    if let Some(Err(reason)) = specversion.map(headers::check_specversion) {
         problem.get_or_insert(reason);
     }
     let id: MessageId = match id
@@ -431,17 +453,17 @@ fn build(
         .or(defaults.id)
     {
         Some(id) => MessageId::from(id),
-        None => content_id(&defaults.kind, &fields, &user, &payload),
+        None => content_id(defaults.kind, fields, &user, &payload),
     };
     let correlation_id = correlation
         .filter(|s| !s.is_empty())
         .map_or_else(|| id.clone(), MessageId::from);
     let time = match raw_time {
         None => None,
-        Some(raw) => match headers::parse_time(&raw) {
+        Some(raw) => match headers::parse_time(raw) {
             Ok(time) => Some(time),
             Err(_) => {
-                user.insert(headers::RAW_TIME.to_owned(), raw);
+                user.insert(headers::RAW_TIME.to_owned(), raw.to_owned());
                 None
             }
         },
@@ -449,12 +471,12 @@ fn build(
     Received {
         envelope: Envelope {
             id,
-            kind: kind.unwrap_or(defaults.kind),
+            kind: kind.unwrap_or(defaults.kind).to_owned(),
             correlation_id,
             causation_id: causation.filter(|s| !s.is_empty()).map(MessageId::from),
             timestamp: time.or(defaults.time).unwrap_or_else(SystemTime::now),
-            key,
-            content_type: content_type.or(ce_content_type),
+            key: key.map(str::to_owned),
+            content_type: content_type.or(ce_content_type).map(str::to_owned),
             headers: user,
             payload,
         },
@@ -464,14 +486,10 @@ fn build(
 
 /// An id for a message that names none and has no broker identity (core NATS): derived from
 /// where it came from and everything it carries, so that the same message gets the same id.
-fn content_id(
-    kind: &str,
-    fields: &[(String, String)],
-    user: &Headers,
-    payload: &[u8],
-) -> MessageId {
+fn content_id(kind: &str, fields: &[(&str, &str)], user: &Headers, payload: &[u8]) -> MessageId {
     let mut parts: Vec<&[u8]> = vec![b"nats", kind.as_bytes()];
-    for (name, value) in fields.iter().map(|(n, v)| (n, v)).chain(user) {
+    let user = user.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    for (name, value) in fields.iter().copied().chain(user) {
         parts.push(name.as_bytes());
         parts.push(value.as_bytes());
     }
@@ -491,7 +509,7 @@ mod tests {
             envelope.payload.clone(),
             Defaults {
                 id: None,
-                kind: "fallback".into(),
+                kind: "fallback",
                 time: None,
             },
         )
@@ -545,8 +563,8 @@ mod tests {
             None,
             Bytes::from_static(b"raw"),
             Defaults {
-                id: Some("stream:7".into()),
-                kind: "orders".into(),
+                id: Some("stream:7"),
+                kind: "orders",
                 time: None,
             },
         )
@@ -566,7 +584,7 @@ mod tests {
             Bytes::new(),
             Defaults {
                 id: None,
-                kind: "t".into(),
+                kind: "t",
                 time: None,
             },
         )
@@ -575,10 +593,10 @@ mod tests {
         assert_eq!(got.header("x-mine"), Some("kept"));
     }
 
-    fn defaults(id: Option<&str>) -> Defaults {
+    fn defaults(id: Option<&str>) -> Defaults<'_> {
         Defaults {
-            id: id.map(str::to_owned),
-            kind: "orders".into(),
+            id,
+            kind: "orders",
             time: None,
         }
     }
