@@ -179,7 +179,7 @@ pub(crate) fn request(error: async_nats::RequestError, topic: &str, timeout: Dur
 }
 
 /// An acknowledgement (ack, nak, term, progress) the client could not send.
-pub(crate) fn settle(error: async_nats::Error, what: &str) -> Error {
+pub(crate) fn settle(error: async_nats::PublishError, what: &str) -> Error {
     Error::with_source(
         ErrorKind::Connection,
         format!("sending the {what} to JetStream"),

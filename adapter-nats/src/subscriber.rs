@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::message::{AckKind, Acker};
-use async_nats::jetstream::{self};
+use async_nats::jetstream::message::AckKind;
 use bus_core::{
-    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, Redeliver,
-    Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, ErrorKind,
+    Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -230,45 +229,96 @@ impl DeliverySource for PullSource {
     }
 }
 
-fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, pulled: Pulled) -> Delivery {
-    let message = jetstream::Message {
-        message: pulled.message,
-        context: inner.jetstream.clone(),
-    };
-    let (attempt, id, time) = match message.info() {
-        Ok(info) => (
-            u32::try_from(info.delivered).unwrap_or(u32::MAX),
-            Some(format!("{}:{}", info.stream, info.stream_sequence)),
-            u64::try_from(info.published.unix_timestamp_nanos())
+/// What a JetStream message's acknowledgement subject says of its delivery (ADR-15:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or, from newer servers, with a domain and an account hash before the stream and a token
+/// after). Read here rather than by `jetstream::Message::info`, which also builds a calendar
+/// date that this only turns back into a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct AckInfo<'a> {
+    stream: &'a str,
+    delivered: u64,
+    /// The stream sequence, as written (in decimal).
+    sequence: &'a str,
+    /// When the server stored the message, if after 1970.
+    published: Option<SystemTime>,
+}
+
+impl<'a> AckInfo<'a> {
+    fn read(reply: &'a str) -> Option<Self> {
+        let rest = reply.strip_prefix("$JS.ACK.")?;
+        let mut tokens = [""; 10];
+        let mut count = 0;
+        for (slot, token) in tokens.iter_mut().zip(rest.split('.')) {
+            *slot = token;
+            count += 1;
+        }
+        // As async-nats reads them: 7 tokens, or 10 and more.
+        let tokens = match count {
+            7 => &tokens[..7],
+            10 => &tokens[2..9],
+            _ => return None,
+        };
+        let [stream, _consumer, delivered, sequence, consumer_sequence, time, pending] = tokens
+        else {
+            return None;
+        };
+        for number in [sequence, consumer_sequence, pending] {
+            number.parse::<u64>().ok()?;
+        }
+        let nanos: i128 = time.parse().ok()?;
+        Some(Self {
+            stream,
+            delivered: delivered.parse().ok()?,
+            sequence,
+            published: u64::try_from(nanos)
                 .ok()
                 .and_then(|n| SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(n))),
-        ),
-        Err(_) => (1, None, None),
-    };
-    let (message, acker) = message.split();
+        })
+    }
+
+    /// The message's id where it names none: `<stream>:<sequence>`, the same on every
+    /// redelivery.
+    fn id(&self) -> String {
+        let mut id = String::with_capacity(self.stream.len() + 1 + self.sequence.len());
+        id.push_str(self.stream);
+        id.push(':');
+        id.push_str(self.sequence);
+        id
+    }
+}
+
+/// The envelope of a pulled message, from its headers, with the defaults its acknowledgement
+/// subject gives.
+fn decode_pulled(spec: &Spec, message: &async_nats::Message) -> (wire::Received, u32) {
+    let info = message.reply.as_deref().and_then(AckInfo::read);
+    let id = info.as_ref().map(AckInfo::id);
     let received = wire::decode(
         message.headers.as_ref(),
         message.status.map(|s| (s, message.description.as_deref())),
-        message.payload,
+        message.payload.clone(),
         wire::Defaults {
             id: id.as_deref(),
             kind: &spec.source,
-            time,
+            time: info.and_then(|i| i.published),
         },
     );
-    let envelope = received.envelope;
+    let attempt = info.map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+    (received, attempt)
+}
+
+fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, pulled: Pulled) -> Delivery {
+    let (received, attempt) = decode_pulled(spec, &pulled.message);
     let delivery = Delivery::new(
-        envelope.clone(),
+        received.envelope,
         attempt,
         spec.source.clone(),
         spec.group.clone(),
         Box::new(JetStreamSettle {
             inner: inner.clone(),
-            acker: Arc::new(acker),
+            spec: spec.clone(),
+            message: pulled.message,
             turn: pulled.turn,
-            envelope,
-            source: spec.source.clone(),
-            group: spec.group.clone(),
             attempt,
         }),
     );
@@ -294,24 +344,45 @@ async fn turn_of(turn: Option<&Turn>) -> Option<tokio::sync::MutexGuard<'_, ()>>
 /// Settles one JetStream delivery: ack, nak (with delay), term after dead-lettering, progress.
 struct JetStreamSettle {
     inner: Arc<Inner>,
-    acker: Arc<Acker>,
+    spec: Arc<Spec>,
+    /// The message as received: its reply subject is where the acknowledgements go, and a
+    /// dead letter is decoded from it again (rather than a copy of the envelope kept for
+    /// every delivery).
+    message: async_nats::Message,
     /// Taken before anything is sent on the acknowledgement subject, if the buffer's extender
     /// may send there.
     turn: Option<Turn>,
-    envelope: Envelope,
-    source: String,
-    group: Option<String>,
     attempt: u32,
 }
 
 impl fmt::Debug for JetStreamSettle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JetStreamSettle")
-            .field("id", &self.envelope.id)
-            .field("source", &self.source)
+            .field("reply", &self.message.reply)
+            .field("source", &self.spec.source)
             .field("attempt", &self.attempt)
             .finish_non_exhaustive()
     }
+}
+
+/// Sends `kind` to a message's acknowledgement subject.
+async fn acknowledge(
+    inner: &Inner,
+    reply: Option<&async_nats::Subject>,
+    kind: AckKind,
+    what: &str,
+) -> Result<()> {
+    let Some(reply) = reply else {
+        return Err(Error::new(
+            ErrorKind::Connection,
+            format!("cannot send the {what}: the message has no reply subject"),
+        ));
+    };
+    inner
+        .client
+        .publish(reply.clone(), kind.into())
+        .await
+        .map_err(|e| error::settle(e, what))
 }
 
 #[async_trait]
@@ -328,11 +399,12 @@ impl Settle for JetStreamSettle {
             Settlement::Nack(_) => (AckKind::Nak(None), "nak"),
             Settlement::Reject { reason, attempts } => {
                 // The dead letter is stored first: if that fails, the delivery stays unsettled.
+                let envelope = decode_pulled(&self.spec, &self.message).0.envelope;
                 dead_letters::send(
                     &self.inner,
-                    &self.envelope,
-                    &self.source,
-                    self.group.as_deref(),
+                    &envelope,
+                    &self.spec.source,
+                    self.spec.group.as_deref(),
                     attempts.max(self.attempt),
                     &reason,
                     None,
@@ -346,27 +418,28 @@ impl Settle for JetStreamSettle {
                 )))
             }
         };
-        self.acker
-            .ack_with(kind)
-            .await
-            .map_err(|e| error::settle(e, what))
+        acknowledge(&self.inner, self.message.reply.as_ref(), kind, what).await
     }
 
     async fn in_progress(&self) -> Result<()> {
         let _turn = turn_of(self.turn.as_ref()).await;
-        self.acker
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(|e| error::settle(e, "progress"))
+        acknowledge(
+            &self.inner,
+            self.message.reply.as_ref(),
+            AckKind::Progress,
+            "progress",
+        )
+        .await
     }
 
     fn abandon(&self) {
-        let acker = self.acker.clone();
+        let inner = self.inner.clone();
+        let reply = self.message.reply.clone();
         let turn = self.turn.clone();
         // If this fails, JetStream redelivers after the ack wait anyway.
         self.inner.runtime.spawn(async move {
             let _turn = turn_of(turn.as_ref()).await;
-            let _ = acker.ack_with(AckKind::Nak(None)).await;
+            let _ = acknowledge(&inner, reply.as_ref(), AckKind::Nak(None), "nak").await;
         });
     }
 }
@@ -723,5 +796,45 @@ impl Settle for CoreSettle {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgement_subjects_of_old_and_new_servers_are_read() {
+        let published = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        let old = AckInfo::read("$JS.ACK.ORDERS.workers.3.42.17.1700000000123456789.5");
+        assert_eq!(
+            old,
+            Some(AckInfo {
+                stream: "ORDERS",
+                delivered: 3,
+                sequence: "42",
+                published: Some(published),
+            })
+        );
+        let new =
+            AckInfo::read("$JS.ACK._.ACCHASH.ORDERS.workers.3.42.17.1700000000123456789.5.tok");
+        assert_eq!(new, old);
+        assert_eq!(new.map(|i| i.id()).as_deref(), Some("ORDERS:42"));
+        // Before 1970: no time, the rest as it is.
+        let early = AckInfo::read("$JS.ACK.ORDERS.workers.1.42.17.-5.0").expect("read");
+        assert_eq!((early.delivered, early.published), (1, None));
+    }
+
+    #[test]
+    fn other_subjects_are_not_acknowledgement_subjects() {
+        for subject in [
+            "_INBOX.abc",
+            "$JS.ACK.ORDERS.workers.3.42.17.1700000000",
+            "$JS.ACK.ORDERS.workers.x.42.17.1700000000123456789.5",
+            "$JS.ACK.ORDERS.workers.3.42.17.1700000000123456789.five",
+            "$JS.ACK._.ACCHASH.ORDERS.workers.3.42.17.1700000000123456789.5",
+        ] {
+            assert_eq!(AckInfo::read(subject), None, "{subject}");
+        }
     }
 }
