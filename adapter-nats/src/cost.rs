@@ -10,7 +10,10 @@ use crate::wire;
 /// What the subscriber hands the decoder besides the message, for a JetStream message.
 fn defaults() -> wire::Defaults<'static> {
     wire::Defaults {
-        id: Some("ORDERS:42"),
+        stored: Some(wire::Stored {
+            stream: "ORDERS",
+            sequence: "42",
+        }),
         kind: "orders",
         time: SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(1_700_000_000)),
     }

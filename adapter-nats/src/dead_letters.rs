@@ -272,7 +272,7 @@ mod tests {
             None,
             payload,
             wire::Defaults {
-                id: None,
+                stored: None,
                 kind: "orders",
                 time: None,
             },

@@ -179,7 +179,10 @@ impl Sweeper {
                 &block,
                 payload,
                 wire::Defaults {
-                    id: Some(&format!("{stream}:{seq}")),
+                    stored: Some(wire::Stored {
+                        stream: &stream,
+                        sequence: &seq.to_string(),
+                    }),
                     kind: &source,
                     time: stored.time.and_then(|t| headers::parse_time(&t).ok()),
                 },

@@ -42,7 +42,7 @@ impl Requester for NatsBroker {
             reply.status.map(|s| (s, reply.description.as_deref())),
             reply.payload,
             wire::Defaults {
-                id: None,
+                stored: None,
                 kind: topic,
                 time: None,
             },
@@ -117,7 +117,7 @@ impl RequestSource for Serving {
                 None,
                 message.payload,
                 wire::Defaults {
-                    id: None,
+                    stored: None,
                     kind: &self.topic,
                     time: None,
                 },

@@ -276,29 +276,21 @@ impl<'a> AckInfo<'a> {
                 .and_then(|n| SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(n))),
         })
     }
-
-    /// The message's id where it names none: `<stream>:<sequence>`, the same on every
-    /// redelivery.
-    fn id(&self) -> String {
-        let mut id = String::with_capacity(self.stream.len() + 1 + self.sequence.len());
-        id.push_str(self.stream);
-        id.push(':');
-        id.push_str(self.sequence);
-        id
-    }
 }
 
 /// The envelope of a pulled message, from its headers, with the defaults its acknowledgement
 /// subject gives.
 fn decode_pulled(spec: &Spec, message: &async_nats::Message) -> (wire::Received, u32) {
     let info = message.reply.as_deref().and_then(AckInfo::read);
-    let id = info.as_ref().map(AckInfo::id);
     let received = wire::decode(
         message.headers.as_ref(),
         message.status.map(|s| (s, message.description.as_deref())),
         message.payload.clone(),
         wire::Defaults {
-            id: id.as_deref(),
+            stored: info.map(|i| wire::Stored {
+                stream: i.stream,
+                sequence: i.sequence,
+            }),
             kind: &spec.source,
             time: info.and_then(|i| i.published),
         },
@@ -563,7 +555,7 @@ impl DeliverySource for CoreSource {
             message.status.map(|s| (s, message.description.as_deref())),
             message.payload.clone(),
             wire::Defaults {
-                id: None,
+                stored: None,
                 kind: &self.source,
                 time: None,
             },
@@ -819,7 +811,6 @@ mod tests {
         let new =
             AckInfo::read("$JS.ACK._.ACCHASH.ORDERS.workers.3.42.17.1700000000123456789.5.tok");
         assert_eq!(new, old);
-        assert_eq!(new.map(|i| i.id()).as_deref(), Some("ORDERS:42"));
         // Before 1970: no time, the rest as it is.
         let early = AckInfo::read("$JS.ACK.ORDERS.workers.1.42.17.-5.0").expect("read");
         assert_eq!((early.delivered, early.published), (1, None));

@@ -239,13 +239,32 @@ pub(crate) fn header_len(map: &HeaderMap) -> usize {
 /// client).
 #[derive(Debug)]
 pub(crate) struct Defaults<'a> {
-    /// The id: e.g. the stream and sequence, stable across redeliveries. Without one, an id
-    /// derived from the message's content.
-    pub(crate) id: Option<&'a str>,
+    /// Where JetStream stored it, which gives its id, stable across redeliveries. Without it,
+    /// an id derived from the message's content.
+    pub(crate) stored: Option<Stored<'a>>,
     /// The kind: the topic or queue it was received from.
     pub(crate) kind: &'a str,
     /// When the server stored it, if known.
     pub(crate) time: Option<SystemTime>,
+}
+
+/// Where JetStream stored a message: `<stream>:<sequence>` is its id when it names none. Built
+/// only then: most messages name theirs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored<'a> {
+    pub(crate) stream: &'a str,
+    /// The stream sequence, in decimal.
+    pub(crate) sequence: &'a str,
+}
+
+impl Stored<'_> {
+    fn id(self) -> MessageId {
+        let mut id = String::with_capacity(self.stream.len() + 1 + self.sequence.len());
+        id.push_str(self.stream);
+        id.push(':');
+        id.push_str(self.sequence);
+        MessageId::from(id)
+    }
 }
 
 /// A received message: its envelope, and why it cannot be handled if it cannot.
@@ -267,7 +286,8 @@ pub(crate) fn decode(
     defaults: Defaults<'_>,
 ) -> Received {
     // Borrowed: only what the envelope keeps is copied.
-    let mut fields: Vec<(&str, &str)> = Vec::new();
+    let mut fields: Vec<(&str, &str)> =
+        Vec::with_capacity(map.map_or(0, |m| m.iter().map(|(_, v)| v.len()).sum()));
     if let Some(map) = map {
         for (name, values) in map.iter() {
             let name: &str = name.as_ref();
@@ -447,13 +467,14 @@ fn build(
     if let Some(Err(reason)) = specversion.map(headers::check_specversion) {
         problem.get_or_insert(reason);
     }
-    let id: MessageId = match id
-        .filter(|s| !s.is_empty())
-        .or(msg_id.filter(|s| !s.is_empty()))
-        .or(defaults.id)
-    {
-        Some(id) => MessageId::from(id),
-        None => content_id(defaults.kind, fields, &user, &payload),
+    let id: MessageId = match (
+        id.filter(|s| !s.is_empty())
+            .or(msg_id.filter(|s| !s.is_empty())),
+        defaults.stored,
+    ) {
+        (Some(id), _) => MessageId::from(id),
+        (None, Some(stored)) => stored.id(),
+        (None, None) => content_id(defaults.kind, fields, &user, &payload),
     };
     let correlation_id = correlation
         .filter(|s| !s.is_empty())
@@ -508,7 +529,7 @@ mod tests {
             None,
             envelope.payload.clone(),
             Defaults {
-                id: None,
+                stored: None,
                 kind: "fallback",
                 time: None,
             },
@@ -563,7 +584,10 @@ mod tests {
             None,
             Bytes::from_static(b"raw"),
             Defaults {
-                id: Some("stream:7"),
+                stored: Some(Stored {
+                    stream: "stream",
+                    sequence: "7",
+                }),
                 kind: "orders",
                 time: None,
             },
@@ -583,7 +607,7 @@ mod tests {
             None,
             Bytes::new(),
             Defaults {
-                id: None,
+                stored: None,
                 kind: "t",
                 time: None,
             },
@@ -593,9 +617,13 @@ mod tests {
         assert_eq!(got.header("x-mine"), Some("kept"));
     }
 
+    /// `id` is `<stream>:<sequence>`.
     fn defaults(id: Option<&str>) -> Defaults<'_> {
         Defaults {
-            id,
+            stored: id.map(|id| {
+                let (stream, sequence) = id.split_once(':').expect("stream:sequence");
+                Stored { stream, sequence }
+            }),
             kind: "orders",
             time: None,
         }
