@@ -13,12 +13,16 @@ pub fn encode(name: &str) -> String {
         // `_` alone is never the output of a non-empty name (escapes are `_XX`).
         return "_".to_owned();
     }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(name.len());
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("_{byte:02X}"));
+            // `_XX`, written in place: names are encoded per request.
+            out.push('_');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0x0F)]));
         }
     }
     out
@@ -114,6 +118,7 @@ mod tests {
         }
         assert_eq!(encode("orders.placed"), "orders_2Eplaced");
         assert_eq!(encode("a>b*"), "a_3Eb_2A");
+        assert_eq!(encode("é\u{7f}"), "_C3_A9_7F");
     }
 
     #[test]

@@ -177,7 +177,8 @@ fn user_header(map: &mut HeaderMap, name: &str, value: &str) {
 /// Whether NATS would alter the value: it cannot hold line breaks, and the client trims
 /// (Unicode) whitespace at both ends when reading.
 fn needs_escape_value(value: &str) -> bool {
-    value.contains(['\r', '\n'])
+    // Bytewise: CR and LF never occur inside a multi-byte character.
+    value.bytes().any(|b| b == b'\r' || b == b'\n')
         || value.starts_with(char::is_whitespace)
         || value.ends_with(char::is_whitespace)
 }
