@@ -31,7 +31,7 @@ use adapter_nats::header_names::{
 };
 use adapter_nats::NatsBroker;
 use async_nats::HeaderMap;
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, percentile_us, print_latency_ratios, spread};
 use bus_core::{headers, Broker, Envelope, MessageId, Requester, Responder, ServeOptions};
 use futures::StreamExt;
 
@@ -49,16 +49,11 @@ struct Row {
 }
 
 /// The nearest-rank percentile `p` (0–100) of sorted `times`, in microseconds.
-fn percentile(sorted: &[Duration], p: usize) -> f64 {
-    let rank = (sorted.len() * p).div_ceil(100).max(1);
-    sorted[rank - 1].as_secs_f64() * 1e6
-}
-
 fn row(mut times: Vec<Duration>) -> Row {
     times.sort_unstable();
     Row {
-        p50: percentile(&times, 50),
-        p99: percentile(&times, 99),
+        p50: percentile_us(&times, 50),
+        p99: percentile_us(&times, 99),
     }
 }
 
@@ -241,13 +236,6 @@ async fn main() {
             .map(|(bus, raw)| pick(bus) / pick(raw))
             .collect()
     };
-    let (p50, p99) = (ratios(|r| r.p50), ratios(|r| r.p99));
     println!();
-    println!(
-        "latency ratio ranges (bus/raw, per round): p50 {} p99 {}",
-        spread(p50.clone(), 2),
-        spread(p99.clone(), 2)
-    );
-    println!("latency p50 ratio={:.2}", median(&mut p50.clone()));
-    println!("latency p99 ratio={:.2}", median(&mut p99.clone()));
+    print_latency_ratios(&ratios(|r| r.p50), &ratios(|r| r.p99), &[]);
 }

@@ -37,7 +37,7 @@ use adapter_rabbitmq::lapin::options::{
 use adapter_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use adapter_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, CLOUDEVENTS_PREFIX};
-use bus_core::conformance::bench::{env_number, median, spread};
+use bus_core::conformance::bench::{env_number, percentile_us, print_latency_ratios, spread};
 use bus_core::{headers, Broker, Envelope, MessageId, Requester, Responder, ServeOptions};
 use futures::StreamExt;
 
@@ -91,11 +91,6 @@ fn usage() -> Option<Usage> {
 }
 
 /// The nearest-rank percentile `p` (0–100) of sorted `times`, in microseconds.
-fn percentile(sorted: &[Duration], p: usize) -> f64 {
-    let rank = (sorted.len() * p).div_ceil(100).max(1);
-    sorted[rank - 1].as_secs_f64() * 1e6
-}
-
 fn row(mut times: Vec<Duration>, before: Option<Usage>) -> Row {
     let used = usage().zip(before).map(|(after, before)| Usage {
         cpu: after.cpu - before.cpu,
@@ -104,8 +99,8 @@ fn row(mut times: Vec<Duration>, before: Option<Usage>) -> Row {
     let n = times.len() as f64;
     times.sort_unstable();
     Row {
-        p50: percentile(&times, 50),
-        p99: percentile(&times, 99),
+        p50: percentile_us(&times, 50),
+        p99: percentile_us(&times, 99),
         cpu: used.map(|u| u.cpu.as_secs_f64() * 1e6 / n),
         sleeps: used.map(|u| u.sleeps as f64 / n),
     }
@@ -414,15 +409,10 @@ async fn main() {
             .filter_map(|(bus, raw)| Some(pick(bus)? / pick(raw)?))
             .collect()
     };
-    let (p50, p99) = (ratios(|r| Some(r.p50)), ratios(|r| Some(r.p99)));
     println!();
-    println!(
-        "ratio ranges (bus/raw, per round): p50 {} p99 {} CPU {} sleeps {}",
-        spread(p50.clone(), 2),
-        spread(p99.clone(), 2),
-        spread(ratios(|r| r.cpu), 2),
-        spread(ratios(|r| r.sleeps), 2)
+    print_latency_ratios(
+        &ratios(|r| Some(r.p50)),
+        &ratios(|r| Some(r.p99)),
+        &[("CPU", ratios(|r| r.cpu)), ("sleeps", ratios(|r| r.sleeps))],
     );
-    println!("latency p50 ratio={:.2}", median(&mut p50.clone()));
-    println!("latency p99 ratio={:.2}", median(&mut p99.clone()));
 }

@@ -73,6 +73,30 @@ pub fn print_ratios(publish: &[f64], consume: &[f64], others: &[(&str, Vec<f64>)
     );
 }
 
+/// The `p`-th percentile (nearest rank) of `sorted` durations, in µs; panics on none.
+#[must_use]
+pub fn percentile_us(sorted: &[Duration], p: usize) -> f64 {
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted[rank - 1].as_secs_f64() * 1e6
+}
+
+/// Prints the range of the per-round latency ratios (`latency ratio ranges: p50 … p99 …`,
+/// `others` after the two) and, last, the lines the docs and notes quote: `latency p50
+/// ratio=<median>` and `latency p99 ratio=<median>` (bus/raw: below 1 means bus was faster).
+pub fn print_latency_ratios(p50: &[f64], p99: &[f64], others: &[(&str, Vec<f64>)]) {
+    let mut ranges = format!(
+        "latency ratio ranges (bus/raw, per round): p50 {} p99 {}",
+        spread(p50.to_vec(), 2),
+        spread(p99.to_vec(), 2)
+    );
+    for (name, values) in others {
+        ranges.push_str(&format!(" {name} {}", spread(values.clone(), 2)));
+    }
+    println!("{ranges}");
+    println!("latency p50 ratio={:.2}", median(&mut p50.to_vec()));
+    println!("latency p99 ratio={:.2}", median(&mut p99.to_vec()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +114,13 @@ mod tests {
         let bus = [Duration::from_secs(2), Duration::from_secs(1)];
         let raw = [Duration::from_secs(1), Duration::from_secs(1)];
         assert_eq!(ratios(&bus, &raw, |d| *d), [0.5, 1.0]);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile_us(&sorted, 50), 50.0);
+        assert_eq!(percentile_us(&sorted, 99), 99.0);
+        assert_eq!(percentile_us(&sorted[..1], 99), 1.0);
     }
 }
