@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bus_core::runtime::DeliveryInfo;
 use bus_core::{headers, Delivery, Envelope, Headers, Message, MessageId, Result};
 
 use crate::Bus;
@@ -37,9 +38,7 @@ use crate::Bus;
 pub struct Context {
     bus: Bus,
     envelope: Envelope,
-    attempt: u32,
-    source: Arc<str>,
-    group: Option<Arc<str>>,
+    info: DeliveryInfo,
     service: Arc<str>,
 }
 
@@ -48,9 +47,7 @@ impl Context {
         Self {
             bus,
             envelope: delivery.envelope().clone(),
-            attempt: delivery.attempt(),
-            source: Arc::from(delivery.source()),
-            group: delivery.group().map(Arc::from),
+            info: DeliveryInfo::from(delivery),
             service,
         }
     }
@@ -59,7 +56,7 @@ impl Context {
     /// retry, …
     #[must_use]
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.info.attempt()
     }
 
     /// The envelope of the message being handled: id, kind, correlation and causation ids,
@@ -84,13 +81,13 @@ impl Context {
     /// The topic (or queue) the message was received from.
     #[must_use]
     pub fn source(&self) -> &str {
-        &self.source
+        self.info.source()
     }
 
     /// The consumer group the message was received in, if any.
     #[must_use]
     pub fn group(&self) -> Option<&str> {
-        self.group.as_deref()
+        self.info.group()
     }
 
     /// The name of the service handling the message.
