@@ -64,8 +64,10 @@ struct MaxPayload {
 /// moment after the reconnect that the connection count shows).
 const MAX_PAYLOAD_REFRESH: Duration = Duration::from_secs(1);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Only inserts and removals happen under the lock: no invariant a panic could break.
+/// Locks `mutex`, also when a panic poisoned it: what the crate's locks guard is a few fields
+/// set together (inserts, removals, counters), which a panic leaves in no state that matters
+/// more than the panic itself.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 

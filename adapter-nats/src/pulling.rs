@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use async_nats::StatusCode;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 
-use crate::broker::Inner;
+use crate::broker::{lock, Inner};
 use crate::poison;
 
 /// How long one pull (batch) request stays open on the server. Short, because a pull request
@@ -134,12 +134,6 @@ struct Waiting {
     /// When it arrived (at the latest) or was last extended.
     extended: Instant,
     turn: Turn,
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Every change under the lock is a few fields set together: a panic leaves nothing half
-    // done that matters more than the panic.
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Buffer {
