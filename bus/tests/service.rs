@@ -131,7 +131,7 @@ async fn two_types_on_one_topic_reach_their_own_handlers() {
     assert_eq!(report.service, "fulfilment");
     assert_eq!(report.subscriptions.len(), 1, "one subscription per topic");
     let orders = report.subscription("orders").unwrap();
-    assert_eq!(orders.group, "fulfilment");
+    assert_eq!(orders.group.as_deref(), Some("fulfilment"));
     assert_eq!(orders.kinds, ["order.cancelled", "order.placed"]);
     assert_eq!((orders.unknown_kinds, orders.undecodable), (0, 0));
     let counts = consumer(&report, "orders");

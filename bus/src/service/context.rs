@@ -2,6 +2,7 @@
 //! publishes the messages that message causes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus_core::runtime::DeliveryInfo;
 use bus_core::{headers, Delivery, Envelope, Headers, Message, MessageId, Result};
@@ -181,5 +182,50 @@ impl Context {
         let id = envelope.id.clone();
         self.bus.send(queue, envelope).await?;
         Ok(id)
+    }
+
+    /// Sends `request` to the request channel `topic`, marked as caused by the handled
+    /// message ([`Context::follow_up`]: its correlation id, its id as causation id, its trace
+    /// context), waits up to `timeout` for the reply and decodes it as `R`
+    /// ([`decode_reply`](super::decode_reply)).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use bus::{Message, service::Context};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderPlaced { sku: String }
+    /// # impl Message for OrderPlaced { const KIND: &'static str = "order.placed"; }
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct GetQuote { sku: String }
+    /// # impl Message for GetQuote { const KIND: &'static str = "quote.get"; }
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Quote { cents: u64 }
+    /// # impl Message for Quote { const KIND: &'static str = "quote"; }
+    /// async fn on_order(order: OrderPlaced, ctx: Context) -> bus::Result<()> {
+    ///     let quote: Quote = ctx
+    ///         .request("quotes", &GetQuote { sku: order.sku }, Duration::from_secs(2))
+    ///         .await?;
+    ///     println!("{} cents", quote.cents);
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when the request cannot
+    /// be encoded or the reply is not an `R`; the error of the responder's handler when it
+    /// answered with an error reply (a [`Service`](super::Service) responder does); otherwise
+    /// as [`Bus::request`] ([`Timeout`](crate::ErrorKind::Timeout),
+    /// [`NoResponders`](crate::ErrorKind::NoResponders), …). A timeout returned with `?` from
+    /// a handler is retryable: the handled message is retried.
+    ///
+    /// # Cancel safety
+    /// If the future is dropped, the request may still reach a responder; its reply is
+    /// discarded.
+    pub async fn request<Q: Message, R: Message>(
+        &self,
+        topic: &str,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<R> {
+        let envelope = self.follow_up(Envelope::encode(request)?);
+        let reply = self.bus.request(topic, envelope, timeout).await?;
+        super::decode_reply(&reply)
     }
 }

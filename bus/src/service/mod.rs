@@ -10,6 +10,11 @@
 //! shutdown future completes (for instance [`shutdown_signal`]: SIGINT or SIGTERM), drains
 //! them, and returns one [`ServiceReport`].
 //!
+//! Beside topics, a service consumes work queues ([`Service::on_queue`]: each message to one
+//! consumer) and answers requests ([`Service::on_request`]: a handler from request `Q` to
+//! reply `R`). A handler asks other services with [`Context::request`], which keeps the
+//! conversation's correlation id, causation and trace context as publishing does.
+//!
 //! Under the hood this is the lower-level API of [`Bus::subscribe`] and [`Consumer`], which
 //! stays available for what the service layer does not cover.
 //!
@@ -69,28 +74,37 @@
 
 mod context;
 mod dispatch;
+mod handle;
+mod respond;
+mod signal;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::runtime::{Consumer, ConsumerReport, Handler, KeyOrder};
-use bus_core::{Error, ErrorKind, Message, Result, SubscribeOptions};
+use bus_core::runtime::{Consumer, Handler, KeyOrder};
+use bus_core::{
+    ConsumeOptions, Error, Message, Result, ServeOptions, SubscribeOptions, Subscription,
+};
 use tokio::sync::watch;
-use tokio::task::{Id, JoinSet};
+use tokio::task::JoinSet;
 use tower_layer::Layer;
 
 pub use context::Context;
+pub use handle::{ServiceHandle, ServiceReport, SubscriptionReport};
+pub use respond::{decode_reply, ERROR_REPLY_KIND};
+pub use signal::shutdown_signal;
 
 use crate::Bus;
-use dispatch::{Counts, Dispatch, Route, Typed};
+use dispatch::{Counts, Dispatch, Env, Responding, Route, RouteHandler, Typed};
+use handle::Entry;
+use respond::{Pending, RequestDeliveries};
 
-/// What a [`Service`] does with a message whose kind no handler on its topic was registered
-/// for.
+/// What a [`Service`] does with a message whose kind no handler on its topic or queue was
+/// registered for. (A request of an unknown kind is always answered with an error, as the
+/// requester waits for an answer.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UnknownKinds {
@@ -104,30 +118,58 @@ pub enum UnknownKinds {
     DeadLetter,
 }
 
+/// Where a service's handlers receive from: what one of its subscriptions is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Channel {
+    /// A topic, in a consumer group ([`Service::on`]): every group gets every message.
+    Topic,
+    /// A work queue ([`Service::on_queue`]): each message to one consumer.
+    Queue,
+    /// Requests sent to a topic, answered with a reply ([`Service::on_request`]).
+    Requests,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Channel::Topic => "topic",
+            Channel::Queue => "queue",
+            Channel::Requests => "request channel",
+        })
+    }
+}
+
 /// Wraps a subscription's handler in one middleware layer.
 type LayerFn = Arc<dyn Fn(Arc<dyn Handler>) -> Arc<dyn Handler> + Send + Sync>;
 
-/// The handlers registered for one topic.
+/// The handlers registered for one subscription.
 struct Registered {
-    topic: String,
+    channel: Channel,
+    name: String,
+    /// The consumer group (topics) or responder group (requests); `None` for queues.
+    group: Option<String>,
     routes: BTreeMap<&'static str, Box<dyn Route>>,
 }
 
-/// A service: a name (its consumer group), typed handlers on topics, and a graceful run.
+/// A service: a name (its consumer group), typed handlers on topics, queues and request
+/// channels, and a graceful run.
 ///
 /// Built by value: [`Service::new`], then [`on`](Service::on) once per message type and
-/// topic, then [`run`](Service::run) (or [`start`](Service::start) for a handle). See the
+/// topic (and [`on_queue`](Service::on_queue), [`on_request`](Service::on_request)), then
+/// [`run`](Service::run) (or [`start`](Service::start) for a handle). See the
 /// [module docs](self) for the whole picture and an example.
 ///
-/// Every topic gets one subscription in the group named after the service, and one
-/// [`Consumer`] with the settings of the `with_*` methods: at most
-/// [`with_concurrency`](Service::with_concurrency) handlers at once per topic, one message
-/// per key at a time in publish order, panics caught as failed attempts.
+/// Every topic gets one subscription in the group named after the service, every queue one
+/// consumer of it and every request channel one responder in the service's group; each has
+/// one [`Consumer`] with the settings of the `with_*` methods: at most
+/// [`with_concurrency`](Service::with_concurrency) handlers at once, one message per key at a
+/// time in publish order, panics caught as failed attempts.
 #[must_use = "a service does nothing until `run` or `start` is called"]
 pub struct Service {
     name: Arc<str>,
     bus: Bus,
-    topics: Vec<Registered>,
+    registered: Vec<Registered>,
     unknown_kinds: UnknownKinds,
     concurrency: Option<usize>,
     shutdown_timeout: Option<Duration>,
@@ -143,7 +185,7 @@ impl Service {
         Self {
             name: Arc::from(name.into()),
             bus,
-            topics: Vec::new(),
+            registered: Vec::new(),
             unknown_kinds: UnknownKinds::default(),
             concurrency: None,
             shutdown_timeout: None,
@@ -163,10 +205,10 @@ impl Service {
     ///
     /// `handler`'s result settles the message: `Ok(())` acknowledges it; an error retries it
     /// when it [is retryable](Error::is_retryable) (a lost connection, a timeout, a
-    /// [`Handler`](ErrorKind::Handler) error) and dead-letters it otherwise. Without a retry
-    /// layer ([`with_layer`](Service::with_layer)) a retryable failure is retried for as long
-    /// as it fails. The message type is usually inferred from the handler; otherwise name it:
-    /// `.on::<OrderPlaced, _, _>(…)`.
+    /// [`Handler`](bus_core::ErrorKind::Handler) error) and dead-letters it otherwise. Without
+    /// a retry layer ([`with_layer`](Service::with_layer)) a retryable failure is retried for
+    /// as long as it fails. The message type is usually inferred from the handler; otherwise
+    /// name it: `.on::<OrderPlaced, _, _>(…)`.
     ///
     /// Several types may be registered on one topic: they share its subscription and each
     /// message goes to the handler of its kind ([`Message::KIND`]).
@@ -174,43 +216,154 @@ impl Service {
     /// # Panics
     /// When a handler for `M::KIND` on `topic` is already registered: which one should run
     /// would be a guess.
-    pub fn on<M, F, Fut>(mut self, topic: impl Into<String>, handler: F) -> Self
+    pub fn on<M, F, Fut>(self, topic: impl Into<String>, handler: F) -> Self
     where
         M: Message,
         F: Fn(M, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
-        let topic = topic.into();
-        let index = match self.topics.iter().position(|t| t.topic == topic) {
-            Some(index) => index,
-            None => {
-                self.topics.push(Registered {
-                    topic,
-                    routes: BTreeMap::new(),
-                });
-                self.topics.len() - 1
-            }
-        };
-        let registered = &mut self.topics[index];
-        let route: Box<dyn Route> = Box::new(Typed::<M, F>::new(handler));
-        assert!(
-            registered.routes.insert(M::KIND, route).is_none(),
-            "service `{}` already has a handler for kind `{}` on topic `{}`",
-            self.name,
+        let group = Some(self.name.to_string());
+        self.register(
+            Channel::Topic,
+            topic.into(),
+            group,
             M::KIND,
-            registered.topic
+            Box::new(Typed::<M, F>::new(handler)),
+        )
+    }
+
+    /// Handles messages of type `M` sent to the work queue `queue` ([`Bus::send`],
+    /// [`Context::send`]) with `handler`, as [`on`](Service::on) does for topics.
+    ///
+    /// A queue has no consumer groups: each message goes to one consumer of the queue, in
+    /// this service or elsewhere. Several types may share one queue, dispatched by kind.
+    ///
+    /// ```
+    /// # use bus::{Message, service::Context, Service};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct ResizeImage { url: String }
+    /// # impl Message for ResizeImage { const KIND: &'static str = "image.resize"; }
+    /// async fn resize(job: ResizeImage, _ctx: Context) -> bus::Result<()> {
+    ///     println!("resizing {}", job.url);
+    ///     Ok(())
+    /// }
+    /// # async fn example(bus: bus::Bus) {
+    /// let service = Service::new("thumbnails", bus).on_queue("images.resize", resize);
+    /// # let _ = service; }
+    /// ```
+    ///
+    /// # Panics
+    /// When a handler for `M::KIND` on `queue` is already registered.
+    pub fn on_queue<M, F, Fut>(self, queue: impl Into<String>, handler: F) -> Self
+    where
+        M: Message,
+        F: Fn(M, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.register(
+            Channel::Queue,
+            queue.into(),
+            None,
+            M::KIND,
+            Box::new(Typed::<M, F>::new(handler)),
+        )
+    }
+
+    /// Answers requests of type `Q` sent to `topic` ([`Context::request`],
+    /// [`Bus::request`]) with the reply `handler` returns: an async function of the decoded
+    /// request and a [`Context`] to `Result<R>`.
+    ///
+    /// The reply is marked as caused by the request (same correlation id, causation id = the
+    /// request's id, its trace context) and sent as soon as the handler returns. When the
+    /// handler fails, the request does not decode as `Q`, or no handler handles its kind, the
+    /// requester gets an error reply (kind [`ERROR_REPLY_KIND`]) at once, which
+    /// [`Context::request`] and [`decode_reply`] turn back into an error of the handler's
+    /// [`ErrorKind`](bus_core::ErrorKind). Requests are never retried nor dead-lettered: the
+    /// requester, which knows its deadline, decides whether to ask again.
+    ///
+    /// The service serves `topic` in the responder group named after it: its instances share
+    /// the requests. Several request types may share one topic, dispatched by kind.
+    ///
+    /// ```
+    /// # use bus::{Message, service::Context, Service};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct GetQuote { sku: String }
+    /// impl Message for GetQuote { const KIND: &'static str = "quote.get"; }
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Quote { cents: u64 }
+    /// impl Message for Quote { const KIND: &'static str = "quote"; }
+    ///
+    /// async fn quote(request: GetQuote, _ctx: Context) -> bus::Result<Quote> {
+    ///     Ok(Quote { cents: if request.sku == "gold" { 10_000 } else { 100 } })
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> bus::Result<()> {
+    /// let bus = bus::connect("memory://").await?;
+    /// let pricing = Service::new("pricing", bus.clone()).on_request("quotes", quote).start().await?;
+    ///
+    /// let request = bus::Envelope::encode(&GetQuote { sku: "gold".into() })?;
+    /// let reply = bus.request("quotes", request, std::time::Duration::from_secs(5)).await?;
+    /// let quote: Quote = bus::service::decode_reply(&reply)?;
+    /// assert_eq!(quote.cents, 10_000);
+    /// pricing.stop().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// When a handler for `Q::KIND` on `topic` is already registered.
+    pub fn on_request<Q, R, F, Fut>(self, topic: impl Into<String>, handler: F) -> Self
+    where
+        Q: Message,
+        R: Message,
+        F: Fn(Q, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R>> + Send + 'static,
+    {
+        let group = Some(self.name.to_string());
+        let route = Box::new(Responding::<Q, R, F>::new(handler));
+        self.register(Channel::Requests, topic.into(), group, Q::KIND, route)
+    }
+
+    fn register(
+        mut self,
+        channel: Channel,
+        name: String,
+        group: Option<String>,
+        kind: &'static str,
+        route: Box<dyn Route>,
+    ) -> Self {
+        let found = self
+            .registered
+            .iter()
+            .position(|r| r.channel == channel && r.name == name && r.group == group);
+        let index = found.unwrap_or_else(|| {
+            self.registered.push(Registered {
+                channel,
+                name,
+                group,
+                routes: BTreeMap::new(),
+            });
+            self.registered.len() - 1
+        });
+        let registered = &mut self.registered[index];
+        assert!(
+            registered.routes.insert(kind, route).is_none(),
+            "service `{}` already has a handler for kind `{kind}` on {channel} `{}`",
+            self.name,
+            registered.name
         );
         self
     }
 
-    /// Sets what happens to messages of a kind no handler on their topic handles (default
-    /// [`UnknownKinds::Skip`]).
+    /// Sets what happens to messages of a kind no handler on their topic or queue handles
+    /// (default [`UnknownKinds::Skip`]).
     pub fn with_unknown_kinds(mut self, policy: UnknownKinds) -> Self {
         self.unknown_kinds = policy;
         self
     }
 
-    /// Runs at most `concurrency` handlers at once per topic (default
+    /// Runs at most `concurrency` handlers at once per subscription (default
     /// [`DEFAULT_CONCURRENCY`](crate::runtime::DEFAULT_CONCURRENCY); see
     /// [`Consumer::with_concurrency`]).
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
@@ -234,7 +387,7 @@ impl Service {
         self
     }
 
-    /// Wraps the handling of every topic in `layer`: any of the
+    /// Wraps the handling of every subscription in `layer`: any of the
     /// [`middleware`](crate::middleware) layers (retry, timeout, idempotency, tracing, …) or
     /// one of your own. It sees each delivery before it is decoded and dispatched, and the
     /// outcome after. The first layer added is the outermost, as with
@@ -254,21 +407,21 @@ impl Service {
         L: Layer<Arc<dyn Handler>> + Send + Sync + 'static,
         L::Service: Handler,
     {
-        self.layers.push(Arc::new(
-            move |inner: Arc<dyn Handler>| -> Arc<dyn Handler> { Arc::new(layer.layer(inner)) },
-        ));
+        self.layers.push(layer_fn(layer));
         self
     }
 
-    /// Subscribes to every registered topic in the service's group and starts a
-    /// [`Consumer`] on each, on tokio tasks; returns a handle to stop them.
+    /// Opens every subscription (topics in the service's group, queues, request channels in
+    /// the service's responder group) and starts a [`Consumer`] on each, on tokio tasks;
+    /// returns a handle to stop them.
     ///
     /// Once this returned, the service receives every message published to its topics (a
     /// group gets what is published after it first subscribed).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] when no handler is registered; otherwise the first error of
-    /// [`Bus::subscribe`], after closing the subscriptions already opened.
+    /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) when no handler is registered;
+    /// otherwise the first error of [`Bus::subscribe`], [`Bus::consume`] or [`Bus::serve`],
+    /// after closing the subscriptions already opened.
     ///
     /// # Panics
     /// When called outside a tokio runtime.
@@ -277,19 +430,18 @@ impl Service {
     /// If the future is dropped, the subscriptions opened so far are dropped (closed) and
     /// nothing has been received.
     pub async fn start(self) -> Result<ServiceHandle> {
-        if self.topics.is_empty() {
+        if self.registered.is_empty() {
             return Err(Error::config(format!(
                 "service `{}` has no handlers: register one with `Service::on`",
                 self.name
             )));
         }
-        let mut subscriptions = Vec::with_capacity(self.topics.len());
-        for registered in &self.topics {
-            let options = SubscribeOptions::group(&*self.name);
-            match self.bus.subscribe(&registered.topic, options).await {
-                Ok(subscription) => subscriptions.push(subscription),
+        let mut opened = Vec::with_capacity(self.registered.len());
+        for registered in &self.registered {
+            match self.open(registered).await {
+                Ok(subscription) => opened.push(subscription),
                 Err(error) => {
-                    for mut subscription in subscriptions {
+                    for (mut subscription, _) in opened {
                         if let Err(close) = subscription.close().await {
                             tracing::warn!(%close, "closing a subscription of a service that failed to start");
                         }
@@ -301,20 +453,36 @@ impl Service {
 
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut index_of = HashMap::new();
-        let mut entries = Vec::with_capacity(self.topics.len());
-        for (index, (registered, subscription)) in
-            self.topics.into_iter().zip(subscriptions).enumerate()
+        let mut index_of = std::collections::HashMap::new();
+        let mut entries = Vec::with_capacity(self.registered.len());
+        for (index, (registered, (subscription, pending))) in
+            self.registered.into_iter().zip(opened).enumerate()
         {
             let counts = Arc::new(Counts::default());
             let kinds = registered.routes.keys().copied().collect();
-            let dispatch = Dispatch {
+            let env = Arc::new(Env {
                 bus: self.bus.clone(),
                 service: self.name.clone(),
-                topic: registered.topic.clone(),
-                routes: registered.routes,
-                unknown_kinds: self.unknown_kinds,
                 counts: counts.clone(),
+                pending,
+            });
+            let routes = registered
+                .routes
+                .into_iter()
+                .map(|(kind, route)| {
+                    let handler: Arc<dyn Handler> = Arc::new(RouteHandler {
+                        route,
+                        env: env.clone(),
+                    });
+                    (kind, handler)
+                })
+                .collect();
+            let dispatch = Dispatch {
+                env,
+                channel: registered.channel,
+                name: registered.name.clone(),
+                routes,
+                unknown_kinds: self.unknown_kinds,
             };
             let mut handler: Arc<dyn Handler> = Arc::new(dispatch);
             for layer in self.layers.iter().rev() {
@@ -337,14 +505,16 @@ impl Service {
             }));
             index_of.insert(task.id(), index);
             entries.push(Entry {
-                topic: registered.topic,
+                channel: registered.channel,
+                name: registered.name,
+                group: registered.group,
                 kinds,
                 counts,
             });
         }
         tracing::info!(
             service = %self.name,
-            topics = ?entries.iter().map(|e| e.topic.as_str()).collect::<Vec<_>>(),
+            subscriptions = ?entries.iter().map(|e| format!("{} {}", e.channel, e.name)).collect::<Vec<_>>(),
             "service started"
         );
         Ok(ServiceHandle {
@@ -354,6 +524,36 @@ impl Service {
             index_of,
             entries,
         })
+    }
+
+    /// Opens the subscription of `registered`; for a request channel, also the requests
+    /// waiting for their reply.
+    async fn open(&self, registered: &Registered) -> Result<(Subscription, Option<Arc<Pending>>)> {
+        let name = &registered.name;
+        match registered.channel {
+            Channel::Topic => {
+                let mut options = SubscribeOptions::default();
+                options.group.clone_from(&registered.group);
+                Ok((self.bus.subscribe(name, options).await?, None))
+            }
+            Channel::Queue => Ok((
+                self.bus.consume(name, ConsumeOptions::default()).await?,
+                None,
+            )),
+            Channel::Requests => {
+                let mut options = ServeOptions::default();
+                options.group.clone_from(&registered.group);
+                let requests = self.bus.serve(name, options).await?;
+                let pending = Arc::new(Pending::default());
+                let source = RequestDeliveries {
+                    requests,
+                    topic: name.clone(),
+                    group: registered.group.clone().unwrap_or_default(),
+                    pending: pending.clone(),
+                };
+                Ok((Subscription::new(Box::new(source)), Some(pending)))
+            }
+        }
     }
 
     /// Runs the service until `shutdown` completes, then drains it: each consumer stops
@@ -389,17 +589,32 @@ impl Service {
     }
 }
 
+fn layer_fn<L>(layer: L) -> LayerFn
+where
+    L: Layer<Arc<dyn Handler>> + Send + Sync + 'static,
+    L::Service: Handler,
+{
+    Arc::new(move |inner: Arc<dyn Handler>| -> Arc<dyn Handler> { Arc::new(layer.layer(inner)) })
+}
+
 impl fmt::Debug for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let topics: Vec<_> = self
-            .topics
+        let registered: Vec<_> = self
+            .registered
             .iter()
-            .map(|t| (&t.topic, t.routes.keys().collect::<Vec<_>>()))
+            .map(|r| {
+                (
+                    r.channel,
+                    &r.name,
+                    &r.group,
+                    r.routes.keys().collect::<Vec<_>>(),
+                )
+            })
             .collect();
         f.debug_struct("Service")
             .field("name", &self.name)
             .field("bus", &self.bus)
-            .field("topics", &topics)
+            .field("registered", &registered)
             .field("unknown_kinds", &self.unknown_kinds)
             .field("concurrency", &self.concurrency)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -407,203 +622,4 @@ impl fmt::Debug for Service {
             .field("layers", &self.layers.len())
             .finish()
     }
-}
-
-/// One running subscription of a [`ServiceHandle`].
-#[derive(Debug)]
-struct Entry {
-    topic: String,
-    kinds: Vec<&'static str>,
-    counts: Arc<Counts>,
-}
-
-/// A started [`Service`], made by [`Service::start`]: its consumers run on tokio tasks until
-/// [`stop`](ServiceHandle::stop).
-///
-/// Dropping the handle aborts the consumers: running handlers are dropped and their
-/// deliveries redelivered by the broker. Stop it to let them finish.
-#[derive(Debug)]
-#[must_use = "dropping the handle aborts the service's consumers"]
-pub struct ServiceHandle {
-    name: Arc<str>,
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<Result<ConsumerReport>>,
-    index_of: HashMap<Id, usize>,
-    entries: Vec<Entry>,
-}
-
-impl ServiceHandle {
-    /// Asks every consumer to shut down gracefully; [`join`](ServiceHandle::join) waits for
-    /// them. Calling it again does nothing.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-
-    /// Waits until every consumer has stopped (after [`shutdown`](ServiceHandle::shutdown),
-    /// or when their subscriptions end) and returns the report.
-    ///
-    /// # Cancel safety
-    /// If the future is dropped, the handle is dropped with it, which aborts the consumers.
-    pub async fn join(self) -> ServiceReport {
-        self.finish(std::future::pending()).await
-    }
-
-    /// Shuts down gracefully and waits: [`shutdown`](ServiceHandle::shutdown), then
-    /// [`join`](ServiceHandle::join).
-    ///
-    /// # Cancel safety
-    /// As [`join`](ServiceHandle::join).
-    pub async fn stop(self) -> ServiceReport {
-        self.shutdown();
-        self.join().await
-    }
-
-    /// Waits for every consumer to stop, shutting them down when `shutdown` completes.
-    async fn finish(mut self, shutdown: impl Future<Output = ()>) -> ServiceReport {
-        let mut shutdown = pin!(shutdown);
-        let mut stopping = false;
-        let mut results: Vec<Option<Result<ConsumerReport>>> =
-            self.entries.iter().map(|_| None).collect();
-        loop {
-            tokio::select! {
-                () = &mut shutdown, if !stopping => {
-                    tracing::info!(service = %self.name, "service shutting down");
-                    stopping = true;
-                    self.shutdown();
-                }
-                joined = self.tasks.join_next_with_id() => {
-                    let (id, result) = match joined {
-                        None => break,
-                        Some(Ok((id, result))) => (id, result),
-                        Some(Err(error)) => (
-                            error.id(),
-                            Err(Error::with_source(
-                                ErrorKind::Other,
-                                "the consumer's task failed",
-                                error,
-                            )),
-                        ),
-                    };
-                    if let Some(&index) = self.index_of.get(&id) {
-                        results[index] = Some(result);
-                    }
-                }
-            }
-        }
-        let subscriptions = self
-            .entries
-            .into_iter()
-            .zip(results)
-            .map(|(entry, result)| SubscriptionReport {
-                group: self.name.to_string(),
-                consumer: result.unwrap_or_else(|| {
-                    Err(Error::new(ErrorKind::Other, "the consumer's task vanished"))
-                }),
-                unknown_kinds: entry.counts.unknown_kinds.load(Ordering::Relaxed),
-                undecodable: entry.counts.undecodable.load(Ordering::Relaxed),
-                topic: entry.topic,
-                kinds: entry.kinds,
-            })
-            .collect();
-        let report = ServiceReport {
-            service: self.name.to_string(),
-            subscriptions,
-        };
-        tracing::info!(?report, "service stopped");
-        report
-    }
-}
-
-/// What a [`Service`] did, per subscription: returned by [`Service::run`] and
-/// [`ServiceHandle::stop`].
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct ServiceReport {
-    /// The service's name.
-    pub service: String,
-    /// One report per topic, in the order the topics were first registered.
-    pub subscriptions: Vec<SubscriptionReport>,
-}
-
-impl ServiceReport {
-    /// The report of the subscription to `topic`, if the service had one.
-    #[must_use]
-    pub fn subscription(&self, topic: &str) -> Option<&SubscriptionReport> {
-        self.subscriptions.iter().find(|s| s.topic == topic)
-    }
-
-    /// Whether every consumer stopped without an error.
-    #[must_use]
-    pub fn is_clean(&self) -> bool {
-        self.subscriptions.iter().all(|s| s.consumer.is_ok())
-    }
-}
-
-/// What one subscription of a [`Service`] did.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct SubscriptionReport {
-    /// The topic.
-    pub topic: String,
-    /// The consumer group (the service's name).
-    pub group: String,
-    /// The message kinds handled on it.
-    pub kinds: Vec<&'static str>,
-    /// The consumer's counts (received, acked, retried, rejected, abandoned, …), or the
-    /// error it stopped with (its subscription could not be closed cleanly, or its task
-    /// failed); every delivery was settled or left to the broker to redeliver either way.
-    pub consumer: Result<ConsumerReport>,
-    /// Deliveries of a kind no handler was registered for, skipped or dead-lettered as
-    /// [`UnknownKinds`] said (also counted as acked or rejected in `consumer`).
-    pub unknown_kinds: u64,
-    /// Deliveries whose payload did not decode as the registered type, dead-lettered (also
-    /// counted as rejected in `consumer`).
-    pub undecodable: u64,
-}
-
-/// A future that completes when the process receives SIGINT (Ctrl-C) or SIGTERM (what
-/// container runtimes and systemd send to stop a service); on other platforms, Ctrl-C.
-/// Give it to [`Service::run`].
-///
-/// The signal handlers are installed when this is called, not when the future is first
-/// polled, so a signal that arrives in between is not missed. Once installed they stay for
-/// the life of the process: those signals no longer end it by themselves.
-///
-/// # Errors
-/// [`ErrorKind::Other`] when the signal handlers cannot be installed.
-///
-/// # Panics
-/// When called outside a tokio runtime.
-pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
-    shutdown_signal_impl()
-}
-
-#[cfg(unix)]
-fn shutdown_signal_impl() -> Result<impl Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let listen = |kind: SignalKind, name: &'static str| {
-        signal(kind).map_err(|error| {
-            Error::with_source(ErrorKind::Other, format!("cannot listen for {name}"), error)
-        })
-    };
-    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
-    let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        tracing::info!(signal = name, "shutdown signal received");
-    })
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal_impl() -> Result<impl Future<Output = ()> + Send + 'static> {
-    Ok(async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            // Without a way to hear Ctrl-C, never ask for a shutdown rather than at once.
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    })
 }
