@@ -12,6 +12,7 @@ use bus_core::runtime::{Handler, Outcome};
 use bus_core::{async_trait, Delivery, Envelope, Error, ErrorKind, Message};
 
 use super::respond::Pending;
+use super::upcast::Upcasters;
 use super::{Channel, Context, UnknownKinds};
 use crate::Bus;
 
@@ -23,6 +24,7 @@ pub(crate) struct Env {
     pub(crate) service: Arc<str>,
     pub(crate) counts: Arc<Counts>,
     pub(crate) pending: Option<Arc<Pending>>,
+    pub(crate) upcasters: Arc<Upcasters>,
 }
 
 impl Env {
@@ -30,10 +32,20 @@ impl Env {
         Context::new(self.bus.clone(), self.service.clone(), delivery)
     }
 
-    /// Decodes the delivery as `M`; on failure counts it and says why, naming the type.
+    /// Decodes the delivery as `M`, upcasting an older schema version through the
+    /// service's conversions; on failure counts it and says why, naming the type.
     fn decode<M: Message>(&self, delivery: &Delivery) -> Result<M, Error> {
         let envelope = delivery.envelope();
-        envelope.decode::<M>().map_err(|error| {
+        let decoded = self
+            .upcasters
+            .decode::<M>(envelope)
+            .map(|(message, upcast)| {
+                if upcast {
+                    self.counts.upcast.fetch_add(1, Ordering::Relaxed);
+                }
+                message
+            });
+        decoded.map_err(|error| {
             self.counts.undecodable.fetch_add(1, Ordering::Relaxed);
             let reason = format!(
                 "cannot decode `{}` message {} as `{}`: {}",
@@ -160,6 +172,7 @@ impl Handler for RouteHandler {
 pub(crate) struct Counts {
     pub(crate) unknown_kinds: AtomicU64,
     pub(crate) undecodable: AtomicU64,
+    pub(crate) upcast: AtomicU64,
 }
 
 /// The [`Handler`] of one subscription of a service: a table from kind to handler.

@@ -111,6 +111,7 @@ impl ServiceHandle {
                 }),
                 unknown_kinds: entry.counts.unknown_kinds.load(Ordering::Relaxed),
                 undecodable: entry.counts.undecodable.load(Ordering::Relaxed),
+                upcast: entry.counts.upcast.load(Ordering::Relaxed),
                 name: entry.name,
                 kinds: entry.kinds,
             })
@@ -192,4 +193,7 @@ pub struct SubscriptionReport {
     /// counted as rejected in `consumer`). On a request channel: requests answered with an
     /// error reply instead.
     pub undecodable: u64,
+    /// Messages of an older schema version read through a conversion registered with
+    /// [`Service::upcast`] (and then handled as usual).
+    pub upcast: u64,
 }

@@ -77,6 +77,7 @@ mod dispatch;
 mod handle;
 mod respond;
 mod signal;
+mod upcast;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -101,6 +102,7 @@ use crate::Bus;
 use dispatch::{Counts, Dispatch, Env, Responding, Route, RouteHandler, Typed};
 use handle::Entry;
 use respond::{Pending, RequestDeliveries};
+use upcast::Upcasters;
 
 /// What a [`Service`] does with a message whose kind no handler on its topic or queue was
 /// registered for. (A request of an unknown kind is always answered with an error, as the
@@ -175,6 +177,7 @@ pub struct Service {
     shutdown_timeout: Option<Duration>,
     key_order: Option<KeyOrder>,
     layers: Vec<LayerFn>,
+    upcasters: Upcasters,
 }
 
 impl Service {
@@ -191,6 +194,7 @@ impl Service {
             shutdown_timeout: None,
             key_order: None,
             layers: Vec::new(),
+            upcasters: Upcasters::default(),
         }
     }
 
@@ -356,6 +360,75 @@ impl Service {
         self
     }
 
+    /// Reads messages of type `M` written with the older schema version `from_version`
+    /// through `convert`: their payload is decoded as `Old` (JSON) and converted to `M`,
+    /// before any handler of `M` (on any topic, queue or request channel of the service)
+    /// sees it.
+    ///
+    /// `Old` is the shape the old version had: a type kept for it (`OrderPlacedV1`), or
+    /// [`serde_json::Value`](https://docs.rs/serde_json) to rewrite the JSON by hand. Each
+    /// conversion goes from its version straight to the current one, so a type at version 3
+    /// registers one for 1 and one for 2. What is converted:
+    ///
+    /// | schema version of the message | read as |
+    /// |---|---|
+    /// | older, with a conversion registered | `Old`, then `convert` |
+    /// | older, without one | `M` directly (give new fields serde defaults) |
+    /// | `M::SCHEMA_VERSION`, or no `schemaversion` header (a foreign producer) | `M` |
+    /// | newer | refused: dead-lettered, never retried |
+    ///
+    /// A payload that does not decode as `Old`, or a conversion that fails, dead-letters the
+    /// message at once with the reason (a request: an error reply), as an undecodable
+    /// payload does. Upcast messages are counted per subscription
+    /// ([`SubscriptionReport::upcast`]).
+    ///
+    /// ```
+    /// use bus::{Message, Service, service::Context};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct OrderPlaced { order_id: String, total_cents: u64 }
+    /// impl Message for OrderPlaced {
+    ///     const KIND: &'static str = "order.placed";
+    ///     const SCHEMA_VERSION: u32 = 2;
+    /// }
+    ///
+    /// /// Version 1 had the total in euros, as a float.
+    /// #[derive(serde::Deserialize)]
+    /// struct OrderPlacedV1 { order_id: String, total: f64 }
+    ///
+    /// # async fn on_order(_: OrderPlaced, _: Context) -> bus::Result<()> { Ok(()) }
+    /// # fn example(bus: bus::Bus) {
+    /// let service = Service::new("billing", bus)
+    ///     .on("orders", on_order)
+    ///     .upcast(1, |old: OrderPlacedV1| {
+    ///         Ok(OrderPlaced { order_id: old.order_id, total_cents: (old.total * 100.0).round() as u64 })
+    ///     });
+    /// # let _ = service; }
+    /// ```
+    ///
+    /// # Panics
+    /// When `from_version` is not older than `M::SCHEMA_VERSION`, or a conversion for it is
+    /// registered already.
+    pub fn upcast<M, Old, F>(mut self, from_version: u32, convert: F) -> Self
+    where
+        M: Message,
+        Old: serde::de::DeserializeOwned,
+        F: Fn(Old) -> Result<M> + Send + Sync + 'static,
+    {
+        assert!(
+            from_version < M::SCHEMA_VERSION,
+            "cannot upcast `{}` from schema version {from_version}: the type is at version {}",
+            M::KIND,
+            M::SCHEMA_VERSION
+        );
+        assert!(
+            self.upcasters.insert::<M, Old, F>(from_version, convert),
+            "service `{}` already upcasts `{}` from schema version {from_version}",
+            self.name,
+            M::KIND
+        );
+        self
+    }
+
     /// Sets what happens to messages of a kind no handler on their topic or queue handles
     /// (default [`UnknownKinds::Skip`]).
     pub fn with_unknown_kinds(mut self, policy: UnknownKinds) -> Self {
@@ -451,6 +524,7 @@ impl Service {
             }
         }
 
+        let upcasters = Arc::new(self.upcasters);
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut index_of = std::collections::HashMap::new();
@@ -465,6 +539,7 @@ impl Service {
                 service: self.name.clone(),
                 counts: counts.clone(),
                 pending,
+                upcasters: upcasters.clone(),
             });
             let routes = registered
                 .routes
@@ -620,6 +695,7 @@ impl fmt::Debug for Service {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("key_order", &self.key_order)
             .field("layers", &self.layers.len())
+            .field("upcasters", &self.upcasters)
             .finish()
     }
 }
