@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -120,7 +121,14 @@ pub enum KeyOrder {
 /// Every delivery is either settled or dropped unsettled: nothing is lost. The
 /// [`ConsumerReport`] counts which.
 ///
-/// Handlers run as tokio tasks, in parallel on a multi-threaded runtime.
+/// **Where handlers run.** By default the consumer polls its handlers itself, inside its own
+/// task: they run concurrently (up to the concurrency), interleaved at their `.await`s, on
+/// whichever worker thread runs the consumer. That spares a task per delivery (its
+/// allocation, scheduling and join: about a quarter of the cost of dispatching a message), but
+/// handlers that compute for long between two `.await`s hold up the consumer and one another.
+/// For such handlers, [`with_task_per_delivery`](Consumer::with_task_per_delivery) runs each
+/// delivery as its own tokio task, so that on a multi-threaded runtime they run in parallel on
+/// its workers (or move the heavy part to `tokio::task::spawn_blocking`).
 pub struct Consumer<H> {
     subscription: Subscription,
     handler: Arc<H>,
@@ -131,6 +139,7 @@ pub struct Consumer<H> {
     heartbeat: Option<Duration>,
     key_order: Option<KeyOrder>,
     max_parked: usize,
+    task_per_delivery: bool,
     gauges: ConsumerGauges,
 }
 
@@ -213,8 +222,20 @@ impl<H: Handler> Consumer<H> {
             heartbeat: None,
             key_order: None,
             max_parked: DEFAULT_MAX_PARKED,
+            task_per_delivery: false,
             gauges: ConsumerGauges::default(),
         }
+    }
+
+    /// Runs each delivery's handler as its own tokio task (`true`), so that on a
+    /// multi-threaded runtime handlers run in parallel on its worker threads, instead of
+    /// polling them inside the consumer's task (`false`, the default; see "Where handlers
+    /// run" on [`Consumer`]). Worth it for handlers that compute for long between two
+    /// `.await`s; it costs a task per delivery. Every other guarantee is the same either way.
+    #[must_use]
+    pub fn with_task_per_delivery(mut self, task_per_delivery: bool) -> Self {
+        self.task_per_delivery = task_per_delivery;
+        self
     }
 
     /// What this consumer holds while it runs (see [`ConsumerGauges`]); all zero before
@@ -315,7 +336,8 @@ impl<H: Handler> Consumer<H> {
     /// settled or abandoned by then.
     ///
     /// # Panics
-    /// When polled outside a tokio runtime (handlers run as tokio tasks).
+    /// When polled outside a tokio runtime (it uses tokio's timers, and with
+    /// [`with_task_per_delivery`](Consumer::with_task_per_delivery) spawns tasks).
     ///
     /// # Cancel safety
     /// If the future is dropped, running handlers are aborted and every delivery not yet
@@ -336,6 +358,7 @@ impl<H: Handler> Consumer<H> {
             heartbeat,
             key_order,
             max_parked,
+            task_per_delivery,
             gauges,
         } = self;
         let key_order = key_order.unwrap_or(if subscription.keeps_key_order() {
@@ -353,25 +376,30 @@ impl<H: Handler> Consumer<H> {
         let mut shutdown = pin!(shutdown);
 
         let mut report = ConsumerReport::default();
-        let mut waiting = KeyQueue::default();
-        let mut running = Running::default();
-        let mut receiving = true;
-        let mut receive_backoff = RECEIVE_BACKOFF_MIN;
-        let mut resume_at: Option<Instant> = None;
-        let mut at_parked_bound = false;
         let run = Run {
             handler,
             settle_attempts,
             heartbeat,
             key_order,
         };
+        let mut waiting = KeyQueue::default();
+        // Declared after `run`, whose handler its inline futures borrow.
+        let mut running = Running::new();
+        let mut receiving = true;
+        let mut receive_backoff = RECEIVE_BACKOFF_MIN;
+        let mut resume_at: Option<Instant> = None;
+        let mut at_parked_bound = false;
 
         let shutting_down = loop {
             while running.len() < concurrency {
                 let Some(delivery) = waiting.pop_ready() else {
                     break;
                 };
-                running.spawn(delivery, &run);
+                if task_per_delivery {
+                    running.spawn(delivery, &run);
+                } else {
+                    running.push(inline(delivery, &run));
+                }
             }
             gauges.set(running.len(), &waiting);
             if !receiving && running.is_empty() && waiting.is_empty() {
@@ -468,7 +496,7 @@ impl<H: Handler> Consumer<H> {
                             timeout = ?shutdown_timeout,
                             "shutdown timeout: aborting handlers; their messages will be redelivered"
                         );
-                        running.abort_all();
+                        report.abandoned += running.abort_all();
                         while let Some(joined) = running.join_next().await {
                             report.record_at_shutdown(joined);
                         }
@@ -521,6 +549,7 @@ impl<H> fmt::Debug for Consumer<H> {
             .field("heartbeat", &self.heartbeat)
             .field("key_order", &self.key_order)
             .field("max_parked", &self.max_parked)
+            .field("task_per_delivery", &self.task_per_delivery)
             .finish()
     }
 }
@@ -659,11 +688,11 @@ impl ConsumerReport {
                     None => self.unsettled += 1,
                 }
             }
-            Err(error) if error.is_cancelled() => self.abandoned += 1,
-            Err(error) => {
+            Err(Failed::Aborted) => self.abandoned += 1,
+            Err(Failed::Crashed(error)) => {
                 // Panics of the handler and of settling are caught in `process`; this is
                 // whatever is left. Unwinding dropped the delivery, so it is redelivered.
-                tracing::error!(%error, "a handler task failed");
+                tracing::error!(%error, "a handler failed");
                 self.unsettled += 1;
             }
         }
@@ -890,32 +919,85 @@ struct Run<H> {
     key_order: KeyOrder,
 }
 
-/// A finished handler task: the key it held, and what it did.
+/// A finished handler (task or inline future): the key it held, and what it did.
 struct Joined {
     key: Option<String>,
-    result: Result<Processed, JoinError>,
+    result: Result<Processed, Failed>,
 }
 
-/// The handler tasks, and the key each one holds (tasks without a key are not in `keys`).
-#[derive(Default)]
-struct Running {
+/// How a handler ended without a [`Processed`]; its delivery was dropped unsettled.
+enum Failed {
+    /// Aborted at the end of the shutdown timeout.
+    Aborted,
+    /// What `process` does not catch failed (the span around it, or the task itself).
+    Crashed(String),
+}
+
+/// The running handlers, and the key each one holds. Handlers are either futures polled here,
+/// inside the consumer's task (`inline`, the default), or tokio tasks (`tasks`, with
+/// [`Consumer::with_task_per_delivery`]; those with a key are in `keys`); a run uses one kind.
+struct Running<F> {
+    inline: FuturesUnordered<F>,
     tasks: JoinSet<Processed>,
     keys: HashMap<Id, String>,
 }
 
-impl Running {
+/// The handler of `delivery` as a future for [`Running::push`]: it carries its key, and a
+/// panic that `process` did not catch ends it as [`Failed::Crashed`] instead of unwinding
+/// through the consumer.
+fn inline<'a, H: Handler>(
+    delivery: Delivery,
+    run: &'a Run<H>,
+) -> impl Future<Output = Joined> + Send + 'a {
+    let key = delivery.envelope().key.clone();
+    let span = delivery_span(&delivery);
+    AssertUnwindSafe(process(run, delivery).instrument(span))
+        .catch_unwind()
+        .map(move |result| Joined {
+            key,
+            result: result.map_err(|payload| {
+                Failed::Crashed(
+                    Panicked::from_payload(payload.as_ref())
+                        .message()
+                        .to_owned(),
+                )
+            }),
+        })
+}
+
+/// Trace level and not named like the OpenTelemetry `process {topic}` span: log context for
+/// the handler's own events, not a second span per message in exported traces.
+fn delivery_span(delivery: &Delivery) -> tracing::Span {
+    tracing::trace_span!(
+        "bus.delivery",
+        message_id = %delivery.envelope().id,
+        kind = %delivery.envelope().kind,
+        attempt = delivery.attempt(),
+        source = delivery.source(),
+    )
+}
+
+impl<F: Future<Output = Joined>> Running<F> {
+    fn new() -> Self {
+        Self {
+            inline: FuturesUnordered::new(),
+            tasks: JoinSet::new(),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// Runs a handler ([`inline`]) inside the consumer's task.
+    fn push(&mut self, handling: F) {
+        self.inline.push(handling);
+    }
+
+    /// Runs the handler of `delivery` as a tokio task.
     fn spawn<H: Handler>(&mut self, delivery: Delivery, run: &Run<H>) {
         let key = delivery.envelope().key.clone();
-        // Trace level and not named like the OpenTelemetry `process {topic}` span: log context
-        // for the handler's own events, not a second span per message in exported traces.
-        let span = tracing::trace_span!(
-            "bus.delivery",
-            message_id = %delivery.envelope().id,
-            kind = %delivery.envelope().kind,
-            attempt = delivery.attempt(),
-            source = delivery.source(),
-        );
-        let task = Box::pin(process(
+        let span = delivery_span(&delivery);
+        // Boxed: tokio copies a task's future each time it moves it into place, and this one
+        // carries the whole settling state.
+        let task = Box::pin(process_owned(
             run.handler.clone(),
             delivery,
             run.settle_attempts,
@@ -929,9 +1011,12 @@ impl Running {
         }
     }
 
-    /// The next finished task, with the key it held: also for a task that failed, so that its
+    /// The next finished handler, with the key it held: also for one that failed, so that its
     /// key is never left blocked.
     async fn join_next(&mut self) -> Option<Joined> {
+        if self.tasks.is_empty() {
+            return self.inline.next().await;
+        }
         let joined = self.tasks.join_next_with_id().await?;
         let id = match &joined {
             Ok((id, _)) => *id,
@@ -944,21 +1029,52 @@ impl Running {
         };
         Some(Joined {
             key,
-            result: joined.map(|(_, processed)| processed),
+            result: joined
+                .map(|(_, processed)| processed)
+                .map_err(|error: JoinError| {
+                    if error.is_cancelled() {
+                        Failed::Aborted
+                    } else {
+                        Failed::Crashed(error.to_string())
+                    }
+                }),
         })
     }
 
-    fn abort_all(&mut self) {
+    /// Stops every running handler: the inline ones are dropped here (their deliveries
+    /// abandoned) and counted in the result; the tasks are aborted and
+    /// [`join_next`](Self::join_next) then returns each as [`Failed::Aborted`].
+    fn abort_all(&mut self) -> u64 {
+        let dropped = self.inline.len() as u64;
+        self.inline.clear();
         self.tasks.abort_all();
+        dropped
     }
 
     fn len(&self) -> usize {
-        self.tasks.len()
+        self.inline.len() + self.tasks.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.inline.is_empty() && self.tasks.is_empty()
     }
+}
+
+/// [`process`] with what it needs owned, for a task of its own.
+async fn process_owned<H: Handler>(
+    handler: Arc<H>,
+    delivery: Delivery,
+    settle_attempts: u32,
+    heartbeat: Option<Duration>,
+    key_order: KeyOrder,
+) -> Processed {
+    let run = Run {
+        handler,
+        settle_attempts,
+        heartbeat,
+        key_order,
+    };
+    process(&run, delivery).await
 }
 
 /// Handles one delivery and settles it from the outcome, or hands it back to be retried in
@@ -966,13 +1082,14 @@ impl Running {
 /// dead-lettered without running the handler. Panics of the handler (and of the
 /// middleware around it) are failed attempts; a panic while settling leaves the delivery
 /// unsettled. Either way the task ends normally, so the key it holds is released.
-async fn process<H: Handler>(
-    handler: Arc<H>,
-    delivery: Delivery,
-    settle_attempts: u32,
-    heartbeat: Option<Duration>,
-    key_order: KeyOrder,
-) -> Processed {
+async fn process<H: Handler>(run: &Run<H>, delivery: Delivery) -> Processed {
+    let Run {
+        handler,
+        settle_attempts,
+        heartbeat,
+        key_order,
+    } = run;
+    let (settle_attempts, heartbeat, key_order) = (*settle_attempts, *heartbeat, *key_order);
     if let Some(reason) = delivery.undecodable() {
         let reason = format!("undecodable: {reason}");
         tracing::warn!(%reason, "dead-lettering a message that could not be decoded");
@@ -1054,9 +1171,6 @@ async fn process<H: Handler>(
         Outcome::Reject { .. } => Settled::Rejected,
     };
     let settlement = outcome.to_settlement(delivery.attempt());
-    // Boxed: the settling state (the delivery moved into the adapter's settle future, the
-    // backoff timer) is over 1 KiB, and the handler task's future would otherwise carry it
-    // from the start, copied whole each time the task is moved into place and polled.
     let settled = settle(delivery, settlement, settle_attempts)
         .await
         .then_some(settled);

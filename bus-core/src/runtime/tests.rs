@@ -396,7 +396,7 @@ impl Running {
     }
 }
 
-async fn per_key_order(max_delay: Duration) {
+async fn per_key_order(max_delay: Duration, task_per_delivery: bool) {
     const KEYS: usize = 6;
     const PER_KEY: usize = 20;
     let (mut feed, subscription) = fake();
@@ -434,6 +434,7 @@ async fn per_key_order(max_delay: Duration) {
     });
     let report = Consumer::new(subscription, handler)
         .with_concurrency(16)
+        .with_task_per_delivery(task_per_delivery)
         .run(pending())
         .await
         .unwrap();
@@ -469,12 +470,58 @@ async fn per_key_order(max_delay: Duration) {
 
 #[tokio::test(start_paused = true)]
 async fn keeps_order_per_key_and_runs_keys_in_parallel() {
-    per_key_order(Duration::from_millis(20)).await;
+    per_key_order(Duration::from_millis(20), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keeps_order_per_key_on_a_multi_threaded_runtime() {
-    per_key_order(Duration::from_millis(2)).await;
+    per_key_order(Duration::from_millis(2), false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeps_order_per_key_with_a_task_per_delivery() {
+    per_key_order(Duration::from_millis(20), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keeps_order_per_key_with_a_task_per_delivery_on_a_multi_threaded_runtime() {
+    per_key_order(Duration::from_millis(2), true).await;
+}
+
+/// By default handlers run inside the consumer's task; with a task per delivery, each in a
+/// task of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_run_in_the_consumer_task_unless_asked_for_a_task_each() {
+    for task_per_delivery in [false, true] {
+        let (mut feed, subscription) = fake();
+        for i in 0..8 {
+            feed.send(&format!("m{i}"), None);
+        }
+        feed.end();
+        let tasks = Arc::new(Mutex::new(HashSet::new()));
+        let handler = {
+            let tasks = tasks.clone();
+            handler_fn(move |_: Envelope, _: DeliveryInfo| {
+                tasks.lock().unwrap().insert(tokio::task::id());
+                async {}
+            })
+        };
+        let consumer = tokio::spawn(
+            Consumer::new(subscription, handler)
+                .with_task_per_delivery(task_per_delivery)
+                .run(pending()),
+        );
+        let consumer_task = consumer.id();
+        let report = consumer.await.unwrap().unwrap();
+        assert_eq!(report.acked, 8);
+        let tasks = tasks.lock().unwrap();
+        if task_per_delivery {
+            assert_eq!(tasks.len(), 8, "one task per delivery");
+            assert!(!tasks.contains(&consumer_task));
+        } else {
+            assert_eq!(*tasks, HashSet::from([consumer_task]));
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -551,6 +598,15 @@ async fn bounds_running_handlers_and_waiting_deliveries() {
 
 #[tokio::test]
 async fn a_panicking_handler_is_retried_and_the_consumer_goes_on() {
+    a_panicking_handler(false).await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_in_its_own_task_is_retried_and_the_consumer_goes_on() {
+    a_panicking_handler(true).await;
+}
+
+async fn a_panicking_handler(task_per_delivery: bool) {
     let (mut feed, subscription) = fake();
     for name in ["before", "boom", "after"] {
         feed.send(name, Some("same-key"));
@@ -563,6 +619,7 @@ async fn a_panicking_handler_is_retried_and_the_consumer_goes_on() {
         }
     });
     let report = Consumer::new(subscription, handler)
+        .with_task_per_delivery(task_per_delivery)
         .run(pending())
         .await
         .unwrap();
@@ -706,6 +763,15 @@ async fn shutdown_finishes_in_flight_and_abandons_the_rest() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_timeout_abandons_handlers_that_do_not_finish() {
+    shutdown_timeout_abandons(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_timeout_aborts_handler_tasks_that_do_not_finish() {
+    shutdown_timeout_abandons(true).await;
+}
+
+async fn shutdown_timeout_abandons(task_per_delivery: bool) {
     let (feed, subscription) = fake();
     feed.send("stuck", None);
     feed.send("quick", None);
@@ -716,6 +782,7 @@ async fn shutdown_timeout_abandons_handlers_that_do_not_finish() {
     });
     let consumer = Consumer::new(subscription, handler)
         .with_shutdown_timeout(Duration::from_secs(5))
+        .with_task_per_delivery(task_per_delivery)
         .spawn();
     feed.wait_settled(1).await;
     let started = tokio::time::Instant::now();
