@@ -278,7 +278,7 @@ impl Subscriber for MemoryBroker {
             .entry(topic.to_owned())
             .or_default()
             .entry(name.clone())
-            .or_insert_with(|| Buffer::new(topic, options.group.clone(), inner.config.capacity))
+            .or_insert_with(|| Buffer::new(topic, options.group.as_deref(), inner.config.capacity))
             .clone();
         Ok(Subscription::new(Box::new(Member::join(
             inner.clone(),
@@ -429,7 +429,7 @@ impl Member {
     fn delivery(&self, entry: Entry) -> Delivery {
         let envelope = entry.envelope.clone();
         let attempt = entry.attempt;
-        Delivery::new(
+        Delivery::with_shared_names(
             envelope,
             attempt,
             self.buffer.source.clone(),

@@ -111,9 +111,10 @@ pub(crate) enum Take {
 #[derive(Debug)]
 pub(crate) struct Buffer {
     /// The topic or queue this buffer belongs to.
-    pub(crate) source: String,
+    /// Shared with every delivery made from this buffer.
+    pub(crate) source: Arc<str>,
     /// The consumer group, for topics (`None` for queues and private subscriptions).
-    pub(crate) group: Option<String>,
+    pub(crate) group: Option<Arc<str>>,
     capacity: usize,
     state: Mutex<State>,
     /// Signalled when a message may have become deliverable.
@@ -123,10 +124,10 @@ pub(crate) struct Buffer {
 }
 
 impl Buffer {
-    pub(crate) fn new(source: &str, group: Option<String>, capacity: usize) -> Arc<Self> {
+    pub(crate) fn new(source: &str, group: Option<&str>, capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            source: source.to_owned(),
-            group,
+            source: Arc::from(source),
+            group: group.map(Arc::from),
             capacity,
             state: Mutex::new(State::default()),
             readable: Notify::new(),

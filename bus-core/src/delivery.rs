@@ -1,6 +1,7 @@
 //! A received message and its settlement.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -67,8 +68,8 @@ pub trait Settle: Send + Sync + fmt::Debug {
 pub struct Delivery {
     envelope: Envelope,
     attempt: u32,
-    source: String,
-    group: Option<String>,
+    source: Name,
+    group: Option<Name>,
     undecodable: Option<String>,
     settle: Option<Box<dyn Settle>>,
 }
@@ -76,6 +77,10 @@ pub struct Delivery {
 impl Delivery {
     /// Made by adapters: `envelope` received from `source` (a topic or queue name) in `group`,
     /// on its `attempt`-th delivery (1 on the first), settled through `settle`.
+    ///
+    /// The delivery owns the names it is given. An adapter that makes many deliveries with
+    /// the same names should keep them as `Arc<str>` and use
+    /// [`with_shared_names`](Delivery::with_shared_names), which copies nothing.
     pub fn new(
         envelope: Envelope,
         attempt: u32,
@@ -86,8 +91,29 @@ impl Delivery {
         Self {
             envelope,
             attempt: attempt.max(1),
-            source: source.into(),
-            group,
+            source: Name::Owned(source.into()),
+            group: group.map(Name::Owned),
+            undecodable: None,
+            settle: Some(settle),
+        }
+    }
+
+    /// As [`new`](Delivery::new), with names shared with the adapter (and with the
+    /// [`DeliveryInfo`](crate::runtime::DeliveryInfo) a handler gets): a subscription keeps
+    /// its source and group as `Arc<str>` and clones them into each delivery, so that no
+    /// delivery copies a name.
+    pub fn with_shared_names(
+        envelope: Envelope,
+        attempt: u32,
+        source: Arc<str>,
+        group: Option<Arc<str>>,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            envelope,
+            attempt: attempt.max(1),
+            source: Name::Shared(source),
+            group: group.map(Name::Shared),
             undecodable: None,
             settle: Some(settle),
         }
@@ -134,13 +160,19 @@ impl Delivery {
     /// The topic or queue the message was received from.
     #[must_use]
     pub fn source(&self) -> &str {
-        &self.source
+        self.source.as_str()
     }
 
     /// The consumer group it was received in, if any.
     #[must_use]
     pub fn group(&self) -> Option<&str> {
-        self.group.as_deref()
+        self.group.as_ref().map(Name::as_str)
+    }
+
+    /// The source and group names as the delivery holds them, to share (not copy) when
+    /// they were shared with it.
+    pub(crate) fn names(&self) -> (&Name, Option<&Name>) {
+        (&self.source, self.group.as_ref())
     }
 
     /// Acknowledges the message: it is processed and will not come again.
@@ -232,6 +264,37 @@ impl Delivery {
     }
 }
 
+/// A topic, queue or group name held by a [`Delivery`]: its own copy ([`Delivery::new`]), or
+/// one shared with the adapter ([`Delivery::with_shared_names`]), which a clone shares too.
+#[derive(Clone)]
+pub(crate) enum Name {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl Name {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Name::Owned(name) => name,
+            Name::Shared(name) => name,
+        }
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Name {}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 struct AbandonOnDrop(Option<Box<dyn Settle>>);
 
 impl Drop for AbandonOnDrop {
@@ -255,8 +318,8 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("envelope", &self.envelope)
             .field("attempt", &self.attempt)
-            .field("source", &self.source)
-            .field("group", &self.group)
+            .field("source", &self.source())
+            .field("group", &self.group())
             .field("undecodable", &self.undecodable)
             .finish_non_exhaustive()
     }

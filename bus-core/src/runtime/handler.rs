@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tower_layer::{Identity, Layer, Stack};
 
+use crate::delivery::Name;
 use crate::runtime::Outcome;
 use crate::{Delivery, Envelope};
 
@@ -60,12 +61,13 @@ impl<H: Handler + ?Sized> Handler for Box<H> {
 }
 
 /// What a [`handler_fn`] closure learns about a delivery besides its envelope: owned, so the
-/// closure's future can keep it.
+/// closure's future can keep it. Cheap to make when the adapter shares its names with its
+/// deliveries ([`Delivery::with_shared_names`]): it shares them too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {
     attempt: u32,
-    source: String,
-    group: Option<String>,
+    source: Name,
+    group: Option<Name>,
 }
 
 impl DeliveryInfo {
@@ -78,22 +80,23 @@ impl DeliveryInfo {
     /// The topic or queue the message was received from.
     #[must_use]
     pub fn source(&self) -> &str {
-        &self.source
+        self.source.as_str()
     }
 
     /// The consumer group it was received in, if any.
     #[must_use]
     pub fn group(&self) -> Option<&str> {
-        self.group.as_deref()
+        self.group.as_ref().map(Name::as_str)
     }
 }
 
 impl From<&Delivery> for DeliveryInfo {
     fn from(delivery: &Delivery) -> Self {
+        let (source, group) = delivery.names();
         Self {
             attempt: delivery.attempt(),
-            source: delivery.source().to_owned(),
-            group: delivery.group().map(str::to_owned),
+            source: source.clone(),
+            group: group.cloned(),
         }
     }
 }
