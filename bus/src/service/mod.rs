@@ -75,6 +75,7 @@
 mod context;
 mod dispatch;
 mod handle;
+mod options;
 mod respond;
 mod signal;
 mod upcast;
@@ -95,6 +96,7 @@ use tower_layer::Layer;
 
 pub use context::Context;
 pub use handle::{ServiceHandle, ServiceReport, SubscriptionReport};
+pub use options::HandlerOptions;
 pub use respond::{decode_reply, ERROR_REPLY_KIND};
 pub use signal::shutdown_signal;
 
@@ -143,7 +145,7 @@ impl fmt::Display for Channel {
 }
 
 /// Wraps a subscription's handler in one middleware layer.
-type LayerFn = Arc<dyn Fn(Arc<dyn Handler>) -> Arc<dyn Handler> + Send + Sync>;
+pub(crate) type LayerFn = Arc<dyn Fn(Arc<dyn Handler>) -> Arc<dyn Handler> + Send + Sync>;
 
 /// The handlers registered for one subscription.
 struct Registered {
@@ -151,7 +153,16 @@ struct Registered {
     name: String,
     /// The consumer group (topics) or responder group (requests); `None` for queues.
     group: Option<String>,
-    routes: BTreeMap<&'static str, Box<dyn Route>>,
+    /// Set by a handler's options; otherwise the service's.
+    concurrency: Option<usize>,
+    key_order: Option<KeyOrder>,
+    routes: BTreeMap<&'static str, Routed>,
+}
+
+/// One handler: its route and its own layers.
+struct Routed {
+    route: Box<dyn Route>,
+    layers: Vec<LayerFn>,
 }
 
 /// A service: a name (its consumer group), typed handlers on topics, queues and request
@@ -226,14 +237,29 @@ impl Service {
         F: Fn(M, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
-        let group = Some(self.name.to_string());
-        self.register(
-            Channel::Topic,
-            topic.into(),
-            group,
-            M::KIND,
-            Box::new(Typed::<M, F>::new(handler)),
-        )
+        self.on_with(topic, HandlerOptions::default(), handler)
+    }
+
+    /// As [`on`](Service::on), with settings of the handler's own: a consumer group,
+    /// concurrency, key order, middleware layers (see [`HandlerOptions`]).
+    ///
+    /// # Panics
+    /// When a handler for `M::KIND` on `topic` in the same group is already registered, or
+    /// `options` set a concurrency or key order another handler of the subscription set
+    /// differently.
+    pub fn on_with<M, F, Fut>(
+        self,
+        topic: impl Into<String>,
+        options: HandlerOptions,
+        handler: F,
+    ) -> Self
+    where
+        M: Message,
+        F: Fn(M, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let route = Box::new(Typed::<M, F>::new(handler));
+        self.register(Channel::Topic, topic.into(), options, M::KIND, route)
     }
 
     /// Handles messages of type `M` sent to the work queue `queue` ([`Bus::send`],
@@ -263,13 +289,29 @@ impl Service {
         F: Fn(M, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
-        self.register(
-            Channel::Queue,
-            queue.into(),
-            None,
-            M::KIND,
-            Box::new(Typed::<M, F>::new(handler)),
-        )
+        self.on_queue_with(queue, HandlerOptions::default(), handler)
+    }
+
+    /// As [`on_queue`](Service::on_queue), with settings of the handler's own (see
+    /// [`HandlerOptions`]).
+    ///
+    /// # Panics
+    /// When a handler for `M::KIND` on `queue` is already registered, `options` set a
+    /// concurrency or key order another handler of the queue set differently, or `options`
+    /// name a group (queues have none).
+    pub fn on_queue_with<M, F, Fut>(
+        self,
+        queue: impl Into<String>,
+        options: HandlerOptions,
+        handler: F,
+    ) -> Self
+    where
+        M: Message,
+        F: Fn(M, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let route = Box::new(Typed::<M, F>::new(handler));
+        self.register(Channel::Queue, queue.into(), options, M::KIND, route)
     }
 
     /// Answers requests of type `Q` sent to `topic` ([`Context::request`],
@@ -324,19 +366,50 @@ impl Service {
         F: Fn(Q, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R>> + Send + 'static,
     {
-        let group = Some(self.name.to_string());
+        self.on_request_with(topic, HandlerOptions::default(), handler)
+    }
+
+    /// As [`on_request`](Service::on_request), with settings of the handler's own (see
+    /// [`HandlerOptions`]; a group is a responder group).
+    ///
+    /// # Panics
+    /// When a handler for `Q::KIND` on `topic` in the same group is already registered, or
+    /// `options` set a concurrency or key order another handler of the channel set
+    /// differently.
+    pub fn on_request_with<Q, R, F, Fut>(
+        self,
+        topic: impl Into<String>,
+        options: HandlerOptions,
+        handler: F,
+    ) -> Self
+    where
+        Q: Message,
+        R: Message,
+        F: Fn(Q, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R>> + Send + 'static,
+    {
         let route = Box::new(Responding::<Q, R, F>::new(handler));
-        self.register(Channel::Requests, topic.into(), group, Q::KIND, route)
+        self.register(Channel::Requests, topic.into(), options, Q::KIND, route)
     }
 
     fn register(
         mut self,
         channel: Channel,
         name: String,
-        group: Option<String>,
+        options: HandlerOptions,
         kind: &'static str,
         route: Box<dyn Route>,
     ) -> Self {
+        let group = match channel {
+            Channel::Queue => {
+                assert!(
+                    options.group.is_none(),
+                    "queue `{name}` has no consumer groups: a handler on it cannot set one"
+                );
+                None
+            }
+            _ => Some(options.group.unwrap_or_else(|| self.name.to_string())),
+        };
         let found = self
             .registered
             .iter()
@@ -346,16 +419,37 @@ impl Service {
                 channel,
                 name,
                 group,
+                concurrency: None,
+                key_order: None,
                 routes: BTreeMap::new(),
             });
             self.registered.len() - 1
         });
+        let service = &self.name;
         let registered = &mut self.registered[index];
+        let what = match &registered.group {
+            Some(group) => format!("{channel} `{}` in group `{group}`", registered.name),
+            None => format!("{channel} `{}`", registered.name),
+        };
+        merge(
+            &mut registered.concurrency,
+            options.concurrency,
+            "concurrency limits",
+            &what,
+        );
+        merge(
+            &mut registered.key_order,
+            options.key_order,
+            "key orders",
+            &what,
+        );
+        let routed = Routed {
+            route,
+            layers: options.layers,
+        };
         assert!(
-            registered.routes.insert(kind, route).is_none(),
-            "service `{}` already has a handler for kind `{kind}` on {channel} `{}`",
-            self.name,
-            registered.name
+            registered.routes.insert(kind, routed).is_none(),
+            "service `{service}` already has a handler for kind `{kind}` on {what}"
         );
         self
     }
@@ -544,11 +638,14 @@ impl Service {
             let routes = registered
                 .routes
                 .into_iter()
-                .map(|(kind, route)| {
-                    let handler: Arc<dyn Handler> = Arc::new(RouteHandler {
-                        route,
+                .map(|(kind, routed)| {
+                    let mut handler: Arc<dyn Handler> = Arc::new(RouteHandler {
+                        route: routed.route,
                         env: env.clone(),
                     });
+                    for layer in routed.layers.iter().rev() {
+                        handler = layer(handler);
+                    }
                     (kind, handler)
                 })
                 .collect();
@@ -564,13 +661,13 @@ impl Service {
                 handler = layer(handler);
             }
             let mut consumer = Consumer::new(subscription, handler);
-            if let Some(concurrency) = self.concurrency {
+            if let Some(concurrency) = registered.concurrency.or(self.concurrency) {
                 consumer = consumer.with_concurrency(concurrency);
             }
             if let Some(timeout) = self.shutdown_timeout {
                 consumer = consumer.with_shutdown_timeout(timeout);
             }
-            if let Some(order) = self.key_order {
+            if let Some(order) = registered.key_order.or(self.key_order) {
                 consumer = consumer.with_key_order(order);
             }
             let mut stopped = stopped.clone();
@@ -664,7 +761,19 @@ impl Service {
     }
 }
 
-fn layer_fn<L>(layer: L) -> LayerFn
+/// Sets a subscription's setting from a handler's, refusing two different ones.
+fn merge<T: PartialEq + fmt::Debug>(current: &mut Option<T>, set: Option<T>, what: &str, on: &str) {
+    match (current.as_ref(), set) {
+        (_, None) => {}
+        (Some(current), Some(set)) => assert!(
+            *current == set,
+            "handlers of {on} set different {what} ({current:?} and {set:?}): they share one consumer; give one a group of its own"
+        ),
+        (None, Some(set)) => *current = Some(set),
+    }
+}
+
+pub(crate) fn layer_fn<L>(layer: L) -> LayerFn
 where
     L: Layer<Arc<dyn Handler>> + Send + Sync + 'static,
     L::Service: Handler,
