@@ -78,6 +78,9 @@ mod handle;
 mod options;
 mod respond;
 mod signal;
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub mod testing;
 mod upcast;
 
 use std::collections::BTreeMap;
