@@ -26,7 +26,12 @@ pub type KeyFn = Arc<dyn Fn(&Delivery) -> String + Send + Sync>;
 #[must_use]
 pub fn default_key(delivery: &Delivery) -> String {
     let scope = delivery.group().unwrap_or(delivery.source());
-    format!("{scope}/{}", delivery.envelope().id)
+    let id = delivery.envelope().id.as_str();
+    let mut key = String::with_capacity(scope.len() + 1 + id.len());
+    key.push_str(scope);
+    key.push('/');
+    key.push_str(id);
+    key
 }
 
 /// A [`Layer`] that makes a handler skip messages it has already processed; see the

@@ -1,6 +1,7 @@
 //! An in-process store on a `moka` cache with per-entry expiry.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -14,6 +15,12 @@ use crate::{Error, ErrorKind, Result};
 
 /// How many keys a [`MemoryStore::new`] keeps at most.
 pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
+
+/// How long a claim's entry is kept past its lease, so that a completion within the lease
+/// with a TTL up to this long changes the entry in place (a longer TTL makes a new entry): the
+/// layer's default TTL. An entry whose claim expired unreleased is free all the same, only
+/// kept (and counted against the bound on keys) until then.
+const COMPLETION_ROOM: Duration = super::DEFAULT_TTL;
 
 /// Longest lease or TTL the cache is given; longer ones are cut to it (the cache refuses
 /// expiries beyond a few centuries).
@@ -32,26 +39,60 @@ pub struct MemoryStore {
     cache: Cache<String, Slot>,
 }
 
+/// One key's entry. The cache's compute (one per key at a time) makes claims atomic; the
+/// state behind the mutex lets a completion within its lease, the common case, change the
+/// entry it finds with a plain `get` instead of a compute of its own (a compute costs several
+/// times as much: the cache's per-key lock, its write log, its timer wheel).
+#[derive(Clone)]
+struct Slot(Arc<SlotInner>);
+
+struct SlotInner {
+    /// When the cache drops the entry: fixed when it is made, as late as the claim's lease
+    /// plus the TTL, so that a completion within the lease fits without a new entry.
+    expires: Instant,
+    state: Mutex<State>,
+}
+
 #[derive(Debug, Clone)]
-enum Slot {
-    Claimed { token: ClaimToken, until: Instant },
-    Completed { until: Instant },
+enum State {
+    Claimed {
+        token: ClaimToken,
+        until: Instant,
+    },
+    Completed {
+        until: Instant,
+    },
+    /// Released, or replaced in the cache by a newer entry: whoever holds this one looks
+    /// again through a compute.
+    Gone,
 }
 
 impl Slot {
-    fn until(&self) -> Instant {
-        match self {
-            Slot::Claimed { until, .. } | Slot::Completed { until } => *until,
-        }
+    fn new(state: State, expires: Instant) -> Self {
+        Self(Arc::new(SlotInner {
+            expires,
+            state: Mutex::new(state),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock is held leaves a whole state behind: every write is one
+        // assignment.
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks this entry as replaced and hands out the state it had.
+    fn retire(&self) -> State {
+        std::mem::replace(&mut *self.state(), State::Gone)
     }
 }
 
-/// Each entry expires at the instant it carries.
+/// Each entry expires at the instant it was made with.
 struct SlotExpiry;
 
 impl Expiry<String, Slot> for SlotExpiry {
     fn expire_after_create(&self, _: &String, slot: &Slot, now: Instant) -> Option<Duration> {
-        Some(slot.until().saturating_duration_since(now))
+        Some(slot.0.expires.saturating_duration_since(now))
     }
 
     fn expire_after_update(
@@ -61,7 +102,7 @@ impl Expiry<String, Slot> for SlotExpiry {
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(slot.until().saturating_duration_since(now))
+        Some(slot.0.expires.saturating_duration_since(now))
     }
 }
 
@@ -124,43 +165,81 @@ impl IdempotencyStore for MemoryStore {
         // The cache runs one compute per key at a time, so the check and the insert are atomic.
         self.cache.entry_by_ref(key).and_compute_with(|existing| {
             let now = Instant::now();
-            let (found, op) = match existing.map(moka::Entry::into_value) {
-                Some(Slot::Completed { until }) if until > now => (Claim::Completed, Op::Nop),
-                Some(Slot::Claimed { until, .. }) if until > now => (
-                    Claim::InFlight {
-                        retry_after: until - now,
-                    },
-                    Op::Nop,
-                ),
-                _ => {
-                    let token = ClaimToken::new();
-                    let slot = Slot::Claimed {
-                        token: token.clone(),
-                        until: deadline(now, lease),
-                    };
-                    (Claim::Acquired(token), Op::Put(slot))
+            if let Some(entry) = existing {
+                let slot = entry.into_value();
+                let mut state = slot.state();
+                match &*state {
+                    State::Completed { until } if *until > now => {
+                        claim = Some(Claim::Completed);
+                        return Op::Nop;
+                    }
+                    State::Claimed { until, .. } if *until > now => {
+                        claim = Some(Claim::InFlight {
+                            retry_after: *until - now,
+                        });
+                        return Op::Nop;
+                    }
+                    // Expired or released: replaced below by a new entry, which whoever still
+                    // holds this one learns from here.
+                    _ => *state = State::Gone,
                 }
-            };
-            claim = Some(found);
-            op
+            }
+            let token = ClaimToken::new();
+            let until = deadline(now, lease);
+            let slot = Slot::new(
+                State::Claimed {
+                    token: token.clone(),
+                    until,
+                },
+                deadline(until, COMPLETION_ROOM),
+            );
+            claim = Some(Claim::Acquired(token));
+            Op::Put(slot)
         });
         claim.ok_or_else(|| Error::new(ErrorKind::Other, "memory store: claim did not run"))
     }
 
     async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<()> {
+        // Within its lease, a claim's entry is kept long enough for the completion: change it
+        // in place. Anything else takes the compute below.
+        if ttl <= COMPLETION_ROOM {
+            if let Some(slot) = self.cache.get(key) {
+                let now = Instant::now();
+                let mut state = slot.state();
+                match &*state {
+                    State::Claimed { token: held, until } if *until > now => {
+                        if held != token {
+                            return Err(lease_lost(key));
+                        }
+                        *state = State::Completed {
+                            until: deadline(now, ttl),
+                        };
+                        return Ok(());
+                    }
+                    State::Completed { until } if *until > now => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
         let mut lost = false;
         self.cache.entry_by_ref(key).and_compute_with(|existing| {
             let now = Instant::now();
-            match existing.map(moka::Entry::into_value) {
-                Some(Slot::Completed { until }) if until > now => Op::Nop,
-                Some(Slot::Claimed { token: held, until }) if until > now && held != *token => {
-                    lost = true;
-                    Op::Nop
+            if let Some(entry) = existing {
+                let slot = entry.into_value();
+                let state = slot.state();
+                match &*state {
+                    State::Completed { until } if *until > now => return Op::Nop,
+                    State::Claimed { token: held, until } if *until > now && held != token => {
+                        lost = true;
+                        return Op::Nop;
+                    }
+                    _ => {}
                 }
-                _ => Op::Put(Slot::Completed {
-                    until: deadline(now, ttl),
-                }),
+                drop(state);
+                slot.retire();
             }
+            let until = deadline(now, ttl);
+            Op::Put(Slot::new(State::Completed { until }, until))
         });
         if lost {
             return Err(lease_lost(key));
@@ -170,11 +249,88 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<()> {
         self.cache.entry_by_ref(key).and_compute_with(|existing| {
-            match existing.map(moka::Entry::into_value) {
-                Some(Slot::Claimed { token: held, .. }) if held == *token => Op::Remove,
+            let Some(entry) = existing else {
+                return Op::Nop;
+            };
+            let slot = entry.into_value();
+            let mut state = slot.state();
+            match &*state {
+                State::Claimed { token: held, .. } if held == token => {
+                    *state = State::Gone;
+                    Op::Remove
+                }
                 _ => Op::Nop,
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    /// A TTL past the room a claim's entry keeps for its completion takes the compute, which
+    /// makes a new entry: still completed, and the lost claim still refused.
+    #[tokio::test]
+    async fn a_ttl_longer_than_the_completion_room_completes_through_a_new_entry() {
+        let store = MemoryStore::new();
+        let long = COMPLETION_ROOM * 2;
+        let token = store
+            .claim("a", LEASE)
+            .await
+            .unwrap()
+            .token()
+            .cloned()
+            .unwrap();
+        store.complete("a", &token, long).await.unwrap();
+        assert_eq!(store.claim("a", LEASE).await.unwrap(), Claim::Completed);
+        store.complete("a", &token, long).await.unwrap();
+
+        let held = store
+            .claim("b", LEASE)
+            .await
+            .unwrap()
+            .token()
+            .cloned()
+            .unwrap();
+        let error = store
+            .complete("b", &ClaimToken::new(), long)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        store
+            .complete("b", &held, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(store.claim("b", LEASE).await.unwrap(), Claim::Completed);
+    }
+
+    /// A released claim's entry is gone: the key is claimable at once, and the old token can
+    /// no longer complete it in place.
+    #[tokio::test]
+    async fn a_released_claim_is_not_completed_in_place() {
+        let store = MemoryStore::new();
+        let first = store
+            .claim("k", LEASE)
+            .await
+            .unwrap()
+            .token()
+            .cloned()
+            .unwrap();
+        store.release("k", &first).await.unwrap();
+        let second = store
+            .claim("k", LEASE)
+            .await
+            .unwrap()
+            .token()
+            .cloned()
+            .unwrap();
+        let error = store.complete("k", &first, LEASE).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        store.complete("k", &second, LEASE).await.unwrap();
+        assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Completed);
     }
 }

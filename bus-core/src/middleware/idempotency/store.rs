@@ -148,7 +148,10 @@ impl ClaimToken {
     /// A new, unique token (a random UUID).
     #[must_use]
     pub fn new() -> Self {
-        Self(Arc::from(uuid::Uuid::now_v7().simple().to_string()))
+        let mut text = [0; uuid::fmt::Simple::LENGTH];
+        Self(Arc::from(
+            &*uuid::Uuid::now_v7().simple().encode_lower(&mut text),
+        ))
     }
 
     /// The token as text, as a store keeps it.
