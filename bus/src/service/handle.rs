@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::{Id, JoinSet};
 
 use super::dispatch::Counts;
+use super::health::{Health, HealthState, HealthWatch, ServiceHealth};
 use super::Channel;
 #[cfg(doc)]
 use super::{Service, UnknownKinds};
@@ -35,6 +36,7 @@ pub(super) struct Entry {
 #[must_use = "dropping the handle aborts the service's consumers"]
 pub struct ServiceHandle {
     pub(super) name: Arc<str>,
+    pub(super) health: HealthState,
     pub(super) stop: watch::Sender<bool>,
     pub(super) tasks: JoinSet<Result<ConsumerReport>>,
     pub(super) index_of: HashMap<Id, usize>,
@@ -46,6 +48,40 @@ impl ServiceHandle {
     /// them. Calling it again does nothing.
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// The service's health now: the broker connection's and every subscription's, ready,
+    /// degraded or down (see [`ServiceHealth`]), for a readiness endpoint.
+    ///
+    /// ```
+    /// # use bus::{Message, Service, service::{Context, Health}};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderPlaced { order_id: String }
+    /// # impl Message for OrderPlaced { const KIND: &'static str = "order.placed"; }
+    /// # async fn on_order(_: OrderPlaced, _: Context) -> bus::Result<()> { Ok(()) }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> bus::Result<()> {
+    /// let bus = bus::connect("memory://").await?;
+    /// let service = Service::new("billing", bus.clone()).on("orders", on_order).start().await?;
+    /// let health = service.health();
+    /// assert_eq!(health.status, Health::Ready);
+    /// assert_eq!(health.subscription("orders").unwrap().status, Health::Ready);
+    ///
+    /// // What an HTTP handler would do with it: 503 unless ready, the summary as body.
+    /// let code = if health.status.is_ready() { 200 } else { 503 };
+    /// println!("{code} {health}");
+    /// # service.stop().await;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn health(&self) -> ServiceHealth {
+        self.health.current()
+    }
+
+    /// A watch on the service's health, to wait for transitions or to read it from
+    /// elsewhere (an HTTP server's state) without the handle.
+    #[must_use]
+    pub fn health_watch(&self) -> HealthWatch {
+        self.health.watch()
     }
 
     /// Waits until every consumer has stopped (after [`shutdown`](ServiceHandle::shutdown),
@@ -94,6 +130,14 @@ impl ServiceHandle {
                         ),
                     };
                     if let Some(&index) = self.index_of.get(&id) {
+                        let why = match &result {
+                            Ok(_) => Error::closed("the consumer stopped"),
+                            Err(error) => Error::new(
+                                error.kind(),
+                                format!("the consumer stopped: {error}"),
+                            ),
+                        };
+                        self.health.set(index, Health::Down, Some(&why), true);
                         results[index] = Some(result);
                     }
                 }

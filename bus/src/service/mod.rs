@@ -75,6 +75,7 @@
 mod context;
 mod dispatch;
 mod handle;
+mod health;
 mod options;
 mod respond;
 mod signal;
@@ -99,6 +100,7 @@ use tower_layer::Layer;
 
 pub use context::Context;
 pub use handle::{ServiceHandle, ServiceReport, SubscriptionReport};
+pub use health::{BrokerHealth, Health, HealthWatch, ServiceHealth, SubscriptionHealth};
 pub use options::HandlerOptions;
 pub use respond::{decode_reply, ERROR_REPLY_KIND};
 pub use signal::shutdown_signal;
@@ -106,6 +108,7 @@ pub use signal::shutdown_signal;
 use crate::Bus;
 use dispatch::{Counts, Dispatch, Env, Responding, Route, RouteHandler, Typed};
 use handle::Entry;
+use health::HealthState;
 use respond::{Pending, RequestDeliveries};
 use upcast::Upcasters;
 
@@ -622,6 +625,13 @@ impl Service {
         }
 
         let upcasters = Arc::new(self.upcasters);
+        let health = HealthState::new(
+            &self.name,
+            self.registered
+                .iter()
+                .map(|r| SubscriptionHealth::new(r.channel, r.name.clone(), r.group.clone()))
+                .collect(),
+        );
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut index_of = std::collections::HashMap::new();
@@ -663,6 +673,7 @@ impl Service {
             for layer in self.layers.iter().rev() {
                 handler = layer(handler);
             }
+            let subscription = health.watch_subscription(index, subscription);
             let mut consumer = Consumer::new(subscription, handler);
             if let Some(concurrency) = registered.concurrency.or(self.concurrency) {
                 consumer = consumer.with_concurrency(concurrency);
@@ -694,6 +705,7 @@ impl Service {
         );
         Ok(ServiceHandle {
             name: self.name,
+            health,
             stop,
             tasks,
             index_of,

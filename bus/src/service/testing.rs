@@ -53,9 +53,9 @@ use std::time::Duration;
 
 use adapter_memory::MemoryBroker;
 use bus_core::{
-    async_trait, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope, Message,
-    MessageId, Publisher, Queue, Requester, Requests, Responder, Result, ServeOptions, Settle,
-    Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope, Error,
+    ErrorKind, Message, MessageId, Publisher, Queue, Requester, Requests, Responder, Result,
+    ServeOptions, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use tokio::sync::{watch, Mutex};
 
@@ -72,6 +72,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct TestHarness {
     bus: Bus,
     log: Arc<watch::Sender<Log>>,
+    fault: Arc<watch::Sender<Option<ErrorKind>>>,
     timeout: Duration,
 }
 
@@ -154,13 +155,16 @@ impl TestHarness {
     #[must_use]
     pub fn with_memory(broker: MemoryBroker) -> Self {
         let log = Arc::new(watch::channel(Log::default()).0);
+        let fault = Arc::new(watch::channel(None).0);
         let recording = Recording {
             inner: Arc::new(broker),
             log: log.clone(),
+            fault: fault.clone(),
         };
         Self {
             bus: Bus::new(recording),
             log,
+            fault,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -192,6 +196,20 @@ impl TestHarness {
     /// As [`Bus::send_message`].
     pub async fn send<M: Message>(&self, queue: &str, message: &M) -> Result<MessageId> {
         self.bus.send_message(queue, message).await
+    }
+
+    /// Makes every subscription and queue consumer on the harness's bus fail to receive,
+    /// with an error of `kind` (e.g. [`ErrorKind::Connection`]), until
+    /// [`heal`](TestHarness::heal): what a lost broker connection looks like to a consumer,
+    /// to test what a service reports ([`ServiceHandle::health`](super::ServiceHandle::health))
+    /// meanwhile. Messages published in the meantime wait in the broker.
+    pub fn fail_receiving(&self, kind: ErrorKind) {
+        self.fault.send_replace(Some(kind));
+    }
+
+    /// Ends [`fail_receiving`](TestHarness::fail_receiving): subscriptions receive again.
+    pub fn heal(&self) {
+        self.fault.send_replace(None);
     }
 
     /// The first `M` published to any topic, waiting for it.
@@ -427,6 +445,7 @@ impl fmt::Display for Summary<'_> {
 struct Recording {
     inner: Arc<MemoryBroker>,
     log: Arc<watch::Sender<Log>>,
+    fault: Arc<watch::Sender<Option<ErrorKind>>>,
 }
 
 #[async_trait]
@@ -505,6 +524,7 @@ impl Recording {
         Subscription::new(Box::new(Watched {
             inner,
             log: self.log.clone(),
+            fault: self.fault.subscribe(),
         }))
     }
 }
@@ -514,12 +534,37 @@ impl Recording {
 struct Watched {
     inner: Subscription,
     log: Arc<watch::Sender<Log>>,
+    fault: watch::Receiver<Option<ErrorKind>>,
+}
+
+impl Watched {
+    /// The next item of the subscription, or the injected failure as soon as there is one.
+    async fn receive(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if let Some(kind) = *self.fault.borrow_and_update() {
+                return Some(Err(Error::new(
+                    kind,
+                    "receiving failed: injected by the test harness",
+                )));
+            }
+            tokio::select! {
+                // Cancel safe: a message not handed out stays in the broker.
+                item = self.inner.next() => return item,
+                changed = self.fault.changed() => {
+                    if changed.is_err() {
+                        // The harness is gone: nobody injects any more.
+                        return self.inner.next().await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl DeliverySource for Watched {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        let delivery = match self.inner.next().await? {
+        let delivery = match self.receive().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(error)),
         };
