@@ -9,10 +9,10 @@
 //! | `ce-source` | the configured source |
 //! | `ce-type` | `kind` (left out when empty) |
 //! | `ce-time` | `timestamp` (RFC 3339, milliseconds) |
-//! | `correlationid` | `correlation_id` |
+//! | `ce-correlationid` | `correlation_id` |
 //! | `traceparent`, `tracestate` | W3C trace context headers, if any |
-//! | `causationid` | `causation_id`, if any |
-//! | `partitionkey` | `key`, if any |
+//! | `ce-causationid` | `causation_id`, if any |
+//! | `ce-partitionkey` | `key`, if any |
 //! | `content-type` | `content_type`, if any |
 //! | any other name | a header |
 //! | `bus-packed` | a JSON object of the attributes that did not fit |
@@ -26,6 +26,9 @@
 //! empty value), required ones included, always go to `bus-packed`. A header whose name is one
 //! of the names above, or starts with `ce-` or `bus-header-`, travels as `bus-header-<name>`
 //! (and only such a `bus-header-<name>` is read back as `<name>`).
+//! Builds of `bus` before issue 17 wrote the extensions without the `ce-` prefix (`correlationid`,
+//! `causationid`, `partitionkey`): those names are still read, and still escaped as header
+//! names, so that messages written then decode the same.
 //! An envelope with an empty id or correlation id is refused: a reader takes a missing or
 //! empty id for the SQS message id.
 //!
@@ -56,12 +59,17 @@ pub const CE_SOURCE: &str = "ce-source";
 pub const CE_TYPE: &str = "ce-type";
 /// CloudEvents `time`: the envelope timestamp, RFC 3339.
 pub const CE_TIME: &str = "ce-time";
-/// The correlation id (CloudEvents extension).
-pub const CORRELATION_ID: &str = "correlationid";
-/// The causation id (CloudEvents extension).
-pub const CAUSATION_ID: &str = "causationid";
-/// The ordering key (CloudEvents `partitionkey` extension).
-pub const PARTITION_KEY: &str = "partitionkey";
+/// The correlation id (CloudEvents extension `correlationid`).
+pub const CORRELATION_ID: &str = "ce-correlationid";
+/// The causation id (CloudEvents extension `causationid`).
+pub const CAUSATION_ID: &str = "ce-causationid";
+/// The ordering key (CloudEvents extension `partitionkey`).
+pub const PARTITION_KEY: &str = "ce-partitionkey";
+/// The names of the three extensions above as builds before issue 17 wrote them, without
+/// the `ce-` prefix of the other CloudEvents attributes: read when the prefixed name is absent.
+const UNPREFIXED_CORRELATION_ID: &str = "correlationid";
+const UNPREFIXED_CAUSATION_ID: &str = "causationid";
+const UNPREFIXED_PARTITION_KEY: &str = "partitionkey";
 /// The payload's media type.
 pub const CONTENT_TYPE: &str = "content-type";
 /// A JSON object of the attributes that did not fit in SQS's 10.
@@ -91,6 +99,9 @@ const RESERVED: &[&str] = &[
     CORRELATION_ID,
     CAUSATION_ID,
     PARTITION_KEY,
+    UNPREFIXED_CORRELATION_ID,
+    UNPREFIXED_CAUSATION_ID,
+    UNPREFIXED_PARTITION_KEY,
     CONTENT_TYPE,
     PACKED,
     BODY_ENCODING,
@@ -353,11 +364,11 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
     for (name, value) in received.attributes {
         match value {
             AttributeValue::Text(text) => {
-                attributes.insert(name, text);
+                insert_attribute(&mut attributes, name, text);
             }
             AttributeValue::Binary(bytes) => match String::from_utf8(bytes) {
                 Ok(text) => {
-                    attributes.insert(name, text);
+                    insert_attribute(&mut attributes, name, text);
                 }
                 Err(e) => {
                     binary.insert(name, e.into_bytes());
@@ -367,7 +378,11 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
     }
     if let Some(packed) = attributes.remove(PACKED) {
         match serde_json::from_str::<BTreeMap<String, String>>(&packed) {
-            Ok(entries) => attributes.extend(entries),
+            Ok(entries) => {
+                for (name, value) in entries {
+                    insert_attribute(&mut attributes, name, value);
+                }
+            }
             Err(e) => {
                 problems.push(format!(
                     "attribute `{PACKED}` is not a JSON object of strings ({})",
@@ -459,6 +474,21 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
         reply_to,
         undecodable,
     }
+}
+
+/// Keeps a received attribute, the unprefixed old name of an extension as its `ce-` name
+/// (the prefixed one wins when a message carries both, whatever their order).
+fn insert_attribute(attributes: &mut BTreeMap<String, String>, name: String, value: String) {
+    let prefixed = match name.as_str() {
+        UNPREFIXED_CORRELATION_ID => CORRELATION_ID,
+        UNPREFIXED_CAUSATION_ID => CAUSATION_ID,
+        UNPREFIXED_PARTITION_KEY => PARTITION_KEY,
+        _ => {
+            attributes.insert(name, value);
+            return;
+        }
+    };
+    attributes.entry(prefixed.to_owned()).or_insert(value);
 }
 
 /// The header name of an attribute: `bus-header-<name>` is `<name>` only when `encode` would
@@ -960,6 +990,54 @@ mod tests {
         let env = Envelope::new("big", vec![b'x'; LIMIT]);
         let err = encode(&env, "svc", &[], LIMIT).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    }
+
+    /// Builds before issue 17 wrote the extensions without `ce-`: such messages decode the same,
+    /// a header of one of those names still round-trips, and the prefixed name wins.
+    #[test]
+    fn unprefixed_extension_names_of_old_writers_still_decode() {
+        let old = decode(raw(
+            "{}",
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "m-1"),
+                ("ce-source", "bus"),
+                ("ce-type", "order.placed"),
+                ("correlationid", "c-1"),
+                ("causationid", "p-1"),
+                ("partitionkey", "k-1"),
+            ],
+        ));
+        assert_eq!(old.undecodable, None);
+        let envelope = old.envelope;
+        assert_eq!(envelope.correlation_id.as_str(), "c-1");
+        assert_eq!(
+            envelope.causation_id.as_ref().map(MessageId::as_str),
+            Some("p-1")
+        );
+        assert_eq!(envelope.key.as_deref(), Some("k-1"));
+        assert!(envelope.headers.is_empty(), "{:?}", envelope.headers);
+
+        let both = decode(raw(
+            "{}",
+            &[
+                ("ce-id", "m-1"),
+                ("correlationid", "old"),
+                ("ce-correlationid", "new"),
+            ],
+        ));
+        assert_eq!(both.envelope.correlation_id.as_str(), "new");
+        assert!(both.envelope.headers.is_empty());
+
+        let env = Envelope::new("k", "{}").with_header("correlationid", "a header");
+        let wire = encode(&env, "svc", &[], LIMIT).unwrap();
+        assert!(wire
+            .attributes
+            .iter()
+            .any(|(n, _)| n == "bus-header-correlationid"));
+        let back = decode(received(&wire)).envelope;
+        assert_eq!(back.header("correlationid"), Some("a header"));
+        assert_eq!(back.correlation_id, env.correlation_id);
     }
 
     #[test]

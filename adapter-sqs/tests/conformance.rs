@@ -111,7 +111,6 @@ async fn raw_publish(broker: SqsBroker, message: RawMessage) {
     let mut send = sqs.send_message().queue_url(url);
     for (name, value) in &message.cloudevents {
         let name = match name.as_str() {
-            "correlationid" | "causationid" | "partitionkey" => name.clone(),
             "datacontenttype" => attributes::CONTENT_TYPE.to_owned(),
             other => format!("ce-{other}"),
         };

@@ -283,7 +283,7 @@ fn corpus(tag: &str) -> Vec<Case> {
         )
         .attribute(
             attributes::PACKED,
-            text("String", r#"{"ce-id":"","ce-type":"","correlationid":""}"#),
+            text("String", r#"{"ce-id":"","ce-type":"","ce-correlationid":""}"#),
         )
         .check(|e| {
             expect_eq("kind", e.kind.as_str(), "")?;
