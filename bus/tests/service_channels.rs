@@ -2,6 +2,7 @@
 //! context, on the in-process broker.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bus::service::{decode_reply, Channel, ServiceReport, ERROR_REPLY_KIND};
@@ -332,4 +333,48 @@ async fn a_request_nobody_serves_fails_with_no_responders() {
     .unwrap();
     assert_eq!(recv(&mut errors).await, ErrorKind::NoResponders);
     service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_responder_lets_the_request_in_flight_get_its_reply() {
+    let bus = memory().await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let permits = release.clone();
+    let service = Service::new("pricing", bus.clone())
+        .with_shutdown_timeout(WAIT)
+        .on_request("quotes", move |request: GetQuote, _: Context| {
+            let (started_tx, permits) = (started_tx.clone(), permits.clone());
+            async move {
+                started_tx.send(request.sku.clone()).unwrap();
+                permits.acquire().await.unwrap().forget();
+                Ok(Quote {
+                    sku: request.sku,
+                    cents: 1,
+                })
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let requester = bus.clone();
+    let in_flight = tokio::spawn(async move {
+        let request = Envelope::encode(&GetQuote { sku: "pen".into() }).unwrap();
+        let reply = requester.request("quotes", request, WAIT).await?;
+        decode_reply::<Quote>(&reply)
+    });
+    assert_eq!(recv(&mut started).await, "pen");
+    let stopping = tokio::spawn(service.stop());
+    release.add_permits(1);
+    let quote = timeout(WAIT, in_flight).await.unwrap().unwrap().unwrap();
+    assert_eq!(quote.sku, "pen");
+    let report = timeout(WAIT, stopping).await.unwrap().unwrap();
+    let counts = counts(&report, Channel::Requests, "quotes");
+    assert_eq!((counts.received, counts.acked, counts.abandoned), (1, 1, 0));
+
+    // Stopped: nobody serves the channel any more.
+    let request = Envelope::encode(&GetQuote { sku: "ink".into() }).unwrap();
+    let err = bus.request("quotes", request, WAIT).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoResponders, "{err}");
 }

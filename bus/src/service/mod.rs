@@ -15,6 +15,25 @@
 //! reply `R`). A handler asks other services with [`Context::request`], which keeps the
 //! conversation's correlation id, causation and trace context as publishing does.
 //!
+//! # Schema versions
+//!
+//! A type declares its version ([`Message::SCHEMA_VERSION`]). A message of a newer version
+//! is refused (dead-lettered); an older one is read through the conversion registered with
+//! [`Service::upcast`], or as the current type when there is none.
+//!
+//! # Per-handler settings
+//!
+//! The `with_*` methods of [`Service`] apply to every subscription; [`Service::on_with`] and
+//! its siblings take [`HandlerOptions`] for one handler: a group of its own, its
+//! subscription's concurrency and key order, layers around it alone.
+//!
+//! # Health and tests
+//!
+//! [`ServiceHandle::health`] says per subscription and for the broker connection whether
+//! the service is ready, degraded or down ([`ServiceHealth`]), for a readiness endpoint.
+//! [`testing::TestHarness`] (feature `memory`) runs services on an in-process bus whose
+//! published, sent and consumed messages a test awaits by type.
+//!
 //! Under the hood this is the lower-level API of [`Bus::subscribe`] and [`Consumer`], which
 //! stays available for what the service layer does not cover.
 //!
