@@ -1,6 +1,7 @@
 //! A received message and its settlement.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,8 +184,8 @@ impl Delivery {
     /// # Cancel safety
     /// If the future is dropped before it completes, the delivery is dropped unsettled (and so
     /// redelivered) unless the broker had already recorded the acknowledgement.
-    pub async fn ack(self) -> Result<(), SettleError> {
-        self.settle(Settlement::Ack).await
+    pub fn ack(self) -> impl Future<Output = Result<(), SettleError>> + Send {
+        self.settle(Settlement::Ack)
     }
 
     /// Negatively acknowledges the message: it comes again as attempt `attempt + 1`, now or
@@ -195,8 +196,11 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// As [`Delivery::ack`].
-    pub async fn nack(self, redeliver: Redeliver) -> Result<(), SettleError> {
-        self.settle(Settlement::Nack(redeliver)).await
+    pub fn nack(
+        self,
+        redeliver: Redeliver,
+    ) -> impl Future<Output = Result<(), SettleError>> + Send {
+        self.settle(Settlement::Nack(redeliver))
     }
 
     /// Rejects the message: it goes to the dead-letter queue with `reason`.
@@ -206,13 +210,15 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// As [`Delivery::ack`].
-    pub async fn reject(self, reason: impl Into<String>) -> Result<(), SettleError> {
+    pub fn reject(
+        self,
+        reason: impl Into<String>,
+    ) -> impl Future<Output = Result<(), SettleError>> + Send {
         let attempts = self.attempt;
         self.settle(Settlement::Reject {
             reason: reason.into(),
             attempts,
         })
-        .await
     }
 
     /// Settles the message as `settlement` says.
@@ -222,31 +228,39 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// As [`Delivery::ack`].
-    pub async fn settle(mut self, mut settlement: Settlement) -> Result<(), SettleError> {
-        if let Settlement::Reject { attempts, .. } = &mut settlement {
-            *attempts = (*attempts).max(self.attempt);
-        }
-        let Some(settle) = self.settle.take() else {
-            return Err(SettleError::new(
-                Error::closed("delivery has no settlement handle"),
-                self,
-            ));
-        };
-        // If this future is dropped mid-way, `guard` abandons the delivery.
-        let guard = AbandonOnDrop(Some(settle));
-        let result = guard
-            .0
-            .as_ref()
-            .expect("set above")
-            .settle(settlement)
-            .await;
-        let mut guard = guard;
-        let settle = guard.0.take().expect("set above");
-        match result {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                self.settle = Some(settle);
-                Err(SettleError::new(error, self))
+    // Not an `async fn`: those copy their arguments into the future's state a second time,
+    // and a delivery is ~300 bytes carried by every settle future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn settle(
+        mut self,
+        mut settlement: Settlement,
+    ) -> impl Future<Output = Result<(), SettleError>> + Send {
+        async move {
+            if let Settlement::Reject { attempts, .. } = &mut settlement {
+                *attempts = (*attempts).max(self.attempt);
+            }
+            let Some(settle) = self.settle.take() else {
+                return Err(SettleError::new(
+                    Error::closed("delivery has no settlement handle"),
+                    self,
+                ));
+            };
+            // If this future is dropped mid-way, `guard` abandons the delivery.
+            let guard = AbandonOnDrop(Some(settle));
+            let result = guard
+                .0
+                .as_ref()
+                .expect("set above")
+                .settle(settlement)
+                .await;
+            let mut guard = guard;
+            let settle = guard.0.take().expect("set above");
+            match result {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    self.settle = Some(settle);
+                    Err(SettleError::new(error, self))
+                }
             }
         }
     }

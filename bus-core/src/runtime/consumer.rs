@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::middleware::Panicked;
 use crate::runtime::{Handler, Outcome};
-use crate::{Delivery, Error, ErrorKind, Result, Settlement, Subscription};
+use crate::{Delivery, Error, ErrorKind, Result, SettleError, Settlement, Subscription};
 
 /// How many handlers a [`Consumer`] runs at once unless told otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 16;
@@ -1082,114 +1082,143 @@ async fn process_owned<H: Handler>(
 /// dead-lettered without running the handler. Panics of the handler (and of the
 /// middleware around it) are failed attempts; a panic while settling leaves the delivery
 /// unsettled. Either way the task ends normally, so the key it holds is released.
-async fn process<H: Handler>(run: &Run<H>, delivery: Delivery) -> Processed {
-    let Run {
-        handler,
-        settle_attempts,
-        heartbeat,
-        key_order,
-    } = run;
-    let (settle_attempts, heartbeat, key_order) = (*settle_attempts, *heartbeat, *key_order);
-    if let Some(reason) = delivery.undecodable() {
-        let reason = format!("undecodable: {reason}");
-        tracing::warn!(%reason, "dead-lettering a message that could not be decoded");
-        let settlement = Settlement::Reject {
-            reason,
-            attempts: delivery.attempt(),
-        };
-        let settled = settle(delivery, settlement, settle_attempts)
-            .await
-            .then_some(Settled::Rejected);
-        return Processed {
-            panicked: false,
-            undecodable: true,
-            settled,
-            parked: None,
-        };
-    }
-    // Calling `handle` inside the future also catches a panic before its first await.
-    let handled = AssertUnwindSafe(async { handler.handle(&delivery).await }).catch_unwind();
-    let handled = async {
-        let Some(every) = heartbeat else {
-            return handled.await;
-        };
-        // The lease is extended beside the handler, for as long as it runs. Boxed, so that
-        // the handler tasks of a subscription without a lease do not carry its timers.
-        let keep_alive = Box::pin(async {
-            loop {
-                tokio::time::sleep(every).await;
-                match tokio::time::timeout(every, delivery.in_progress()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, "extending the lease of a running delivery failed");
-                    }
-                    Err(_) => tracing::warn!(
-                        timeout = ?every,
-                        "extending the lease of a running delivery timed out"
-                    ),
-                }
-            }
-        });
-        tokio::select! {
-            result = handled => result,
-            never = keep_alive => never,
-        }
-    };
-    let (outcome, panicked) = match handled.await {
-        Ok(outcome) => (outcome, false),
-        Err(payload) => {
-            let panic = Panicked::from_payload(payload.as_ref());
-            tracing::error!(
-                panic = panic.message(),
-                "handler panicked; will be redelivered"
-            );
-            (Outcome::retry(panic.into_error()), true)
-        }
-    };
-    if let Outcome::Retry { after, error } = &outcome {
-        if key_order == KeyOrder::Ordered && delivery.envelope().key.is_some() {
-            let after = after.unwrap_or(MIN_RETRY_IN_PLACE);
-            tracing::warn!(%error, ?after, "handler failed; will be retried in place, its key waits");
+// Not an `async fn`, which would keep the delivery twice in its state (argument and local).
+#[allow(clippy::manual_async_fn)]
+fn process<H: Handler>(
+    run: &Run<H>,
+    delivery: Delivery,
+) -> impl Future<Output = Processed> + Send + '_ {
+    async move {
+        let Run {
+            handler,
+            settle_attempts,
+            heartbeat,
+            key_order,
+        } = run;
+        let (settle_attempts, heartbeat, key_order) = (*settle_attempts, *heartbeat, *key_order);
+        if let Some(reason) = delivery.undecodable() {
+            let reason = format!("undecodable: {reason}");
+            tracing::warn!(%reason, "dead-lettering a message that could not be decoded");
+            let settlement = Settlement::Reject {
+                reason,
+                attempts: delivery.attempt(),
+            };
+            let settled = settle(delivery, settlement, settle_attempts)
+                .await
+                .then_some(Settled::Rejected);
             return Processed {
-                panicked,
-                undecodable: false,
-                settled: None,
-                parked: Some(Box::new((delivery, after))),
+                panicked: false,
+                undecodable: true,
+                settled,
+                parked: None,
             };
         }
-    }
-    match &outcome {
-        Outcome::Ack => tracing::debug!("handled"),
-        Outcome::Retry { after, error } => {
-            tracing::warn!(%error, ?after, "handler failed; will be redelivered");
+        // Calling `handle` inside the future also catches a panic before its first await.
+        let handled = AssertUnwindSafe(async { handler.handle(&delivery).await }).catch_unwind();
+        let handled = async {
+            let Some(every) = heartbeat else {
+                return handled.await;
+            };
+            // The lease is extended beside the handler, for as long as it runs. Boxed, so that
+            // the handler tasks of a subscription without a lease do not carry its timers.
+            let keep_alive = Box::pin(async {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match tokio::time::timeout(every, delivery.in_progress()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "extending the lease of a running delivery failed");
+                        }
+                        Err(_) => tracing::warn!(
+                            timeout = ?every,
+                            "extending the lease of a running delivery timed out"
+                        ),
+                    }
+                }
+            });
+            tokio::select! {
+                result = handled => result,
+                never = keep_alive => never,
+            }
+        };
+        let (outcome, panicked) = match handled.await {
+            Ok(outcome) => (outcome, false),
+            Err(payload) => {
+                let panic = Panicked::from_payload(payload.as_ref());
+                tracing::error!(
+                    panic = panic.message(),
+                    "handler panicked; will be redelivered"
+                );
+                (Outcome::retry(panic.into_error()), true)
+            }
+        };
+        if let Outcome::Retry { after, error } = &outcome {
+            if key_order == KeyOrder::Ordered && delivery.envelope().key.is_some() {
+                let after = after.unwrap_or(MIN_RETRY_IN_PLACE);
+                tracing::warn!(%error, ?after, "handler failed; will be retried in place, its key waits");
+                return Processed {
+                    panicked,
+                    undecodable: false,
+                    settled: None,
+                    parked: Some(Box::new((delivery, after))),
+                };
+            }
         }
-        Outcome::Reject { error } => tracing::warn!(%error, "handler rejected the message"),
-    }
-    let settled = match outcome {
-        Outcome::Ack => Settled::Acked,
-        Outcome::Retry { .. } => Settled::Retried,
-        Outcome::Reject { .. } => Settled::Rejected,
-    };
-    let settlement = outcome.to_settlement(delivery.attempt());
-    let settled = settle(delivery, settlement, settle_attempts)
-        .await
-        .then_some(settled);
-    Processed {
-        panicked,
-        undecodable: false,
-        settled,
-        parked: None,
+        match &outcome {
+            Outcome::Ack => tracing::debug!("handled"),
+            Outcome::Retry { after, error } => {
+                tracing::warn!(%error, ?after, "handler failed; will be redelivered");
+            }
+            Outcome::Reject { error } => tracing::warn!(%error, "handler rejected the message"),
+        }
+        let settled = match outcome {
+            Outcome::Ack => Settled::Acked,
+            Outcome::Retry { .. } => Settled::Retried,
+            Outcome::Reject { .. } => Settled::Rejected,
+        };
+        let settlement = outcome.to_settlement(delivery.attempt());
+        let settled = settle(delivery, settlement, settle_attempts)
+            .await
+            .then_some(settled);
+        Processed {
+            panicked,
+            undecodable: false,
+            settled,
+            parked: None,
+        }
     }
 }
 
 /// Settles `delivery`, trying again with backoff while the error is retryable; returns whether
 /// it was settled. When not, the delivery is dropped unsettled and so redelivered.
-async fn settle(mut delivery: Delivery, settlement: Settlement, attempts: u32) -> bool {
+// Not an `async fn`, which would keep the delivery twice in its state: once as its argument,
+// once inside the settle future.
+fn settle(
+    delivery: Delivery,
+    settlement: Settlement,
+    attempts: u32,
+) -> impl Future<Output = bool> + Send {
+    use futures::future::Either;
+    AssertUnwindSafe(delivery.settle(settlement.clone()))
+        .catch_unwind()
+        .then(move |first| match first {
+            Ok(Ok(())) => Either::Left(std::future::ready(true)),
+            // Boxed: every handler future would otherwise carry the retries' state (the
+            // backoff timer, the delivery handed back) and be copied whole each time it moves.
+            first => Either::Right(Box::pin(settle_again(first, settlement, attempts))),
+        })
+}
+
+/// What [`settle`] does after its first try: gives up, or tries again with backoff.
+async fn settle_again(
+    mut settled: std::thread::Result<std::result::Result<(), SettleError>>,
+    settlement: Settlement,
+    attempts: u32,
+) -> bool {
     let mut backoff = SETTLE_BACKOFF;
     let mut attempt = 1;
     loop {
-        let settling = AssertUnwindSafe(delivery.settle(settlement.clone())).catch_unwind();
-        match settling.await {
+        match settled {
             Ok(Ok(())) => return true,
             Err(payload) => {
                 // The adapter's settlement panicked (a bug there); the unwinding dropped the
@@ -1214,10 +1243,12 @@ async fn settle(mut delivery: Delivery, settlement: Settlement, attempts: u32) -
                     return false;
                 }
                 tracing::warn!(%error, ?settlement, attempt, retry_in = ?backoff, "settling failed");
-                delivery = returned;
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
                 attempt += 1;
+                settled = AssertUnwindSafe(returned.settle(settlement.clone()))
+                    .catch_unwind()
+                    .await;
             }
         }
     }
