@@ -9,6 +9,7 @@ use bus_core::secrets::{redact_url, Secret};
 use bus_core::{Error, Result};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+use url::Url;
 
 use crate::oauth::{OAuthTokenProvider, TokenProvider};
 
@@ -81,9 +82,11 @@ impl Compression {
 pub struct KafkaConfig {
     /// `host:port` of one or more brokers, comma-separated (`bootstrap.servers`).
     pub bootstrap_servers: String,
-    /// The client id the brokers see (`client.id`), and the CloudEvents `source` of what this
-    /// adapter publishes (`bus://<client_id>`).
+    /// The client id the brokers see (`client.id`).
     pub client_id: String,
+    /// The CloudEvents `source` of every message this adapter publishes (`ce_source`), as on
+    /// every adapter: the producing service, default `bus`.
+    pub source: String,
     /// Partitions of the topics `bus` creates. More partitions let more members of a group
     /// share the work; per-key order holds within a partition whatever the count.
     pub partitions: i32,
@@ -169,6 +172,7 @@ impl Default for KafkaConfig {
         Self {
             bootstrap_servers: "127.0.0.1:9092".into(),
             client_id: "bus".into(),
+            source: "bus".into(),
             partitions: 3,
             replication: 1,
             compression: Compression::None,
@@ -206,7 +210,7 @@ impl KafkaConfig {
     }
 
     /// Reads `kafka://host:port[,host:port…][?query]`. Query parameters: `partitions`,
-    /// `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`,
+    /// `replication`, `client_id`, `source`, `compression`, `linger_ms`, `publish_timeout_ms`,
     /// `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `fetch_rewind`,
     /// `max_delayed`, `security_protocol`, `sasl_mechanism`, and for TLS `tls_ca`
     /// ([`ssl_ca_location`](KafkaConfig::ssl_ca_location)), `tls_cert`
@@ -221,14 +225,23 @@ impl KafkaConfig {
     /// [`ErrorKind::Config`](bus_core::ErrorKind::Config) for another scheme, a missing host,
     /// or a bad query value.
     pub fn from_url(url: &str) -> Result<Self> {
-        Self::default().merge_url(url)
+        Self::default().apply_url_text(url)
     }
 
-    /// Applies `url` (as [`from_url`](KafkaConfig::from_url) reads it) over this configuration.
+    /// Applies `url` (as [`from_url`](KafkaConfig::from_url) reads it) over this configuration:
+    /// its brokers, user info and query parameters override what is set. A parsed [`Url`]
+    /// holds one host; a list of brokers (`kafka://a:9092,b:9092`) goes through
+    /// [`from_url`](KafkaConfig::from_url) or
+    /// [`bootstrap_servers`](KafkaConfig::bootstrap_servers).
     ///
     /// # Errors
     /// As [`from_url`](KafkaConfig::from_url).
-    pub fn merge_url(mut self, url: &str) -> Result<Self> {
+    pub fn apply_url(self, url: &Url) -> Result<Self> {
+        self.apply_url_text(url.as_str())
+    }
+
+    /// [`apply_url`](KafkaConfig::apply_url) on the URL's text, which may list several brokers.
+    fn apply_url_text(mut self, url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("kafka://")
             .ok_or_else(|| Error::config(format!("`{}` is not a kafka:// URL", redact_url(url))))?;
@@ -261,6 +274,7 @@ impl KafkaConfig {
                 "partitions" => self.partitions = value.parse().map_err(|e| bad(&e))?,
                 "replication" => self.replication = value.parse().map_err(|e| bad(&e))?,
                 "client_id" => self.client_id = value,
+                "source" => self.source = value,
                 "compression" => self.compression = Compression::parse(&value)?,
                 "linger_ms" => self.linger_ms = value.parse().map_err(|e| bad(&e))?,
                 "publish_timeout_ms" => {
@@ -311,6 +325,13 @@ impl KafkaConfig {
     #[must_use]
     pub fn with_client_id(mut self, client_id: impl Into<String>) -> Self {
         self.client_id = client_id.into();
+        self
+    }
+
+    /// Sets the CloudEvents `source` of what is published ([`source`](KafkaConfig::source)).
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
         self
     }
 
@@ -632,10 +653,6 @@ impl KafkaConfig {
             .set("enable.partition.eof", "false");
         Ok(self.finish(c))
     }
-
-    pub(crate) fn source(&self) -> String {
-        format!("bus://{}", self.client_id)
-    }
 }
 
 /// The value of the secret setting `name`, read now.
@@ -660,6 +677,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("client_id", &self.client_id)
+            .field("source", &self.source)
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
             .field("compression", &self.compression)

@@ -83,7 +83,7 @@ impl Shared {
         };
         let (closed_tx, _) = watch::channel(false);
         Ok(Self {
-            source: config.source(),
+            source: config.source.clone(),
             config,
             producer,
             admin,

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use bus_core::secrets::redact_url;
+use bus_core::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
+use url::Url;
 
 /// How the memory broker buffers messages and which broker limits it imitates.
 ///
@@ -150,5 +153,192 @@ impl MemoryConfig {
     #[must_use]
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// The default configuration with the query parameters of a `memory://` URL applied
+    /// (see [`apply_url`](MemoryConfig::apply_url)).
+    ///
+    /// ```
+    /// use adapter_memory::MemoryConfig;
+    /// let config = MemoryConfig::from_url("memory://?capacity=1000&max_headers=10")?;
+    /// assert_eq!(config.capacity, 1000);
+    /// assert_eq!(config.max_headers, Some(10));
+    /// # Ok::<(), bus_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when the URL does not parse, or as
+    /// [`apply_url`](MemoryConfig::apply_url).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = Url::parse(url.trim()).map_err(|error| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("invalid memory URL `{}`", redact_url(url)),
+                error,
+            )
+        })?;
+        Self::default().apply_url(&parsed)
+    }
+
+    /// Applies the query parameters of a `memory://` URL onto this configuration:
+    /// `capacity`, `publish_timeout_ms`, `max_payload` and `max_headers`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for another scheme, a host, port, path or fragment (every
+    /// `memory://` connection is its own broker), an unknown or repeated parameter, or a bad
+    /// value.
+    pub fn apply_url(mut self, url: &Url) -> Result<Self> {
+        if url.scheme() != "memory" {
+            return Err(Error::config(format!(
+                "`{}` is not a memory:// URL",
+                redact_url(url.as_str())
+            )));
+        }
+        let shown = redact_url(url.as_str());
+        let has_host = url.host_str().is_some_and(|h| !h.is_empty());
+        if has_host
+            || url.port().is_some()
+            || !matches!(url.path(), "" | "/")
+            || url.fragment().is_some()
+        {
+            return Err(Error::config(format!(
+                "`{shown}`: a memory:// URL takes only query parameters (no host, port, path or \
+             fragment); every memory:// connection is its own in-process broker"
+            )));
+        }
+
+        let mut seen = std::collections::BTreeSet::new();
+        let mut unknown = Vec::new();
+        for (name, value) in url.query_pairs() {
+            if !seen.insert(name.clone().into_owned()) {
+                return Err(Error::config(format!(
+                    "`{shown}`: query parameter `{name}` is given more than once"
+                )));
+            }
+            let number = |what: &str| -> Result<u64> {
+                value.parse::<u64>().map_err(|error| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("`{shown}`: `{name}` must be {what}, got `{value}`"),
+                        error,
+                    )
+                })
+            };
+            let size = |what: &str| -> Result<usize> {
+                let n = number(what)?;
+                usize::try_from(n).map_err(|error| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("`{shown}`: `{name}` is too large: {n}"),
+                        error,
+                    )
+                })
+            };
+            match &*name {
+                "capacity" => {
+                    let capacity = size("a number of messages, at least 1")?;
+                    if capacity == 0 {
+                        return Err(Error::config(format!(
+                            "`{shown}`: `capacity` must be at least 1"
+                        )));
+                    }
+                    self = self.with_capacity(capacity);
+                }
+                "publish_timeout_ms" => {
+                    self = self.with_publish_timeout(Duration::from_millis(number(
+                        "a number of milliseconds",
+                    )?));
+                }
+                "max_payload" => self = self.with_max_payload(size("a number of bytes")?),
+                "max_headers" => self = self.with_max_headers(size("a number of headers")?),
+                _ => unknown.push(format!("`{name}`")),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(Error::config(format!(
+                "`{shown}`: unknown query parameter{} {}; a memory:// URL takes capacity, \
+             publish_timeout_ms, max_payload and max_headers",
+                if unknown.len() == 1 { "" } else { "s" },
+                unknown.join(", ")
+            )));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<MemoryConfig> {
+        MemoryConfig::from_url(url)
+    }
+
+    #[test]
+    fn bare_url_is_the_default_config() {
+        assert_eq!(parse("memory://").unwrap(), MemoryConfig::default());
+        assert_eq!(parse("memory:///").unwrap(), MemoryConfig::default());
+    }
+
+    #[test]
+    fn query_params_map_onto_the_config() {
+        let config = parse(
+            "memory://?capacity=1000&max_payload=262144&max_headers=10&publish_timeout_ms=250",
+        )
+        .unwrap();
+        assert_eq!(
+            config,
+            MemoryConfig::default()
+                .with_capacity(1000)
+                .with_max_payload(262_144)
+                .with_max_headers(10)
+                .with_publish_timeout(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn query_params_override_the_section() {
+        let base = MemoryConfig::default().with_capacity(5).with_max_headers(3);
+        let config = base
+            .apply_url(&Url::parse("memory://?capacity=7").unwrap())
+            .unwrap();
+        assert_eq!(config.capacity, 7);
+        assert_eq!(config.max_headers, Some(3));
+    }
+
+    #[test]
+    fn unknown_params_are_named() {
+        let err = parse("memory://?capacity=10&colour=blue&size=3").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let text = err.to_string();
+        assert!(
+            text.contains("unknown query parameters `colour`, `size`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_config_errors_with_the_parse_error_kept() {
+        for url in [
+            "memory://?capacity=lots",
+            "memory://?capacity=0",
+            "memory://?max_payload=-1",
+            "memory://?capacity=1&capacity=2",
+            "memory://somehost",
+            "memory://?max_headers=99999999999999999999999",
+        ] {
+            let err = parse(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
+        }
+        let err = parse("memory://?capacity=lots").unwrap_err();
+        assert!(err.to_string().contains("`capacity` must be"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn another_scheme_is_refused() {
+        let err = MemoryConfig::from_url("nats://127.0.0.1:4222").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("not a memory:// URL"), "{err}");
     }
 }

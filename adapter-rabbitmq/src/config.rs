@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::secrets::Secret;
+use bus_core::{Error, ErrorKind, Result};
 use lapin::ConnectionProperties;
 use serde::{Deserialize, Serialize};
+use url::Url;
 
 /// A function that adjusts lapin's [`ConnectionProperties`] before connecting: the escape
 /// hatch to everything this configuration does not name (client properties, executors, …).
@@ -142,6 +144,9 @@ pub struct RabbitMqConfig {
     /// Delete consumer-group and work queues that stayed unused (no consumer, no
     /// redeclaration) this long, in milliseconds (`x-expires`). `None`: kept until deleted.
     pub queue_expires_ms: Option<u64>,
+    /// The CloudEvents `source` of every message this connection sends
+    /// (`cloudEvents:source`), as on every adapter: the producing service, default `bus`.
+    pub source: String,
     /// Adjusts lapin's connection properties (code only, not serde).
     #[serde(skip)]
     pub properties: Option<PropertiesHook>,
@@ -167,6 +172,7 @@ impl Default for RabbitMqConfig {
             topic_exchange: "bus.topics".to_owned(),
             request_exchange: "bus.requests".to_owned(),
             queue_expires_ms: None,
+            source: "bus".to_owned(),
             properties: None,
         }
     }
@@ -197,6 +203,7 @@ impl PartialEq for RabbitMqConfig {
             && self.topic_exchange == other.topic_exchange
             && self.request_exchange == other.request_exchange
             && self.queue_expires_ms == other.queue_expires_ms
+            && self.source == other.source
     }
 }
 
@@ -220,6 +227,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("topic_exchange", &self.topic_exchange)
             .field("request_exchange", &self.request_exchange)
             .field("queue_expires_ms", &self.queue_expires_ms)
+            .field("source", &self.source)
             .field("properties", &self.properties.as_ref().map(|_| "<hook>"))
             .finish()
     }
@@ -305,6 +313,13 @@ impl RabbitMqConfig {
         self
     }
 
+    /// Sets the CloudEvents `source` of the messages sent ([`source`](Self::source)).
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
     /// Sets the connection name.
     #[must_use]
     pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
@@ -382,6 +397,122 @@ impl RabbitMqConfig {
 
     pub(crate) fn reconnect_timeout(&self) -> Duration {
         Duration::from_millis(self.reconnect_timeout_ms)
+    }
+
+    /// The default configuration with `url` applied (see
+    /// [`apply_url`](RabbitMqConfig::apply_url)).
+    ///
+    /// ```
+    /// use adapter_rabbitmq::RabbitMqConfig;
+    /// let config = RabbitMqConfig::from_url("amqp://app:pw@mq:5672/%2f?prefetch=50&heartbeat=10")?;
+    /// assert_eq!(config.prefetch, 50);
+    /// assert_eq!(config.url, "amqp://app:pw@mq:5672/%2f?heartbeat=10");
+    /// # Ok::<(), bus_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when the URL does not parse, or as
+    /// [`apply_url`](RabbitMqConfig::apply_url).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = Url::parse(url.trim()).map_err(|error| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("invalid RabbitMQ URL `{}`", redact(url)),
+                error,
+            )
+        })?;
+        Self::default().apply_url(&parsed)
+    }
+
+    /// Applies an `amqp://` or `amqps://` URL onto this configuration: the URL becomes
+    /// [`url`](RabbitMqConfig::url), and the query parameters the adapter knows are taken
+    /// out of it into their fields (`prefetch`, `quorum_queues`, `connection_name`,
+    /// `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`, `source`). lapin's own
+    /// (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) and
+    /// the TLS ones read when connecting ([`URL_PARAMETERS`](crate::URL_PARAMETERS):
+    /// `tls_ca`, `tls_cert`, …) stay in the URL.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for another scheme, an unknown parameter or a bad value.
+    pub fn apply_url(mut self, url: &Url) -> Result<Self> {
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            return Err(Error::config(format!(
+                "`{}` is not an amqp:// or amqps:// URL",
+                redact(url.as_str())
+            )));
+        }
+        const LAPIN_PARAMS: &[&str] = &[
+            "heartbeat",
+            "frame_max",
+            "channel_max",
+            "connection_timeout",
+            "auth_mechanism",
+        ];
+        let shown = redact(url.as_str());
+        let mut kept = Vec::new();
+        let mut unknown = Vec::new();
+        for (name, value) in url.query_pairs() {
+            let number = || -> Result<u64> {
+                value.parse::<u64>().map_err(|error| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("`{shown}`: `{name}` must be a non-negative number, got `{value}`"),
+                        error,
+                    )
+                })
+            };
+            match &*name {
+                "prefetch" => {
+                    self.prefetch = u16::try_from(number()?)
+                        .map_err(|e| {
+                            Error::with_source(
+                                ErrorKind::Config,
+                                format!("`{shown}`: `prefetch` must be at most 65535"),
+                                e,
+                            )
+                        })?
+                        .max(1);
+                }
+                "quorum_queues" => {
+                    self.quorum_queues = match &*value {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "`{shown}`: `quorum_queues` must be true or false, got `{value}`"
+                            )))
+                        }
+                    }
+                }
+                "connection_name" => self.connection_name = Some(value.clone().into_owned()),
+                "source" => self.source = value.clone().into_owned(),
+                "max_payload" => {
+                    self.max_payload = usize::try_from(number()?).unwrap_or(usize::MAX);
+                }
+                "confirm_timeout_ms" => self.confirm_timeout_ms = number()?,
+                "reconnect_timeout_ms" => self.reconnect_timeout_ms = number()?,
+                other
+                    if LAPIN_PARAMS.contains(&other)
+                        || crate::endpoint::URL_PARAMETERS.contains(&other) =>
+                {
+                    kept.push((name.clone().into_owned(), value.clone().into_owned()));
+                }
+                other => unknown.push(format!("`{other}`")),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(Error::config(format!(
+                "`{shown}`: unknown query parameters {}",
+                unknown.join(", ")
+            )));
+        }
+        let mut url = url.clone();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+        self.url = url.into();
+        Ok(self)
     }
 
     /// The URL without the password, for messages and logs.
@@ -473,5 +604,62 @@ mod tests {
             let back: RabbitMqConfig = serde_json::from_str(&json).unwrap();
             assert_eq!(back, by_reference, "{json}");
         }
+    }
+
+    fn parse(url: &str, base: RabbitMqConfig) -> Result<RabbitMqConfig> {
+        base.apply_url(&Url::parse(url).unwrap())
+    }
+
+    #[test]
+    fn query_params_override_the_section_and_lapin_params_stay_in_the_url() {
+        let base = RabbitMqConfig::default()
+            .with_prefetch(7)
+            .with_connection_name("from-section");
+        let config = parse(
+            "amqp://u:p@mq:5672/%2f?prefetch=50&quorum_queues=true&heartbeat=10&max_payload=1024",
+            base,
+        )
+        .unwrap();
+        assert_eq!(config.prefetch, 50);
+        assert!(config.quorum_queues);
+        assert_eq!(config.max_payload, 1024);
+        assert_eq!(config.connection_name.as_deref(), Some("from-section"));
+        assert_eq!(config.url, "amqp://u:p@mq:5672/%2f?heartbeat=10");
+    }
+
+    #[test]
+    fn the_adapters_tls_params_stay_in_the_url() {
+        let config = parse(
+            "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq&prefetch=5",
+            RabbitMqConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(config.prefetch, 5);
+        assert_eq!(
+            config.url,
+            "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq"
+        );
+    }
+
+    #[test]
+    fn unknown_and_bad_params_are_config_errors() {
+        let err = parse("amqp://mq/?colour=blue", RabbitMqConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("`colour`"), "{err}");
+        for url in [
+            "amqp://mq/?prefetch=lots",
+            "amqp://mq/?prefetch=70000",
+            "amqp://mq/?quorum_queues=maybe",
+        ] {
+            let err = parse(url, RabbitMqConfig::default()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn from_url_checks_the_scheme() {
+        let config = RabbitMqConfig::from_url("amqps://u:p@mq/%2f?quorum_queues=1").unwrap();
+        assert!(config.quorum_queues);
+        let err = RabbitMqConfig::from_url("nats://127.0.0.1:4222").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
     }
 }

@@ -11,12 +11,12 @@ use crate::wire;
 #[must_use]
 pub fn items() -> Vec<Item> {
     let sent = wire_envelope();
-    let properties = wire::properties(&sent, "orders", 1).expect("encodes");
+    let properties = wire::properties(&sent, "bus", 1).expect("encodes");
     let body = sent.payload.to_vec();
     vec![
         Item::new("rabbitmq.encode", move |n| {
             for _ in 0..n {
-                measured(|| drop(std::hint::black_box(wire::properties(&sent, "orders", 1))));
+                measured(|| drop(std::hint::black_box(wire::properties(&sent, "bus", 1))));
             }
         }),
         Item::new("rabbitmq.decode", move |n| {

@@ -43,7 +43,7 @@ impl Inner {
         self.link.check()?;
         self.validate(envelope)?;
         check_name(queue, "queue")?;
-        let props = wire::properties(envelope, queue, attempt)?;
+        let props = wire::properties(envelope, &self.config().source, attempt)?;
         self.link
             .send_to_queue(queue, &envelope.payload, props)
             .await
@@ -142,7 +142,7 @@ impl Publisher for RabbitMqBroker {
         inner.validate(&envelope)?;
         let key = wire::routing_key(topic);
         check_name(&key, "topic")?;
-        let props = wire::properties(&envelope, topic, 1)?;
+        let props = wire::properties(&envelope, &inner.config().source, 1)?;
         // Not mandatory: a topic no group subscribed to drops the message, as the memory
         // broker does.
         inner
@@ -174,7 +174,7 @@ impl Publisher for RabbitMqBroker {
         // Pipelined: every message goes out, then the confirms are awaited in order.
         let properties = envelopes
             .iter()
-            .map(|envelope| wire::properties(envelope, topic, 1))
+            .map(|envelope| wire::properties(envelope, &inner.config().source, 1))
             .collect::<Result<Vec<_>>>()?;
         for props in &properties {
             session.check_headers(props)?;

@@ -190,7 +190,8 @@ impl Requester for RabbitMqBroker {
         let _forget = Forget(&inner.replies.pending, request.id.clone());
         let work = async {
             let replies = inner.replies.channel(inner).await?;
-            let props = wire::properties(&request, topic, 1)?.with_reply_to(REPLY_TO.into());
+            let props = wire::properties(&request, &inner.config().source, 1)?
+                .with_reply_to(REPLY_TO.into());
             inner.link.session().await?.check_headers(&props)?;
             let confirm = replies
                 .channel
@@ -341,7 +342,7 @@ impl Serving {
         let dlq = bus_core::headers::dead_letter_queue(topic);
         let inner = self.source_inner();
         let session = inner.link.session().await?;
-        let props = wire::properties_fitted(&dead, topic, 1, session.frame_max());
+        let props = wire::properties_fitted(&dead, &inner.config().source, 1, session.frame_max());
         inner
             .link
             .send_to_queue_on(&session, &dlq, &dead.payload, props)
@@ -366,7 +367,7 @@ impl Reply for RabbitReply {
                 "the request carried no reply-to address",
             ));
         };
-        let props = wire::properties(&response, reply_to, 1)?;
+        let props = wire::properties(&response, &self.inner.config().source, 1)?;
         // Not mandatory: a requester that gave up is gone, and its reply is dropped.
         self.inner
             .link

@@ -476,7 +476,12 @@ impl SettleState {
         envelope: &Envelope,
         attempt: u32,
     ) -> BasicProperties {
-        wire::properties_fitted(envelope, &self.source, attempt, session.frame_max())
+        wire::properties_fitted(
+            envelope,
+            &self.inner.config().source,
+            attempt,
+            session.frame_max(),
+        )
     }
 
     /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL

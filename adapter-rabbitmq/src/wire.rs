@@ -84,7 +84,8 @@ fn reserved(name: &str) -> bool {
             .is_some_and(|attr| ce::MAPPED.contains(&attr))
 }
 
-/// The AMQP properties of `envelope`, published to `source` (a topic or queue name), on its
+/// The AMQP properties of `envelope`, sent by `source` (the CloudEvents source: the
+/// configured [`RabbitMqConfig::source`](crate::RabbitMqConfig::source)), on its
 /// `attempt`-th delivery (the attempt header is written from 2 on).
 ///
 /// # Errors
@@ -383,10 +384,7 @@ fn build(envelope: &Envelope, source: &str, attempt: u32, copy: bool) -> BasicPr
     ce(header::SPECVERSION, long("1.0"));
     ce(header::ID, long(envelope.id.as_str()));
     ce(header::TYPE, long(&envelope.kind));
-    let mut source_attribute = String::with_capacity("/bus/".len() + source.len());
-    source_attribute.push_str("/bus/");
-    source_attribute.push_str(source);
-    ce(header::SOURCE, long_owned(source_attribute));
+    ce(header::SOURCE, long(source));
     ce(
         header::TIME,
         long_owned(headers::format_time(envelope.timestamp)),
@@ -1374,7 +1372,7 @@ mod tests {
                 ("cloudEvents:specversion", long("1.0")),
                 ("cloudEvents:id", long(sent.id.as_str())),
                 ("cloudEvents:type", long("order.placed")),
-                ("cloudEvents:source", long("/bus/orders")),
+                ("cloudEvents:source", long("orders")),
                 ("cloudEvents:time", long(&time)),
                 ("cloudEvents:correlationid", long(parent.id.as_str())),
                 ("cloudEvents:causationid", long(parent.id.as_str())),

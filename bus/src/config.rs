@@ -1,4 +1,4 @@
-//! [`BusConfig`]: which broker to connect to and how, from a URL, serde or the environment.
+//! [`BusConfig`]: which broker to connect to and how, from a URL, serde, or `BUS_URL`.
 
 use std::fmt;
 
@@ -19,7 +19,8 @@ const DEFAULT_URL: &str = "memory://";
 ///
 /// The [`url`](BusConfig::url) picks the adapter by its scheme and carries the address,
 /// credentials and simple options as query parameters; the per-adapter sections carry the
-/// rest. The same structure reads from a file or the environment through serde:
+/// rest. The same structure reads from a file through serde (from the environment, only the
+/// URL is read: `BUS_URL`, by [`from_env`](BusConfig::from_env)):
 ///
 /// ```toml
 /// url = "memory://?max_payload=262144"
@@ -33,13 +34,15 @@ const DEFAULT_URL: &str = "memory://";
 /// | scheme | adapter (cargo feature) | query parameters |
 /// |---|---|---|
 /// | `memory://` | in-process broker (`memory`) | `capacity`, `publish_timeout_ms`, `max_payload`, `max_headers` |
-/// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `name`, `tls`, `token`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
-/// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
-/// | `kafka://` | Kafka (`kafka`) | `partitions`, `replication`, `client_id`, `compression`, `linger_ms`, `publish_timeout_ms`, `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `security_protocol`, `sasl_mechanism`; user info sets the SASL user and password |
-/// | `sqs://` | AWS SQS and SNS (`sqs`): `sqs://host:port` is the endpoint `http://host:port`, `sqs://` alone is AWS | `region`, `access_key_id`, `secret_access_key`, `session_token`, `profile`, `role_arn`, `role_session_name`, `external_id`, `sts_endpoint`, `tls_ca`, `tls_server_name`, `connect_timeout_ms`, `wait_time_secs`, `batch_size`, `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `max_receive_count`, `name_prefix`, `source`, `max_message_bytes`, `sender_idle_ms`, `tls` |
+/// | `nats://` | NATS (`nats`) | `durable`, `prefetch`, `ack_wait_ms`, `publish_timeout_ms`, `connect_timeout_ms`, `name`, `tls`, `tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`, `token`, `nkey`, `creds`, `storage`, `replicas`, `max_age_secs`, `prefix`, `source` |
+/// | `amqp://`, `amqps://` | RabbitMQ (`rabbitmq`) | `prefetch`, `quorum_queues`, `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`, `source`, `tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`, `connect_timeout_ms`; lapin's `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
+/// | `kafka://` | Kafka (`kafka`) | `partitions`, `replication`, `client_id`, `source`, `compression`, `linger_ms`, `publish_timeout_ms`, `max_payload`, `idempotence`, `session_timeout_ms`, `prefetch`, `fetch_rewind`, `max_delayed`, `security_protocol`, `sasl_mechanism`, `tls_ca`, `tls_cert`, `tls_key`, `tls_verify_name`; user info sets the SASL user and password |
+/// | `sqs://` | AWS SQS and SNS (`sqs`): `sqs://host:port` is the endpoint `http://host:port`, `sqs://` alone is AWS | `region`, `access_key_id`, `secret_access_key`, `session_token`, `profile`, `role_arn`, `role_session_name`, `external_id`, `sts_endpoint`, `tls_ca`, `tls_server_name`, `connect_timeout_ms`, `wait_time_secs`, `batch_size`, `visibility_timeout_secs`, `pollers`, `prefetch`, `fifo`, `fifo_dedup_by_id`, `max_receive_count`, `name_prefix`, `source`, `max_message_bytes`, `sender_idle_ms`, `tls` |
 ///
-/// Query parameters of the URL override the same setting in the adapter's section. An
-/// unknown parameter is an error, not silently ignored. Each `memory://` connection is its own
+/// Each adapter reads its URL itself (`MemoryConfig`, `NatsConfig`, `RabbitMqConfig`,
+/// `KafkaConfig` and `SqsConfig` each have `from_url(&str)` and `apply_url(self, &Url)`):
+/// the URL's address, credentials and query parameters override the same settings of the
+/// adapter's section. An unknown parameter is an error, not silently ignored. Each `memory://` connection is its own
 /// broker: share the [`Bus`] (it is cheap to clone) to share messages.
 ///
 /// # Secrets
@@ -225,8 +228,8 @@ impl BusConfig {
     ///
     /// # Errors
     /// [`ErrorKind::Config`] when the URL does not parse, its scheme is unknown, its adapter's
-    /// cargo feature is off (the error names the feature), its adapter is not built yet (the
-    /// error names the tracking issue), or a query parameter is unknown or invalid; otherwise
+    /// cargo feature is off (the error names the feature), or a query parameter is unknown or
+    /// invalid; otherwise
     /// the adapter's connection errors.
     ///
     /// # Cancel safety
@@ -264,167 +267,6 @@ impl fmt::Debug for BusConfig {
 /// `url` safe to print (see [`bus_core::secrets::redact_url`]).
 fn redact(url: &str) -> String {
     bus_core::secrets::redact_url(url)
-}
-
-/// Applies the query parameters of a `memory://` URL onto `base`.
-#[cfg(feature = "memory")]
-/// The RabbitMQ settings for `url`: the section (or the defaults) with the URL, and the
-/// query parameters `bus` knows taken out of it (`prefetch`, `quorum_queues`,
-/// `connection_name`, `max_payload`, `confirm_timeout_ms`, `reconnect_timeout_ms`); lapin's own
-/// (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) and the
-/// adapter's TLS ones ([`adapter_rabbitmq::URL_PARAMETERS`]: `tls_ca`, `tls_cert`, …) stay in
-/// the URL. Any other parameter is an error.
-#[cfg(feature = "rabbitmq")]
-pub(crate) fn rabbitmq_from_url(
-    url: &Url,
-    mut base: adapter_rabbitmq::RabbitMqConfig,
-) -> Result<adapter_rabbitmq::RabbitMqConfig> {
-    const LAPIN_PARAMS: &[&str] = &[
-        "heartbeat",
-        "frame_max",
-        "channel_max",
-        "connection_timeout",
-        "auth_mechanism",
-    ];
-    let shown = redact(url.as_str());
-    let mut kept = Vec::new();
-    let mut unknown = Vec::new();
-    for (name, value) in url.query_pairs() {
-        let number = || -> Result<u64> {
-            value.parse::<u64>().map_err(|error| {
-                Error::with_source(
-                    ErrorKind::Config,
-                    format!("`{shown}`: `{name}` must be a non-negative number, got `{value}`"),
-                    error,
-                )
-            })
-        };
-        match &*name {
-            "prefetch" => {
-                base.prefetch = u16::try_from(number()?)
-                    .map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Config,
-                            format!("`{shown}`: `prefetch` must be at most 65535"),
-                            e,
-                        )
-                    })?
-                    .max(1);
-            }
-            "quorum_queues" => {
-                base.quorum_queues = match &*value {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => {
-                        return Err(Error::config(format!(
-                            "`{shown}`: `quorum_queues` must be true or false, got `{value}`"
-                        )))
-                    }
-                }
-            }
-            "connection_name" => base.connection_name = Some(value.clone().into_owned()),
-            "max_payload" => {
-                base.max_payload = usize::try_from(number()?).unwrap_or(usize::MAX);
-            }
-            "confirm_timeout_ms" => base.confirm_timeout_ms = number()?,
-            "reconnect_timeout_ms" => base.reconnect_timeout_ms = number()?,
-            other
-                if LAPIN_PARAMS.contains(&other)
-                    || adapter_rabbitmq::URL_PARAMETERS.contains(&other) =>
-            {
-                kept.push((name.clone().into_owned(), value.clone().into_owned()));
-            }
-            other => unknown.push(format!("`{other}`")),
-        }
-    }
-    if !unknown.is_empty() {
-        return Err(Error::config(format!(
-            "`{shown}`: unknown query parameters {}",
-            unknown.join(", ")
-        )));
-    }
-    let mut url = url.clone();
-    url.set_query(None);
-    if !kept.is_empty() {
-        url.query_pairs_mut().extend_pairs(kept);
-    }
-    base.url = url.into();
-    Ok(base)
-}
-
-pub(crate) fn memory_from_url(
-    url: &Url,
-    mut base: adapter_memory::MemoryConfig,
-) -> Result<adapter_memory::MemoryConfig> {
-    let shown = redact(url.as_str());
-    let has_host = url.host_str().is_some_and(|h| !h.is_empty());
-    if has_host
-        || url.port().is_some()
-        || !matches!(url.path(), "" | "/")
-        || url.fragment().is_some()
-    {
-        return Err(Error::config(format!(
-            "`{shown}`: a memory:// URL takes only query parameters (no host, port, path or \
-             fragment); every memory:// connection is its own in-process broker"
-        )));
-    }
-
-    let mut seen = std::collections::BTreeSet::new();
-    let mut unknown = Vec::new();
-    for (name, value) in url.query_pairs() {
-        if !seen.insert(name.clone().into_owned()) {
-            return Err(Error::config(format!(
-                "`{shown}`: query parameter `{name}` is given more than once"
-            )));
-        }
-        let number = |what: &str| -> Result<u64> {
-            value.parse::<u64>().map_err(|error| {
-                Error::with_source(
-                    ErrorKind::Config,
-                    format!("`{shown}`: `{name}` must be {what}, got `{value}`"),
-                    error,
-                )
-            })
-        };
-        let size = |what: &str| -> Result<usize> {
-            let n = number(what)?;
-            usize::try_from(n).map_err(|error| {
-                Error::with_source(
-                    ErrorKind::Config,
-                    format!("`{shown}`: `{name}` is too large: {n}"),
-                    error,
-                )
-            })
-        };
-        match &*name {
-            "capacity" => {
-                let capacity = size("a number of messages, at least 1")?;
-                if capacity == 0 {
-                    return Err(Error::config(format!(
-                        "`{shown}`: `capacity` must be at least 1"
-                    )));
-                }
-                base = base.with_capacity(capacity);
-            }
-            "publish_timeout_ms" => {
-                base = base.with_publish_timeout(std::time::Duration::from_millis(number(
-                    "a number of milliseconds",
-                )?));
-            }
-            "max_payload" => base = base.with_max_payload(size("a number of bytes")?),
-            "max_headers" => base = base.with_max_headers(size("a number of headers")?),
-            _ => unknown.push(format!("`{name}`")),
-        }
-    }
-    if !unknown.is_empty() {
-        return Err(Error::config(format!(
-            "`{shown}`: unknown query parameter{} {}; a memory:// URL takes capacity, \
-             publish_timeout_ms, max_payload and max_headers",
-            if unknown.len() == 1 { "" } else { "s" },
-            unknown.join(", ")
-        )));
-    }
-    Ok(base)
 }
 
 #[cfg(test)]
@@ -551,56 +393,6 @@ mod tests {
     #[cfg(feature = "rabbitmq")]
     mod rabbitmq {
         use super::*;
-        use adapter_rabbitmq::RabbitMqConfig;
-
-        fn parse(url: &str, base: RabbitMqConfig) -> Result<RabbitMqConfig> {
-            rabbitmq_from_url(&Url::parse(url).unwrap(), base)
-        }
-
-        #[test]
-        fn query_params_override_the_section_and_lapin_params_stay_in_the_url() {
-            let base = RabbitMqConfig::default()
-                .with_prefetch(7)
-                .with_connection_name("from-section");
-            let config = parse(
-                "amqp://u:p@mq:5672/%2f?prefetch=50&quorum_queues=true&heartbeat=10&max_payload=1024",
-                base,
-            )
-            .unwrap();
-            assert_eq!(config.prefetch, 50);
-            assert!(config.quorum_queues);
-            assert_eq!(config.max_payload, 1024);
-            assert_eq!(config.connection_name.as_deref(), Some("from-section"));
-            assert_eq!(config.url, "amqp://u:p@mq:5672/%2f?heartbeat=10");
-        }
-
-        #[test]
-        fn the_adapters_tls_params_stay_in_the_url() {
-            let config = parse(
-                "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq&prefetch=5",
-                RabbitMqConfig::default(),
-            )
-            .unwrap();
-            assert_eq!(config.prefetch, 5);
-            assert_eq!(
-                config.url,
-                "amqps://u:p@mq:5671/%2f?tls_ca=%2Fca.pem&tls_server_name=mq"
-            );
-        }
-
-        #[test]
-        fn unknown_and_bad_params_are_config_errors() {
-            let err = parse("amqp://mq/?colour=blue", RabbitMqConfig::default()).unwrap_err();
-            assert!(err.to_string().contains("`colour`"), "{err}");
-            for url in [
-                "amqp://mq/?prefetch=lots",
-                "amqp://mq/?prefetch=70000",
-                "amqp://mq/?quorum_queues=maybe",
-            ] {
-                let err = parse(url, RabbitMqConfig::default()).unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
-            }
-        }
 
         #[test]
         fn the_section_reads_through_serde_and_hides_the_password() {
@@ -618,71 +410,6 @@ mod tests {
     mod memory {
         use super::*;
         use adapter_memory::MemoryConfig;
-        use std::time::Duration;
-
-        fn parse(url: &str) -> Result<MemoryConfig> {
-            memory_from_url(&Url::parse(url).unwrap(), MemoryConfig::default())
-        }
-
-        #[test]
-        fn bare_url_is_the_default_config() {
-            assert_eq!(parse("memory://").unwrap(), MemoryConfig::default());
-            assert_eq!(parse("memory:///").unwrap(), MemoryConfig::default());
-        }
-
-        #[test]
-        fn query_params_map_onto_the_config() {
-            let config = parse(
-                "memory://?capacity=1000&max_payload=262144&max_headers=10&publish_timeout_ms=250",
-            )
-            .unwrap();
-            assert_eq!(
-                config,
-                MemoryConfig::default()
-                    .with_capacity(1000)
-                    .with_max_payload(262_144)
-                    .with_max_headers(10)
-                    .with_publish_timeout(Duration::from_millis(250))
-            );
-        }
-
-        #[test]
-        fn query_params_override_the_section() {
-            let base = MemoryConfig::default().with_capacity(5).with_max_headers(3);
-            let config =
-                memory_from_url(&Url::parse("memory://?capacity=7").unwrap(), base).unwrap();
-            assert_eq!(config.capacity, 7);
-            assert_eq!(config.max_headers, Some(3));
-        }
-
-        #[test]
-        fn unknown_params_are_named() {
-            let err = parse("memory://?capacity=10&colour=blue&size=3").unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::Config);
-            let text = err.to_string();
-            assert!(
-                text.contains("unknown query parameters `colour`, `size`"),
-                "{text}"
-            );
-        }
-
-        #[test]
-        fn bad_values_are_config_errors_with_the_parse_error_kept() {
-            for url in [
-                "memory://?capacity=lots",
-                "memory://?capacity=0",
-                "memory://?max_payload=-1",
-                "memory://?capacity=1&capacity=2",
-                "memory://somehost",
-                "memory://?max_headers=99999999999999999999999",
-            ] {
-                let err = parse(url).unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
-            }
-            let err = parse("memory://?capacity=lots").unwrap_err();
-            assert!(err.to_string().contains("`capacity` must be"), "{err}");
-            assert!(std::error::Error::source(&err).is_some());
-        }
 
         #[tokio::test]
         async fn connect_applies_url_and_section() {

@@ -52,16 +52,19 @@
 //!
 //! # Adapters and cargo features
 //!
-//! | feature | URL schemes | status |
+//! | feature | URL schemes | adapter |
 //! |---|---|---|
-//! | `memory` (default) | `memory://` | works |
-//! | `nats` | `nats://` | not built yet: issue #4 |
-//! | `rabbitmq` | `amqp://`, `amqps://` | not built yet: issue #5 |
-//! | `kafka` | `kafka://` | not built yet: issue #6 |
-//! | `sqs` | `sqs://` | not built yet: issue #7 |
+//! | `memory` (default) | `memory://` | the in-process broker (`adapter-memory`) |
+//! | `nats` | `nats://` | NATS with JetStream, through async-nats (`adapter-nats`) |
+//! | `rabbitmq` | `amqp://`, `amqps://` | RabbitMQ, through lapin (`adapter-rabbitmq`) |
+//! | `kafka` | `kafka://` | Kafka, through rdkafka (`adapter-kafka`) |
+//! | `sqs` | `sqs://` | AWS SQS with SNS, through the AWS SDK (`adapter-sqs`) |
+//! | `opentelemetry` | | tracing and metrics middleware (`middleware::tracing`, `middleware::metrics`) |
+//! | `redis`, `postgres` | | idempotency stores (`middleware::idempotency`) |
 //!
 //! A URL whose adapter's feature is off fails with an [`ErrorKind::Config`] error naming the
-//! feature to enable; an adapter that is not built yet fails the same way, naming its issue.
+//! feature to enable. What each adapter does natively, emulates or cannot do is in its
+//! [`Capabilities`] and in docs/ARCHITECTURE.md, section 7.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
@@ -97,8 +100,8 @@ pub use adapter_memory::{MemoryBroker, MemoryConfig};
 /// ```
 ///
 /// # Errors
-/// [`ErrorKind::Config`] when the URL is invalid, its scheme unknown, its adapter's cargo
-/// feature off or its adapter not built yet; otherwise the adapter's connection errors.
+/// [`ErrorKind::Config`] when the URL is invalid, its scheme unknown or its adapter's cargo
+/// feature off; otherwise the adapter's connection errors.
 ///
 /// # Cancel safety
 /// Dropping the future abandons the connection attempt; nothing is left behind.
@@ -108,7 +111,7 @@ pub async fn connect(url: &str) -> Result<Bus> {
 
 /// The README's example is compiled and run as a doc test, so it cannot rot.
 #[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
+#[doc = include_str!("../README.md")]
 struct ReadmeExample;
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
 //! From a parsed URL to an adapter: one function per scheme, each behind its cargo feature.
+//! Every adapter reads its own URL (`<Adapter>Config::apply_url(self, &Url)`, over the
+//! `BusConfig` section or the defaults); this module only maps a scheme to an adapter.
 
 use url::Url;
 
@@ -47,19 +49,9 @@ pub(crate) fn feature_off(scheme: &str, feature: &str) -> Error {
     ))
 }
 
-/// The error for an adapter that is compiled in but not built yet: it only exports its status.
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) fn not_built(scheme: &str, adapter: &str, tracking_issue: u32) -> Error {
-    Error::config(format!(
-        "`{scheme}://` URLs need the {adapter} adapter, which is not built yet \
-         (tracking issue #{tracking_issue}); use `memory://` meanwhile"
-    ))
-}
-
 #[cfg(feature = "memory")]
 fn memory(url: &Url, config: &BusConfig) -> Result<Bus> {
-    let base = config.memory.clone().unwrap_or_default();
-    let memory_config = crate::config::memory_from_url(url, base)?;
+    let memory_config = config.memory.clone().unwrap_or_default().apply_url(url)?;
     Ok(Bus::new(adapter_memory::MemoryBroker::with_config(
         memory_config,
     )))
@@ -70,15 +62,9 @@ fn memory(_url: &Url, _config: &BusConfig) -> Result<Bus> {
     Err(feature_off("memory", "memory"))
 }
 
-// Each adapter below exports only `IMPLEMENTED` and `TRACKING_ISSUE` until its issue lands;
-// that issue replaces the body with the adapter's constructor (and adds its `BusConfig`
-// section). Flipping `IMPLEMENTED` without doing so stops the build here, rather than leaving
-// `bus::connect` refusing an adapter that works.
-
 #[cfg(feature = "nats")]
 async fn nats(url: &Url, config: &BusConfig) -> Result<Bus> {
-    let base = config.nats.clone().unwrap_or_default();
-    let nats_config = base.apply_url(url)?;
+    let nats_config = config.nats.clone().unwrap_or_default().apply_url(url)?;
     Ok(Bus::new(
         adapter_nats::NatsBroker::connect_with(nats_config).await?,
     ))
@@ -91,10 +77,10 @@ async fn nats(url: &Url, _config: &BusConfig) -> Result<Bus> {
 
 #[cfg(feature = "rabbitmq")]
 async fn rabbitmq(url: &Url, config: &BusConfig) -> Result<Bus> {
-    let base = config.rabbitmq.clone().unwrap_or_default();
-    let rabbitmq_config = crate::config::rabbitmq_from_url(url, base)?;
-    let broker = adapter_rabbitmq::RabbitMqBroker::with_config(rabbitmq_config).await?;
-    Ok(Bus::new(broker))
+    let rabbitmq_config = config.rabbitmq.clone().unwrap_or_default().apply_url(url)?;
+    Ok(Bus::new(
+        adapter_rabbitmq::RabbitMqBroker::with_config(rabbitmq_config).await?,
+    ))
 }
 
 #[cfg(not(feature = "rabbitmq"))]
@@ -104,8 +90,7 @@ async fn rabbitmq(url: &Url, _config: &BusConfig) -> Result<Bus> {
 
 #[cfg(feature = "kafka")]
 async fn kafka(url: &Url, config: &BusConfig) -> Result<Bus> {
-    let base = config.kafka.clone().unwrap_or_default();
-    let kafka_config = base.merge_url(url.as_str())?;
+    let kafka_config = config.kafka.clone().unwrap_or_default().apply_url(url)?;
     Ok(Bus::new(
         adapter_kafka::KafkaBroker::connect(kafka_config).await?,
     ))
@@ -118,8 +103,7 @@ async fn kafka(url: &Url, _config: &BusConfig) -> Result<Bus> {
 
 #[cfg(feature = "sqs")]
 async fn sqs(url: &Url, config: &BusConfig) -> Result<Bus> {
-    let base = config.sqs.clone().unwrap_or_default();
-    let sqs_config = base.apply_url(url)?;
+    let sqs_config = config.sqs.clone().unwrap_or_default().apply_url(url)?;
     Ok(Bus::new(
         adapter_sqs::SqsBroker::connect_with(sqs_config).await?,
     ))
@@ -163,16 +147,7 @@ mod tests {
         );
     }
 
-    #[test]
-    fn not_built_error_names_the_issue() {
-        let err = not_built("nats", "NATS", 4);
-        assert_eq!(err.kind(), ErrorKind::Config);
-        let text = err.to_string();
-        assert!(text.contains("not built yet"), "{text}");
-        assert!(text.contains("#4"), "{text}");
-    }
-
-    /// Checks each adapter scheme answers as its feature and status say.
+    /// Checks that a scheme whose adapter's feature is off names the feature.
     #[cfg_attr(
         all(
             feature = "nats",
@@ -182,49 +157,31 @@ mod tests {
         ),
         allow(dead_code)
     )]
-    async fn check_adapter(url: &str, feature: &str, compiled_in: bool, issue: Option<u32>) {
+    async fn check_feature_off(url: &str, feature: &str) {
         let err = connect_err(url).await;
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
         let text = err.to_string();
-        if compiled_in {
-            let issue = issue.expect("a compiled-in adapter has a tracking issue");
-            assert!(text.contains("not built yet"), "{text}");
-            assert!(text.contains(&format!("#{issue}")), "{text}");
-        } else {
-            assert!(
-                text.contains(&format!("enable the \"{feature}\" feature of bus")),
-                "{text}"
-            );
-        }
+        assert!(
+            text.contains(&format!("enable the \"{feature}\" feature of bus")),
+            "{text}"
+        );
     }
 
     #[tokio::test]
-    async fn adapter_schemes_answer_by_feature_and_status() {
-        // NATS is built: with its feature on, a URL connects (or fails as a connection would).
+    async fn adapter_schemes_without_their_feature_name_it() {
+        // With its feature on, a URL connects or fails as a connection would (the adapters'
+        // own tests, and rabbitmq_query_params_are_checked below).
         #[cfg(not(feature = "nats"))]
-        check_adapter("nats://127.0.0.1:4222", "nats", false, None).await;
-
-        // RabbitMQ is built: with its feature on, a URL either connects or fails as a
-        // connection would (rabbitmq_query_params_are_checked covers that side).
+        check_feature_off("nats://127.0.0.1:4222", "nats").await;
         #[cfg(not(feature = "rabbitmq"))]
         {
-            check_adapter(
-                "amqp://guest:guest@127.0.0.1:5672/%2f",
-                "rabbitmq",
-                false,
-                None,
-            )
-            .await;
-            check_adapter("amqps://127.0.0.1:5671", "rabbitmq", false, None).await;
+            check_feature_off("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq").await;
+            check_feature_off("amqps://127.0.0.1:5671", "rabbitmq").await;
         }
-
-        // Kafka is built: with its feature on, a URL connects or fails as a connection would.
         #[cfg(not(feature = "kafka"))]
-        check_adapter("kafka://127.0.0.1:9092", "kafka", false, None).await;
-
-        // SQS is built: with its feature on, a URL connects (or fails as a connection would).
+        check_feature_off("kafka://127.0.0.1:9092", "kafka").await;
         #[cfg(not(feature = "sqs"))]
-        check_adapter("sqs://127.0.0.1:4566?region=us-east-1", "sqs", false, None).await;
+        check_feature_off("sqs://127.0.0.1:4566?region=us-east-1", "sqs").await;
     }
 
     #[cfg(feature = "rabbitmq")]
