@@ -47,12 +47,6 @@ async fn buffered_deliveries_of_a_slow_consumer_are_not_redelivered() {
     let handler = handler_fn(move |envelope: Envelope, info: DeliveryInfo| {
         let handled = handled.clone();
         async move {
-            eprintln!(
-                "DEBUG {:?} start {} attempt {}",
-                std::time::SystemTime::now(),
-                envelope.id,
-                info.attempt()
-            );
             tokio::time::sleep(LEASE + Duration::from_millis(200)).await;
             let _ = handled.send((envelope.id, info.attempt()));
         }

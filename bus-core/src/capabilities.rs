@@ -69,8 +69,12 @@ pub struct Capabilities {
     pub consumer_groups: bool,
     /// Messages with the same key are delivered in publish order to a single subscriber.
     pub per_key_order: bool,
-    /// Per-key order also holds across the competing members of one group: a key is only ever
-    /// in flight at one member at a time (Kafka partitions, SQS FIFO groups, the memory broker).
+    /// Per-key order also holds across the competing members of one group: a key's first
+    /// deliveries (and the [`Consumer`](crate::Consumer)'s retries in place) are only ever in
+    /// flight at one member at a time (Kafka partitions, SQS FIFO groups, the memory broker).
+    /// A delivery nacked to the broker follows
+    /// [`key_order_across_retries`](Capabilities::key_order_across_retries): on Kafka its copy
+    /// on the retry topic may be read by another member.
     pub per_key_order_across_members: bool,
     /// Whether a failed message still takes effect before the later messages of its key.
     /// `Native` where the broker itself holds a key back while one of its messages waits for
@@ -86,7 +90,9 @@ pub struct Capabilities {
     pub no_responders_detection: bool,
     /// `nack(Redeliver::After(d))` waits at least `d` before redelivery.
     pub delayed_redelivery: Support,
-    /// `reject` moves the message to the dead-letter queue.
+    /// `reject` moves the message to the dead-letter queue. `Native` where the broker moves it
+    /// (memory; SQS with a redrive policy also moves messages received too often), `Emulated`
+    /// where the adapter sends a marked copy and then settles the original.
     pub dead_letter: Support,
     /// A delivery dropped unsettled comes back while the subscription is still open (not only
     /// after a timeout the test cannot wait for).
