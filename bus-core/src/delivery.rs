@@ -293,6 +293,15 @@ impl Name {
             Name::Shared(name) => name,
         }
     }
+
+    /// The name as an `Arc<str>`: shared when it is, else copied.
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn to_shared(&self) -> Arc<str> {
+        match self {
+            Name::Owned(name) => Arc::from(name.as_str()),
+            Name::Shared(name) => name.clone(),
+        }
+    }
 }
 
 impl PartialEq for Name {

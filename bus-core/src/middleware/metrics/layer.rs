@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use opentelemetry::KeyValue;
+use opentelemetry::{KeyValue, StringValue};
 use tower_layer::Layer;
 
 use super::BusMetrics;
@@ -96,21 +96,24 @@ impl<H: fmt::Debug> fmt::Debug for Metered<H> {
 impl<H: Handler> Handler for Metered<H> {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let instruments = &self.metrics.instruments;
-        let mut attributes = vec![
+        let (source, group) = delivery.names();
+        // Room for the outcome and the error type added below, so the vector never grows.
+        let mut attributes = Vec::with_capacity(6);
+        attributes.extend([
             KeyValue::new(semconv::MESSAGING_SYSTEM, self.system.clone()),
             KeyValue::new(
                 semconv::MESSAGING_DESTINATION_NAME,
-                delivery.source().to_owned(),
+                StringValue::from(source.to_shared()),
             ),
             KeyValue::new(
                 semconv::MESSAGING_OPERATION_NAME,
                 semconv::OPERATION_PROCESS,
             ),
-        ];
-        if let Some(group) = delivery.group() {
+        ]);
+        if let Some(group) = group {
             attributes.push(KeyValue::new(
                 semconv::MESSAGING_CONSUMER_GROUP_NAME,
-                group.to_owned(),
+                StringValue::from(group.to_shared()),
             ));
         }
         instruments.consumed.add(1, &attributes);

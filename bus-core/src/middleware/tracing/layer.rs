@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use opentelemetry::trace::{
     FutureExt as _, Link, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider,
 };
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use tower_layer::Layer;
 
 use super::propagation::remote_span_context;
@@ -130,11 +130,14 @@ impl<H> Tracing<H> {
             Some(remote) => current.with_remote_span_context(remote.clone()),
             None => current,
         };
-        let mut attributes = vec![
+        let (source, group) = delivery.names();
+        // Room for the group, and for the outcome and error type the span gets at its end.
+        let mut attributes = Vec::with_capacity(11);
+        attributes.extend([
             KeyValue::new(semconv::MESSAGING_SYSTEM, self.system.clone()),
             KeyValue::new(
                 semconv::MESSAGING_DESTINATION_NAME,
-                delivery.source().to_owned(),
+                StringValue::from(source.to_shared()),
             ),
             KeyValue::new(
                 semconv::MESSAGING_OPERATION_TYPE,
@@ -144,31 +147,30 @@ impl<H> Tracing<H> {
                 semconv::MESSAGING_OPERATION_NAME,
                 semconv::OPERATION_PROCESS,
             ),
-            KeyValue::new(semconv::MESSAGING_MESSAGE_ID, envelope.id.to_string()),
+            KeyValue::new(
+                semconv::MESSAGING_MESSAGE_ID,
+                envelope.id.as_str().to_owned(),
+            ),
             KeyValue::new(
                 semconv::MESSAGING_MESSAGE_CONVERSATION_ID,
-                envelope.correlation_id.to_string(),
+                envelope.correlation_id.as_str().to_owned(),
             ),
             KeyValue::new(
                 semconv::MESSAGING_MESSAGE_BODY_SIZE,
                 i64::try_from(envelope.payload.len()).unwrap_or(i64::MAX),
             ),
             KeyValue::new(semconv::BUS_DELIVERY_ATTEMPT, i64::from(delivery.attempt())),
-        ];
-        if let Some(group) = delivery.group() {
+        ]);
+        if let Some(group) = group {
             attributes.push(KeyValue::new(
                 semconv::MESSAGING_CONSUMER_GROUP_NAME,
-                group.to_owned(),
+                StringValue::from(group.to_shared()),
             ));
         }
         let links = remote.into_iter().map(Link::with_context).collect();
         let span = self.tracer.with(|tracer| {
             tracer
-                .span_builder(format!(
-                    "{} {}",
-                    semconv::OPERATION_PROCESS,
-                    delivery.source()
-                ))
+                .span_builder(span_name(delivery.source()))
                 .with_kind(SpanKind::Consumer)
                 .with_attributes(attributes)
                 .with_links(links)
@@ -204,4 +206,13 @@ impl<H: Handler> Handler for Tracing<H> {
         span.end();
         outcome
     }
+}
+
+/// `process {source}`, the span's name.
+fn span_name(source: &str) -> String {
+    let mut name = String::with_capacity(semconv::OPERATION_PROCESS.len() + 1 + source.len());
+    name.push_str(semconv::OPERATION_PROCESS);
+    name.push(' ');
+    name.push_str(source);
+    name
 }
