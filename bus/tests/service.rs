@@ -535,6 +535,9 @@ async fn service_futures_are_send() {
             let message = order("o");
             let publish = ctx.publish("u", &message);
             assert_send(&publish);
+            let request = ctx.request::<_, OrderPlaced>("q", &message, WAIT);
+            assert_send(&request);
+            drop(request);
             publish.await.map(drop)
         });
     let run = service.run(async {});

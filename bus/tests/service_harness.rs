@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bus::service::testing::TestHarness;
+use bus::service::testing::{Consumed, TestHarness};
 use bus::{Context, Error, ErrorKind, Message, Service, Settlement};
 use serde::{Deserialize, Serialize};
 
@@ -104,10 +104,17 @@ async fn what_a_service_consumed_published_and_sent_can_be_awaited_by_type() {
     );
     assert_eq!(email.envelope.causation_id.as_ref(), Some(&id));
 
+    // A second order: its payment is found by its contents.
+    harness.publish("orders", &order("o-2", 10)).await.unwrap();
+    let second = harness
+        .published_where(|p: &PaymentRequested| p.order_id == "o-2")
+        .await;
+    assert_eq!(second.message.amount_cents, 10);
+
     // What the test published itself is recorded too; nothing else was.
-    assert_eq!(harness.published_all::<OrderPlaced>().len(), 1);
-    assert_eq!(harness.published_all::<PaymentRequested>().len(), 1);
-    assert_eq!(harness.consumed_all::<OrderPlaced>().len(), 1);
+    assert_eq!(harness.published_all::<OrderPlaced>().len(), 2);
+    assert_eq!(harness.published_all::<PaymentRequested>().len(), 2);
+    assert_eq!(harness.sent_all::<ReceiptEmail>().len(), 2);
     service.stop().await;
 }
 
@@ -130,6 +137,10 @@ async fn a_dead_letter_and_a_retry_are_visible_with_their_settlement() {
         .unwrap();
     let payment = harness.published::<PaymentRequested>().await;
     assert_eq!(payment.message.order_id, "flaky");
+    let acked = harness
+        .consumed_where(|c: &Consumed<OrderPlaced>| c.message.order_id == "flaky" && c.is_acked())
+        .await;
+    assert_eq!(acked.source, "orders");
     let flaky: Vec<_> = harness
         .consumed_all::<OrderPlaced>()
         .into_iter()
@@ -168,4 +179,20 @@ async fn a_message_that_never_comes_fails_the_test_saying_what_came_instead() {
         "{message}"
     );
     service.stop().await;
+}
+
+#[tokio::test]
+async fn harness_types_and_futures_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send_sync::<TestHarness>();
+    assert_send_sync::<bus::service::testing::Consumed<OrderPlaced>>();
+    assert_send_sync::<bus::service::testing::Recorded<OrderPlaced>>();
+    assert_send_sync::<bus::service::HandlerOptions>();
+    let harness = TestHarness::new();
+    let published = harness.published::<OrderPlaced>();
+    assert_send(&published);
+    drop(published);
+    let acked = harness.acked::<OrderPlaced>();
+    assert_send(&acked);
 }

@@ -279,6 +279,60 @@ impl TestHarness {
         .await
     }
 
+    /// The first `M` published to any topic for which `condition` holds, waiting for it:
+    /// for a test that publishes one type several times.
+    ///
+    /// ```
+    /// # use bus::{Message, service::testing::TestHarness};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderPlaced { order_id: String }
+    /// # impl Message for OrderPlaced { const KIND: &'static str = "order.placed"; }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> bus::Result<()> {
+    /// let harness = TestHarness::new();
+    /// for id in ["o-1", "o-2"] {
+    ///     harness.publish("orders", &OrderPlaced { order_id: id.into() }).await?;
+    /// }
+    /// let second = harness.published_where(|o: &OrderPlaced| o.order_id == "o-2").await;
+    /// assert_eq!(second.destination, "orders");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Panics
+    /// When none was published within the timeout; the message lists what was.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads the log.
+    pub async fn published_where<M: Message>(&self, condition: impl Fn(&M) -> bool) -> Recorded<M> {
+        self.wait::<M, _>("published (matching the condition)", |log| {
+            log.published
+                .iter()
+                .filter_map(recorded::<M>)
+                .find(|r| condition(&r.message))
+        })
+        .await
+    }
+
+    /// The first `M` a consumer settled (however) for which `condition` holds, waiting for
+    /// it.
+    ///
+    /// # Panics
+    /// When none was consumed within the timeout; the message lists what was.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads the log.
+    pub async fn consumed_where<M: Message>(
+        &self,
+        condition: impl Fn(&Consumed<M>) -> bool,
+    ) -> Consumed<M> {
+        self.wait::<M, _>("consumed (matching the condition)", |log| {
+            log.consumed
+                .iter()
+                .filter_map(consumed_as::<M>)
+                .find(|c| condition(c))
+        })
+        .await
+    }
+
     /// Every `M` published so far, in order, without waiting.
     #[must_use]
     pub fn published_all<M: Message>(&self) -> Vec<Recorded<M>> {
