@@ -249,7 +249,8 @@ impl Buffer {
 
     /// The index of the first deliverable message, or when the next may become due.
     fn find(state: &State) -> std::result::Result<usize, Option<Instant>> {
-        let now = Instant::now();
+        // Read the clock only for a message held back (nack with delay): most have no delay.
+        let mut now = None;
         let mut earliest: Option<Instant> = None;
         // Keys whose first waiting message is not due yet: their later ones wait behind it.
         let mut blocked: HashSet<&str> = HashSet::new();
@@ -263,7 +264,7 @@ impl Buffer {
                 }
             }
             match entry.not_before {
-                Some(due) if due > now => {
+                Some(due) if due > *now.get_or_insert_with(Instant::now) => {
                     earliest = Some(earliest.map_or(due, |e| e.min(due)));
                     if let Some(key) = key {
                         blocked.insert(key);
