@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command, the same locally and in CI:
-#   brokers (installed and started on loopback), formatting, clippy, the whole test suite
-#   against the real brokers, the docs with warnings denied, and the quickstart.
+#   brokers (installed and started on loopback), formatting, clippy, the feature matrix,
+#   packaging, the whole test suite against the real brokers, the docs with warnings denied,
+#   and the quickstart.
 # With BUS_REQUIRE_BROKERS=1 (set here) a test whose broker is missing fails instead of
 # skipping.
 set -euo pipefail
@@ -35,6 +36,17 @@ cargo fmt --all -- --check
 
 step "lints (cargo clippy --workspace --all-targets --all-features -- -D warnings)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "feature matrix: each cargo feature alone, none, all (scripts/features.sh, cargo check)"
+bash scripts/features.sh
+
+step "packaging: every library crate packages for crates.io (cargo package --no-verify)"
+# --no-verify: verifying would build each crate again from its package (librdkafka and the
+# AWS SDK included), minutes for what the builds here already check; the packages are made in
+# one invocation so that each finds the workspace crates it depends on among them.
+cargo package --no-verify --allow-dirty -q \
+    -p bus-core -p adapter-memory -p adapter-nats -p adapter-rabbitmq -p adapter-kafka \
+    -p adapter-sqs -p bus
 
 step "tests (cargo test --workspace --all-features)"
 test_log=$(mktemp)

@@ -4,7 +4,7 @@
 //! Connect with [`NatsBroker::connect`] (`nats://host:4222?…`, see [`NatsConfig::from_url`])
 //! or, through the facade, `bus::connect("nats://127.0.0.1:4222")`.
 //!
-#![doc = include_str!("../../docs/adapters/nats.md")]
+#![doc = include_str!("../README.md")]
 
 mod broker;
 mod config;
