@@ -196,3 +196,64 @@ async fn harness_types_and_futures_are_send_and_sync() {
     let acked = harness.acked::<OrderPlaced>();
     assert_send(&acked);
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct GetQuote {
+    sku: String,
+}
+impl Message for GetQuote {
+    const KIND: &'static str = "quote.get";
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Quote {
+    cents: u64,
+}
+impl Message for Quote {
+    const KIND: &'static str = "quote";
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_replies_can_be_awaited_by_type() {
+    let harness = TestHarness::new();
+    let pricing = Service::new("pricing", harness.bus())
+        .on_request("quotes", |_: GetQuote, _: Context| async {
+            Ok(Quote { cents: 99 })
+        })
+        .start()
+        .await
+        .unwrap();
+    let orders = Service::new("orders", harness.bus())
+        .on("orders", |order: OrderPlaced, ctx: Context| async move {
+            let quote: Quote = ctx
+                .request(
+                    "quotes",
+                    &GetQuote {
+                        sku: order.order_id,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await?;
+            assert_eq!(quote.cents, 99);
+            Ok(())
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let order = harness.publish("orders", &order("o-1", 1)).await.unwrap();
+    let request = harness.requested::<GetQuote>().await;
+    assert_eq!(request.destination, "quotes");
+    assert_eq!(request.envelope.causation_id.as_ref(), Some(&order));
+    let reply = harness.replied::<Quote>().await;
+    assert_eq!(reply.destination, "quotes");
+    assert_eq!(reply.message, Quote { cents: 99 });
+    assert_eq!(
+        reply.envelope.causation_id.as_ref(),
+        Some(&request.envelope.id)
+    );
+    harness.acked::<OrderPlaced>().await;
+
+    orders.stop().await;
+    pricing.stop().await;
+}

@@ -43,8 +43,8 @@
 //! recorded already, and panics after the harness's timeout (default
 //! [`DEFAULT_TIMEOUT`]) with what was recorded instead, so a failing test says what
 //! happened. Messages whose payload does not decode as the awaited type are not matched.
-//! Requests and replies ([`Bus::request`], [`Bus::serve`]) go through untouched and are not
-//! recorded.
+//! Requests and the replies of responders are recorded too
+//! ([`requested`](TestHarness::requested), [`replied`](TestHarness::replied)).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -54,8 +54,9 @@ use std::time::Duration;
 use adapter_memory::MemoryBroker;
 use bus_core::{
     async_trait, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope, Error,
-    ErrorKind, Message, MessageId, Publisher, Queue, Requester, Requests, Responder, Result,
-    ServeOptions, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    ErrorKind, Message, MessageId, Publisher, Queue, Reply, Request, RequestSource, Requester,
+    Requests, Responder, Result, ServeOptions, Settle, Settlement, SubscribeOptions, Subscriber,
+    Subscription,
 };
 use tokio::sync::{watch, Mutex};
 
@@ -128,6 +129,8 @@ struct Log {
     published: Vec<Sent>,
     sent: Vec<Sent>,
     consumed: Vec<Settled>,
+    requested: Vec<Sent>,
+    replied: Vec<Sent>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +336,33 @@ impl TestHarness {
         .await
     }
 
+    /// The first request of type `M` sent to any request channel (through
+    /// [`Context::request`](super::Context::request) or [`Bus::request`]), waiting for it.
+    ///
+    /// # Panics
+    /// When none was sent within the timeout; the message lists what was recorded.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads the log.
+    pub async fn requested<M: Message>(&self) -> Recorded<M> {
+        self.wait::<M, _>("requested", |log| find_sent(&log.requested, |_| true))
+            .await
+    }
+
+    /// The first reply of type `M` a responder on the harness's bus sent (its
+    /// `destination` is the request channel), waiting for it. A service's error replies
+    /// are of kind [`ERROR_REPLY_KIND`](super::ERROR_REPLY_KIND).
+    ///
+    /// # Panics
+    /// When none was sent within the timeout; the message lists what was recorded.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads the log.
+    pub async fn replied<M: Message>(&self) -> Recorded<M> {
+        self.wait::<M, _>("replied", |log| find_sent(&log.replied, |_| true))
+            .await
+    }
+
     /// Every `M` published so far, in order, without waiting.
     #[must_use]
     pub fn published_all<M: Message>(&self) -> Vec<Recorded<M>> {
@@ -472,6 +502,8 @@ impl fmt::Display for Summary<'_> {
         };
         section(f, "published", sent(&self.0.published))?;
         section(f, "sent", sent(&self.0.sent))?;
+        section(f, "requested", sent(&self.0.requested))?;
+        section(f, "replied", sent(&self.0.replied))?;
         let consumed = count(
             self.0
                 .consumed
@@ -551,6 +583,12 @@ impl Queue for Recording {
 #[async_trait]
 impl Requester for Recording {
     async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        // Recorded when sent, so a test sees a request whose reply is still awaited.
+        let sent = Sent {
+            destination: topic.to_owned(),
+            envelope: request.clone(),
+        };
+        self.log.send_modify(|log| log.requested.push(sent));
         self.inner.request(topic, request, timeout).await
     }
 }
@@ -558,7 +596,73 @@ impl Requester for Recording {
 #[async_trait]
 impl Responder for Recording {
     async fn serve(&self, topic: &str, options: ServeOptions) -> Result<Requests> {
-        self.inner.serve(topic, options).await
+        let inner = self.inner.serve(topic, options).await?;
+        Ok(Requests::new(Box::new(Serving {
+            inner,
+            topic: topic.to_owned(),
+            log: self.log.clone(),
+        })))
+    }
+}
+
+/// A responder's requests, whose replies are recorded.
+#[derive(Debug)]
+struct Serving {
+    inner: Requests,
+    topic: String,
+    log: Arc<watch::Sender<Log>>,
+}
+
+#[async_trait]
+impl RequestSource for Serving {
+    async fn next(&mut self) -> Option<Result<Request>> {
+        let request = match self.inner.next().await? {
+            Ok(request) => request,
+            Err(error) => return Some(Err(error)),
+        };
+        let envelope = request.envelope().clone();
+        let reply = RecordReply {
+            request: std::sync::Mutex::new(Some(request)),
+            topic: self.topic.clone(),
+            log: self.log.clone(),
+        };
+        Some(Ok(Request::new(envelope, Box::new(reply))))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Answers the request it holds and records the reply.
+#[derive(Debug)]
+struct RecordReply {
+    request: std::sync::Mutex<Option<Request>>,
+    topic: String,
+    log: Arc<watch::Sender<Log>>,
+}
+
+#[async_trait]
+impl Reply for RecordReply {
+    async fn reply(&self, response: Envelope) -> Result<()> {
+        let request = self
+            .request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(request) = request else {
+            return Err(Error::new(
+                ErrorKind::Other,
+                "the request was answered already",
+            ));
+        };
+        request.reply(response.clone()).await?;
+        let sent = Sent {
+            destination: self.topic.clone(),
+            envelope: response,
+        };
+        self.log.send_modify(|log| log.replied.push(sent));
+        Ok(())
     }
 }
 
