@@ -3,7 +3,9 @@
 //! Publish → [`Consumer`] → ack on the [`MemoryBroker`], against a tokio mpsc channel carrying
 //! the same envelopes (same count, same payload size) from a producer task to a consumer task
 //! that counts and drops each. Rounds alternate (bus, channel, bus, channel, …) so that noise
-//! from the rest of the machine falls on both sides alike; the figures are medians.
+//! from the rest of the machine falls on both sides alike; the figures are medians. Two more
+//! bus rows: 16 keys round robin (per-key order), and the consumer running each handler as a
+//! task of its own (`Consumer::with_task_per_delivery`) instead of inside its task.
 //!
 //! ```text
 //! cargo bench -p adapter-memory --bench memory
@@ -46,8 +48,9 @@ fn envelopes(count: usize, keys: usize) -> Vec<Envelope> {
 }
 
 /// Publishes `envelopes` on one task while a [`Consumer`] (default concurrency) acks them on
-/// another; the time from the first publish to the consumer's stop, all acked.
-async fn bus_round(envelopes: Vec<Envelope>) -> Duration {
+/// another (its handlers inside its task, or with `task_per_delivery` a task each); the time
+/// from the first publish to the consumer's stop, all acked.
+async fn bus_round(envelopes: Vec<Envelope>, task_per_delivery: bool) -> Duration {
     let count = envelopes.len();
     let broker = MemoryBroker::with_config(MemoryConfig::default().with_capacity(CAPACITY));
     let subscription = broker
@@ -66,7 +69,9 @@ async fn bus_round(envelopes: Vec<Envelope>) -> Duration {
             async {}
         })
     };
-    let consumer = Consumer::new(subscription, handler).spawn();
+    let consumer = Consumer::new(subscription, handler)
+        .with_task_per_delivery(task_per_delivery)
+        .spawn();
 
     let started = Instant::now();
     let publisher = tokio::spawn(async move {
@@ -137,17 +142,28 @@ fn main() {
     );
     let mut bus = Vec::new();
     let mut bus_keyed = Vec::new();
+    let mut bus_tasks = Vec::new();
     let mut channel = Vec::new();
     // One round of each first, unmeasured: page faults, allocator warm-up.
     runtime.block_on(async {
-        bus_round(envelopes(messages / 10, 0)).await;
+        bus_round(envelopes(messages / 10, 0), false).await;
         channel_round(envelopes(messages / 10, 0)).await;
     });
     for _ in 0..rounds {
         runtime.block_on(async {
-            bus.push(rate(messages, bus_round(envelopes(messages, 0)).await));
+            bus.push(rate(
+                messages,
+                bus_round(envelopes(messages, 0), false).await,
+            ));
             channel.push(rate(messages, channel_round(envelopes(messages, 0)).await));
-            bus_keyed.push(rate(messages, bus_round(envelopes(messages, keys)).await));
+            bus_keyed.push(rate(
+                messages,
+                bus_round(envelopes(messages, keys), false).await,
+            ));
+            bus_tasks.push(rate(
+                messages,
+                bus_round(envelopes(messages, 0), true).await,
+            ));
         });
     }
 
@@ -159,6 +175,11 @@ fn main() {
         "{:<34} {}",
         format!("bus, {keys} keys (per-key order)"),
         spread(bus_keyed, 0)
+    );
+    println!(
+        "{:<34} {}",
+        "bus, a task per delivery",
+        spread(bus_tasks, 0)
     );
     println!(
         "{:<34} {}",
