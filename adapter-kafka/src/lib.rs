@@ -59,12 +59,6 @@ use publisher::Shared;
 use requests::{Inbox, KafkaRequests};
 use subscriber::{Spec, Start};
 
-/// Whether this adapter is implemented. The facade reads it.
-pub const IMPLEMENTED: bool = true;
-
-/// The issue that built this adapter.
-pub const TRACKING_ISSUE: u32 = 6;
-
 /// A connection to Kafka: publisher, subscriber, queues and request-reply.
 ///
 /// Cheap to share behind an `Arc`; every subscription runs its own consumer (and thread).

@@ -24,12 +24,6 @@ mod wire;
 pub use broker::NatsBroker;
 pub use config::{Credentials, NatsConfig, Storage};
 
-/// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = true;
-
-/// The issue that built this adapter.
-pub const TRACKING_ISSUE: u32 = 4;
-
 /// The names of the headers carrying the envelope's CloudEvents attributes on NATS.
 pub mod header_names {
     pub use crate::wire::{

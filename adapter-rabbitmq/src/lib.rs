@@ -41,6 +41,7 @@
 //! See docs/adapters/rabbitmq.md for the whole mapping, the capabilities and the limits.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod broker;
 mod config;
 #[doc(hidden)]
 pub mod cost;
@@ -52,19 +53,13 @@ mod requests;
 mod subscriber;
 mod wire;
 
+pub use broker::RabbitMqBroker;
 pub use config::{AuthMechanism, Pem, PropertiesHook, RabbitMqConfig};
 pub use endpoint::URL_PARAMETERS;
-pub use publisher::RabbitMqBroker;
 
 /// Re-exported so the escape hatch ([`RabbitMqConfig::with_properties`]) and downcasts of
 /// error sources use the same lapin as the adapter.
 pub use lapin;
-
-/// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = true;
-
-/// The issue that builds this adapter.
-pub const TRACKING_ISSUE: u32 = 5;
 
 /// Connects to the RabbitMQ at `url` with the default configuration.
 ///

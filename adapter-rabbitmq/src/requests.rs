@@ -27,9 +27,9 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio::sync::oneshot;
 
+use crate::broker::{check_name, Inner};
 use crate::error::map;
 use crate::link::{confirmed, Confirmed};
-use crate::publisher::{check_name, Inner};
 use crate::subscriber::{prefetch, Endpoint, Raw, Source};
 use crate::{wire, RabbitMqBroker};
 

@@ -21,9 +21,9 @@ use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::broker::{check_name, Inner};
 use crate::error::map;
 use crate::link::Session;
-use crate::publisher::{check_name, Inner};
 use crate::{wire, RabbitMqBroker};
 
 /// What a consumer reads from, and how to (re)declare it.

@@ -57,12 +57,6 @@ pub use aws_sdk_sns;
 /// Re-exported, see [`aws_config`].
 pub use aws_sdk_sqs;
 
-/// Whether this adapter is implemented. The facade reads it to refuse the URL scheme clearly.
-pub const IMPLEMENTED: bool = true;
-
-/// The issue that builds this adapter.
-pub const TRACKING_ISSUE: u32 = 7;
-
 /// The names of the message attributes `bus` writes (CloudEvents HTTP binary-mode names).
 pub mod attributes {
     pub use crate::wire::{
