@@ -392,13 +392,13 @@ impl<H: Handler> Consumer<H> {
 
         let shutting_down = loop {
             while running.len() < concurrency {
-                let Some(delivery) = waiting.pop_ready() else {
+                let Some((delivery, key)) = waiting.pop_ready() else {
                     break;
                 };
                 if task_per_delivery {
-                    running.spawn(delivery, &run);
+                    running.spawn(delivery, key, &run);
                 } else {
-                    running.push(inline(delivery, &run));
+                    running.push(inline(delivery, key, &run));
                 }
             }
             gauges.set(running.len(), &waiting);
@@ -663,7 +663,7 @@ pub struct ConsumerReport {
 /// How a handler task ended, for the consumer loop.
 enum Finished {
     /// The delivery was settled or dropped: its key (if any) is free again.
-    Released(Option<String>),
+    Released(Option<Arc<str>>),
     /// The delivery failed and is to be retried in place after this delay; its key stays
     /// parked.
     Parked(Box<Delivery>, Duration),
@@ -725,8 +725,9 @@ impl ConsumerReport {
 #[derive(Default)]
 struct KeyQueue {
     ready: VecDeque<Delivery>,
-    /// Present for a key while one of its deliveries is running, ready or parked.
-    blocked: HashMap<String, Later>,
+    /// Present for a key while one of its deliveries is running, ready or parked. Shared with
+    /// the running handler of the key, which hands it back when it finishes.
+    blocked: HashMap<Arc<str>, Later>,
     /// Parked deliveries by the time their retry is due (and a sequence number, for ties).
     parked: BTreeMap<(Instant, u64), Delivery>,
     seq: u64,
@@ -749,7 +750,7 @@ impl KeyQueue {
             self.ready.push_back(delivery);
             return;
         };
-        if let Some(later) = self.blocked.get_mut(key) {
+        if let Some(later) = self.blocked.get_mut(key.as_str()) {
             if later.parked {
                 self.held += 1;
             } else {
@@ -757,16 +758,26 @@ impl KeyQueue {
             }
             later.deliveries.push_back(delivery);
         } else {
-            self.blocked.insert(key.clone(), Later::default());
+            self.blocked
+                .insert(Arc::from(key.as_str()), Later::default());
             self.pending += 1;
             self.ready.push_back(delivery);
         }
     }
 
-    fn pop_ready(&mut self) -> Option<Delivery> {
+    /// The next delivery to run, with its key (shared, not copied) if it has one.
+    fn pop_ready(&mut self) -> Option<(Delivery, Option<Arc<str>>)> {
         let delivery = self.ready.pop_front()?;
         self.pending -= 1;
-        Some(delivery)
+        let key = delivery.envelope().key.as_deref().map(|key| {
+            match self.blocked.get_key_value(key) {
+                Some((key, _)) => key.clone(),
+                // A ready keyed delivery always has its key blocked; should that change, the
+                // key is copied and releasing it finds nothing to release.
+                None => Arc::from(key),
+            }
+        });
+        Some((delivery, key))
     }
 
     /// The delivery of `key` that was running has been settled: the next of that key is ready.
@@ -790,7 +801,7 @@ impl KeyQueue {
             .envelope()
             .key
             .as_ref()
-            .and_then(|key| self.blocked.get_mut(key))
+            .and_then(|key| self.blocked.get_mut(key.as_str()))
         {
             Some(later) => {
                 later.parked = true;
@@ -824,7 +835,7 @@ impl KeyQueue {
                 .envelope()
                 .key
                 .as_ref()
-                .and_then(|key| self.blocked.get_mut(key))
+                .and_then(|key| self.blocked.get_mut(key.as_str()))
             {
                 Some(later) => {
                     later.parked = false;
@@ -921,7 +932,7 @@ struct Run<H> {
 
 /// A finished handler (task or inline future): the key it held, and what it did.
 struct Joined {
-    key: Option<String>,
+    key: Option<Arc<str>>,
     result: Result<Processed, Failed>,
 }
 
@@ -939,7 +950,7 @@ enum Failed {
 struct Running<F> {
     inline: FuturesUnordered<F>,
     tasks: JoinSet<Processed>,
-    keys: HashMap<Id, String>,
+    keys: HashMap<Id, Arc<str>>,
 }
 
 /// The handler of `delivery` as a future for [`Running::push`]: it carries its key, and a
@@ -947,9 +958,9 @@ struct Running<F> {
 /// through the consumer.
 fn inline<'a, H: Handler>(
     delivery: Delivery,
+    key: Option<Arc<str>>,
     run: &'a Run<H>,
 ) -> impl Future<Output = Joined> + Send + 'a {
-    let key = delivery.envelope().key.clone();
     let span = delivery_span(&delivery);
     AssertUnwindSafe(process(run, delivery).instrument(span))
         .catch_unwind()
@@ -992,8 +1003,7 @@ impl<F: Future<Output = Joined>> Running<F> {
     }
 
     /// Runs the handler of `delivery` as a tokio task.
-    fn spawn<H: Handler>(&mut self, delivery: Delivery, run: &Run<H>) {
-        let key = delivery.envelope().key.clone();
+    fn spawn<H: Handler>(&mut self, delivery: Delivery, key: Option<Arc<str>>, run: &Run<H>) {
         let span = delivery_span(&delivery);
         // Boxed: tokio copies a task's future each time it moves it into place, and this one
         // carries the whole settling state.
