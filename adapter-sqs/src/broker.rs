@@ -9,7 +9,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 use bus_core::secrets::{redact_url, Secret};
-use bus_core::{headers, Error, Result};
+use bus_core::{headers, Envelope, Error, ErrorKind, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{CredentialsSource, SqsConfig};
@@ -621,7 +621,7 @@ async fn send_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<SendRequest
     let mut entries = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
     for (i, request) in batch.into_iter().enumerate() {
-        let attributes = match crate::publisher::sqs_attributes(&request.wire) {
+        let attributes = match sqs_attributes(&request.wire) {
             Ok(a) => a,
             Err(e) => {
                 let _ = request.done.send(Err(e));
@@ -705,3 +705,33 @@ fn fifo_safe(value: &str) -> String {
 
 /// Shared handle to [`Inner`].
 pub(crate) type Shared = Arc<Inner>;
+
+/// The SQS message attributes of `wire`.
+pub(crate) fn sqs_attributes(
+    wire: &Wire,
+) -> Result<HashMap<String, aws_sdk_sqs::types::MessageAttributeValue>> {
+    wire.attributes
+        .iter()
+        .map(|(name, value)| {
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type(wire::STRING)
+                .string_value(value)
+                .build()
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::with_source(ErrorKind::Serialization, "message attribute", e))
+        })
+        .collect()
+}
+
+/// Sends one encoded message to the queue at `url`, through the queue's batcher: sends
+/// waiting at the same time go out in one `SendMessageBatch` call.
+pub(crate) async fn send_wire(
+    inner: &Inner,
+    url: &str,
+    envelope: &Envelope,
+    wire: Wire,
+    what: &str,
+) -> Result<()> {
+    let fifo = inner.fifo_ids(envelope);
+    inner.send_batched(url, wire, fifo, what).await
+}

@@ -10,7 +10,7 @@ use crate::wire;
 /// What the adapter sends for `envelope`: the wire form and the SDK's attribute map.
 fn encode(envelope: &Envelope) -> usize {
     let wire = wire::encode(envelope, "orders-service", &[], 262_144).expect("encodes");
-    let attributes = crate::publisher::sqs_attributes(&wire).expect("attributes");
+    let attributes = crate::broker::sqs_attributes(&wire).expect("attributes");
     wire.body.len() + attributes.len()
 }
 

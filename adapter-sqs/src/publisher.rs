@@ -1,4 +1,5 @@
-//! The broker handle and the publishing side: SNS topics and SQS work queues.
+//! The broker handle and the publishing side: SNS topics and SQS work queues (sending to a
+//! queue, which subscriptions and requests also do, is `broker::send_wire`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use bus_core::{
     Requests, Responder, Result, ServeOptions, SubscribeOptions, Subscriber, Subscription, Support,
 };
 
-use crate::broker::{Inner, QueueRole, Shared};
+use crate::broker::{send_wire, Inner, QueueRole, Shared};
 use crate::config::SqsConfig;
 use crate::error::{batch_entry, map};
 use crate::requests::Replies;
@@ -126,35 +127,6 @@ fn sns_attributes(
                 .map_err(|e| Error::with_source(ErrorKind::Serialization, "message attribute", e))
         })
         .collect()
-}
-
-pub(crate) fn sqs_attributes(
-    wire: &Wire,
-) -> Result<HashMap<String, aws_sdk_sqs::types::MessageAttributeValue>> {
-    wire.attributes
-        .iter()
-        .map(|(name, value)| {
-            aws_sdk_sqs::types::MessageAttributeValue::builder()
-                .data_type(STRING)
-                .string_value(value)
-                .build()
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::with_source(ErrorKind::Serialization, "message attribute", e))
-        })
-        .collect()
-}
-
-/// Sends one encoded message to the queue at `url`, through the queue's batcher: sends
-/// waiting at the same time go out in one `SendMessageBatch` call.
-pub(crate) async fn send_wire(
-    inner: &Inner,
-    url: &str,
-    envelope: &Envelope,
-    wire: Wire,
-    what: &str,
-) -> Result<()> {
-    let fifo = inner.fifo_ids(envelope);
-    inner.send_batched(url, wire, fifo, what).await
 }
 
 /// Splits encoded messages into batches SQS and SNS accept: at most `batch_size` entries and

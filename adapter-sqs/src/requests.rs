@@ -18,8 +18,7 @@ use bus_core::{
 };
 use tokio::sync::{oneshot, watch, OnceCell};
 
-use crate::broker::{QueueRole, Shared};
-use crate::publisher::send_wire;
+use crate::broker::{send_wire, QueueRole, Shared};
 use crate::subscriber::{self, Target};
 use crate::wire::{self, REPLY_TO};
 

@@ -17,10 +17,9 @@ use bus_core::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::broker::{QueueRole, Shared};
+use crate::broker::{send_wire, QueueRole, Shared};
 use crate::config::SQS_MAX_VISIBILITY_SECS;
 use crate::error::{batch_entry, map};
-use crate::publisher::send_wire;
 use crate::wire;
 
 /// The queue a subscription reads and what its deliveries report.
