@@ -29,6 +29,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod broker;
 mod config;
 #[doc(hidden)]
 pub mod cost;
@@ -47,15 +48,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{
-    Broker, Capabilities, ConsumeOptions, Envelope, Publisher, Queue, Requester, Requests,
-    Responder, Result, ServeOptions, SubscribeOptions, Subscriber, Subscription, Support,
+    Broker, Capabilities, ConsumeOptions, Envelope, Queue, Requester, Requests, Responder, Result,
+    ServeOptions, SubscribeOptions, Subscriber, Subscription, Support,
 };
 
 pub use config::{Compression, KafkaConfig};
 pub use oauth::{OAuthToken, OAuthTokenProvider};
 pub use rdkafka;
 
-use publisher::Shared;
+use broker::Shared;
 use requests::{Inbox, KafkaRequests};
 use subscriber::{Spec, Start};
 
@@ -138,29 +139,6 @@ impl KafkaBroker {
         let mut spec = self.spec(topic, group, user_group, Start::Latest, options.prefetch);
         spec.private = spec.user_group.is_none();
         spec
-    }
-}
-
-#[async_trait]
-impl Publisher for KafkaBroker {
-    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
-        self.shared.produce(topic, &envelope, &[]).await
-    }
-
-    async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {
-        if envelopes.is_empty() {
-            return Ok(());
-        }
-        self.shared.check_open()?;
-        names::check_topic(topic)?;
-        for e in &envelopes {
-            self.shared.check_envelope(e)?;
-        }
-        self.shared.ensure_topics(&[topic], None).await?;
-        // Enqueued in order (the futures are polled in order) and awaited together, so the
-        // batch goes out in a few produce requests; the idempotent producer keeps the order.
-        let sends = envelopes.iter().map(|e| self.shared.send(topic, e, &[]));
-        futures::future::try_join_all(sends).await.map(|_| ())
     }
 }
 

@@ -10,7 +10,7 @@ use bus_core::{Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSou
 use tokio::sync::{oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
-use crate::publisher::Shared;
+use crate::broker::Shared;
 use crate::subscriber::{self, KafkaSource, Spec, Start};
 use crate::{names, wire};
 

@@ -29,9 +29,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::broker::Shared;
 use crate::oauth::Auth;
 use crate::offsets::OffsetTracker;
-use crate::publisher::Shared;
 use crate::{error, fit, names, wire};
 
 /// Where a group starts reading a partition it has never committed.

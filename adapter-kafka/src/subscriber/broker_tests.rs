@@ -1,6 +1,6 @@
 //! Tests of the consumer against the test broker (`BUS_TEST_KAFKA_URL`) that need the crate's
 //! insides: the group a private subscription uses, the retry copies held in memory, and the
-//! one failure seam ([`Faults`](crate::publisher::Faults)) that makes offset fetches time out
+//! one failure seam ([`Faults`](crate::broker::Faults)) that makes offset fetches time out
 //! as a slow broker's would. Skipped when `BUS_TEST_KAFKA_URL` is not set.
 
 use std::collections::HashSet;
