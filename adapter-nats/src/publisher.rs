@@ -1,6 +1,7 @@
-//! Publishing to topics and sending to queues.
+//! Publishing to topics (sending to queues is `NatsBroker`'s `Queue` impl in module
+//! `subscriber`, beside consuming them).
 
-use bus_core::{async_trait, Envelope, Publisher, Queue, Result};
+use bus_core::{async_trait, Envelope, Publisher, Result};
 
 use crate::broker::Kind;
 use crate::{error, wire, NatsBroker};
@@ -55,22 +56,5 @@ impl Publisher for NatsBroker {
             self.inner.await_ack(Kind::Topic, topic, ack).await?;
         }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl Queue for NatsBroker {
-    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
-        self.inner
-            .publish_stored(Kind::Queue, queue, &envelope)
-            .await
-    }
-
-    async fn consume(
-        &self,
-        queue: &str,
-        options: bus_core::ConsumeOptions,
-    ) -> Result<bus_core::Subscription> {
-        crate::subscriber::consume(self, queue, options).await
     }
 }

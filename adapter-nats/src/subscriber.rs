@@ -1,5 +1,6 @@
 //! Subscriptions: JetStream pull consumers (groups, private subscriptions, queues) and core
-//! NATS subscriptions, and how their deliveries are settled.
+//! NATS subscriptions, and how their deliveries are settled; queues (sent to as JetStream
+//! work queues, consumed here).
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsum
 use async_nats::jetstream::message::AckKind;
 use bus_core::{
     async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, ErrorKind,
-    Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -19,6 +20,19 @@ use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
 use crate::pulling::{self, Buffer, Pulled, Spec, Turn};
 use crate::{dead_letters, error, wire, NatsBroker};
+
+#[async_trait]
+impl Queue for NatsBroker {
+    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+        self.inner
+            .publish_stored(Kind::Queue, queue, &envelope)
+            .await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
+        consume(self, queue, options).await
+    }
+}
 
 /// A private subscription's consumer is removed by the server after this long without pulls
 /// (when the process died before closing it).
