@@ -6,6 +6,8 @@
 //!
 //! - `raw`: a plain [`Subscription`] loop: `next()`, `ack()`;
 //! - `consumer`: a [`Consumer`] with a handler that does nothing;
+//! - `consumer, tasks`: the same with a task per delivery
+//!   ([`Consumer::with_task_per_delivery`]) instead of the handlers inside the consumer's task;
 //! - `+ retry`, `+ idempotency`, `+ tracing`, `+ metrics`: the same with one layer of the
 //!   standard stack, to see what each costs;
 //! - `consumer + stack`: the standard stack, outermost first: tracing (an SDK tracer
@@ -48,9 +50,10 @@ const PAYLOAD: usize = 256;
 
 /// The ways of consuming, in the order of the table: the last is the standard stack, the
 /// ones before it each layer of it alone.
-const WAYS: [&str; 7] = [
+const WAYS: [&str; 8] = [
     "raw",
     "consumer",
+    "consumer, tasks",
     "+ retry",
     "+ idempotency",
     "+ tracing",
@@ -92,6 +95,16 @@ fn stack(tracer: &SdkTracerProvider, meter: &SdkMeterProvider) -> impl Handler {
 
 /// Runs `handler` in a [`Consumer`] until `count` deliveries were handled and settled.
 async fn consume<H: Handler>(subscription: Subscription, handler: H, count: u64) {
+    consume_with(subscription, handler, count, false).await;
+}
+
+/// As [`consume`], with a task per delivery or not.
+async fn consume_with<H: Handler>(
+    subscription: Subscription,
+    handler: H,
+    count: u64,
+    task_per_delivery: bool,
+) {
     let handled = Arc::new(AtomicU64::new(0));
     let all = Arc::new(tokio::sync::Notify::new());
     let counting = {
@@ -105,6 +118,7 @@ async fn consume<H: Handler>(subscription: Subscription, handler: H, count: u64)
         }
     };
     let report = Consumer::new(subscription, counting)
+        .with_task_per_delivery(task_per_delivery)
         .run(async { all.notified().await })
         .await
         .expect("consumer");
@@ -147,6 +161,9 @@ fn round(runtime: &Runtime, way: &str, count: usize, providers: &Providers) -> D
                     }
                 }
                 "consumer" => consume(subscription, noop(), count as u64).await,
+                "consumer, tasks" => {
+                    consume_with(subscription, noop(), count as u64, true).await;
+                }
                 "+ retry" => {
                     let handler = RetryLayer::new(RetryPolicy::new()).layer(noop());
                     consume(subscription, handler, count as u64).await;
