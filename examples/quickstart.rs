@@ -1,31 +1,35 @@
-//! Quickstart: typed events fanned out to two consumer groups, then a request-reply.
+//! Quickstart: two services handling typed events in their own consumer groups, and a third
+//! answering requests, written with the service API (`bus::Service`).
 //!
 //! The program connects to the broker named by `BUS_URL` (the in-process `memory://` broker
-//! when it is unset), publishes a few `OrderPlaced` events keyed by order id, consumes them
-//! concurrently in two groups, `billing` and `shipping`, and checks that each group got every
-//! one. Then a responder task serves `pricing.quote` while the main task asks it for quotes
-//! with a timeout. It prints each step, closes the bus, and exits non-zero with a message if
-//! anything it expected did not happen.
+//! when it is unset) and starts two services on the `orders.placed` topic, `billing` and
+//! `shipping`: each is a name (its consumer group) and an async handler per message type,
+//! `async fn(OrderPlaced, Context) -> bus::Result<()>`, which receives the message decoded and
+//! whose result settles it (`Ok` acknowledges). It publishes a few `OrderPlaced` events keyed
+//! by order id and checks that each group handled every one. Then a `pricing` service answers
+//! `pricing.quote` requests with a handler from `QuoteRequest` to `Quote`, and the program asks
+//! it for quotes with a timeout. It prints each step, stops the services gracefully, closes
+//! the bus, and exits non-zero with a message if anything it expected did not happen.
 //!
 //! ```text
 //! cargo run -p examples --example quickstart
 //! BUS_URL=nats://127.0.0.1:4222 cargo run -p examples --example quickstart --features nats
 //! ```
 //!
-//! Subscriptions are opened before publishing: a consumer group receives what is published
-//! after it first subscribed. Each delivery is acknowledged once handled; one dropped without
-//! a settlement would be delivered again.
+//! The services start before anything is published: a consumer group receives what is
+//! published after it first subscribed, and `Service::start` subscribes before it returns.
+//! Receiving, decoding, concurrency, acknowledging and replying are the service's; the
+//! lower-level API under it (`Bus::subscribe`, `bus::runtime::Consumer`) stays for what the
+//! service API does not cover (`examples/retry_dlq.rs` uses it).
 
 use std::collections::HashSet;
 use std::error::Error;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bus::{
-    Bus, BusConfig, Envelope, Message, MessageId, ServeOptions, SubscribeOptions, Subscription,
-};
+use bus::{Bus, BusConfig, Context, Envelope, Message, MessageId, Service};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 const ORDERS: &str = "orders.placed";
@@ -106,15 +110,61 @@ async fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
     Ok(())
 }
 
-/// Publishes orders and checks that both the billing and the shipping group get all of them.
+/// What a handler tells `main` it handled: the group and the message id.
+type Handled = mpsc::UnboundedSender<(&'static str, MessageId)>;
+
+/// The billing service's handler: called once per `OrderPlaced`, already decoded. `Ok`
+/// acknowledges the message; an error would retry it, or dead-letter it if it can never
+/// succeed. `ctx` knows the delivery (attempt, envelope, group) and publishes follow-ups.
+async fn bill(order: OrderPlaced, ctx: Context, handled: Handled) -> bus::Result<()> {
+    println!(
+        "  [billing] {} for {}: {} cents (attempt {})",
+        order.order_id,
+        order.customer,
+        order.total_cents,
+        ctx.attempt()
+    );
+    let _ = handled.send(("billing", ctx.envelope().id.clone()));
+    Ok(())
+}
+
+/// The shipping service's handler, the same shape.
+async fn ship(order: OrderPlaced, ctx: Context, handled: Handled) -> bus::Result<()> {
+    println!("  [shipping] {} for {}", order.order_id, order.customer);
+    let _ = handled.send(("shipping", ctx.envelope().id.clone()));
+    Ok(())
+}
+
+/// The pricing service's request handler: a `QuoteRequest` in, a `Quote` out, sent back as
+/// the reply (an error would reach the requester as an error reply).
+async fn quote(ask: QuoteRequest, _ctx: Context) -> bus::Result<Quote> {
+    let unit_price_cents = price_of(&ask.sku);
+    println!("  [pricing] quoting {} x {}", ask.quantity, ask.sku);
+    Ok(Quote {
+        total_cents: unit_price_cents * u64::from(ask.quantity),
+        unit_price_cents,
+        quantity: ask.quantity,
+        sku: ask.sku,
+    })
+}
+
+/// Runs two services on the orders topic, publishes orders and checks that both groups,
+/// billing and shipping, handle all of them.
 async fn fan_out_to_two_groups(bus: &Bus) -> Result<(), Box<dyn Error + Send + Sync>> {
-    let billing = bus
-        .subscribe(ORDERS, SubscribeOptions::group("billing"))
+    let (handled, mut handled_rx) = mpsc::unbounded_channel();
+    // A service's name is its consumer group; `start` subscribes before it returns.
+    let to_billing = handled.clone();
+    let billing = Service::new("billing", bus.clone())
+        .on(ORDERS, move |order, ctx| {
+            bill(order, ctx, to_billing.clone())
+        })
+        .start()
         .await?;
-    let shipping = bus
-        .subscribe(ORDERS, SubscribeOptions::group("shipping"))
+    let shipping = Service::new("shipping", bus.clone())
+        .on(ORDERS, move |order, ctx| ship(order, ctx, handled.clone()))
+        .start()
         .await?;
-    println!("subscribed to {ORDERS} as groups billing and shipping");
+    println!("services billing and shipping are consuming {ORDERS}");
 
     let orders = [
         ("alice", 4_200),
@@ -143,110 +193,53 @@ async fn fan_out_to_two_groups(bus: &Bus) -> Result<(), Box<dyn Error + Send + S
         );
     }
 
-    // Both groups consume at the same time, each on its own task.
+    // Wait until each group handled every order of this run. Delivery is at least once (a
+    // redelivery may come twice), and a durable broker may hold orders of an earlier run:
+    // the sets count each of this run's orders once.
+    let mut billed = HashSet::new();
+    let mut shipped = HashSet::new();
     let deadline = Instant::now() + CONSUME_DEADLINE;
-    let billing = tokio::spawn(consume_all("billing", billing, published.clone(), deadline));
-    let shipping = tokio::spawn(consume_all(
-        "shipping",
-        shipping,
-        published.clone(),
-        deadline,
-    ));
-    let billed = billing.await??;
-    let shipped = shipping.await??;
-
-    for (group, received) in [("billing", &billed), ("shipping", &shipped)] {
-        if received.len() != published.len() {
+    while billed.len() < published.len() || shipped.len() < published.len() {
+        let Ok(Some((group, id))) = timeout_at(deadline, handled_rx.recv()).await else {
             return Err(format!(
-                "{group} received {} of the {} orders published",
-                received.len(),
+                "after {CONSUME_DEADLINE:?}: billing handled {}, shipping {} of the {} orders",
+                billed.len(),
+                shipped.len(),
                 published.len()
             )
             .into());
+        };
+        let handled_by = if group == "billing" {
+            &mut billed
+        } else {
+            &mut shipped
+        };
+        if published.contains(&id) {
+            handled_by.insert(id);
         }
-        println!("{group} received all {} orders", received.len());
+    }
+    println!(
+        "billing and shipping each handled all {} orders",
+        published.len()
+    );
+
+    // Graceful stop: no more receiving, running handlers finish, their messages are settled.
+    for service in [billing, shipping] {
+        let report = service.stop().await;
+        if !report.is_clean() {
+            return Err(format!("{} stopped with an error: {report:?}", report.service).into());
+        }
     }
     Ok(())
 }
 
-/// Receives from `subscription` until every id in `published` has arrived, acknowledging each
-/// delivery; fails if that takes past `deadline`.
-async fn consume_all(
-    group: &'static str,
-    mut subscription: Subscription,
-    published: HashSet<MessageId>,
-    deadline: Instant,
-) -> bus::Result<Vec<OrderPlaced>> {
-    let mut expected = published.clone();
-    let mut received = Vec::new();
-    while !expected.is_empty() {
-        let delivery = match timeout_at(deadline, subscription.next()).await {
-            Err(_elapsed) => {
-                return Err(bus::Error::timeout(format!(
-                    "{group}: {} order(s) still missing after {CONSUME_DEADLINE:?}",
-                    expected.len()
-                )))
-            }
-            Ok(None) => {
-                return Err(bus::Error::closed(format!(
-                    "{group}: the subscription ended with {} order(s) missing",
-                    expected.len()
-                )))
-            }
-            // A receive error leaves the subscription usable (e.g. while reconnecting).
-            Ok(Some(Err(error))) => {
-                eprintln!("{group}: receive failed, retrying: {error}");
-                continue;
-            }
-            Ok(Some(Ok(delivery))) => delivery,
-        };
-
-        let id = delivery.envelope().id.clone();
-        if !expected.remove(&id) {
-            if published.contains(&id) {
-                // Delivery is at least once: a redelivered message may arrive twice.
-                println!("  [{group}] {id} again (a redelivery), already handled");
-            } else {
-                // On a durable broker the group may hold events left over from an earlier run.
-                println!("  [{group}] skipping {id}, not published by this run");
-            }
-            delivery.ack().await?;
-            continue;
-        }
-        match delivery.envelope().decode::<OrderPlaced>() {
-            Ok(order) => {
-                println!(
-                    "  [{group}] {} for {}: {} cents (attempt {})",
-                    order.order_id,
-                    order.customer,
-                    order.total_cents,
-                    delivery.attempt()
-                );
-                delivery.ack().await?;
-                received.push(order);
-            }
-            Err(error) => {
-                // A message that can never be read goes to the dead-letter queue.
-                let reason = error.to_string();
-                delivery.reject(reason.clone()).await?;
-                return Err(bus::Error::new(
-                    error.kind(),
-                    format!("{group}: could not read order {id}: {reason}"),
-                ));
-            }
-        }
-    }
-    subscription.close().await?;
-    Ok(received)
-}
-
-/// Serves `pricing.quote` on a task and asks it for a few quotes.
+/// Runs a pricing service answering `pricing.quote`, and asks it for a few quotes.
 async fn request_reply(bus: &Bus) -> Result<(), Box<dyn Error + Send + Sync>> {
-    // Serve before the first request is sent, so that it finds a responder.
-    let requests = bus.serve(QUOTES, ServeOptions::default()).await?;
-    let (stop, stopped) = oneshot::channel();
-    let responder = tokio::spawn(serve_quotes(requests, stopped));
-    println!("serving {QUOTES}");
+    let pricing = Service::new("pricing", bus.clone())
+        .on_request(QUOTES, quote)
+        .start()
+        .await?;
+    println!("service pricing is answering {QUOTES}");
 
     let asks = [("sku-apple", 3), ("sku-pear", 12), ("sku-fig", 1)];
     for (sku, quantity) in asks {
@@ -265,49 +258,21 @@ async fn request_reply(bus: &Bus) -> Result<(), Box<dyn Error + Send + Sync>> {
         );
     }
 
-    // Ask the responder to stop, and check it answered every request.
-    let _ = stop.send(());
-    let served = responder.await??;
-    if served != asks.len() {
+    // Stop the responder, and check it answered every request.
+    let report = pricing.stop().await;
+    let served = match report.responder(QUOTES).map(|r| &r.consumer) {
+        Some(Ok(consumer)) => consumer.acked,
+        other => return Err(format!("pricing stopped with {other:?}").into()),
+    };
+    if served != asks.len() as u64 {
         return Err(format!(
             "the responder served {served} requests, expected {}",
             asks.len()
         )
         .into());
     }
-    println!("responder served {served} requests and stopped");
+    println!("pricing served {served} requests and stopped");
     Ok(())
-}
-
-/// Answers quote requests until told to stop; returns how many it answered.
-async fn serve_quotes(
-    mut requests: bus::Requests,
-    mut stop: oneshot::Receiver<()>,
-) -> bus::Result<usize> {
-    let mut served = 0;
-    loop {
-        let request = tokio::select! {
-            _ = &mut stop => break,
-            next = requests.next() => match next {
-                Some(request) => request?,
-                None => break,
-            },
-        };
-        let ask: QuoteRequest = request.envelope().decode()?;
-        let unit_price_cents = price_of(&ask.sku);
-        let quote = Quote {
-            total_cents: unit_price_cents * u64::from(ask.quantity),
-            unit_price_cents,
-            quantity: ask.quantity,
-            sku: ask.sku,
-        };
-        println!("  [pricing] quoting {} x {}", quote.quantity, quote.sku);
-        // The reply carries the request's correlation id, which is how it finds its requester.
-        request.reply(Envelope::encode(&quote)?).await?;
-        served += 1;
-    }
-    requests.close().await?;
-    Ok(served)
 }
 
 /// A made-up price list.
