@@ -1,14 +1,15 @@
 //! One trace across two services: order service → broker → payment service → broker → order
-//! service.
+//! service, written with the service API (`bus::Service`).
 //!
-//! Both services share the in-process memory broker, each through its own
-//! [`TracedBroker`], and run their handlers in the consumer runtime behind a
-//! [`TracingLayer`]:
-//! - the order service, inside a `tracing` span `place order`, publishes `order.placed`;
+//! Both services share the in-process memory broker, each through its own [`TracedBroker`]
+//! (which opens a producer span per publish and writes its context into the message), and
+//! run their typed handlers behind a [`TracingLayer`] (`Service::with_layer`; a consumer span
+//! per delivery, continuing the producer's trace):
+//! - the order service, inside a `tracing` span `place order`, publishes `OrderPlaced`;
 //! - the payment service handles it (span `process order.placed`, a child of the producer's
 //!   `publish order.placed`), does its work in a `tracing` span `capture payment`, and
-//!   publishes `payment.captured`, caused by the order;
-//! - the order service handles `payment.captured`.
+//!   publishes `PaymentCaptured`, caused by the order;
+//! - the order service handles `PaymentCaptured`.
 //!
 //! Spans are exported to OpenTelemetry's in-memory exporter (in a real service: an OTLP
 //! exporter) through the global tracer provider, and the application's own `tracing` spans
@@ -17,22 +18,54 @@
 //! traces, if any expected span is missing, or if a span has the wrong parent.
 //!
 //! Run it with `cargo run -p examples --example tracing_two_services` (no broker needed).
+//!
+//! The payment service publishes through `ctx.bus()` with `Envelope::caused_by` rather than
+//! `ctx.publish`: `ctx.publish` copies the handled message's `traceparent` onto the follow-up,
+//! so under a `TracedBroker` the consumer of `PaymentCaptured` would continue the trace from
+//! `publish order.placed` (same trace id, the publish span only linked to it) instead of
+//! from `publish payment.captured`. Publishing a message without a trace context lets the
+//! `TracedBroker` write its producer span's (docs/ARCHITECTURE.md §14).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adapter_memory::MemoryBroker;
+use bus::service::Context;
+use bus::{Bus, Envelope, Message, Service};
 use bus_core::middleware::tracing::{TracedBroker, TracingLayer};
-use bus_core::runtime::{handler_fn, Consumer, DeliveryInfo, HandlerBuilder};
-use bus_core::{Broker, Envelope, Error, Publisher, SubscribeOptions, Subscriber};
+use bus_core::{Broker, Error};
 use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
-use opentelemetry::Context;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
+
+const ORDERS: &str = "order.placed";
+const PAYMENTS: &str = "payment.captured";
+
+/// An event of the order service.
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderPlaced {
+    order: u32,
+}
+
+impl Message for OrderPlaced {
+    const KIND: &'static str = "order.placed";
+}
+
+/// An event of the payment service.
+#[derive(Debug, Serialize, Deserialize)]
+struct PaymentCaptured {
+    order: u32,
+    amount: u64,
+}
+
+impl Message for PaymentCaptured {
+    const KIND: &'static str = "payment.captured";
+}
 
 /// What a handler saw: which service, which message kind, in which trace.
 #[derive(Debug)]
@@ -42,8 +75,45 @@ struct Seen {
     trace_id: TraceId,
 }
 
+type SeenTx = mpsc::UnboundedSender<Seen>;
+
 fn current_trace_id() -> TraceId {
-    Context::current().span().span_context().trace_id()
+    opentelemetry::Context::current()
+        .span()
+        .span_context()
+        .trace_id()
+}
+
+/// The payment service's handler: runs inside the consumer span of `TracingLayer`.
+async fn capture_payment(order: OrderPlaced, ctx: Context, seen: SeenTx) -> bus::Result<()> {
+    let _ = seen.send(Seen {
+        service: "payment-service",
+        kind: ctx.envelope().kind.clone(),
+        trace_id: current_trace_id(),
+    });
+    let captured = async {
+        tracing::info!(order = order.order, "charging card");
+        PaymentCaptured {
+            order: order.order,
+            amount: 4_200,
+        }
+    }
+    .instrument(tracing::info_span!("capture payment"))
+    .await;
+    // Caused by the order (correlation and causation ids); the trace context is the publish
+    // span's, written by the TracedBroker (see the module docs).
+    let captured = Envelope::encode(&captured)?.caused_by(ctx.envelope());
+    ctx.bus().publish(PAYMENTS, captured).await
+}
+
+/// The order service's handler of payments.
+async fn payment_captured(_: PaymentCaptured, ctx: Context, seen: SeenTx) -> bus::Result<()> {
+    let _ = seen.send(Seen {
+        service: "order-service",
+        kind: ctx.envelope().kind.clone(),
+        trace_id: current_trace_id(),
+    });
+    Ok(())
 }
 
 #[tokio::main]
@@ -68,65 +138,34 @@ async fn main() -> Result<ExitCode, Error> {
     let system = shared.capabilities().name;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
 
-    // Payment service: handles `order.placed`, captures the payment, announces it.
-    let payments = Arc::new(TracedBroker::new(shared.clone()));
-    let payment_consumer = {
-        let publisher = payments.clone();
+    // Payment service: handles `OrderPlaced`, captures the payment, announces it.
+    let payment_service = {
         let seen = seen_tx.clone();
-        let handler = HandlerBuilder::new()
-            .layer(TracingLayer::new(system))
-            .handler(handler_fn(move |order: Envelope, _: DeliveryInfo| {
-                let publisher = publisher.clone();
-                let seen = seen.clone();
-                async move {
-                    seen.send(Seen {
-                        service: "payment-service",
-                        kind: order.kind.clone(),
-                        trace_id: current_trace_id(),
-                    })
-                    .ok();
-                    let captured = async {
-                        tracing::info!(order = %String::from_utf8_lossy(&order.payload), "charging card");
-                        order.child("payment.captured", r#"{"amount":4200}"#)
-                    }
-                    .instrument(tracing::info_span!("capture payment"))
-                    .await;
-                    publisher.publish("payment.captured", captured).await
-                }
-            }));
-        let subscription = payments
-            .subscribe("order.placed", SubscribeOptions::group("payment-service"))
-            .await?;
-        Consumer::new(subscription, handler).spawn()
+        Service::new(
+            "payment-service",
+            Bus::new(TracedBroker::new(shared.clone())),
+        )
+        .with_layer(TracingLayer::new(system))
+        .on(ORDERS, move |order, ctx| {
+            capture_payment(order, ctx, seen.clone())
+        })
+        .start()
+        .await?
     };
 
-    // Order service: places the order, and handles `payment.captured`.
-    let orders = Arc::new(TracedBroker::new(shared.clone()));
-    let order_consumer = {
-        let seen = seen_tx.clone();
-        let handler = HandlerBuilder::new()
-            .layer(TracingLayer::new(system))
-            .handler(handler_fn(move |payment: Envelope, _: DeliveryInfo| {
-                let seen = seen.clone();
-                async move {
-                    seen.send(Seen {
-                        service: "order-service",
-                        kind: payment.kind.clone(),
-                        trace_id: current_trace_id(),
-                    })
-                    .ok();
-                }
-            }));
-        let subscription = orders
-            .subscribe("payment.captured", SubscribeOptions::group("order-service"))
-            .await?;
-        Consumer::new(subscription, handler).spawn()
-    };
-    drop(seen_tx);
+    // Order service: places the order, and handles `PaymentCaptured`.
+    let orders = Bus::new(TracedBroker::new(shared.clone()));
+    let order_service = Service::new("order-service", orders.clone())
+        .with_layer(TracingLayer::new(system))
+        .on(PAYMENTS, move |payment, ctx| {
+            payment_captured(payment, ctx, seen_tx.clone())
+        })
+        .start()
+        .await?;
 
-    let placed = Envelope::new("order.placed", r#"{"order":42}"#).with_key("order-42");
+    let placed = Envelope::encode(&OrderPlaced { order: 42 })?.with_key("order-42");
     orders
-        .publish("order.placed", placed)
+        .publish(ORDERS, placed)
         .instrument(tracing::info_span!("place order"))
         .await?;
 
@@ -137,8 +176,16 @@ async fn main() -> Result<ExitCode, Error> {
             Ok(None) | Err(_) => break,
         }
     }
-    payment_consumer.stop().await?;
-    order_consumer.stop().await?;
+    let mut problems = Vec::new();
+    for service in [payment_service, order_service] {
+        let report = service.stop().await;
+        if !report.is_clean() {
+            problems.push(format!(
+                "{} stopped with an error: {report:?}",
+                report.service
+            ));
+        }
+    }
     provider.force_flush().expect("flush the span exporter");
     let spans = exporter.get_finished_spans().expect("finished spans");
 
@@ -152,7 +199,7 @@ async fn main() -> Result<ExitCode, Error> {
     print_tree(&spans);
     println!();
 
-    let problems = check(&seen, &spans);
+    problems.extend(check(&seen, &spans));
     if problems.is_empty() {
         println!("ok: both services saw one trace, with every span in its place");
         Ok(ExitCode::SUCCESS)
