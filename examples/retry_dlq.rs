@@ -39,6 +39,24 @@
 //! ```
 //!
 //! Without `BUS_URL` it runs on the in-process memory broker, with no setup.
+//!
+//! It is written on the lower-level API the service API is built on (`Bus::subscribe`,
+//! `runtime::Consumer`, `handler_fn`, `HandlerBuilder`) on purpose, since what it shows is
+//! that machinery: the consumer's default key order comes from the subscription it is given
+//! (`Subscription::keeps_key_order`), which it prints and checks, and the handler sees the
+//! raw envelope, so it counts the poison messages itself as they fail to decode. A service
+//! runs the same flow as below, where an undecodable payload is dead-lettered before any
+//! handler runs (see `examples/quickstart.rs` and docs/ARCHITECTURE.md §14):
+//!
+//! ```ignore
+//! Service::new("payment-service", bus)
+//!     .with_layer(RetryLayer::new(policy))
+//!     .with_key_order(order)
+//!     .with_concurrency(16)
+//!     .on(topic, apply_payment) // async fn(PaymentRequested, Context) -> bus::Result<()>
+//!     .run(bus::shutdown_signal()?)
+//!     .await?;
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
