@@ -6,7 +6,8 @@
 //!   `payments` handles `OrderPlaced` and publishes `PaymentTaken`. An observer group reads
 //!   both topics and checks every id, with no tracing code in the handlers.
 //! - `pricing` answers `GetQuote` with a `Quote` (or an error reply for an unknown SKU) on
-//!   every broker whose `Capabilities::request_reply` is supported.
+//!   every broker whose `Capabilities::request_reply` is supported, asked from outside and
+//!   from the handler of another service (`ctx.request`).
 //!
 //! The memory broker always runs. Each other broker runs when its `BUS_TEST_<BROKER>_URL` is
 //! set (scripts/test.sh sets them); with `BUS_REQUIRE_BROKERS=1` a missing URL fails the test.
@@ -70,6 +71,25 @@ struct Quote {
 
 impl Message for Quote {
     const KIND: &'static str = "quote";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CartCheckedOut {
+    sku: String,
+    quantity: u64,
+}
+
+impl Message for CartCheckedOut {
+    const KIND: &'static str = "cart.checked_out";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderPriced {
+    cents: u64,
+}
+
+impl Message for OrderPriced {
+    const KIND: &'static str = "order.priced";
 }
 
 fn url(var: &str) -> Option<String> {
@@ -292,12 +312,54 @@ async fn request_reply_through_a_service(bus: Bus) {
     assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
     assert!(error.to_string().contains("sku-durian"), "{error}");
 
+    // A handler asking another service: `ctx.request` keeps the conversation as publishing
+    // does, and the reply comes back to the right requester.
+    let carts = unique("carts");
+    let priced_topic = unique("priced");
+    let mut priced_seen = bus
+        .subscribe(&priced_topic, SubscribeOptions::group("observer"))
+        .await
+        .expect("subscribe to priced orders");
+    let checkout = {
+        let (quotes, priced_topic) = (quotes.clone(), priced_topic.clone());
+        Service::new("checkout", bus.clone())
+            .on(&carts, move |cart: CartCheckedOut, ctx: Context| {
+                let (quotes, priced_topic) = (quotes.clone(), priced_topic.clone());
+                async move {
+                    let ask = GetQuote {
+                        sku: cart.sku,
+                        quantity: cart.quantity,
+                    };
+                    let quote: Quote = ctx.request(&quotes, &ask, DEADLINE).await?;
+                    ctx.publish(&priced_topic, &OrderPriced { cents: quote.cents })
+                        .await?;
+                    Ok(())
+                }
+            })
+            .start()
+            .await
+            .expect("checkout starts")
+    };
+    let cart = Envelope::encode(&CartCheckedOut {
+        sku: "sku-apple".into(),
+        quantity: 2,
+    })
+    .unwrap();
+    bus.publish(&carts, cart.clone()).await.expect("publish");
+    let priced = next_of_kind(&mut priced_seen, OrderPriced::KIND).await;
+    assert_eq!(priced.decode::<OrderPriced>().unwrap().cents, 240);
+    assert_eq!(priced.correlation_id, cart.correlation_id);
+    assert_eq!(priced.causation_id.as_ref(), Some(&cart.id));
+    let checkout = checkout.stop().await;
+    assert!(checkout.is_clean(), "{checkout:?}");
+    priced_seen.close().await.expect("close");
+
     let report = pricing.stop().await;
     let served = report
         .responder(&quotes)
         .and_then(|s| s.consumer.as_ref().ok())
         .map(|c| c.acked + c.rejected);
-    assert_eq!(served, Some(2), "{report:?}");
+    assert_eq!(served, Some(3), "{report:?}");
     bus.close().await.expect("close");
 }
 
