@@ -19,12 +19,9 @@
 //!
 //! Run it with `cargo run -p examples --example tracing_two_services` (no broker needed).
 //!
-//! The payment service publishes through `ctx.bus()` with `Envelope::caused_by` rather than
-//! `ctx.publish`: `ctx.publish` copies the handled message's `traceparent` onto the follow-up,
-//! so under a `TracedBroker` the consumer of `PaymentCaptured` would continue the trace from
-//! `publish order.placed` (same trace id, the publish span only linked to it) instead of
-//! from `publish payment.captured`. Publishing a message without a trace context lets the
-//! `TracedBroker` write its producer span's (docs/ARCHITECTURE.md §14).
+//! The payment service publishes its follow-up with `ctx.publish`: caused by the order
+//! (correlation and causation ids), and, as its handler runs inside the consumer span, with the
+//! trace context of the producer span its `TracedBroker` opens (docs/ARCHITECTURE.md §14).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,9 +98,8 @@ async fn capture_payment(order: OrderPlaced, ctx: Context, seen: SeenTx) -> bus:
     .instrument(tracing::info_span!("capture payment"))
     .await;
     // Caused by the order (correlation and causation ids); the trace context is the publish
-    // span's, written by the TracedBroker (see the module docs).
-    let captured = Envelope::encode(&captured)?.caused_by(ctx.envelope());
-    ctx.bus().publish(PAYMENTS, captured).await
+    // span's, written by the TracedBroker.
+    ctx.publish(PAYMENTS, &captured).await.map(|_| ())
 }
 
 /// The order service's handler of payments.

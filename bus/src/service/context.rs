@@ -15,10 +15,14 @@ use crate::Bus;
 ///
 /// Every message published or sent through the context is marked as caused by the handled
 /// one ([`Envelope::caused_by`]): its `correlation_id` is the handled message's correlation
-/// id and its `causation_id` the handled message's id. The W3C trace context headers
-/// (`traceparent`, `tracestate`) of the handled message are copied too, so the follow-up
-/// stays in the same trace without tracing middleware. So a chain of events across services
-/// stays traceable with no code in the handler:
+/// id and its `causation_id` the handled message's id. Without tracing middleware, the W3C
+/// trace context headers (`traceparent`, `tracestate`) of the handled message are copied too,
+/// so the follow-up stays in the same trace. With it (feature `opentelemetry`: a
+/// `TracingLayer` on the service runs the handler inside its consumer span), they are not:
+/// the `TracedBroker` the bus publishes through writes the context of its producer span, a
+/// child of the consumer span, so the next service's consumer span is a child of that
+/// producer span. So a chain of events across services stays traceable with no code in the
+/// handler:
 ///
 /// ```no_run
 /// # use bus::{Message, service::Context};
@@ -109,8 +113,10 @@ impl Context {
     /// handled message's correlation id and its causation id the handled message's id; the
     /// handled message's `traceparent` / `tracestate` headers are copied onto it unless it
     /// carries a `traceparent` of its own (a trace context the caller chose, kept whole as
-    /// `TracedBroker` keeps it). Everything else (id, kind, key, other headers, payload) is
-    /// kept.
+    /// `TracedBroker` keeps it) or the handler runs inside an OpenTelemetry span (the tracing
+    /// middleware's consumer span: then the bus's `TracedBroker` writes its producer span's
+    /// context at publish, see [`Context`]). Everything else (id, kind, key, other headers,
+    /// payload) is kept.
     ///
     /// [`Context::publish`] and [`Context::send`] do this for typed messages; use it to build
     /// an envelope with a key or headers of its own, then publish it with
@@ -118,6 +124,13 @@ impl Context {
     #[must_use]
     pub fn follow_up(&self, envelope: Envelope) -> Envelope {
         let mut envelope = envelope.caused_by(&self.envelope);
+        if in_recorded_span() {
+            // The tracing middleware runs this handler inside its consumer span: the
+            // follow-up's trace context is the producer span the `TracedBroker` opens under
+            // it, not the handled message's (which would make the next consumer a child of
+            // the previous producer instead of this one).
+            return envelope;
+        }
         let parent_trace = self.envelope.header(headers::TRACEPARENT);
         if let (Some(traceparent), false) = (
             parent_trace,
@@ -228,4 +241,21 @@ impl Context {
         let reply = self.bus.request(topic, envelope, timeout).await?;
         super::decode_reply(&reply)
     }
+}
+
+/// Whether the handler runs inside a valid OpenTelemetry span: the consumer span that the
+/// tracing middleware attaches as the current context while the handler runs.
+#[cfg(feature = "opentelemetry")]
+fn in_recorded_span() -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    opentelemetry::Context::current()
+        .span()
+        .span_context()
+        .is_valid()
+}
+
+/// Without the `opentelemetry` feature there is no tracing middleware to run inside.
+#[cfg(not(feature = "opentelemetry"))]
+fn in_recorded_span() -> bool {
+    false
 }
