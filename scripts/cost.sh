@@ -168,7 +168,9 @@ fi
 # item allocations=A instructions=I, baseline first.
 awk -v at="$ALLOC_TOLERANCE" -v it="$INSTR_TOLERANCE" -v same_rustc="$same_rustc" \
     -v instructions="$instructions" -v filtered="${#filters[@]}" '
-    function field(s) { sub(/^[a-z]+=/, "", s); return s }
+    # A number, so that comparisons are numeric (a string from sub() compares as text:
+    # "6.00" > "12.50"); "-" (not counted) stays as it is.
+    function field(s) { sub(/^[a-z]+=/, "", s); return s == "-" ? s : s + 0 }
     FNR == NR {
         if ($0 ~ /^#/ || NF == 0) next
         base_a[$1] = field($2); base_i[$1] = field($3); next

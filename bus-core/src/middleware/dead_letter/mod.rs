@@ -4,10 +4,10 @@
 //! A rejected delivery ([`Delivery::reject`], or a handler's [`Outcome::Reject`], which the
 //! retry middleware also produces after the last delivery) goes to the dead-letter queue of
 //! its topic or queue, named by [`headers::dead_letter_queue`] (`<topic>.dlq`), and is read
-//! with [`Queue::consume`](crate::Queue::consume) on every adapter. Adapters with a native
-//! dead-letter mechanism (RabbitMQ dead-letter exchanges, SQS redrive policies) use it; the
-//! others, and the memory broker, send the message there themselves. Either way the dead
-//! letter carries the same headers, written by [`mark`]:
+//! with [`Queue::consume`](crate::Queue::consume) on every adapter. Every adapter sends the
+//! dead letter there itself (the memory broker stores it), so every dead letter carries the
+//! same headers, written by [`mark`]; only SQS's optional redrive policy
+//! (`max_receive_count`) also moves messages natively, without these headers:
 //!
 //! | header | value |
 //! |---|---|
