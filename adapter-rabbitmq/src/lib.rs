@@ -50,6 +50,7 @@ mod error;
 mod link;
 mod publisher;
 mod requests;
+mod source;
 mod subscriber;
 mod wire;
 

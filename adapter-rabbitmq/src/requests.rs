@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::broker::{check_name, Inner};
 use crate::error::map;
 use crate::link::{confirmed, Confirmed};
-use crate::subscriber::{prefetch, Endpoint, Raw, Source};
+use crate::source::{prefetch, Endpoint, Raw, Source};
 use crate::{wire, RabbitMqBroker};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
