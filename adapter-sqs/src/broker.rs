@@ -1,20 +1,24 @@
-//! The connection: SDK clients, the queue and topic caches, and the resources `bus` creates.
+//! The broker handle and its connection: SDK clients, the queue and topic caches, and the
+//! resources `bus` creates. Publishing, subscribing and request-reply (modules `publisher`,
+//! `subscriber`, `requests`) each use it, not one another.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 use bus_core::secrets::{redact_url, Secret};
-use bus_core::{headers, Envelope, Error, ErrorKind, Result};
+use bus_core::{headers, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{CredentialsSource, SqsConfig};
 use crate::error::map;
 use crate::names::{fnv1a, Names};
+use crate::requests::Replies;
 use crate::wire::{self, Wire};
 
 /// What kind of queue to create: the attributes differ.
@@ -734,4 +738,143 @@ pub(crate) async fn send_wire(
 ) -> Result<()> {
     let fifo = inner.fifo_ids(envelope);
     inner.send_batched(url, wire, fifo, what).await
+}
+
+/// A connection to SQS and SNS implementing every `bus` pattern.
+///
+/// Cheap to clone: clones share the SDK clients and caches. See the crate docs for how topics,
+/// groups, queues, settlement and request-reply map onto SQS and SNS.
+#[derive(Clone, Debug)]
+pub struct SqsBroker {
+    pub(crate) inner: Shared,
+    pub(crate) replies: Arc<Replies>,
+}
+
+impl SqsBroker {
+    /// Connects with the configuration an `sqs://` URL describes
+    /// ([`SqsConfig::from_url`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a bad URL; as [`SqsBroker::connect_with`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(SqsConfig::from_url(url)?).await
+    }
+
+    /// Connects with `config`: builds the SDK clients and checks the endpoint and credentials
+    /// with one `ListQueues` call.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] when SQS cannot be reached, [`ErrorKind::Config`] when it
+    /// refuses the credentials or `max_message_bytes` is below [`SQS_MIN_MESSAGE_BYTES`].
+    ///
+    /// [`SQS_MIN_MESSAGE_BYTES`]: crate::SQS_MIN_MESSAGE_BYTES
+    pub async fn connect_with(config: SqsConfig) -> Result<Self> {
+        let inner = Arc::new(Inner::connect(config).await?);
+        Ok(Self {
+            replies: Arc::new(Replies::new(inner.clone())),
+            inner,
+        })
+    }
+
+    /// The SQS client, for what `bus` does not cover.
+    #[must_use]
+    pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
+        &self.inner.sqs
+    }
+
+    /// The SNS client, for what `bus` does not cover.
+    #[must_use]
+    pub fn sns_client(&self) -> &aws_sdk_sns::Client {
+        &self.inner.sns
+    }
+
+    /// The configuration in use.
+    #[must_use]
+    pub fn config(&self) -> &SqsConfig {
+        &self.inner.config
+    }
+
+    /// The SQS queue name behind the work queue `queue` (see the crate docs on names).
+    #[must_use]
+    pub fn queue_name(&self, queue: &str) -> String {
+        self.inner.names.queue(queue)
+    }
+
+    /// The SQS queue name behind consumer group `group` of `topic`.
+    #[must_use]
+    pub fn group_queue_name(&self, topic: &str, group: &str) -> String {
+        self.inner.names.group_queue(topic, group)
+    }
+
+    /// How many send batchers are running: one task per destination queue that messages were
+    /// sent to (work queues, dead-letter queues, reply queues), each stopping after
+    /// [`SqsConfig::sender_idle_ms`] without a message. For monitoring and tests.
+    #[must_use]
+    pub fn send_batchers(&self) -> usize {
+        self.inner.live_batchers()
+    }
+
+    /// The SQS queue name behind the requests of `topic` (what responders of it read).
+    #[must_use]
+    pub fn request_queue_name(&self, topic: &str) -> String {
+        self.inner.names.request_queue(topic)
+    }
+
+    /// How many FIFO queues this connection's subscriptions are reading: one receive lock each
+    /// (receives from one FIFO queue go one at a time), dropped when the last subscription
+    /// reading the queue ends. For monitoring and tests.
+    #[must_use]
+    pub fn fifo_receive_locks(&self) -> usize {
+        self.inner.receive_locks()
+    }
+
+    /// The SNS topic name behind `topic`.
+    #[must_use]
+    pub fn topic_name(&self, topic: &str) -> String {
+        self.inner.names.topic(topic)
+    }
+}
+
+#[async_trait]
+impl Broker for SqsBroker {
+    fn capabilities(&self) -> Capabilities {
+        let fifo = self.inner.config.fifo;
+        Capabilities {
+            name: "sqs",
+            durable: true,
+            consumer_groups: true,
+            per_key_order: fifo,
+            per_key_order_across_members: fifo,
+            // A FIFO group is held back while a message of it is invisible, but not the
+            // messages of the group already received; the Consumer's retries in place keep
+            // the order.
+            key_order_across_retries: if fifo {
+                Support::Emulated
+            } else {
+                Support::Unsupported("standard queues keep no order")
+            },
+            request_reply: Support::Emulated,
+            no_responders_detection: false,
+            delayed_redelivery: Support::Native,
+            dead_letter: if self.inner.config.max_receive_count.is_some() {
+                Support::Native
+            } else {
+                Support::Emulated
+            },
+            prompt_redelivery_of_dropped: true,
+            // ApproximateReceiveCount.
+            delivery_count: Support::Native,
+            max_payload_bytes: Some(self.inner.config.max_message_bytes),
+            max_headers: None,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.is_closed() {
+            return Ok(());
+        }
+        self.inner.close();
+        self.replies.close().await;
+        Ok(())
+    }
 }

@@ -39,15 +39,16 @@ mod error;
 mod names;
 mod publisher;
 mod requests;
+mod source;
 mod subscriber;
 mod tls;
 mod wire;
 
+pub use broker::SqsBroker;
 pub use config::{
     CredentialsSource, LoaderHook, SqsConfig, SqsConfigHook, SQS_MAX_MESSAGE_BYTES,
     SQS_MAX_VISIBILITY_SECS, SQS_MIN_MESSAGE_BYTES,
 };
-pub use publisher::SqsBroker;
 
 /// Re-exported so the escape hatches and downcasts of error sources use the same SDK crates
 /// as the adapter.

@@ -13,14 +13,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use bus_core::{
-    headers, ConsumeOptions, Envelope, Error, Reply, Request, RequestSource, Requests, Result,
-    Subscription,
+    headers, ConsumeOptions, Envelope, Error, Reply, Request, RequestSource, Requester, Requests,
+    Responder, Result, ServeOptions, Subscription,
 };
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::broker::{send_wire, QueueRole, Shared};
-use crate::subscriber::{self, Target};
+use crate::source::{self, Target};
 use crate::wire::{self, REPLY_TO};
+use crate::SqsBroker;
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>;
 
@@ -221,7 +222,7 @@ pub(crate) async fn serve(inner: Shared, topic: &str) -> Result<Requests> {
         .unwrap_or(inner.config.prefetch);
     // Reply queues live in the request queue's account.
     let account = account_of(&url).unwrap_or_default().to_owned();
-    let source = subscriber::start(
+    let source = source::start(
         inner.clone(),
         Target {
             source: topic.to_owned(),
@@ -372,5 +373,21 @@ impl Reply for SqsReply {
                 e
             }
         })
+    }
+}
+
+#[async_trait]
+impl Requester for SqsBroker {
+    async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.inner.check_open()?;
+        self.replies.request(topic, request, timeout).await
+    }
+}
+
+#[async_trait]
+impl Responder for SqsBroker {
+    async fn serve(&self, topic: &str, _options: ServeOptions) -> Result<Requests> {
+        self.inner.check_open()?;
+        serve(self.inner.clone(), topic).await
     }
 }
