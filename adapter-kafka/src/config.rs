@@ -641,7 +641,7 @@ impl KafkaConfig {
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            // Start offsets are chosen explicitly at assignment (see subscriber.rs).
+            // Start offsets are chosen explicitly at assignment (see source.rs).
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set(

@@ -40,6 +40,7 @@ mod oauth;
 mod offsets;
 mod publisher;
 mod requests;
+mod source;
 mod subscriber;
 mod wire;
 
@@ -47,18 +48,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus_core::{
-    Broker, Capabilities, ConsumeOptions, Envelope, Queue, Requester, Requests, Responder, Result,
-    ServeOptions, SubscribeOptions, Subscriber, Subscription, Support,
-};
+use bus_core::{Broker, Capabilities, Result, SubscribeOptions, Support};
 
 pub use config::{Compression, KafkaConfig};
 pub use oauth::{OAuthToken, OAuthTokenProvider};
 pub use rdkafka;
 
 use broker::Shared;
-use requests::{Inbox, KafkaRequests};
-use subscriber::{Spec, Start};
+use requests::Inbox;
+use source::{Spec, Start};
 
 /// A connection to Kafka: publisher, subscriber, queues and request-reply.
 ///
@@ -139,59 +137,6 @@ impl KafkaBroker {
         let mut spec = self.spec(topic, group, user_group, Start::Latest, options.prefetch);
         spec.private = spec.user_group.is_none();
         spec
-    }
-}
-
-#[async_trait]
-impl Subscriber for KafkaBroker {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        let spec = self.subscribe_spec(topic, options);
-        let source = subscriber::open(&self.shared, spec).await?;
-        Ok(Subscription::new(Box::new(source)))
-    }
-}
-
-#[async_trait]
-impl Queue for KafkaBroker {
-    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
-        self.shared.produce(queue, &envelope, &[]).await
-    }
-
-    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
-        let spec = self.spec(
-            queue,
-            names::queue_group(queue),
-            None,
-            Start::Earliest,
-            options.prefetch,
-        );
-        let source = subscriber::open(&self.shared, spec).await?;
-        Ok(Subscription::new(Box::new(source)))
-    }
-}
-
-#[async_trait]
-impl Requester for KafkaBroker {
-    async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
-        self.inbox
-            .request(&self.shared, topic, request, timeout)
-            .await
-    }
-}
-
-#[async_trait]
-impl Responder for KafkaBroker {
-    async fn serve(&self, topic: &str, options: ServeOptions) -> Result<Requests> {
-        let group = options
-            .group
-            .unwrap_or_else(|| names::responder_group(topic));
-        let mut spec = self.spec(topic, group.clone(), Some(group), Start::Latest, None);
-        spec.retries = false;
-        let source = subscriber::open(&self.shared, spec).await?;
-        Ok(Requests::new(Box::new(KafkaRequests {
-            shared: self.shared.clone(),
-            source,
-        })))
     }
 }
 

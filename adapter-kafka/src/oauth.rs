@@ -7,7 +7,7 @@
 //! connection probe poll it on their own threads, a subscription's consumer on its worker
 //! thread; a short-lived consumer must poll before it does anything ([`Auth::prime`]).
 //! rdkafka's `AdminClient` never polls it (rust-rdkafka issue 757), so with a provider the
-//! adapter creates no admin client (see `publisher.rs`).
+//! adapter creates no admin client (see `broker.rs`).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

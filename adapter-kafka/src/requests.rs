@@ -6,13 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus_core::{Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSource, Result};
+use bus_core::{
+    Envelope, Error, ErrorKind, MessageId, Reply, Request, RequestSource, Requester, Requests,
+    Responder, Result, ServeOptions,
+};
 use tokio::sync::{oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
 use crate::broker::Shared;
-use crate::subscriber::{self, KafkaSource, Spec, Start};
-use crate::{names, wire};
+use crate::source::{self, KafkaSource, Spec, Start};
+use crate::{names, wire, KafkaBroker};
 
 type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>>;
 
@@ -44,7 +47,7 @@ impl Inbox {
             .get_or_try_init(|| async {
                 let topic = format!("{REPLY_TOPIC_PREFIX}{}", uuid::Uuid::now_v7());
                 shared.ensure_topics(&[&topic], Some(1)).await?;
-                let mut source = subscriber::open(
+                let mut source = source::open(
                     shared,
                     Spec {
                         source: topic.clone(),
@@ -224,5 +227,30 @@ impl Reply for KafkaReply {
         self.shared.check_envelope(&response)?;
         self.shared.check_exists(&self.reply_to).await?;
         self.shared.send(&self.reply_to, &response, &[]).await
+    }
+}
+
+#[async_trait]
+impl Requester for KafkaBroker {
+    async fn request(&self, topic: &str, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.inbox
+            .request(&self.shared, topic, request, timeout)
+            .await
+    }
+}
+
+#[async_trait]
+impl Responder for KafkaBroker {
+    async fn serve(&self, topic: &str, options: ServeOptions) -> Result<Requests> {
+        let group = options
+            .group
+            .unwrap_or_else(|| names::responder_group(topic));
+        let mut spec = self.spec(topic, group.clone(), Some(group), Start::Latest, None);
+        spec.retries = false;
+        let source = source::open(&self.shared, spec).await?;
+        Ok(Requests::new(Box::new(KafkaRequests {
+            shared: self.shared.clone(),
+            source,
+        })))
     }
 }
