@@ -5,6 +5,7 @@
 //! The memory broker always runs. Each other broker runs when its `BUS_TEST_<BROKER>_URL` is
 //! set (scripts/test.sh sets them); with `BUS_REQUIRE_BROKERS=1` a missing URL fails the test.
 
+use bus_core::conformance::broker_url;
 use std::collections::BTreeMap;
 
 use bus::{Capabilities, Support};
@@ -107,18 +108,6 @@ fn documented() -> BTreeMap<(String, String), String> {
         }
     }
     table
-}
-
-fn broker_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url.trim().to_owned()),
-        _ => {
-            let required = std::env::var("BUS_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1");
-            assert!(!required, "{var} is not set but BUS_REQUIRE_BROKERS=1");
-            println!("skipped: set {var} to check its capabilities against the docs");
-            None
-        }
-    }
 }
 
 fn with_query(url: &str, query: &str) -> String {

@@ -6,6 +6,7 @@
 //! The memory broker always runs. Each other broker runs when its `BUS_TEST_<BROKER>_URL` is
 //! set (scripts/test.sh sets them); with `BUS_REQUIRE_BROKERS=1` a missing URL fails the test.
 
+use bus_core::conformance::broker_url;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,18 +37,6 @@ struct PaymentRequested {
 
 impl Message for PaymentRequested {
     const KIND: &'static str = "payment.requested";
-}
-
-fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            let required = std::env::var("BUS_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1");
-            assert!(!required, "{var} is not set but BUS_REQUIRE_BROKERS=1");
-            println!("skipped: set {var} to run the order flow against a real broker");
-            None
-        }
-    }
 }
 
 /// Waits until `done` holds, checking each time `changed` is notified.
@@ -277,28 +266,28 @@ async fn order_flow_on_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_flow_on_nats() {
-    if let Some(url) = url("BUS_TEST_NATS_URL") {
+    if let Some(url) = broker_url("BUS_TEST_NATS_URL") {
         order_flow(bus::connect(&url).await.expect("connect to NATS")).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_flow_on_rabbitmq() {
-    if let Some(url) = url("BUS_TEST_RABBITMQ_URL") {
+    if let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") {
         order_flow(bus::connect(&url).await.expect("connect to RabbitMQ")).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_flow_on_kafka() {
-    if let Some(url) = url("BUS_TEST_KAFKA_URL") {
+    if let Some(url) = broker_url("BUS_TEST_KAFKA_URL") {
         order_flow(bus::connect(&url).await.expect("connect to Kafka")).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_flow_on_sqs() {
-    if let Some(url) = url("BUS_TEST_SQS_URL") {
+    if let Some(url) = broker_url("BUS_TEST_SQS_URL") {
         order_flow(bus::connect(&url).await.expect("connect to SQS")).await;
     }
 }

@@ -12,6 +12,7 @@
 //! The memory broker always runs. Each other broker runs when its `BUS_TEST_<BROKER>_URL` is
 //! set (scripts/test.sh sets them); with `BUS_REQUIRE_BROKERS=1` a missing URL fails the test.
 
+use bus_core::conformance::broker_url;
 use std::time::Duration;
 
 use bus::service::{decode_reply, Context, SubscriptionReport};
@@ -90,18 +91,6 @@ struct OrderPriced {
 
 impl Message for OrderPriced {
     const KIND: &'static str = "order.priced";
-}
-
-fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            let required = std::env::var("BUS_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1");
-            assert!(!required, "{var} is not set but BUS_REQUIRE_BROKERS=1");
-            println!("skipped: set {var} to run the service tests against a real broker");
-            None
-        }
-    }
 }
 
 /// A name no earlier run used, so that a durable broker holds nothing left over.
@@ -366,7 +355,7 @@ async fn request_reply_through_a_service(bus: Bus) {
 async fn connect(var: Option<&str>) -> Option<Bus> {
     let url = match var {
         None => "memory://".to_owned(),
-        Some(var) => url(var)?,
+        Some(var) => broker_url(var)?,
     };
     Some(
         bus::connect(&url)
