@@ -164,6 +164,11 @@ impl Broker for KafkaBroker {
             delivery_count: Support::Emulated,
             max_payload_bytes: Some(self.shared.config.max_payload_bytes),
             max_headers: None,
+            delayed_publish: Support::Unsupported(
+                "delayed publish is not implemented by this adapter yet",
+            ),
+            max_delay: None,
+            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
         }
     }
 

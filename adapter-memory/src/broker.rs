@@ -325,6 +325,11 @@ impl Broker for MemoryBroker {
             delivery_count: Support::Native,
             max_payload_bytes: self.inner.config.max_payload,
             max_headers: self.inner.config.max_headers,
+            delayed_publish: Support::Unsupported(
+                "delayed publish is not implemented by this adapter yet",
+            ),
+            max_delay: None,
+            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
         }
     }
 

@@ -496,6 +496,11 @@ impl Broker for NatsBroker {
             delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.max_payload()),
             max_headers: None,
+            delayed_publish: Support::Unsupported(
+                "delayed publish is not implemented by this adapter yet",
+            ),
+            max_delay: None,
+            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
         };
         if config.durable {
             base

@@ -160,6 +160,11 @@ impl Broker for RabbitMqBroker {
             },
             max_payload_bytes: Some(self.inner.config().max_payload),
             max_headers: None,
+            delayed_publish: Support::Unsupported(
+                "delayed publish is not implemented by this adapter yet",
+            ),
+            max_delay: None,
+            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
         }
     }
 

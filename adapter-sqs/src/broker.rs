@@ -866,6 +866,11 @@ impl Broker for SqsBroker {
             delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.config.max_message_bytes),
             max_headers: None,
+            delayed_publish: Support::Unsupported(
+                "delayed publish is not implemented by this adapter yet",
+            ),
+            max_delay: None,
+            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
         }
     }
 

@@ -1,12 +1,55 @@
 //! The broker-facing traits every adapter implements.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::{Capabilities, Delivery, Envelope, Result};
+use crate::{Backlog, BacklogOf, Capabilities, Delivery, Envelope, Error, Result};
+
+/// When a delayed message ([`Publisher::publish_delayed`], [`Queue::send_delayed`]) becomes
+/// deliverable: after a while, or not before a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delay {
+    /// This long after the broker accepted it.
+    For(Duration),
+    /// Not before this moment (at once if it has passed).
+    Until(SystemTime),
+}
+
+impl Delay {
+    /// How long from `now` until the message is due: zero once it is.
+    #[must_use]
+    pub fn remaining(self, now: SystemTime) -> Duration {
+        match self {
+            Delay::For(delay) => delay,
+            Delay::Until(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
+        }
+    }
+
+    /// The moment the message is due, counting a [`Delay::For`] from `now`.
+    #[must_use]
+    pub fn due(self, now: SystemTime) -> SystemTime {
+        match self {
+            Delay::For(delay) => now + delay,
+            Delay::Until(at) => at,
+        }
+    }
+}
+
+impl From<Duration> for Delay {
+    fn from(delay: Duration) -> Self {
+        Delay::For(delay)
+    }
+}
+
+impl From<SystemTime> for Delay {
+    fn from(at: SystemTime) -> Self {
+        Delay::Until(at)
+    }
+}
 
 /// Options for [`Subscriber::subscribe`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -210,6 +253,24 @@ pub trait Publisher: Send + Sync {
         }
         Ok(())
     }
+
+    /// Publishes `envelope` to `topic` to be delivered once `delay` has passed, natively or
+    /// emulated as [`Capabilities::delayed_publish`] says, up to
+    /// [`Capabilities::max_delay`]. Returns once the broker holds it, as
+    /// [`publish`](Publisher::publish) does. The default returns
+    /// [`Unsupported`](crate::ErrorKind::Unsupported).
+    ///
+    /// # Errors
+    /// As [`publish`](Publisher::publish);
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) where the adapter has no delayed
+    /// publish or `delay` is longer than it can hold.
+    ///
+    /// # Cancel safety
+    /// As [`publish`](Publisher::publish).
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        let _ = (topic, envelope, delay);
+        Err(Error::unsupported("this adapter has no delayed publish"))
+    }
 }
 
 /// Subscribes to topics.
@@ -236,6 +297,21 @@ pub trait Queue: Send + Sync {
     /// # Cancel safety
     /// As [`Publisher::publish`].
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()>;
+
+    /// Sends `envelope` to `queue` to be delivered once `delay` has passed, as
+    /// [`Publisher::publish_delayed`] does for topics. The default returns
+    /// [`Unsupported`](crate::ErrorKind::Unsupported).
+    ///
+    /// # Errors
+    /// As [`send`](Queue::send); [`Unsupported`](crate::ErrorKind::Unsupported) where the
+    /// adapter has no delayed send or `delay` is longer than it can hold.
+    ///
+    /// # Cancel safety
+    /// As [`Publisher::publish`].
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        let _ = (queue, envelope, delay);
+        Err(Error::unsupported("this adapter has no delayed send"))
+    }
 
     /// Consumes from `queue`, competing with its other consumers.
     ///
@@ -376,6 +452,19 @@ pub trait Responder: Send + Sync {
 pub trait Broker: Publisher + Subscriber + Queue + Requester + Responder + fmt::Debug {
     /// What this adapter can do.
     fn capabilities(&self) -> Capabilities;
+
+    /// How many messages wait for a consumer group on a topic, or in a queue, as the broker
+    /// counts them (see [`Backlog`]); [`Capabilities::backlog`] says whether the adapter can
+    /// tell. The default returns [`Unsupported`](crate::ErrorKind::Unsupported).
+    ///
+    /// # Errors
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) where the adapter cannot count;
+    /// [`NotFound`](crate::ErrorKind::NotFound) for a group or queue the broker does not know;
+    /// connection errors.
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        let _ = of;
+        Err(Error::unsupported("this adapter cannot count its backlog"))
+    }
 
     /// Closes the connection: later operations fail with
     /// [`Closed`](crate::ErrorKind::Closed), open subscriptions end. Messages already

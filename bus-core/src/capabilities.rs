@@ -1,6 +1,7 @@
 //! What an adapter can do: read by users and by the conformance suite.
 
 use std::fmt;
+use std::time::Duration;
 
 /// How an adapter provides a feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +105,18 @@ pub struct Capabilities {
     /// `Emulated` where the adapter counts in a header it rewrites (the count then misses
     /// deliveries cut short by a crash), `Unsupported` where nothing counts.
     pub delivery_count: Support,
+    /// [`Publisher::publish_delayed`](crate::Publisher::publish_delayed) and
+    /// [`Queue::send_delayed`](crate::Queue::send_delayed): `Native` where the broker holds the
+    /// message until it is due (SQS `DelaySeconds`, the memory broker's timers), `Emulated`
+    /// where the adapter parks it and brings it back, as it does a delayed retry.
+    pub delayed_publish: Support,
+    /// The longest delay [`delayed_publish`](Capabilities::delayed_publish) accepts; `None`
+    /// for no limit but the clock's.
+    pub max_delay: Option<Duration>,
+    /// [`Broker::backlog`](crate::Broker::backlog) counts what waits for a group or in a
+    /// queue. `Native` where the broker reports the counts (exact, or approximate as the
+    /// [`Backlog`](crate::Backlog) says).
+    pub backlog: Support,
     /// The largest payload accepted, in bytes, if the adapter knows one.
     pub max_payload_bytes: Option<usize>,
     /// The most headers a message may carry, if limited (adapters that pack headers report
@@ -132,6 +145,9 @@ impl Default for Capabilities {
             delivery_count: Support::Unsupported(
                 "the adapter does not declare how it counts deliveries",
             ),
+            delayed_publish: Support::Unsupported("the adapter does not declare delayed publish"),
+            max_delay: None,
+            backlog: Support::Unsupported("the adapter does not declare backlog counts"),
             max_payload_bytes: None,
             max_headers: None,
         }

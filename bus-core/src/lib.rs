@@ -25,6 +25,7 @@
 //! - `conformance`: the adapter conformance suite (not semver-stable).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backlog;
 mod broker;
 mod capabilities;
 #[doc(hidden)]
@@ -42,8 +43,9 @@ pub mod secrets;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
+pub use backlog::{Backlog, BacklogOf, PartitionBacklog};
 pub use broker::{
-    Broker, ConsumeOptions, DeliverySource, Publisher, Queue, Reply, Request, RequestSource,
+    Broker, ConsumeOptions, Delay, DeliverySource, Publisher, Queue, Reply, Request, RequestSource,
     Requester, Requests, Responder, ServeOptions, SubscribeOptions, Subscriber, Subscription,
 };
 pub use capabilities::{Capabilities, Support};

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::{
-    async_trait, Broker, Capabilities, ConsumeOptions, Envelope, Message, MessageId, Publisher,
-    Queue, Requester, Requests, Responder, Result, ServeOptions, SubscribeOptions, Subscriber,
-    Subscription,
+    async_trait, Backlog, BacklogOf, Broker, Capabilities, ConsumeOptions, Delay, Envelope,
+    Message, MessageId, Publisher, Queue, Requester, Requests, Responder, Result, ServeOptions,
+    SubscribeOptions, Subscriber, Subscription,
 };
 
 /// A connection to a broker, as returned by [`connect`](crate::connect) and
@@ -224,6 +224,10 @@ impl Publisher for Bus {
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {
         self.broker.publish_batch(topic, envelopes).await
     }
+
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.broker.publish_delayed(topic, envelope, delay).await
+    }
 }
 
 #[async_trait]
@@ -237,6 +241,10 @@ impl Subscriber for Bus {
 impl Queue for Bus {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         self.broker.send(queue, envelope).await
+    }
+
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.broker.send_delayed(queue, envelope, delay).await
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
@@ -262,6 +270,10 @@ impl Responder for Bus {
 impl Broker for Bus {
     fn capabilities(&self) -> Capabilities {
         self.broker.capabilities()
+    }
+
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.broker.backlog(of).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -514,6 +514,8 @@ macro_rules! conformance_suite {
             connection_reset_mid_stream_loses_nothing,
             stall_then_recover,
             reconnect_does_not_duplicate_acked,
+            backlog_counts_what_waits,
+            delayed_publish_arrives_after_delay,
         }
     };
 }

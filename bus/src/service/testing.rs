@@ -53,10 +53,10 @@ use std::time::Duration;
 
 use adapter_memory::MemoryBroker;
 use bus_core::{
-    async_trait, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope, Error,
-    ErrorKind, Message, MessageId, Publisher, Queue, Reply, Request, RequestSource, Requester,
-    Requests, Responder, Result, ServeOptions, Settle, Settlement, SubscribeOptions, Subscriber,
-    Subscription,
+    async_trait, Backlog, BacklogOf, Broker, Capabilities, ConsumeOptions, Delay, Delivery,
+    DeliverySource, Envelope, Error, ErrorKind, Message, MessageId, Publisher, Queue, Reply,
+    Request, RequestSource, Requester, Requests, Responder, Result, ServeOptions, Settle,
+    Settlement, SubscribeOptions, Subscriber, Subscription,
 };
 use tokio::sync::{watch, Mutex};
 
@@ -552,6 +552,19 @@ impl Publisher for Recording {
         }
         Ok(())
     }
+
+    /// Recorded as published when the broker takes it, not when it becomes due.
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner
+            .publish_delayed(topic, envelope.clone(), delay)
+            .await?;
+        let sent = Sent {
+            destination: topic.to_owned(),
+            envelope,
+        };
+        self.log.send_modify(|log| log.published.push(sent));
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -566,6 +579,19 @@ impl Subscriber for Recording {
 impl Queue for Recording {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         self.inner.send(queue, envelope.clone()).await?;
+        let sent = Sent {
+            destination: queue.to_owned(),
+            envelope,
+        };
+        self.log.send_modify(|log| log.sent.push(sent));
+        Ok(())
+    }
+
+    /// Recorded as sent when the broker takes it, not when it becomes due.
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner
+            .send_delayed(queue, envelope.clone(), delay)
+            .await?;
         let sent = Sent {
             destination: queue.to_owned(),
             envelope,
@@ -670,6 +696,10 @@ impl Reply for RecordReply {
 impl Broker for Recording {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
+    }
+
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.inner.backlog(of).await
     }
 
     async fn close(&self) -> Result<()> {

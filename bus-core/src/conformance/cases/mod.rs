@@ -11,6 +11,7 @@ mod hostile;
 mod leases;
 mod lifecycle;
 mod messages;
+mod operations;
 mod ordering;
 mod requests;
 mod runtime;
@@ -37,6 +38,7 @@ pub use messages::{
     publish_batch_round_trip, round_trip_many, too_many_headers_rejected, topics_do_not_cross,
     trace_context_survives, typed_message_round_trip,
 };
+pub use operations::{backlog_counts_what_waits, delayed_publish_arrives_after_delay};
 pub use ordering::{parked_key_dead_letters_and_moves_on, per_key_order_kept_across_retries};
 pub use requests::{request_no_responders, request_reply_round_trip, request_timeout};
 pub use runtime::{

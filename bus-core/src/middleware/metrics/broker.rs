@@ -11,8 +11,9 @@ use opentelemetry::KeyValue;
 use super::BusMetrics;
 use crate::middleware::tracing::semconv::{self, messaging_system};
 use crate::{
-    Broker, Capabilities, ConsumeOptions, Envelope, Publisher, Queue, Requester, Requests,
-    Responder, Result, ServeOptions, SubscribeOptions, Subscriber, Subscription,
+    Backlog, BacklogOf, Broker, Capabilities, ConsumeOptions, Delay, Envelope, Publisher, Queue,
+    Requester, Requests, Responder, Result, ServeOptions, SubscribeOptions, Subscriber,
+    Subscription,
 };
 
 /// A [`Broker`] that records `messaging.client.sent.messages` and
@@ -119,6 +120,13 @@ impl<B: Broker + ?Sized> Publisher for MeteredBroker<B> {
         self.record(topic, count, started, &result);
         result
     }
+
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.publish_delayed(topic, envelope, delay).await;
+        self.record(topic, 1, started, &result);
+        result
+    }
 }
 
 #[async_trait]
@@ -133,6 +141,13 @@ impl<B: Broker + ?Sized> Queue for MeteredBroker<B> {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         let started = Instant::now();
         let result = self.inner.send(queue, envelope).await;
+        self.record(queue, 1, started, &result);
+        result
+    }
+
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.send_delayed(queue, envelope, delay).await;
         self.record(queue, 1, started, &result);
         result
     }
@@ -163,6 +178,10 @@ impl<B: Broker + ?Sized> Responder for MeteredBroker<B> {
 impl<B: Broker + ?Sized> Broker for MeteredBroker<B> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
+    }
+
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.inner.backlog(of).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -17,8 +17,9 @@ use super::semconv::{self, messaging_system};
 use super::TracerSource;
 use crate::headers::TRACEPARENT;
 use crate::{
-    Broker, Capabilities, ConsumeOptions, Envelope, Publisher, Queue, Requester, Requests,
-    Responder, Result, ServeOptions, SubscribeOptions, Subscriber, Subscription,
+    Backlog, BacklogOf, Broker, Capabilities, ConsumeOptions, Delay, Envelope, Publisher, Queue,
+    Requester, Requests, Responder, Result, ServeOptions, SubscribeOptions, Subscriber,
+    Subscription,
 };
 
 /// Wraps `broker` in a [`TracedBroker`] that reports to the global tracer provider.
@@ -221,6 +222,22 @@ impl<B: Broker + ?Sized> Publisher for TracedBroker<B> {
         finish(&cx, &result);
         result
     }
+
+    async fn publish_delayed(
+        &self,
+        topic: &str,
+        mut envelope: Envelope,
+        delay: Delay,
+    ) -> Result<()> {
+        let cx = self.start(topic, std::slice::from_mut(&mut envelope));
+        let result = self
+            .inner
+            .publish_delayed(topic, envelope, delay)
+            .with_context(cx.clone())
+            .await;
+        finish(&cx, &result);
+        result
+    }
 }
 
 #[async_trait]
@@ -237,6 +254,17 @@ impl<B: Broker + ?Sized> Queue for TracedBroker<B> {
         let result = self
             .inner
             .send(queue, envelope)
+            .with_context(cx.clone())
+            .await;
+        finish(&cx, &result);
+        result
+    }
+
+    async fn send_delayed(&self, queue: &str, mut envelope: Envelope, delay: Delay) -> Result<()> {
+        let cx = self.start(queue, std::slice::from_mut(&mut envelope));
+        let result = self
+            .inner
+            .send_delayed(queue, envelope, delay)
             .with_context(cx.clone())
             .await;
         finish(&cx, &result);
@@ -278,6 +306,10 @@ impl<B: Broker + ?Sized> Responder for TracedBroker<B> {
 impl<B: Broker + ?Sized> Broker for TracedBroker<B> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
+    }
+
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.inner.backlog(of).await
     }
 
     async fn close(&self) -> Result<()> {
