@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use bus_core::middleware::dead_letter;
 use bus_core::{
-    async_trait, headers, Broker, Capabilities, ConsumeOptions, Delivery, DeliverySource, Envelope,
-    Error, ErrorKind, Publisher, Queue, Result, Settle, Settlement, SubscribeOptions, Subscriber,
-    Subscription, Support,
+    async_trait, headers, Backlog, BacklogOf, Broker, Capabilities, ConsumeOptions, Delay,
+    Delivery, DeliverySource, Envelope, Error, ErrorKind, Publisher, Queue, Result, Settle,
+    Settlement, SubscribeOptions, Subscriber, Subscription, Support,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -123,12 +123,62 @@ impl Inner {
             .clone()
     }
 
-    async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
+    async fn send(&self, queue: &str, envelope: Envelope, due: Option<Instant>) -> Result<()> {
         self.closed.check()?;
         self.validate(&envelope)?;
         self.queue(queue)
-            .push(envelope, self.faults(), self.deadline(), &self.closed)
+            .push(envelope, self.faults(), due, self.deadline(), &self.closed)
             .await
+    }
+
+    /// Pushes `envelope` to every group of `topic` (not deliverable before `due`, if given).
+    async fn publish(&self, topic: &str, envelope: Envelope, due: Option<Instant>) -> Result<()> {
+        self.closed.check()?;
+        self.validate(&envelope)?;
+        let groups: Vec<Arc<Buffer>> = lock(&self.topics)
+            .get(topic)
+            .map(|groups| groups.values().cloned().collect())
+            .unwrap_or_default();
+        // A topic nobody subscribed to drops the message, as a topic exchange without queues
+        // does. If one group is full past the timeout, the groups before it keep their copy:
+        // the caller sees the error and may publish again (at-least-once).
+        let deadline = self.deadline();
+        // Each group but the last gets a copy; the last gets the envelope itself.
+        let mut groups = groups.into_iter().peekable();
+        let mut envelope = Some(envelope);
+        while let Some(group) = groups.next() {
+            let envelope = match groups.peek() {
+                Some(_) => envelope.clone(),
+                None => envelope.take(),
+            }
+            .expect("the last group takes the envelope");
+            group
+                .push(envelope, self.faults(), due, deadline, &self.closed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.closed.check()?;
+        let buffer = match of {
+            BacklogOf::Group { topic, group } => lock(&self.topics)
+                .get(topic)
+                .and_then(|groups| groups.get(group))
+                .cloned(),
+            BacklogOf::Queue(name) => lock(&self.queues).get(name).cloned(),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "the memory broker cannot count the backlog of {other}"
+                )))
+            }
+        };
+        buffer.map(|b| b.backlog()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("the memory broker has no {of}: nothing subscribed or sent to it yet"),
+            )
+        })
     }
 
     fn remove_group(&self, topic: &str, group: &str) {
@@ -237,32 +287,20 @@ impl MemoryBroker {
 #[async_trait]
 impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
-        let inner = &self.inner;
-        inner.closed.check()?;
-        inner.validate(&envelope)?;
-        let groups: Vec<Arc<Buffer>> = lock(&inner.topics)
-            .get(topic)
-            .map(|groups| groups.values().cloned().collect())
-            .unwrap_or_default();
-        // A topic nobody subscribed to drops the message, as a topic exchange without queues
-        // does. If one group is full past the timeout, the groups before it keep their copy:
-        // the caller sees the error and may publish again (at-least-once).
-        let deadline = inner.deadline();
-        // Each group but the last gets a copy; the last gets the envelope itself.
-        let mut groups = groups.into_iter().peekable();
-        let mut envelope = Some(envelope);
-        while let Some(group) = groups.next() {
-            let envelope = match groups.peek() {
-                Some(_) => envelope.clone(),
-                None => envelope.take(),
-            }
-            .expect("the last group takes the envelope");
-            group
-                .push(envelope, inner.faults(), deadline, &inner.closed)
-                .await?;
-        }
-        Ok(())
+        self.inner.publish(topic, envelope, None).await
     }
+
+    /// Every group subscribed to `topic` now (private ones included) holds the message, in
+    /// its place after the messages published before, until it is due: it holds no later
+    /// message back, not even one of its key. It counts in the groups' capacity meanwhile.
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner.publish(topic, envelope, Some(due(delay))).await
+    }
+}
+
+/// The instant a delayed message becomes deliverable.
+fn due(delay: Delay) -> Instant {
+    headers::saturating_deadline(Instant::now(), delay.remaining(SystemTime::now()))
 }
 
 #[async_trait]
@@ -291,7 +329,13 @@ impl Subscriber for MemoryBroker {
 #[async_trait]
 impl Queue for MemoryBroker {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
-        self.inner.send(queue, envelope).await
+        self.inner.send(queue, envelope, None).await
+    }
+
+    /// The queue holds the message until it is due, as
+    /// [`publish_delayed`](Publisher::publish_delayed) does for a group.
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner.send(queue, envelope, Some(due(delay))).await
     }
 
     async fn consume(&self, queue: &str, _options: ConsumeOptions) -> Result<Subscription> {
@@ -325,12 +369,25 @@ impl Broker for MemoryBroker {
             delivery_count: Support::Native,
             max_payload_bytes: self.inner.config.max_payload,
             max_headers: self.inner.config.max_headers,
-            delayed_publish: Support::Unsupported(
-                "delayed publish is not implemented by this adapter yet",
-            ),
+            // A timer per message in the group's or queue's buffer; no limit but the
+            // hundred years `bus` waits at most.
+            delayed_publish: Support::Native,
             max_delay: None,
-            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
+            // Exact: waiting, in flight and delayed (publish delays and nacks with a delay).
+            backlog: Support::Native,
         }
+    }
+
+    /// Counts a group's or queue's buffer exactly (`approximate` is false): `waiting` is due,
+    /// `delayed` is held back by a delayed publish or a nack with a delay, `in_flight` is
+    /// delivered and unsettled; `oldest_age` is how long the oldest due message has waited
+    /// since it was published or became due.
+    ///
+    /// # Errors
+    /// [`NotFound`](ErrorKind::NotFound) for a group that never subscribed or a queue nothing
+    /// was sent to or consumed from; [`Closed`](ErrorKind::Closed) once closed.
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.inner.backlog(of)
     }
 
     async fn close(&self) -> Result<()> {
@@ -516,6 +573,7 @@ impl Settle for MemorySettle {
                     .push(
                         dead,
                         Faults::NONE,
+                        None,
                         self.inner.deadline(),
                         &self.inner.closed,
                     )

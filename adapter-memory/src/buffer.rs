@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use bus_core::{Envelope, Error, ErrorKind, Result};
+use bus_core::{Backlog, Envelope, Error, ErrorKind, Result};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -21,8 +21,13 @@ pub(crate) struct Entry {
     pub(crate) envelope: Envelope,
     /// The attempt the next delivery of this entry will be (1 on the first).
     pub(crate) attempt: u32,
-    /// Not deliverable before this instant (nack with delay).
+    /// Not deliverable before this instant (nack with delay, delayed publish).
     pub(crate) not_before: Option<Instant>,
+    /// Published with a delay and not delivered yet: unlike a nacked message it was not
+    /// published yet as far as its key is concerned, so it holds none of its key back.
+    pub(crate) scheduled: bool,
+    /// When it was pushed, for [`Backlog::oldest_age`].
+    pub(crate) pushed: Instant,
     /// When the first attempt failed, for the dead-letter headers.
     pub(crate) first_failure: Option<SystemTime>,
 }
@@ -142,24 +147,26 @@ impl Buffer {
     }
 
     /// Appends `envelope` (as `faults` say: possibly twice, possibly held back), waiting until
-    /// `deadline` for room.
+    /// `deadline` for room. With `due`, the message is a delayed publish: not deliverable
+    /// before that instant, and holding no later message of its key back meanwhile.
     pub(crate) async fn push(
         &self,
         envelope: Envelope,
         faults: Faults,
+        due: Option<Instant>,
         deadline: Instant,
         closed: &crate::broker::Closed,
     ) -> Result<()> {
         let mut envelope = Some(envelope);
         // Most pushes find room: only a full buffer registers for `writable`.
-        if self.try_push(&mut envelope, faults, false) {
+        if self.try_push(&mut envelope, faults, due, false) {
             return Ok(());
         }
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
             writable.as_mut().enable();
-            if self.try_push(&mut envelope, faults, true) {
+            if self.try_push(&mut envelope, faults, due, true) {
                 return Ok(());
             }
             let outcome = tokio::select! {
@@ -184,7 +191,13 @@ impl Buffer {
 
     /// Appends the envelope if there is room (taking it out of `envelope`); otherwise, when
     /// `waiting`, counts the caller among the publishers waiting for room.
-    fn try_push(&self, envelope: &mut Option<Envelope>, faults: Faults, waiting: bool) -> bool {
+    fn try_push(
+        &self,
+        envelope: &mut Option<Envelope>,
+        faults: Faults,
+        due: Option<Instant>,
+        waiting: bool,
+    ) -> bool {
         let copies = faults.copies.max(1);
         let mut state = self.state();
         if state.ready.len() + state.in_flight + copies > self.capacity {
@@ -193,7 +206,12 @@ impl Buffer {
             }
             return false;
         }
-        let not_before = faults.delay.map(|d| Instant::now() + d);
+        let pushed = Instant::now();
+        let chaos = faults.delay.map(|d| pushed + d);
+        let not_before = match (due, chaos) {
+            (Some(due), Some(chaos)) => Some(due.max(chaos)),
+            (due, chaos) => due.or(chaos),
+        };
         for copy in 0..copies {
             let envelope = if copy + 1 == copies {
                 envelope.take().expect("pushed once")
@@ -208,6 +226,8 @@ impl Buffer {
                 envelope,
                 attempt: 1,
                 not_before,
+                scheduled: due.is_some(),
+                pushed,
                 first_failure: None,
             });
         }
@@ -266,7 +286,8 @@ impl Buffer {
             match entry.not_before {
                 Some(due) if due > *now.get_or_insert_with(Instant::now) => {
                     earliest = Some(earliest.map_or(due, |e| e.min(due)));
-                    if let Some(key) = key {
+                    // A delayed publish is not in its key's order until it is due.
+                    if let (Some(key), false) = (key, entry.scheduled) {
                         blocked.insert(key);
                     }
                 }
@@ -308,6 +329,8 @@ impl Buffer {
         Self::release(&mut state, &entry);
         entry.attempt += 1;
         entry.not_before = not_before;
+        // Delivered once, so it now has its place in its key's order.
+        entry.scheduled = false;
         state.count_ready(entry.envelope.key.as_ref());
         let at = state.ready.partition_point(|e| e.seq < entry.seq);
         state.ready.insert(at, entry);
@@ -337,6 +360,31 @@ impl Buffer {
         let mut state = self.state();
         state.members = state.members.saturating_sub(1);
         state.members
+    }
+
+    /// What this buffer holds, exactly: due messages as `waiting`, those held back (delayed
+    /// publish, nack with a delay, a chaos delay) as `delayed`, unsettled ones as `in_flight`.
+    pub(crate) fn backlog(&self) -> Backlog {
+        let state = self.state();
+        let now = Instant::now();
+        let mut backlog = Backlog::default();
+        let mut delayed = 0;
+        let mut oldest: Option<Instant> = None;
+        for entry in &state.ready {
+            match entry.not_before {
+                Some(due) if due > now => delayed += 1,
+                due => {
+                    backlog.waiting += 1;
+                    // A held-back message has waited since it became due.
+                    let since = due.map_or(entry.pushed, |due| due.max(entry.pushed));
+                    oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                }
+            }
+        }
+        backlog.in_flight = Some(state.in_flight as u64);
+        backlog.delayed = Some(delayed);
+        backlog.oldest_age = oldest.map(|since| now.saturating_duration_since(since));
+        backlog
     }
 
     /// Messages waiting plus in flight.
