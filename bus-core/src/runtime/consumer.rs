@@ -425,13 +425,7 @@ impl<H: Handler> Consumer<H> {
                 biased;
                 () = &mut shutdown => break true,
                 Some(joined) = running.join_next(), if !running.is_empty() => {
-                    match report.record(joined) {
-                        Finished::Released(key) => waiting.finished(key.as_deref()),
-                        Finished::Parked(delivery, after) => {
-                            waiting.park(*delivery, Instant::now() + after);
-                            report.note_parked(&waiting);
-                        }
-                    }
+                    finish(&mut report, &mut waiting, joined);
                 }
                 () = sleep_until(waiting.next_due()), if waiting.next_due().is_some() => {
                     waiting.release_due(Instant::now());
@@ -439,12 +433,32 @@ impl<H: Handler> Consumer<H> {
                 () = sleep_until(resume_at), if resume_at.is_some() => resume_at = None,
                 () = sleep_until(next_heartbeat), if next_heartbeat.is_some() => {
                     if let Some(every) = heartbeat {
-                        // Bounded, so that a broker call that hangs cannot stall the consumer.
-                        if tokio::time::timeout(every, waiting.keep_alive()).await.is_err() {
+                        // Handlers polled in this task go on while the broker is told; what
+                        // they finish meanwhile is recorded once the waiting deliveries (which
+                        // the heartbeat borrows) may change again. Bounded, so that a broker
+                        // call that hangs cannot stall the consumer.
+                        let mut finished = Vec::new();
+                        let timed_out = {
+                            let keep_alive = tokio::time::timeout(every, waiting.keep_alive());
+                            tokio::pin!(keep_alive);
+                            loop {
+                                tokio::select! {
+                                    biased;
+                                    extended = &mut keep_alive => break extended.is_err(),
+                                    Some(joined) = running.join_next(), if !running.is_empty() => {
+                                        finished.push(joined);
+                                    }
+                                }
+                            }
+                        };
+                        if timed_out {
                             tracing::warn!(
                                 timeout = ?every,
                                 "extending the lease of waiting deliveries timed out"
                             );
+                        }
+                        for joined in finished {
+                            finish(&mut report, &mut waiting, joined);
                         }
                     }
                     next_heartbeat = heartbeat.map(|every| Instant::now() + every);
@@ -667,6 +681,18 @@ enum Finished {
     /// The delivery failed and is to be retried in place after this delay; its key stays
     /// parked.
     Parked(Box<Delivery>, Duration),
+}
+
+/// Records a finished handler in `report` and frees its key in `waiting`, or parks its
+/// delivery there for a retry in place.
+fn finish(report: &mut ConsumerReport, waiting: &mut KeyQueue, joined: Joined) {
+    match report.record(joined) {
+        Finished::Released(key) => waiting.finished(key.as_deref()),
+        Finished::Parked(delivery, after) => {
+            waiting.park(*delivery, Instant::now() + after);
+            report.note_parked(waiting);
+        }
+    }
 }
 
 impl ConsumerReport {

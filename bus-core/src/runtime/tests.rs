@@ -1369,3 +1369,51 @@ async fn parked_deliveries_keep_their_lease_and_are_abandoned_at_shutdown() {
     assert_eq!((report.abandoned, report.retried_in_place), (2, 1));
     assert_eq!(total(&report), report.received);
 }
+
+#[tokio::test(start_paused = true)]
+async fn handlers_run_on_while_waiting_deliveries_are_kept_alive() {
+    // A lease of 3 s: the waiting delivery is kept alive every second, and its extension hangs
+    // (each attempt bounded by that second). The handler in flight must finish meanwhile.
+    let (mut feed, subscription) = fake_with_lease(Some(Duration::from_secs(3)));
+    feed.broker
+        .hanging
+        .lock()
+        .unwrap()
+        .insert("behind".to_owned());
+    feed.send("slow", Some("k"));
+    feed.send("behind", Some("k"));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let handler = handler_fn({
+        let release = release.clone();
+        move |envelope: Envelope, _: DeliveryInfo| {
+            let (release, done_tx) = (release.clone(), done_tx.clone());
+            async move {
+                let name = name_of(&envelope);
+                if name == "slow" {
+                    release.notified().await;
+                }
+                let _ = done_tx.send(name);
+            }
+        }
+    });
+    let run = tokio::spawn(Consumer::new(subscription, handler).run(pending()));
+    // Until the heartbeat is inside the extension that hangs.
+    while feed.broker.progress("behind") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    release.notify_one();
+    let done = tokio::time::timeout(Duration::from_millis(500), done_rx.recv()).await;
+    assert_eq!(
+        done.ok().flatten().as_deref(),
+        Some("slow"),
+        "the handler in flight was not polled while the consumer kept waiting deliveries alive"
+    );
+    feed.end();
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the consumer finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.acked, 2);
+}
