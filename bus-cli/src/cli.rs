@@ -52,6 +52,8 @@ pub(crate) enum Command {
     Check(CheckArgs),
     /// Publish and consume throughput: messages per second, with progress bars.
     Bench(BenchArgs),
+    /// How many messages wait for a consumer group on a topic, or in a queue.
+    Lag(LagArgs),
 }
 
 /// A topic, or a queue with `--queue`.
@@ -133,6 +135,37 @@ pub(crate) struct PublishArgs {
     /// Publish this many copies, each with its own id (a progress bar shows when above 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) count: u64,
+    /// Deliver it only after this long (`30s`, `5m`, `1h 30m`): the broker's delayed publish,
+    /// native or emulated as `bus check` shows (`delayed_publish`, `max_delay`).
+    #[arg(long, value_parser = duration)]
+    pub(crate) delay: Option<Duration>,
+}
+
+/// `bus lag`.
+#[derive(Debug, Args)]
+pub(crate) struct LagArgs {
+    /// The topic whose consumer groups (--group) to measure.
+    #[arg(requires = "groups")]
+    pub(crate) topic: Option<String>,
+    /// A consumer group of TOPIC; repeat for more. The group must have subscribed once.
+    #[arg(long = "group", value_name = "GROUP", requires = "topic")]
+    pub(crate) groups: Vec<String>,
+    /// A queue (also a dead-letter queue such as `orders.dlq`); repeat for more.
+    #[arg(
+        long = "queue",
+        value_name = "QUEUE",
+        required_unless_present = "topic"
+    )]
+    pub(crate) queues: Vec<String>,
+    /// Measure again every INTERVAL (2s when no interval is given) until Ctrl-C.
+    #[arg(
+        long,
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = duration
+    )]
+    pub(crate) watch: Option<Duration>,
 }
 
 /// `bus tail`.

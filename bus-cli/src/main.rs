@@ -1,6 +1,6 @@
 //! `bus`: one command-line tool for every broker the `bus` library speaks.
 //!
-//! `bus publish`, `bus tail`, `bus dlq list|show|redrive`, `bus check` and `bus bench` over
+//! `bus publish`, `bus tail`, `bus dlq list|show|redrive`, `bus lag`, `bus check` and `bus bench` over
 //! the broker named by `--url` or `BUS_URL`, through the `bus` facade (every adapter
 //! compiled in). Errors are one line on standard error and exit status 1; URLs are printed
 //! only through `bus_core::secrets::redact_url`. `bus --help` says the rest.
@@ -56,6 +56,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         Command::Check(args) => commands::check::run(&bus, &url, args, cli.json).await,
         Command::Bench(args) => commands::bench::run(&bus, args, cli.json).await,
+        Command::Lag(args) => commands::lag::run(&bus, args, cli.json).await,
     };
     // The command's own error is the one worth reporting; a failed close comes second.
     let closed = bus.close().await;

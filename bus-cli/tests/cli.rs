@@ -8,7 +8,10 @@
 //!   queue (by a consumer written with the library) → `dlq list` shows them with their reasons,
 //!   twice (listing loses nothing) → `dlq show` → `dlq redrive --dry-run` moves nothing →
 //!   `dlq redrive --id` moves one → the group's consumer gets it → `dlq redrive` moves the
-//!   other → `dlq list` is empty; `check` round-trips;
+//!   other → `dlq list` is empty; `check` round-trips; `lag` counts what a group and a queue
+//!   hold, then 0 once consumed; `publish --delay` arrives no sooner than asked (where the
+//!   adapter's `Capabilities` say it has backlog counts and delayed publish; elsewhere the
+//!   command must fail with one line saying it is unsupported);
 //! - a wrong URL and an unreachable broker: one line on standard error, exit status 1, the
 //!   password never shown.
 
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use assert_cmd::cargo::{cargo_bin, cargo_bin_cmd};
 use assert_cmd::Command;
-use bus::{headers, Bus, Envelope, SubscribeOptions, Subscription};
+use bus::{headers, Bus, ConsumeOptions, Envelope, SubscribeOptions, Subscription};
 use bus_core::conformance::broker_url;
 use predicates::prelude::*;
 use serde_json::Value;
@@ -419,6 +422,133 @@ async fn dead_letters_round_trip(url: &str) {
     bus.close().await.expect("close");
 }
 
+/// Runs `bus --json lag <args>` until the totals are `expected` (in the order of the
+/// targets), failing after the deadline with the last measurement.
+fn wait_for_totals(url: &str, args: &[&str], expected: &[u64]) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let measured = run_json(url, &[&["lag"][..], args].concat());
+        let totals: Vec<u64> = measured["backlogs"]
+            .as_array()
+            .expect("backlogs")
+            .iter()
+            .map(|b| b["total"].as_u64().expect("total"))
+            .collect();
+        if totals == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag {args:?}: expected {expected:?}, measured {measured}"
+        );
+    }
+}
+
+async fn receive(subscription: &mut Subscription) -> Envelope {
+    let delivery = tokio::time::timeout(DEADLINE, subscription.next())
+        .await
+        .expect("a message in time")
+        .expect("open")
+        .expect("delivery");
+    let envelope = delivery.envelope().clone();
+    delivery.ack().await.expect("ack");
+    envelope
+}
+
+async fn lag_counts_then_drains(url: &str) {
+    let bus = bus::connect(url).await.expect("connect");
+    let capabilities = bus.capabilities();
+    let (topic, queue) = (unique("lag"), unique("lagq"));
+    if let Some(reason) = capabilities.backlog.unsupported_reason() {
+        let output = bus_cmd(url)
+            .args(["lag", "--queue", &queue])
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, "unsupported");
+        println!("skipped: lag counts on {}: {reason}", capabilities.name);
+        return;
+    }
+    let mut billing = bus
+        .subscribe(&topic, SubscribeOptions::group("billing"))
+        .await
+        .expect("subscribe");
+    for i in 0..3 {
+        let message = Envelope::new("lag.test", format!("m{i}"));
+        bus.publish(&topic, message.clone()).await.expect("publish");
+        bus.send(&queue, message).await.expect("send");
+    }
+    let args = &[
+        topic.as_str(),
+        "--group",
+        "billing",
+        "--queue",
+        queue.as_str(),
+    ];
+    wait_for_totals(url, args, &[3, 3]);
+    bus_cmd(url)
+        .args([&["lag"][..], args].concat())
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "topic {topic} group billing"
+        )));
+    let mut jobs = bus
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    for _ in 0..3 {
+        receive(&mut billing).await;
+        receive(&mut jobs).await;
+    }
+    wait_for_totals(url, args, &[0, 0]);
+    billing.close().await.expect("close");
+    jobs.close().await.expect("close");
+    bus.close().await.expect("close");
+}
+
+async fn delayed_publish_arrives_after_the_delay(url: &str) {
+    let bus = bus::connect(url).await.expect("connect");
+    let capabilities = bus.capabilities();
+    let (topic, queue) = (unique("delay"), unique("delayq"));
+    if let Some(reason) = capabilities.delayed_publish.unsupported_reason() {
+        let output = bus_cmd(url)
+            .args(["publish", "--queue", &queue, "-m", "later", "--delay", "1s"])
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, "unsupported");
+        println!(
+            "skipped: delayed publish on {}: {reason}",
+            capabilities.name
+        );
+        return;
+    }
+    let mut group = bus
+        .subscribe(&topic, SubscribeOptions::group("later"))
+        .await
+        .expect("subscribe");
+    let mut jobs = bus
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let delay = Duration::from_secs(2);
+    let started = tokio::time::Instant::now();
+    let sent = run_json(
+        url,
+        &["publish", "--queue", &queue, "-m", "job", "--delay", "2s"],
+    );
+    assert_eq!(sent["delay_ms"], 2000);
+    run_json(url, &["publish", &topic, "-m", "event", "--delay", "2s"]);
+    let job = receive(&mut jobs).await;
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+    assert_eq!(job.payload.as_ref(), b"job");
+    let event = receive(&mut group).await;
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+    assert_eq!(event.payload.as_ref(), b"event");
+    group.close().await.expect("close");
+    jobs.close().await.expect("close");
+    bus.close().await.expect("close");
+}
+
 fn check(url: &str) {
     bus_cmd(url)
         .arg("check")
@@ -445,6 +575,20 @@ macro_rules! on_every_real_broker {
             async fn dead_letters_are_listed_shown_and_redriven() {
                 if let Some(url) = broker_url($var) {
                     dead_letters_round_trip(&url).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lag_counts_what_waits_then_zero() {
+                if let Some(url) = broker_url($var) {
+                    lag_counts_then_drains(&url).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn publish_with_a_delay_arrives_after_it() {
+                if let Some(url) = broker_url($var) {
+                    delayed_publish_arrives_after_the_delay(&url).await;
                 }
             }
 

@@ -122,6 +122,14 @@ fn rows(c: &Capabilities) -> Vec<(&'static str, Value)> {
             json!(c.prompt_redelivery_of_dropped),
         ),
         ("delivery_count", support(c.delivery_count)),
+        ("delayed_publish", support(c.delayed_publish)),
+        (
+            "max_delay",
+            json!(c
+                .max_delay
+                .map(|d| humantime::format_duration(d).to_string())),
+        ),
+        ("backlog", support(c.backlog)),
         ("max_payload_bytes", json!(c.max_payload_bytes)),
         ("max_headers", json!(c.max_headers)),
     ]

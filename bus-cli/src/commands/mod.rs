@@ -3,6 +3,7 @@
 pub(crate) mod bench;
 pub(crate) mod check;
 pub(crate) mod dlq;
+pub(crate) mod lag;
 pub(crate) mod publish;
 pub(crate) mod tail;
 

@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal as _, Read as _};
 
-use bus::{Bus, Envelope};
+use bus::{Bus, Delay, Envelope};
 use bytes::Bytes;
 use serde_json::json;
 
@@ -28,9 +28,10 @@ pub(crate) async fn run(bus: &Bus, args: &PublishArgs, json: bool) -> Result<(),
         let n = BATCH.min(args.count - sent);
         let batch: Vec<Envelope> = (0..n).map(|_| envelope(args, payload.clone())).collect();
         ids.extend(batch.iter().map(|e| e.id.to_string()));
-        let result = match &destination {
-            Destination::Topic(topic) => bus.publish_batch(topic, batch).await,
-            Destination::Queue(queue) => send_all(bus, queue, batch).await,
+        let result = match (&destination, args.delay) {
+            (Destination::Topic(topic), None) => bus.publish_batch(topic, batch).await,
+            (Destination::Queue(queue), None) => send_all(bus, queue, batch).await,
+            (_, Some(delay)) => send_delayed(bus, &destination, batch, Delay::For(delay)).await,
         };
         result.map_err(|e| {
             failed(
@@ -51,22 +52,27 @@ pub(crate) async fn run(bus: &Bus, args: &PublishArgs, json: bool) -> Result<(),
         print_json(&json!({
             destination.noun(): destination.name(),
             "published": sent,
+            "delay_ms": args.delay.map(|d| d.as_millis()),
             "ids": ids,
         }));
-    } else if let [id] = ids.as_slice() {
-        println!(
-            "published 1 message to {} `{}`: id {id}",
-            destination.noun(),
-            destination.name()
-        );
     } else {
-        println!(
-            "published {sent} messages to {} `{}` (ids {} … {})",
-            destination.noun(),
-            destination.name(),
-            ids.first().map_or("", String::as_str),
-            ids.last().map_or("", String::as_str),
-        );
+        let due = args.delay.map_or(String::new(), |d| {
+            format!(", delivered after {}", humantime::format_duration(d))
+        });
+        match ids.as_slice() {
+            [id] => println!(
+                "published 1 message to {} `{}`{due}: id {id}",
+                destination.noun(),
+                destination.name()
+            ),
+            _ => println!(
+                "published {sent} messages to {} `{}`{due} (ids {} … {})",
+                destination.noun(),
+                destination.name(),
+                ids.first().map_or("", String::as_str),
+                ids.last().map_or("", String::as_str),
+            ),
+        }
     }
     Ok(())
 }
@@ -74,6 +80,24 @@ pub(crate) async fn run(bus: &Bus, args: &PublishArgs, json: bool) -> Result<(),
 async fn send_all(bus: &Bus, queue: &str, batch: Vec<Envelope>) -> bus::Result<()> {
     for envelope in batch {
         bus.send(queue, envelope).await?;
+    }
+    Ok(())
+}
+
+/// Publishes or sends each message of `batch` with `delay`.
+async fn send_delayed(
+    bus: &Bus,
+    destination: &Destination,
+    batch: Vec<Envelope>,
+    delay: Delay,
+) -> bus::Result<()> {
+    for envelope in batch {
+        match destination {
+            Destination::Topic(topic) => {
+                bus.broker().publish_delayed(topic, envelope, delay).await?
+            }
+            Destination::Queue(queue) => bus.broker().send_delayed(queue, envelope, delay).await?,
+        }
     }
     Ok(())
 }
