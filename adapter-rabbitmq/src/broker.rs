@@ -4,8 +4,12 @@
 //! state.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use bus_core::{async_trait, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
+use bus_core::{
+    async_trait, Backlog, BacklogOf, Broker, Capabilities, Delay, Envelope, Error, ErrorKind,
+    Result, Support,
+};
 
 use crate::link::Link;
 use crate::requests::Replies;
@@ -47,6 +51,49 @@ impl Inner {
             .send_to_queue(queue, &envelope.payload, props)
             .await
     }
+}
+
+impl Inner {
+    /// Sends `envelope` to the work queue `queue` once `delay` has passed: parked in the
+    /// queue's TTL retry queue for the delay's bucket, from which RabbitMQ dead-letters it into
+    /// the queue, at its first attempt.
+    pub(crate) async fn send_delayed(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Delay,
+    ) -> Result<()> {
+        let Some(wait) = delay_from_now(delay)? else {
+            return self.send(queue, envelope, 1).await;
+        };
+        self.link.check()?;
+        self.validate(envelope)?;
+        check_name(queue, "queue")?;
+        let props = wire::properties(envelope, &self.config().source, 1)?;
+        let session = self.link.session().await?;
+        // The queue exists before anything is parked for it: a message dead-lettered to a
+        // queue that does not exist is dropped by RabbitMQ.
+        session.ensure_queue(queue, &self.link.queue_args()).await?;
+        let retry = session.declare_retry_queue(queue, wait).await?;
+        self.link
+            .publish_on(&session, "", &retry, true, &envelope.payload, props)
+            .await?
+            .stored(&retry)
+    }
+}
+
+/// How long from now a delayed message waits: `None` if it is due already, `Unsupported`
+/// beyond the longest a TTL queue holds it ([`wire::MAX_DELAY`]).
+pub(crate) fn delay_from_now(delay: Delay) -> Result<Option<Duration>> {
+    let wait = delay.remaining(SystemTime::now());
+    if wait > wire::MAX_DELAY {
+        return Err(Error::unsupported(format!(
+            "a delay of {wait:?} is longer than RabbitMQ's TTL queues hold a message \
+             ({:?}, Capabilities::max_delay)",
+            wire::MAX_DELAY
+        )));
+    }
+    Ok((!wait.is_zero()).then_some(wait))
 }
 
 /// Refuses names RabbitMQ cannot hold (empty, or longer than 255 bytes).
@@ -160,12 +207,56 @@ impl Broker for RabbitMqBroker {
             },
             max_payload_bytes: Some(self.inner.config().max_payload),
             max_headers: None,
-            delayed_publish: Support::Unsupported(
-                "delayed publish is not implemented by this adapter yet",
-            ),
-            max_delay: None,
-            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
+            // Parked in TTL queues, as delayed retries are (RabbitMQ 3.10 has no delayed
+            // message plugin), rounded up to their ladder of buckets.
+            delayed_publish: Support::Emulated,
+            max_delay: Some(wire::MAX_DELAY),
+            backlog: Support::Native,
         }
+    }
+
+    /// The ready messages of the group's queue (or the work queue) in `waiting`, and those
+    /// parked in its TTL retry queues (`nack(After)`, `send_delayed`) in `delayed`, each
+    /// from a passive `queue.declare`. Exact, but read one queue after the other.
+    /// `in_flight` is `None`: AMQP does not tell unacknowledged messages (only the management
+    /// plugin's HTTP API does), so they are not counted. Messages published to a topic with a
+    /// delay wait in a queue shared by every group and are not counted for any group until
+    /// due. `oldest_age` is `None`: AMQP does not tell it.
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        let link = &self.inner.link;
+        link.check()?;
+        let queue = match of {
+            BacklogOf::Group { topic, group } => wire::group_queue(topic, group),
+            BacklogOf::Queue(name) => name.clone(),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "cannot count the backlog of {other}"
+                )))
+            }
+        };
+        check_name(&queue, "queue")?;
+        let session = link.session().await?;
+        let Some(waiting) = session.ready(&queue).await? else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("RabbitMQ has no queue `{queue}` ({of})"),
+            ));
+        };
+        let retry_queues = wire::RETRY_DELAYS_MS
+            .iter()
+            .map(|&ms| wire::retry_queue(&queue, Duration::from_millis(ms)))
+            // A name RabbitMQ cannot hold was never declared.
+            .filter(|name| check_name(name, "retry queue").is_ok());
+        let parked = futures::future::try_join_all(retry_queues.map(|name| {
+            let session = session.clone();
+            async move { session.ready(&name).await }
+        }))
+        .await?;
+        let delayed = parked.into_iter().flatten().map(u64::from).sum();
+        let mut backlog = Backlog::default();
+        backlog.waiting = u64::from(waiting);
+        backlog.delayed = Some(delayed);
+        Ok(backlog)
     }
 
     async fn close(&self) -> Result<()> {

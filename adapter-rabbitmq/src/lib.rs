@@ -28,6 +28,18 @@
 //!   open: once that channel has closed (lost connection, channel error), RabbitMQ has
 //!   requeued the delivery itself, so settling it fails with a non-retryable
 //!   `ErrorKind::Closed`, dropping it does nothing, and the message comes again.
+//! - **Delayed publish** (`publish_delayed`, `send_delayed`; `Capabilities::delayed_publish`
+//!   `Emulated`, `max_delay` about 49.7 days) parks the message in a TTL queue on the same
+//!   ladder of buckets as `nack(After)`, rounded up: a queue's own retry queue, which
+//!   dead-letters into the queue; for a topic, the shared `bus.delay.<ms>ms.<topic exchange>`
+//!   (a fanout exchange and its queue), which dead-letters into the topic exchange with the
+//!   topic's routing key, so every group (and private subscription) bound when it is due gets
+//!   it, at attempt 1. The message lives in the broker while it waits.
+//! - **Backlog** (`Broker::backlog`): the ready messages of the group's or work queue's queue
+//!   (`waiting`) and of its retry queues (`delayed`, which counts `send_delayed` too), from
+//!   passive `queue.declare`s; unacked messages are not counted (`in_flight` is `None`: only
+//!   the management plugin tells them), and a topic's delayed publishes are counted for no
+//!   group until due.
 //! - **Request-reply** uses direct reply-to; a request to a topic nobody serves is returned by
 //!   the broker (mandatory) and fails fast with `NoResponders`.
 //! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);

@@ -9,16 +9,18 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use bus_core::{Error, ErrorKind, Result};
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::watch;
 
+use crate::broker::check_name;
 use crate::endpoint::Endpoint;
 use crate::error::map;
-use crate::RabbitMqConfig;
+use crate::{wire, RabbitMqConfig};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only caches live behind these locks: nothing is left half-updated by a panic.
@@ -106,6 +108,115 @@ impl Session {
     pub(crate) fn forget_queue(&self, queue: &str) {
         lock(&self.declared).remove(queue);
     }
+
+    /// How many messages are ready in `queue`, from a passive declaration on a channel of its
+    /// own (RabbitMQ closes the channel of a passive declaration of a missing queue); `None`
+    /// if there is no such queue.
+    pub(crate) async fn ready(&self, queue: &str) -> Result<Option<u32>> {
+        let channel = self.channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(declared) => Ok(Some(declared.message_count())),
+            Err(e) => match map(e, &format!("counting the messages of queue `{queue}`")) {
+                e if e.kind() == ErrorKind::NotFound => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Declares the TTL queue that holds messages of `queue` for `delay` (its bucket, see
+    /// [`wire::retry_delay_ms`]) and returns its name: when their TTL ends they dead-letter,
+    /// through the default exchange, back to `queue`. What a `nack(After)` and a delayed
+    /// `send` park messages in.
+    pub(crate) async fn declare_retry_queue(&self, queue: &str, delay: Duration) -> Result<String> {
+        let ms = wire::retry_delay_ms(delay);
+        let name = wire::retry_queue(queue, delay);
+        check_name(&name, "retry queue")?;
+        let mut args = FieldTable::default();
+        args.insert(ShortString::from("x-message-ttl"), long_int(ms));
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(queue.into()),
+        );
+        // Removed ten minutes after the last message was put in (and so after it went back).
+        args.insert(
+            ShortString::from("x-expires"),
+            long_int(ms + wire::RETRY_QUEUE_EXPIRES_MS),
+        );
+        // Declared every time: publishing does not count as use for `x-expires`, and a
+        // queue expiring with messages in it would lose them.
+        self.declare_again(&name, &args).await?;
+        Ok(name)
+    }
+
+    /// Declares, once per connection, the fanout exchange and the TTL queue bound to it that
+    /// hold messages published to topics of `topic_exchange` for `delay` (its bucket), and
+    /// returns their name: a message published to the exchange with its topic's routing key
+    /// dead-letters, when its TTL ends, into `topic_exchange` under that same routing key, and
+    /// so reaches every group bound then. One queue per bucket serves every topic, and as all
+    /// its messages have the same TTL, none waits behind another.
+    pub(crate) async fn declare_delay_queue(
+        &self,
+        topic_exchange: &str,
+        delay: Duration,
+    ) -> Result<String> {
+        let ms = wire::retry_delay_ms(delay);
+        let name = wire::delay_queue(topic_exchange, delay);
+        check_name(&name, "delay queue")?;
+        if lock(&self.declared).contains(&name) {
+            return Ok(name);
+        }
+        let channel = self.channel().await?;
+        channel
+            .exchange_declare(
+                &name,
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, &format!("declaring exchange `{name}`")))?;
+        let mut args = FieldTable::default();
+        args.insert(ShortString::from("x-message-ttl"), long_int(ms));
+        // No `x-dead-letter-routing-key`: the message keeps the topic's routing key.
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(topic_exchange.into()),
+        );
+        declare_queue(&channel, &name, &args).await?;
+        channel
+            .queue_bind(
+                &name,
+                &name,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, &format!("binding queue `{name}` to its exchange")))?;
+        lock(&self.declared).insert(name.clone());
+        Ok(name)
+    }
+}
+
+fn long_int(n: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// Declares a durable work or group queue.

@@ -1,10 +1,10 @@
 //! Publishing: topics through the topic exchange, queues through the default exchange, both
 //! with publisher confirms.
 
-use bus_core::{async_trait, Envelope, Error, ErrorKind, Publisher, Result};
+use bus_core::{async_trait, Delay, Envelope, Error, ErrorKind, Publisher, Result};
 use lapin::options::BasicPublishOptions;
 
-use crate::broker::{check_name, RabbitMqBroker};
+use crate::broker::{check_name, delay_from_now, RabbitMqBroker};
 use crate::link::{confirmed, Confirmed};
 use crate::wire;
 
@@ -30,6 +30,49 @@ impl Publisher for RabbitMqBroker {
             )
             .await
             .map(|_| ())
+    }
+
+    /// Publishes through the fanout exchange `bus.delay.<ms>ms.<topic exchange>` into its TTL
+    /// queue, `<ms>` being the delay rounded up to the retry queues' ladder of buckets; when
+    /// the TTL ends RabbitMQ dead-letters the message into the topic exchange with the topic's
+    /// routing key, so every group bound then (those subscribed at publish time, and private
+    /// subscriptions still open) gets it, at its first attempt.
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        let Some(wait) = delay_from_now(delay)? else {
+            return self.publish(topic, envelope).await;
+        };
+        let inner = &self.inner;
+        inner.link.check()?;
+        inner.validate(&envelope)?;
+        let key = wire::routing_key(topic);
+        check_name(&key, "topic")?;
+        let props = wire::properties(&envelope, &inner.config().source, 1)?;
+        let session = inner.link.session().await?;
+        // Mandatory: the delay queue deleted behind our back is declared again.
+        for _ in 0..2 {
+            let parked = session
+                .declare_delay_queue(&inner.config().topic_exchange, wait)
+                .await?;
+            match inner
+                .link
+                .publish_on(
+                    &session,
+                    &parked,
+                    &key,
+                    true,
+                    &envelope.payload,
+                    props.clone(),
+                )
+                .await?
+            {
+                Confirmed::Ack => return Ok(()),
+                Confirmed::Returned(_) => session.forget_queue(&parked),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::NotFound,
+            "the delay queue disappeared twice while publishing to it",
+        ))
     }
 
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {

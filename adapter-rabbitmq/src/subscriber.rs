@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bus_core::middleware::dead_letter;
 use bus_core::{
-    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, ErrorKind,
-    Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, headers, ConsumeOptions, Delay, Delivery, DeliverySource, Envelope, Error,
+    ErrorKind, Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber,
+    Subscription,
 };
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use crate::broker::{check_name, Inner};
@@ -181,7 +181,7 @@ impl SettleState {
                         .await?
                 }
                 Some(delay) => {
-                    let retry = self.retry_queue(&session, delay).await?;
+                    let retry = session.declare_retry_queue(&self.queue, delay).await?;
                     link.publish_on(&session, "", &retry, true, payload, props)
                         .await?
                         .stored(&retry)?;
@@ -206,34 +206,6 @@ impl SettleState {
             attempt,
             session.frame_max(),
         )
-    }
-
-    /// Declares the TTL queue holding messages of this queue for `delay`: when their TTL
-    /// ends they dead-letter, through the default exchange, back to this queue.
-    async fn retry_queue(&self, session: &Session, delay: Duration) -> Result<String> {
-        let ms = wire::retry_delay_ms(delay);
-        let name = wire::retry_queue(&self.queue, delay);
-        check_name(&name, "retry queue")?;
-        let mut args = FieldTable::default();
-        let int = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
-        args.insert(ShortString::from("x-message-ttl"), int(ms));
-        args.insert(
-            ShortString::from("x-dead-letter-exchange"),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            ShortString::from("x-dead-letter-routing-key"),
-            AMQPValue::LongString(self.queue.as_str().into()),
-        );
-        // Removed ten minutes after the last message was put in (and so after it went back).
-        args.insert(
-            ShortString::from("x-expires"),
-            int(ms + wire::RETRY_QUEUE_EXPIRES_MS),
-        );
-        // Declared every time: publishing does not count as use for `x-expires`, and a
-        // queue expiring with messages in it would lose them.
-        session.declare_again(&name, &args).await?;
-        Ok(name)
     }
 
     async fn dead_letter(&self, reason: &str, attempts: u32) -> Result<()> {
@@ -332,6 +304,13 @@ impl Subscriber for RabbitMqBroker {
 impl Queue for RabbitMqBroker {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         self.inner.send(queue, &envelope, 1).await
+    }
+
+    /// Parks the message in the queue's TTL retry queue for the delay's bucket (as
+    /// `nack(After)` does), from which it dead-letters into the queue: see
+    /// [`RabbitMqBroker`]'s delayed publish.
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner.send_delayed(queue, &envelope, delay).await
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {

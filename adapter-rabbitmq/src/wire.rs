@@ -825,6 +825,17 @@ pub(crate) fn retry_queue(queue: &str, delay: Duration) -> String {
     format!("bus.retry.{}ms.{queue}", retry_delay_ms(delay))
 }
 
+/// The TTL queue (and the fanout exchange of the same name in front of it) that holds
+/// messages published to topics of `topic_exchange` with `delay`, before they go on to it:
+/// `bus.delay.<ms>ms.<topic_exchange>`, `<ms>` being the delay's bucket ([`retry_delay_ms`]).
+pub(crate) fn delay_queue(topic_exchange: &str, delay: Duration) -> String {
+    format!("bus.delay.{}ms.{topic_exchange}", retry_delay_ms(delay))
+}
+
+/// The longest delay a retry or delay queue holds a message for: the last of
+/// [`RETRY_DELAYS_MS`] (about 49.7 days).
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(MAX_TTL_MS - RETRY_QUEUE_EXPIRES_MS);
+
 /// The delays, in milliseconds, that retry queues hold messages for: a delay is rounded up to
 /// the next of them, so a queue has at most this many retry queues however its delays are
 /// jittered. Steps of at most 5/3 (30 → 50, 3 s → 5 s …), on round values of each unit; the

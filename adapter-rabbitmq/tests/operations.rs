@@ -1,0 +1,236 @@
+//! What is RabbitMQ's own in backlog counts and delayed publish, beyond the conformance cases:
+//! a delayed message lives in the broker (it survives the publisher's connection and reaches
+//! a group whose consumer comes back later, and a private subscription), messages parked in
+//! retry queues are counted as `delayed`, quorum queues are counted too, and an unknown queue
+//! is `NotFound`.
+//!
+//! Needs `BUS_TEST_RABBITMQ_URL`; skipped without it (failed with `BUS_REQUIRE_BROKERS=1`).
+
+use std::time::Duration;
+
+use adapter_rabbitmq::lapin::options::QueueDeleteOptions;
+use adapter_rabbitmq::lapin::{Connection, ConnectionProperties};
+use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
+use bus_core::conformance::broker_url;
+use bus_core::{
+    BacklogOf, Broker, ConsumeOptions, Delay, Envelope, ErrorKind, MessageId, Publisher, Queue,
+    Redeliver, SubscribeOptions, Subscriber,
+};
+use tokio::time::{timeout, Instant};
+
+const DELAY: Duration = Duration::from_secs(2);
+const WAIT: Duration = Duration::from_secs(20);
+
+fn unique(what: &str) -> String {
+    format!("test.ops.{what}.{}", MessageId::new())
+}
+
+async fn connect(url: &str, quorum: bool) -> RabbitMqBroker {
+    RabbitMqBroker::with_config(
+        RabbitMqConfig::new(url)
+            .with_connection_name("bus-operations-test")
+            .with_quorum_queues(quorum)
+            .with_queue_expires(Duration::from_secs(600)),
+    )
+    .await
+    .expect("connect to the test RabbitMQ")
+}
+
+/// Deletes `queues` with a plain client (what the tests leave behind).
+async fn delete(url: &str, queues: &[String]) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("plain connection");
+    for queue in queues {
+        let channel = connection.create_channel().await.expect("channel");
+        let _ = channel
+            .queue_delete(queue, QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done").await;
+}
+
+#[tokio::test]
+async fn a_delayed_message_waits_in_the_broker_not_in_the_publisher() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let topic = unique("delayed");
+    let group = "g1";
+    // The group exists, and nobody of it is connected while the message waits.
+    let publisher = connect(&url, false).await;
+    let mut first = publisher
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .expect("subscribe");
+    first.close().await.expect("close the group's first member");
+    let sent = Envelope::new("ops.delayed", "later").with_header("x-test", "kept");
+    let published_at = Instant::now();
+    publisher
+        .publish_delayed(&topic, sent.clone(), Delay::For(DELAY))
+        .await
+        .expect("publish_delayed");
+    // The publisher's connection goes away before the message is due.
+    publisher.close().await.expect("close the publisher");
+
+    let consumer = connect(&url, false).await;
+    let mut private = consumer
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .expect("private subscription");
+    let mut member = consumer
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .expect("the group again");
+    for (sub, what) in [
+        (&mut member, "the group"),
+        (&mut private, "a private subscription"),
+    ] {
+        let d = timeout(WAIT, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} got nothing within {WAIT:?}"))
+            .expect("open")
+            .expect("a delivery");
+        assert!(
+            published_at.elapsed() >= DELAY,
+            "{what} got the message {:?} after it was published, before its delay",
+            published_at.elapsed()
+        );
+        assert_eq!(d.envelope().id, sent.id, "{what}");
+        assert_eq!(d.envelope().header("x-test"), Some("kept"), "{what}");
+        assert_eq!(d.attempt(), 1, "{what}: the delay is no delivery attempt");
+        d.ack().await.expect("ack");
+    }
+    member.close().await.expect("close");
+    private.close().await.expect("close");
+    consumer.close().await.expect("close");
+    delete(&url, &[format!("{topic}@{group}")]).await;
+}
+
+#[tokio::test]
+async fn parked_messages_count_as_delayed() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = connect(&url, false).await;
+    let queue = unique("parked");
+    let of = BacklogOf::queue(&queue);
+    // One nacked with a delay, one sent with a delay, one waiting.
+    broker
+        .send(&queue, Envelope::new("ops.nacked", "1"))
+        .await
+        .expect("send");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = timeout(WAIT, consumer.next())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+        .expect("a delivery");
+    d.nack(Redeliver::After(Duration::from_secs(600)))
+        .await
+        .expect("nack");
+    consumer.close().await.expect("close");
+    broker
+        .send_delayed(
+            &queue,
+            Envelope::new("ops.delayed", "2"),
+            Delay::For(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("send_delayed");
+    broker
+        .send(&queue, Envelope::new("ops.waiting", "3"))
+        .await
+        .expect("send");
+    let backlog = broker.backlog(&of).await.expect("backlog");
+    assert_eq!(backlog.waiting, 1, "{backlog:?}");
+    assert_eq!(backlog.delayed, Some(2), "{backlog:?}");
+    assert_eq!(backlog.in_flight, None, "{backlog:?}");
+    assert!(
+        !backlog.approximate && backlog.partitions.is_empty(),
+        "{backlog:?}"
+    );
+    assert_eq!(backlog.total(), 3);
+
+    let unknown = broker
+        .backlog(&BacklogOf::queue(unique("nobody")))
+        .await
+        .expect_err("a queue that does not exist");
+    assert_eq!(unknown.kind(), ErrorKind::NotFound, "{unknown}");
+    let unknown = broker
+        .backlog(&BacklogOf::group(unique("nobody"), "g"))
+        .await
+        .expect_err("a group that never subscribed");
+    assert_eq!(unknown.kind(), ErrorKind::NotFound, "{unknown}");
+    broker.close().await.expect("close");
+    delete(
+        &url,
+        &[
+            queue.clone(),
+            format!("bus.retry.600000ms.{queue}"),
+            format!("bus.retry.3600000ms.{queue}"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn quorum_queues_are_counted_and_delayed() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = connect(&url, true).await;
+    let queue = unique("quorum");
+    for i in 0..3 {
+        broker
+            .send(&queue, Envelope::new("ops.quorum", format!("{i}")))
+            .await
+            .expect("send");
+    }
+    let backlog = broker
+        .backlog(&BacklogOf::queue(&queue))
+        .await
+        .expect("backlog");
+    assert_eq!(
+        (backlog.waiting, backlog.delayed),
+        (3, Some(0)),
+        "{backlog:?}"
+    );
+
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let sent = Envelope::new("ops.quorum.delayed", "later");
+    let sent_at = Instant::now();
+    broker
+        .send_delayed(&queue, sent.clone(), Delay::For(DELAY))
+        .await
+        .expect("send_delayed");
+    let mut seen = 0;
+    loop {
+        let d = timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery in time")
+            .expect("open")
+            .expect("a delivery");
+        if d.envelope().id == sent.id {
+            assert!(sent_at.elapsed() >= DELAY, "{:?}", sent_at.elapsed());
+            assert_eq!(
+                seen, 3,
+                "the delayed message came before those sent at once"
+            );
+            assert_eq!(d.attempt(), 1, "quorum queues count deliveries, not delays");
+            d.ack().await.expect("ack");
+            break;
+        }
+        seen += 1;
+        d.ack().await.expect("ack");
+    }
+    consumer.close().await.expect("close");
+    broker.close().await.expect("close");
+    delete(&url, &[queue.clone(), format!("bus.retry.2000ms.{queue}")]).await;
+}
