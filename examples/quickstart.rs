@@ -16,6 +16,11 @@
 //! BUS_URL=nats://127.0.0.1:4222 cargo run -p examples --example quickstart --features nats
 //! ```
 //!
+//! With `--asyncapi <dir>` the program writes the AsyncAPI 3.0 document of each service
+//! (`quickstart.billing.json`, `quickstart.shipping.json`, `quickstart.pricing.json`, built by
+//! the same functions that build the services below) into `<dir>` and exits;
+//! `scripts/asyncapi.sh` validates them with the official AsyncAPI parser.
+//!
 //! The services start before anything is published: a consumer group receives what is
 //! published after it first subscribed, and `Service::start` subscribes before it returns.
 //! Receiving, decoding, concurrency, acknowledging and replying are the service's; the
@@ -28,6 +33,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bus::{Bus, BusConfig, Context, Envelope, Message, MessageId, Service};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
@@ -41,7 +47,7 @@ const CONSUME_DEADLINE: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An event: a customer placed an order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 struct OrderPlaced {
     order_id: String,
     customer: String,
@@ -53,7 +59,7 @@ impl Message for OrderPlaced {
 }
 
 /// A request: what would this many of that item cost?
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 struct QuoteRequest {
     sku: String,
     quantity: u32,
@@ -64,7 +70,7 @@ impl Message for QuoteRequest {
 }
 
 /// The reply to a [`QuoteRequest`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 struct Quote {
     sku: String,
     quantity: u32,
@@ -96,6 +102,18 @@ async fn run() -> Result<(), Box<dyn Error + Send + Sync>> {
     let config = BusConfig::from_env()?;
     println!("connecting to {}", config.redacted_url());
     let bus = config.connect().await?;
+    if let Some(dir) = examples::asyncapi_dir()? {
+        let (handled, _) = mpsc::unbounded_channel();
+        let services = [
+            billing(&bus, handled.clone()),
+            shipping(&bus, handled),
+            pricing(&bus),
+        ];
+        for service in &services {
+            examples::write_asyncapi(&dir, "quickstart", service, &config.url)?;
+        }
+        return Ok(bus.close().await?);
+    }
     let caps = bus.capabilities();
     println!(
         "connected: {} broker (durable: {}, request-reply: {})",
@@ -148,22 +166,36 @@ async fn quote(ask: QuoteRequest, _ctx: Context) -> bus::Result<Quote> {
     })
 }
 
+/// The billing service: a name (its consumer group) and a handler per message type.
+/// `with_schema` puts the type's JSON Schema in the service's AsyncAPI document.
+fn billing(bus: &Bus, handled: Handled) -> Service {
+    Service::new("billing", bus.clone())
+        .on(ORDERS, move |order, ctx| bill(order, ctx, handled.clone()))
+        .with_schema::<OrderPlaced>()
+}
+
+/// The shipping service, another consumer group on the same topic.
+fn shipping(bus: &Bus, handled: Handled) -> Service {
+    Service::new("shipping", bus.clone())
+        .on(ORDERS, move |order, ctx| ship(order, ctx, handled.clone()))
+        .with_schema::<OrderPlaced>()
+}
+
+/// The pricing service, answering quote requests.
+fn pricing(bus: &Bus) -> Service {
+    Service::new("pricing", bus.clone())
+        .on_request(QUOTES, quote)
+        .with_schema::<QuoteRequest>()
+        .with_schema::<Quote>()
+}
+
 /// Runs two services on the orders topic, publishes orders and checks that both groups,
 /// billing and shipping, handle all of them.
 async fn fan_out_to_two_groups(bus: &Bus) -> Result<(), Box<dyn Error + Send + Sync>> {
     let (handled, mut handled_rx) = mpsc::unbounded_channel();
-    // A service's name is its consumer group; `start` subscribes before it returns.
-    let to_billing = handled.clone();
-    let billing = Service::new("billing", bus.clone())
-        .on(ORDERS, move |order, ctx| {
-            bill(order, ctx, to_billing.clone())
-        })
-        .start()
-        .await?;
-    let shipping = Service::new("shipping", bus.clone())
-        .on(ORDERS, move |order, ctx| ship(order, ctx, handled.clone()))
-        .start()
-        .await?;
+    // `start` subscribes before it returns.
+    let billing = billing(bus, handled.clone()).start().await?;
+    let shipping = shipping(bus, handled).start().await?;
     println!("services billing and shipping are consuming {ORDERS}");
 
     let orders = [
@@ -235,10 +267,7 @@ async fn fan_out_to_two_groups(bus: &Bus) -> Result<(), Box<dyn Error + Send + S
 
 /// Runs a pricing service answering `pricing.quote`, and asks it for a few quotes.
 async fn request_reply(bus: &Bus) -> Result<(), Box<dyn Error + Send + Sync>> {
-    let pricing = Service::new("pricing", bus.clone())
-        .on_request(QUOTES, quote)
-        .start()
-        .await?;
+    let pricing = pricing(bus).start().await?;
     println!("service pricing is answering {QUOTES}");
 
     let asks = [("sku-apple", 3), ("sku-pear", 12), ("sku-fig", 1)];

@@ -19,6 +19,9 @@
 //!
 //! Run it with `cargo run -p examples --example tracing_two_services` (no broker needed).
 //!
+//! With `--asyncapi <dir>` it writes the AsyncAPI 3.0 documents of both services (built by the
+//! same functions) into `<dir>` and exits (`scripts/asyncapi.sh` validates them).
+//!
 //! The payment service publishes its follow-up with `ctx.publish`: caused by the order
 //! (correlation and causation ids), and, as its handler runs inside the consumer span, with the
 //! trace context of the producer span its `TracedBroker` opens (docs/ARCHITECTURE.md §14).
@@ -34,6 +37,7 @@ use bus_core::middleware::tracing::{TracedBroker, TracingLayer};
 use bus_core::{Broker, Error};
 use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -44,7 +48,7 @@ const ORDERS: &str = "order.placed";
 const PAYMENTS: &str = "payment.captured";
 
 /// An event of the order service.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 struct OrderPlaced {
     order: u32,
 }
@@ -54,7 +58,7 @@ impl Message for OrderPlaced {
 }
 
 /// An event of the payment service.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 struct PaymentCaptured {
     order: u32,
     amount: u64,
@@ -112,8 +116,62 @@ async fn payment_captured(_: PaymentCaptured, ctx: Context, seen: SeenTx) -> bus
     Ok(())
 }
 
+/// The payment service: handles `OrderPlaced`, captures the payment, announces it.
+fn payment_service(bus: Bus, system: &'static str, seen: SeenTx) -> Service {
+    Service::new("payment-service", bus)
+        .with_layer(TracingLayer::new(system))
+        .on(ORDERS, move |order, ctx| {
+            capture_payment(order, ctx, seen.clone())
+        })
+        .publishes::<PaymentCaptured>(PAYMENTS)
+        .with_schema::<OrderPlaced>()
+        .with_schema::<PaymentCaptured>()
+}
+
+/// The order service: places orders, and handles `PaymentCaptured`.
+fn order_service(bus: Bus, system: &'static str, seen: SeenTx) -> Service {
+    Service::new("order-service", bus)
+        .with_layer(TracingLayer::new(system))
+        .on(PAYMENTS, move |payment, ctx| {
+            payment_captured(payment, ctx, seen.clone())
+        })
+        .publishes::<OrderPlaced>(ORDERS)
+        .with_schema::<OrderPlaced>()
+        .with_schema::<PaymentCaptured>()
+}
+
+/// `--asyncapi <dir>`: writes both services' documents instead of running them.
+fn write_asyncapi(shared: &Arc<dyn Broker>) -> Option<ExitCode> {
+    let written = examples::asyncapi_dir().and_then(|dir| {
+        let Some(dir) = dir else { return Ok(false) };
+        let system = shared.capabilities().name;
+        let (seen, _) = mpsc::unbounded_channel();
+        let bus = Bus::from_arc(shared.clone());
+        for service in [
+            payment_service(bus.clone(), system, seen.clone()),
+            order_service(bus, system, seen),
+        ] {
+            examples::write_asyncapi(&dir, "tracing_two_services", &service, "memory://")?;
+        }
+        Ok(true)
+    });
+    match written {
+        Ok(false) => None,
+        Ok(true) => Some(ExitCode::SUCCESS),
+        Err(error) => {
+            eprintln!("error: {error}");
+            Some(ExitCode::FAILURE)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<ExitCode, Error> {
+    let shared: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    if let Some(exit) = write_asyncapi(&shared) {
+        return Ok(exit);
+    }
+
     // Telemetry, as an application sets it up once at start: a tracer provider (here with an
     // in-memory exporter, to check the result), installed globally, and `tracing` bridged to it.
     let exporter = InMemorySpanExporter::default();
@@ -130,32 +188,19 @@ async fn main() -> Result<ExitCode, Error> {
     );
     tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
 
-    let shared: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
     let system = shared.capabilities().name;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
 
-    // Payment service: handles `OrderPlaced`, captures the payment, announces it.
-    let payment_service = {
-        let seen = seen_tx.clone();
-        Service::new(
-            "payment-service",
-            Bus::new(TracedBroker::new(shared.clone())),
-        )
-        .with_layer(TracingLayer::new(system))
-        .on(ORDERS, move |order, ctx| {
-            capture_payment(order, ctx, seen.clone())
-        })
-        .start()
-        .await?
-    };
-
-    // Order service: places the order, and handles `PaymentCaptured`.
+    // Each service on its own bus over a TracedBroker of the shared broker.
+    let payment_service = payment_service(
+        Bus::new(TracedBroker::new(shared.clone())),
+        system,
+        seen_tx.clone(),
+    )
+    .start()
+    .await?;
     let orders = Bus::new(TracedBroker::new(shared.clone()));
-    let order_service = Service::new("order-service", orders.clone())
-        .with_layer(TracingLayer::new(system))
-        .on(PAYMENTS, move |payment, ctx| {
-            payment_captured(payment, ctx, seen_tx.clone())
-        })
+    let order_service = order_service(orders.clone(), system, seen_tx)
         .start()
         .await?;
 

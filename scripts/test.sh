@@ -99,6 +99,11 @@ cargo run -q -p examples --example retry_dlq
 step "tracing across two services (cargo run -q -p examples --example tracing_two_services)"
 cargo run -q -p examples --example tracing_two_services
 
+step "AsyncAPI documents of the examples' services, validated by @asyncapi/parser (scripts/asyncapi.sh)"
+asyncapi_started=$SECONDS
+bash scripts/asyncapi.sh
+echo "scripts/asyncapi.sh took $((SECONDS - asyncapi_started)) s"
+
 step "all checks passed"
 # One closing line with the totals of every `test result:` line cargo printed.
 awk '/^test result:/ {

@@ -91,6 +91,9 @@
 //! # }
 //! ```
 
+#[cfg(feature = "asyncapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "asyncapi")))]
+pub mod asyncapi;
 mod context;
 mod dispatch;
 mod handle;
@@ -189,6 +192,39 @@ struct Routed {
     route: Box<dyn Route>,
     layers: Vec<LayerFn>,
 }
+    /// What it handles (and for a responder, what it replies), for the AsyncAPI document.
+    message: MessageType,
+    reply: Option<MessageType>,
+}
+
+/// A message type as the AsyncAPI document names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
+pub(crate) struct MessageType {
+    pub(crate) kind: &'static str,
+    pub(crate) version: u32,
+    pub(crate) rust_type: &'static str,
+}
+
+impl MessageType {
+    fn of<M: Message>() -> Self {
+        Self {
+            kind: M::KIND,
+            version: M::SCHEMA_VERSION,
+            rust_type: std::any::type_name::<M>(),
+        }
+    }
+}
+
+/// What a service said it publishes, sends or requests ([`Service::publishes`],
+/// [`Service::sends`], [`Service::requests`]): only the AsyncAPI document reads it.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
+pub(crate) struct Declared {
+    pub(crate) channel: Channel,
+    pub(crate) name: String,
+    pub(crate) message: MessageType,
+    pub(crate) reply: Option<MessageType>,
 
 /// A service: a name (its consumer group), typed handlers on topics, queues and request
 /// channels, and a graceful run.
@@ -216,6 +252,9 @@ pub struct Service {
     upcasters: Upcasters,
 }
 
+    declared: Vec<Declared>,
+    #[cfg(feature = "asyncapi")]
+    schemas: asyncapi::Schemas,
 impl Service {
     /// A service called `name` on `bus`. The name is the consumer group of its
     /// subscriptions: several instances of one service share the work, and every other
@@ -234,6 +273,9 @@ impl Service {
         }
     }
 
+            declared: Vec::new(),
+            #[cfg(feature = "asyncapi")]
+            schemas: asyncapi::Schemas::default(),
     /// The service's name, which is also its consumer group.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -284,7 +326,8 @@ impl Service {
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
         let route = Box::new(Typed::<M, F>::new(handler));
-        self.register(Channel::Topic, topic.into(), options, M::KIND, route)
+        let handles = (MessageType::of::<M>(), None);
+        self.register(Channel::Topic, topic.into(), options, handles, route)
     }
 
     /// Handles messages of type `M` sent to the work queue `queue` ([`Bus::send`],
@@ -336,7 +379,8 @@ impl Service {
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
         let route = Box::new(Typed::<M, F>::new(handler));
-        self.register(Channel::Queue, queue.into(), options, M::KIND, route)
+        let handles = (MessageType::of::<M>(), None);
+        self.register(Channel::Queue, queue.into(), options, handles, route)
     }
 
     /// Answers requests of type `Q` sent to `topic` ([`Context::request`],
@@ -414,7 +458,8 @@ impl Service {
         Fut: Future<Output = Result<R>> + Send + 'static,
     {
         let route = Box::new(Responding::<Q, R, F>::new(handler));
-        self.register(Channel::Requests, topic.into(), options, Q::KIND, route)
+        let handles = (MessageType::of::<Q>(), Some(MessageType::of::<R>()));
+        self.register(Channel::Requests, topic.into(), options, handles, route)
     }
 
     fn register(
@@ -422,12 +467,13 @@ impl Service {
         channel: Channel,
         name: String,
         options: HandlerOptions,
-        kind: &'static str,
+        (message, reply): (MessageType, Option<MessageType>),
         route: Box<dyn Route>,
     ) -> Self {
         let group = match channel {
             Channel::Queue => {
                 assert!(
+        let kind = message.kind;
                     options.group.is_none(),
                     "queue `{name}` has no consumer groups: a handler on it cannot set one"
                 );
@@ -481,6 +527,8 @@ impl Service {
 
     /// Reads messages of type `M` written with the older schema version `from_version`
     /// through `convert`: their payload is decoded as `Old` (JSON) and converted to `M`,
+            message,
+            reply,
     /// before any handler of `M` (on any topic, queue or request channel of the service)
     /// sees it.
     ///
@@ -558,6 +606,46 @@ impl Service {
     /// Runs at most `concurrency` handlers at once per subscription (default
     /// [`DEFAULT_CONCURRENCY`](crate::runtime::DEFAULT_CONCURRENCY); see
     /// [`Consumer::with_concurrency`]).
+    /// Declares that the service's handlers publish messages of type `M` to `topic` (with
+    /// [`Context::publish`] or otherwise). Nothing checks or enforces it: it is what the
+    /// service's AsyncAPI document (`Service::asyncapi`, feature `asyncapi`) lists as a
+    /// `send` operation, so the document says what the service emits as well as what it
+    /// handles.
+    pub fn publishes<M: Message>(mut self, topic: impl Into<String>) -> Self {
+        self.declared.push(Declared {
+            channel: Channel::Topic,
+            name: topic.into(),
+            message: MessageType::of::<M>(),
+            reply: None,
+        });
+        self
+    }
+
+    /// Declares that the service's handlers send messages of type `M` to the work queue
+    /// `queue` ([`Context::send`]), as [`publishes`](Service::publishes) does for topics.
+    pub fn sends<M: Message>(mut self, queue: impl Into<String>) -> Self {
+        self.declared.push(Declared {
+            channel: Channel::Queue,
+            name: queue.into(),
+            message: MessageType::of::<M>(),
+            reply: None,
+        });
+        self
+    }
+
+    /// Declares that the service's handlers ask requests of type `Q` on `topic` and expect
+    /// replies of type `R` ([`Context::request`]), as [`publishes`](Service::publishes)
+    /// does for events: a `send` operation with a reply in the AsyncAPI document.
+    pub fn requests<Q: Message, R: Message>(mut self, topic: impl Into<String>) -> Self {
+        self.declared.push(Declared {
+            channel: Channel::Requests,
+            name: topic.into(),
+            message: MessageType::of::<Q>(),
+            reply: Some(MessageType::of::<R>()),
+        });
+        self
+    }
+
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = Some(concurrency);
         self
