@@ -191,7 +191,6 @@ struct Registered {
 struct Routed {
     route: Box<dyn Route>,
     layers: Vec<LayerFn>,
-}
     /// What it handles (and for a responder, what it replies), for the AsyncAPI document.
     message: MessageType,
     reply: Option<MessageType>,
@@ -225,6 +224,7 @@ pub(crate) struct Declared {
     pub(crate) name: String,
     pub(crate) message: MessageType,
     pub(crate) reply: Option<MessageType>,
+}
 
 /// A service: a name (its consumer group), typed handlers on topics, queues and request
 /// channels, and a graceful run.
@@ -250,11 +250,11 @@ pub struct Service {
     key_order: Option<KeyOrder>,
     layers: Vec<LayerFn>,
     upcasters: Upcasters,
-}
-
     declared: Vec<Declared>,
     #[cfg(feature = "asyncapi")]
     schemas: asyncapi::Schemas,
+}
+
 impl Service {
     /// A service called `name` on `bus`. The name is the consumer group of its
     /// subscriptions: several instances of one service share the work, and every other
@@ -270,12 +270,12 @@ impl Service {
             key_order: None,
             layers: Vec::new(),
             upcasters: Upcasters::default(),
-        }
-    }
-
             declared: Vec::new(),
             #[cfg(feature = "asyncapi")]
             schemas: asyncapi::Schemas::default(),
+        }
+    }
+
     /// The service's name, which is also its consumer group.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -470,10 +470,10 @@ impl Service {
         (message, reply): (MessageType, Option<MessageType>),
         route: Box<dyn Route>,
     ) -> Self {
+        let kind = message.kind;
         let group = match channel {
             Channel::Queue => {
                 assert!(
-        let kind = message.kind;
                     options.group.is_none(),
                     "queue `{name}` has no consumer groups: a handler on it cannot set one"
                 );
@@ -492,7 +492,7 @@ impl Service {
                 group,
                 concurrency: None,
                 key_order: None,
-                routes: BTreeMap::new(),
+                    routes: BTreeMap::new(),
             });
             self.registered.len() - 1
         });
@@ -517,6 +517,8 @@ impl Service {
         let routed = Routed {
             route,
             layers: options.layers,
+            message,
+            reply,
         };
         assert!(
             registered.routes.insert(kind, routed).is_none(),
@@ -527,8 +529,6 @@ impl Service {
 
     /// Reads messages of type `M` written with the older schema version `from_version`
     /// through `convert`: their payload is decoded as `Old` (JSON) and converted to `M`,
-            message,
-            reply,
     /// before any handler of `M` (on any topic, queue or request channel of the service)
     /// sees it.
     ///
@@ -596,16 +596,6 @@ impl Service {
         self
     }
 
-    /// Sets what happens to messages of a kind no handler on their topic or queue handles
-    /// (default [`UnknownKinds::Skip`]).
-    pub fn with_unknown_kinds(mut self, policy: UnknownKinds) -> Self {
-        self.unknown_kinds = policy;
-        self
-    }
-
-    /// Runs at most `concurrency` handlers at once per subscription (default
-    /// [`DEFAULT_CONCURRENCY`](crate::runtime::DEFAULT_CONCURRENCY); see
-    /// [`Consumer::with_concurrency`]).
     /// Declares that the service's handlers publish messages of type `M` to `topic` (with
     /// [`Context::publish`] or otherwise). Nothing checks or enforces it: it is what the
     /// service's AsyncAPI document (`Service::asyncapi`, feature `asyncapi`) lists as a
@@ -646,6 +636,16 @@ impl Service {
         self
     }
 
+    /// Sets what happens to messages of a kind no handler on their topic or queue handles
+    /// (default [`UnknownKinds::Skip`]).
+    pub fn with_unknown_kinds(mut self, policy: UnknownKinds) -> Self {
+        self.unknown_kinds = policy;
+        self
+    }
+
+    /// Runs at most `concurrency` handlers at once per subscription (default
+    /// [`DEFAULT_CONCURRENCY`](crate::runtime::DEFAULT_CONCURRENCY); see
+    /// [`Consumer::with_concurrency`]).
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = Some(concurrency);
         self
