@@ -1,12 +1,15 @@
 //! The connection: the client, the JetStream context, the streams made so far, and close.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use bus_core::{async_trait, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
+use bus_core::{
+    async_trait, Backlog, BacklogOf, Broker, Capabilities, Envelope, Error, ErrorKind, Result,
+    Support,
+};
 use tokio::sync::watch;
 
 use crate::config::{NatsConfig, Storage};
@@ -46,6 +49,8 @@ pub(crate) struct Inner {
     /// Copies of nacked core NATS messages waiting out their delay (`subscriber::CoreSettle`):
     /// close sends them at once and waits for them.
     pub(crate) core_copies: watch::Sender<usize>,
+    /// Whether this connection's mover of delayed messages runs (module `delayed`).
+    pub(crate) mover_started: AtomicBool,
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
@@ -151,7 +156,11 @@ impl Inner {
     }
 
     /// [`ensure_stream`](Self::ensure_stream), also returning the subject the stream holds.
-    async fn ensure_stream_subject(&self, kind: Kind, name: &str) -> Result<(String, String)> {
+    pub(crate) async fn ensure_stream_subject(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<(String, String)> {
         let (stream, subject) = match kind {
             Kind::Topic => (
                 self.names.topic_stream(name),
@@ -191,12 +200,28 @@ impl Inner {
             },
             ..stream::Config::default()
         };
+        self.ensure_stream_config(config).await?;
+        Ok((stream, subject))
+    }
+
+    /// Creates or updates the stream `config` describes, once per connection.
+    pub(crate) async fn ensure_stream_config(&self, config: stream::Config) -> Result<()> {
+        if lock(&self.streams).contains(&config.name) {
+            return Ok(());
+        }
+        let name = config.name.clone();
         self.jetstream
             .create_or_update_stream(config)
             .await
-            .map_err(|e| error::stream(e, &stream))?;
-        lock(&self.streams).insert(stream.clone());
-        Ok((stream, subject))
+            .map_err(|e| error::stream(e, &name))?;
+        lock(&self.streams).insert(name);
+        Ok(())
+    }
+
+    /// Forgets that the stream `name` exists (not a topic's or queue's: those are forgotten
+    /// by [`forget_stream`](Self::forget_stream)).
+    pub(crate) fn forget_stream_named(&self, name: &str) {
+        lock(&self.streams).remove(name);
     }
 
     /// The subject the messages of a topic or queue are sent on, its stream made sure of
@@ -265,7 +290,19 @@ impl Inner {
     ) -> Result<jetstream::context::PublishAckFuture> {
         self.check()?;
         let headers = wire::encode(envelope, &self.config.source)?;
-        let header_len = self.check_size(&headers, envelope.payload.len())?;
+        self.check_stored(&headers, envelope.payload.len())?;
+        self.send_encoded(kind, name, headers, envelope.payload.clone())
+            .await
+    }
+
+    /// Refuses a message JetStream would refuse to store: over `max_payload`, or with more
+    /// header bytes than it keeps.
+    pub(crate) fn check_stored(
+        &self,
+        headers: &async_nats::HeaderMap,
+        payload: usize,
+    ) -> Result<()> {
+        let header_len = self.check_size(headers, payload)?;
         if header_len > MAX_STORED_HEADER_LEN {
             return Err(Error::new(
                 ErrorKind::HeadersTooLarge,
@@ -275,8 +312,7 @@ impl Inner {
                 ),
             ));
         }
-        self.send_encoded(kind, name, headers, envelope.payload.clone())
-            .await
+        Ok(())
     }
 
     /// Stores headers and payload already encoded, waiting for the acknowledgement.
@@ -419,6 +455,7 @@ impl NatsBroker {
                 }),
                 closed,
                 core_copies: watch::channel(0).0,
+                mover_started: AtomicBool::new(false),
                 runtime: tokio::runtime::Handle::current(),
             }),
         })
@@ -496,11 +533,14 @@ impl Broker for NatsBroker {
             delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.max_payload()),
             max_headers: None,
-            delayed_publish: Support::Unsupported(
-                "delayed publish is not implemented by this adapter yet",
-            ),
+            // Parked in the `<prefix>-delayed` stream and moved when due (module `delayed`):
+            // nats-server has no message schedules before 2.12. No limit but the hundred
+            // years `bus` waits at most.
+            delayed_publish: Support::Emulated,
             max_delay: None,
-            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
+            // The group's consumer (pending, ack-pending), the queue's work-queue stream and
+            // the delayed stream's count per subject: exact.
+            backlog: Support::Native,
         };
         if config.durable {
             base
@@ -511,9 +551,36 @@ impl Broker for NatsBroker {
             Capabilities {
                 delayed_redelivery: Support::Emulated,
                 delivery_count: Support::Emulated,
+                delayed_publish: Support::Unsupported(
+                    "core NATS (durable=false) keeps nothing to hold a delayed message for a \
+                     topic's groups (send_delayed to a queue, on JetStream, works)",
+                ),
+                backlog: Support::Unsupported(
+                    "core NATS (durable=false) keeps nothing for a topic's groups to count \
+                     (the backlog of a queue, on JetStream, is counted)",
+                ),
                 ..base
             }
         }
+    }
+
+    /// Counts from JetStream, exactly (`approximate` is false):
+    /// - a group: its durable consumer's `num_pending` as `waiting` and `num_ack_pending` as
+    ///   `in_flight` (which includes messages nacked with a delay: JetStream holds them as
+    ///   unacknowledged until it redelivers them);
+    /// - a queue: the same from its shared consumer, or, before anyone consumed, the
+    ///   work-queue stream's message count as `waiting`;
+    /// - `delayed`: the messages published or sent with a delay that wait in the
+    ///   `<prefix>-delayed` stream for that topic or queue;
+    /// - `oldest_age`: how long ago the server stored the oldest message not yet settled
+    ///   (waiting or in flight).
+    ///
+    /// # Errors
+    /// [`NotFound`](ErrorKind::NotFound) for a group whose consumer or a topic or queue whose
+    /// stream does not exist; [`Unsupported`](ErrorKind::Unsupported) for a group with
+    /// `durable=false`; connection errors.
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        crate::backlog::count(&self.inner, of).await
     }
 
     async fn close(&self) -> Result<()> {

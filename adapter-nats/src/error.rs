@@ -190,3 +190,64 @@ pub(crate) fn settle(error: async_nats::PublishError, what: &str) -> Error {
 pub(crate) fn closed() -> Error {
     Error::closed("the NATS connection of this bus was closed")
 }
+
+/// A stream looked up to count a backlog that the server could not give:
+/// [`ErrorKind::NotFound`] if it does not exist.
+pub(crate) fn get_stream(
+    error: async_nats::jetstream::context::GetStreamError,
+    stream: &str,
+) -> Error {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    let kind = match error.kind() {
+        GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            ErrorKind::NotFound
+        }
+        GetStreamErrorKind::EmptyName | GetStreamErrorKind::InvalidStreamName => ErrorKind::Config,
+        GetStreamErrorKind::JetStream(_) => ErrorKind::Rejected,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(kind, format!("reading JetStream stream `{stream}`"), error)
+}
+
+/// A consumer's information the server could not give: [`ErrorKind::NotFound`] if the
+/// consumer (or its stream) does not exist.
+pub(crate) fn consumer_info(
+    error: async_nats::jetstream::context::ConsumerInfoError,
+    consumer: &str,
+    stream: &str,
+) -> Error {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    let kind = match error.kind() {
+        ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound => {
+            ErrorKind::NotFound
+        }
+        ConsumerInfoErrorKind::JetStream(e)
+            if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+                || e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+        {
+            ErrorKind::NotFound
+        }
+        ConsumerInfoErrorKind::TimedOut => ErrorKind::Timeout,
+        ConsumerInfoErrorKind::InvalidName => ErrorKind::Config,
+        ConsumerInfoErrorKind::JetStream(_) => ErrorKind::Rejected,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(
+        kind,
+        format!("reading JetStream consumer `{consumer}` of stream `{stream}`"),
+        error,
+    )
+}
+
+/// A stream's information (counts per subject) the server could not give.
+pub(crate) fn stream_info(error: async_nats::jetstream::stream::InfoError, stream: &str) -> Error {
+    use async_nats::jetstream::context::RequestErrorKind;
+    let kind = match error.kind() {
+        RequestErrorKind::TimedOut => ErrorKind::Timeout,
+        RequestErrorKind::NoResponders => ErrorKind::Unsupported,
+        _ => ErrorKind::Connection,
+    };
+    Error::with_source(kind, format!("reading JetStream stream `{stream}`"), error)
+}

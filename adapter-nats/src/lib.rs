@@ -6,11 +6,13 @@
 //!
 #![doc = include_str!("../README.md")]
 
+mod backlog;
 mod broker;
 mod config;
 #[doc(hidden)]
 pub mod cost;
 mod dead_letters;
+mod delayed;
 mod error;
 pub mod names;
 mod poison;
@@ -26,6 +28,7 @@ pub use config::{Credentials, NatsConfig, Storage};
 
 /// The names of the headers carrying the envelope's CloudEvents attributes on NATS.
 pub mod header_names {
+    pub use crate::delayed::DUE;
     pub use crate::wire::{
         CE_CAUSATIONID, CE_CORRELATIONID, CE_DATACONTENTTYPE, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
         CE_SPECVERSION, CE_TIME, CE_TYPE, CONTENT_TYPE, NATS_MSG_ID, ORIGINAL_PREFIX,

@@ -73,6 +73,40 @@ impl Names {
         format!("{}.p.{}", self.topic_subject(topic), encode(unique))
     }
 
+    /// The stream holding every delayed message under this prefix until it is due (module
+    /// `delayed`).
+    pub(crate) fn delayed_stream(&self) -> String {
+        format!("{}-delayed", self.prefix)
+    }
+
+    /// The subjects of [`delayed_stream`](Self::delayed_stream).
+    pub(crate) fn delayed_subjects(&self) -> String {
+        format!("{}.d.>", self.prefix)
+    }
+
+    /// Where a message delayed for `subject` (a topic's or a queue's, under this prefix)
+    /// waits: `<prefix>.d.` and the subject without the prefix, so the target can be read
+    /// back from it.
+    pub(crate) fn delayed_subject(&self, subject: &str) -> String {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(subject);
+        format!("{}.d.{rest}", self.prefix)
+    }
+
+    /// The topic or queue subject a delayed message waiting on `subject` goes to once due;
+    /// `None` for a subject outside the delayed stream's, or one naming neither a topic nor a
+    /// queue (published there by someone else).
+    pub(crate) fn delayed_target(&self, subject: &str) -> Option<String> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".d.")?;
+        let (kind, name) = rest.split_once('.')?;
+        let single_token = !name.is_empty() && !name.contains(['.', '*', '>']);
+        (matches!(kind, "t" | "q") && single_token).then(|| format!("{}.{rest}", self.prefix))
+    }
+
     /// The subject requests to `topic` are sent on.
     pub(crate) fn request_subject(&self, topic: &str) -> String {
         format!("{}.r.{}", self.prefix, encode(topic))
@@ -136,5 +170,29 @@ mod tests {
             names.core_private_retry_subject("orders", "0a-b"),
             "bus.t.orders.p.0a-b"
         );
+    }
+
+    #[test]
+    fn delayed_subjects_lead_back_to_their_topic_or_queue() {
+        let names = Names::new("bus");
+        for subject in [
+            names.topic_subject("orders.eu"),
+            names.queue_subject("jobs"),
+        ] {
+            let delayed = names.delayed_subject(&subject);
+            assert!(delayed.starts_with("bus.d."), "{delayed}");
+            assert_eq!(names.delayed_target(&delayed), Some(subject));
+        }
+        assert_eq!(names.delayed_stream(), "bus-delayed");
+        // What a foreign client may publish under the stream's subjects leads nowhere.
+        for foreign in [
+            "bus.d.x.orders",
+            "bus.d.t",
+            "bus.d.t.a.b",
+            "other.d.t.a",
+            "bus.d.t.",
+        ] {
+            assert_eq!(names.delayed_target(foreign), None, "{foreign}");
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! Publishing to topics (sending to queues is `NatsBroker`'s `Queue` impl in module
 //! `subscriber`, beside consuming them).
 
-use bus_core::{async_trait, Envelope, Publisher, Result};
+use bus_core::{async_trait, Delay, Envelope, Error, Publisher, Result};
 
 use crate::broker::Kind;
-use crate::{error, wire, NatsBroker};
+use crate::{delayed, error, wire, NatsBroker};
 
 impl NatsBroker {
     async fn publish_core(&self, topic: &str, envelope: &Envelope) -> Result<()> {
@@ -56,5 +56,23 @@ impl Publisher for NatsBroker {
             self.inner.await_ack(Kind::Topic, topic, ack).await?;
         }
         Ok(())
+    }
+
+    /// Emulated: the message waits in the `<prefix>-delayed` stream and is published to the
+    /// topic when due, by whichever connection's mover (this one's, or that of any process
+    /// that subscribes or publishes delayed) takes it; so every group subscribed then gets it,
+    /// private subscriptions included, at attempt 1. Its due time is this host's clock plus
+    /// `delay`, compared with the mover's clock. A delay that has passed publishes at once.
+    ///
+    /// # Errors
+    /// As [`publish`](Publisher::publish); [`Unsupported`](bus_core::ErrorKind::Unsupported)
+    /// with `durable=false`.
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        if !self.inner.config.durable {
+            return Err(Error::unsupported(
+                "core NATS (durable=false) keeps nothing to hold a delayed message in",
+            ));
+        }
+        delayed::publish(&self.inner, Kind::Topic, topic, &envelope, delay).await
     }
 }

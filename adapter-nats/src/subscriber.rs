@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use bus_core::{
-    async_trait, headers, ConsumeOptions, Delivery, DeliverySource, Envelope, Error, ErrorKind,
-    Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber, Subscription,
+    async_trait, headers, ConsumeOptions, Delay, Delivery, DeliverySource, Envelope, Error,
+    ErrorKind, Queue, Redeliver, Result, Settle, Settlement, SubscribeOptions, Subscriber,
+    Subscription,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::broker::{Inner, Kind};
 use crate::names::{self, QUEUE_CONSUMER};
 use crate::pulling::{self, Buffer, Pulled, Spec, Turn};
-use crate::{dead_letters, error, wire, NatsBroker};
+use crate::{dead_letters, delayed, error, wire, NatsBroker};
 
 #[async_trait]
 impl Queue for NatsBroker {
@@ -27,6 +28,13 @@ impl Queue for NatsBroker {
         self.inner
             .publish_stored(Kind::Queue, queue, &envelope)
             .await
+    }
+
+    /// Emulated as [`publish_delayed`](bus_core::Publisher::publish_delayed) is: the message
+    /// waits in the `<prefix>-delayed` stream and is sent to the queue when due. Also with
+    /// `durable=false` (queues are on JetStream either way).
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        delayed::publish(&self.inner, Kind::Queue, queue, &envelope, delay).await
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
@@ -72,6 +80,9 @@ impl Subscriber for NatsBroker {
             ..pull::Config::default()
         };
         let consumer = inner.consumer(&stream, &config).await?;
+        // Delayed messages for this topic are moved by some connection even if their
+        // publisher is gone.
+        delayed::start_mover(inner);
         let source = PullSource::new(
             inner.clone(),
             consumer,
@@ -106,6 +117,7 @@ pub(crate) async fn consume(
         ..pull::Config::default()
     };
     let consumer = inner.consumer(&stream, &config).await?;
+    delayed::start_mover(inner);
     let source = PullSource::new(
         inner.clone(),
         consumer,
