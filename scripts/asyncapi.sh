@@ -3,7 +3,8 @@
 # parser (@asyncapi/parser, from the npm registry):
 #   1. installs the parser once into target/asyncapi-node (git-ignored; needs node >= 18 and npm),
 #   2. writes the documents of the quickstart's and tracing_two_services' services
-#      (`--asyncapi <dir>`: the same functions build the services the examples run),
+#      (`--asyncapi <dir>`: the same functions build the services the examples run), and those
+#      of bus/tests/service_asyncapi.rs (BUS_ASYNCAPI_OUT),
 #   3. parses each one (scripts/asyncapi/validate.mjs): every diagnostic is printed, and an
 #      error-severity one fails the script.
 # BUS_URL picks the quickstart's broker and so its server and bindings (memory:// when unset:
@@ -42,7 +43,11 @@ for url in kafka://app:s3cret@kafka.internal:9092 amqp://app:s3cret@rabbit.inter
     scheme=${url%%://*}
     cargo run -q -p examples --example quickstart -- --asyncapi "$out/$scheme" --server "$url"
 done
-if grep -rl s3cret "$out"; then
+# A service with what the examples lack (a work queue, a handler in a group of its own, a
+# declared publish), on every broker: written by its shape test.
+BUS_ASYNCAPI_OUT="$PWD/$out/service-test" cargo test -q -p bus --features asyncapi \
+    --test service_asyncapi >/dev/null
+if grep -rl 's3cret\|hunter2' "$out"; then
     echo "asyncapi.sh: a document above holds a credential of its server URL" >&2
     exit 1
 fi
