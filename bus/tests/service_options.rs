@@ -346,3 +346,52 @@ async fn a_group_on_a_queue_handler_panics() {
         |_: OrderPlaced, _: Context| async { Ok(()) },
     );
 }
+
+/// How many handlers of the `OrderPlaced` messages on `topic` ran at once at most, when each
+/// blocks its thread for a while (a handler computing between two `.await`s).
+async fn most_at_once(bus: &Bus, topic: &str, options: HandlerOptions) -> u32 {
+    let running = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let (now, max) = (running.clone(), most.clone());
+    let service = Service::new("billing", bus.clone())
+        .with_concurrency(4)
+        .on_with(topic, options, move |_: OrderPlaced, _: Context| {
+            let (now, max, done) = (now.clone(), max.clone(), done_tx.clone());
+            async move {
+                let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(at_once, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                now.fetch_sub(1, Ordering::SeqCst);
+                done.send(()).unwrap();
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    for id in ["a", "b", "c", "d"] {
+        bus.publish_message(topic, &placed(id)).await.unwrap();
+    }
+    for _ in 0..4 {
+        recv(&mut done).await;
+    }
+    service.stop().await;
+    most.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn task_per_delivery_is_set_per_handler() {
+    let bus = memory().await;
+    // Polled inside the consumer's task (the default), blocking handlers run one at a time.
+    let inline = most_at_once(&bus, "inline", HandlerOptions::new()).await;
+    assert_eq!(inline, 1);
+    // A task each: they run on the runtime's other workers at the same time.
+    let tasks = most_at_once(
+        &bus,
+        "tasks",
+        HandlerOptions::new().with_task_per_delivery(true),
+    )
+    .await;
+    assert!(tasks >= 2, "at most {tasks} handler(s) at once");
+}

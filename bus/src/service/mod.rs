@@ -184,6 +184,7 @@ struct Registered {
     /// Set by a handler's options; otherwise the service's.
     concurrency: Option<usize>,
     key_order: Option<KeyOrder>,
+    task_per_delivery: Option<bool>,
     routes: BTreeMap<&'static str, Routed>,
 }
 
@@ -248,6 +249,7 @@ pub struct Service {
     concurrency: Option<usize>,
     shutdown_timeout: Option<Duration>,
     key_order: Option<KeyOrder>,
+    task_per_delivery: Option<bool>,
     layers: Vec<LayerFn>,
     upcasters: Upcasters,
     declared: Vec<Declared>,
@@ -268,6 +270,7 @@ impl Service {
             concurrency: None,
             shutdown_timeout: None,
             key_order: None,
+            task_per_delivery: None,
             layers: Vec::new(),
             upcasters: Upcasters::default(),
             declared: Vec::new(),
@@ -492,7 +495,8 @@ impl Service {
                 group,
                 concurrency: None,
                 key_order: None,
-                    routes: BTreeMap::new(),
+                task_per_delivery: None,
+                routes: BTreeMap::new(),
             });
             self.registered.len() - 1
         });
@@ -512,6 +516,12 @@ impl Service {
             &mut registered.key_order,
             options.key_order,
             "key orders",
+            &what,
+        );
+        merge(
+            &mut registered.task_per_delivery,
+            options.task_per_delivery,
+            "task-per-delivery settings",
             &what,
         );
         let routed = Routed {
@@ -667,6 +677,17 @@ impl Service {
         self
     }
 
+    /// Runs each delivery's handler as its own tokio task (`true`), in parallel on a
+    /// multi-threaded runtime's workers, instead of polling the handlers inside their
+    /// subscription's consumer task (`false`, the default). Worth it for handlers that
+    /// compute for long between two `.await`s; it costs a task per delivery (see
+    /// [`Consumer::with_task_per_delivery`]). [`HandlerOptions::with_task_per_delivery`]
+    /// sets it for one handler's subscription.
+    pub fn with_task_per_delivery(mut self, task_per_delivery: bool) -> Self {
+        self.task_per_delivery = Some(task_per_delivery);
+        self
+    }
+
     /// Wraps the handling of every subscription in `layer`: any of the
     /// [`middleware`](crate::middleware) layers (retry, timeout, idempotency, tracing, …) or
     /// one of your own. It sees each delivery before it is decoded and dispatched, and the
@@ -790,6 +811,9 @@ impl Service {
             }
             if let Some(order) = registered.key_order.or(self.key_order) {
                 consumer = consumer.with_key_order(order);
+            }
+            if let Some(tasks) = registered.task_per_delivery.or(self.task_per_delivery) {
+                consumer = consumer.with_task_per_delivery(tasks);
             }
             let mut stopped = stopped.clone();
             let task = tasks.spawn(consumer.run(async move {
@@ -925,6 +949,7 @@ impl fmt::Debug for Service {
             .field("concurrency", &self.concurrency)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("key_order", &self.key_order)
+            .field("task_per_delivery", &self.task_per_delivery)
             .field("layers", &self.layers.len())
             .field("upcasters", &self.upcasters)
             .finish()

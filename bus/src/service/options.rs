@@ -17,8 +17,9 @@ use super::{layer_fn, LayerFn};
 ///   of its own in that consumer group (for a request channel: responder group), instead of
 ///   sharing the service's. A second group on one topic receives every message again, e.g.
 ///   an audit handler that must see every order even while the main one is behind.
-/// - **Concurrency and key order** ([`with_concurrency`](HandlerOptions::with_concurrency),
-///   [`with_key_order`](HandlerOptions::with_key_order)) belong to the subscription's
+/// - **Concurrency, key order and tasks** ([`with_concurrency`](HandlerOptions::with_concurrency),
+///   [`with_key_order`](HandlerOptions::with_key_order),
+///   [`with_task_per_delivery`](HandlerOptions::with_task_per_delivery)) belong to the subscription's
 ///   [`Consumer`](crate::runtime::Consumer): they apply to every handler sharing the
 ///   subscription (same topic and group). Two handlers of one subscription setting different
 ///   values panic at registration; give one its own group instead.
@@ -53,6 +54,7 @@ pub struct HandlerOptions {
     pub(crate) group: Option<String>,
     pub(crate) concurrency: Option<usize>,
     pub(crate) key_order: Option<KeyOrder>,
+    pub(crate) task_per_delivery: Option<bool>,
     pub(crate) layers: Vec<LayerFn>,
 }
 
@@ -86,6 +88,14 @@ impl HandlerOptions {
         self
     }
 
+    /// Runs each delivery of this handler's subscription as its own tokio task (`true`) or
+    /// inside the subscription's consumer task (`false`) (see
+    /// [`Service::with_task_per_delivery`](super::Service::with_task_per_delivery)).
+    pub fn with_task_per_delivery(mut self, task_per_delivery: bool) -> Self {
+        self.task_per_delivery = Some(task_per_delivery);
+        self
+    }
+
     /// Wraps this handler alone in `layer`, inside the service's layers. The first layer
     /// added is the outermost.
     pub fn with_layer<L>(mut self, layer: L) -> Self
@@ -104,6 +114,7 @@ impl fmt::Debug for HandlerOptions {
             .field("group", &self.group)
             .field("concurrency", &self.concurrency)
             .field("key_order", &self.key_order)
+            .field("task_per_delivery", &self.task_per_delivery)
             .field("layers", &self.layers.len())
             .finish()
     }
