@@ -173,9 +173,14 @@ impl Bus {
     }
 
     /// Sends `request` to `topic` as JSON, waits up to `timeout` for the reply and decodes it
-    /// as `R` (checking its kind and schema version, see [`Envelope::decode`]).
+    /// as `R` (checking its kind and schema version, see [`Envelope::decode`]). An error reply
+    /// of a [`Service`](crate::Service)'s responder (kind
+    /// [`bus.error`](crate::service::ERROR_REPLY_KIND)) becomes the error its handler failed
+    /// with, as [`Context::request`](crate::service::Context::request) does (see
+    /// [`decode_reply`](crate::service::decode_reply)).
     ///
     /// # Errors
+    /// For an error reply, an error of the kind the responder's handler failed with;
     /// [`ErrorKind::Serialization`](crate::ErrorKind::Serialization) when the request cannot be
     /// encoded or the reply is not an `R`; otherwise as [`Requester::request`].
     ///
@@ -191,7 +196,7 @@ impl Bus {
             .broker
             .request(topic, Envelope::encode(request)?, timeout)
             .await?;
-        reply.decode()
+        crate::service::decode_reply(&reply)
     }
 }
 

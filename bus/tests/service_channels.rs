@@ -227,13 +227,26 @@ async fn a_responder_replies_and_its_failures_come_back_as_typed_errors() {
     .await;
     assert_eq!(decode_reply::<Quote>(&reply).unwrap().cents, 10_000);
 
+    // Bus::request_message reads error replies as decode_reply does.
+    let quote: Quote = bus
+        .request_message("quotes", &GetQuote { sku: "gold".into() }, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(quote.cents, 10_000);
+    let err = bus
+        .request_message::<_, Quote>("quotes", &GetQuote { sku: "tin".into() }, WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("no price for `tin`"), "{err}");
+
     let report = service.stop().await;
     let responder = report.responder("quotes").unwrap();
     assert_eq!(responder.group.as_deref(), Some("pricing"));
     assert_eq!((responder.unknown_kinds, responder.undecodable), (1, 1));
     let counts = counts(&report, Channel::Requests, "quotes");
-    assert_eq!(counts.received, 6, "{counts:?}");
-    assert_eq!(counts.acked, 2, "the two gold quotes: {counts:?}");
+    assert_eq!(counts.received, 8, "{counts:?}");
+    assert_eq!(counts.acked, 3, "the three gold quotes: {counts:?}");
     assert_eq!(counts.panicked, 1, "{counts:?}");
 }
 
