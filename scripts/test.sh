@@ -99,6 +99,9 @@ cargo run -q -p examples --example retry_dlq
 step "tracing across two services (cargo run -q -p examples --example tracing_two_services)"
 cargo run -q -p examples --example tracing_two_services
 
+step "a service's health over HTTP (cargo run -q -p examples --example health_http -- --once)"
+cargo run -q -p examples --example health_http -- --once
+
 step "AsyncAPI documents of the examples' services, validated by @asyncapi/parser (scripts/asyncapi.sh)"
 asyncapi_started=$SECONDS
 bash scripts/asyncapi.sh
