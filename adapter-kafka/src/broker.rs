@@ -6,9 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use bus_core::{Envelope, Error, ErrorKind, Result};
+use bus_core::{headers, Delay, Envelope, Error, ErrorKind, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
@@ -18,6 +18,12 @@ use tokio::sync::watch;
 
 use crate::oauth::Auth;
 use crate::{error, names, wire, KafkaConfig};
+
+/// The longest delay of a delayed publish: Kafka's default retention (`retention.ms`, 7
+/// days). The record waits on the retry topic from its publish until it is due, so a longer
+/// delay could outlive it on a topic with that retention, and a consumer restarting after
+/// the record was deleted would never get it.
+pub(crate) const MAX_PUBLISH_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What every part of one connection shares: the producer, the admin client, the topics
 /// known to exist, and whether the connection is closed.
@@ -311,6 +317,46 @@ impl Shared {
         self.check_envelope(envelope)?;
         self.ensure_topics(&[topic], None).await?;
         self.send(topic, envelope, extra).await
+    }
+
+    /// Produces `envelope` for `topic` (a topic or queue) to be delivered once `delay` has
+    /// passed: to `topic`'s retry topic, marked as a delayed publish ([`wire::DELAYED`]) with
+    /// its not-before time, where every group reading the topic (they all read its retry
+    /// topic) holds it until it is due, its offset uncommitted, and hands it out at its first
+    /// attempt. Due already: produced to `topic` itself.
+    pub(crate) async fn produce_delayed(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        delay: Delay,
+    ) -> Result<()> {
+        let now = SystemTime::now();
+        let wait = delay.remaining(now);
+        if wait > MAX_PUBLISH_DELAY {
+            return Err(Error::unsupported(format!(
+                "a delay of {wait:?} is longer than the Kafka adapter holds a delayed message \
+                 ({MAX_PUBLISH_DELAY:?}, Kafka's default retention; Capabilities::max_delay)"
+            )));
+        }
+        if wait.is_zero() {
+            return self.produce(topic, envelope, &[]).await;
+        }
+        self.check_open()?;
+        names::check_topic(topic.trim_end_matches(".dlq"))?;
+        self.check_envelope(envelope)?;
+        let retry = names::retry_topic(topic);
+        self.ensure_topics(&[topic, &retry], None).await?;
+        // The header keeps milliseconds: rounded up, so the wait is never shorter.
+        let due = headers::format_time(headers::saturating_add(
+            now,
+            wait + Duration::from_millis(1),
+        ));
+        self.send(
+            &retry,
+            envelope,
+            &[(wire::NOT_BEFORE, &due), (wire::DELAYED, topic)],
+        )
+        .await
     }
 
     /// Refuses, before anything is sent, an envelope over the payload limit or one a record

@@ -12,6 +12,8 @@
 //! | ack | the partition's offset is committed once every message before it is settled |
 //! | nack (now or after a delay) | a copy goes to `<topic>.retry` with the next attempt number and a not-before time |
 //! | reject | the dead letter goes to `<topic>.dlq` (read it with `Queue::consume`) |
+//! | delayed publish | a record on `<topic>.retry` marked `bus-delayed` with its not-before time: every group reading the topic holds it (offset uncommitted) until due, then hands it out at attempt 1; at most 7 days |
+//! | backlog | per partition, the end offset less the group's committed offset (`<topic>.retry` not counted) |
 //! | request-reply | a reply topic per connection; the reply's causation id is the request's id |
 //!
 //! On the wire the envelope follows the CloudEvents Kafka binding in binary mode (`ce_id`,
@@ -29,6 +31,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backlog;
 mod broker;
 mod config;
 #[doc(hidden)]
@@ -48,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus_core::{Broker, Capabilities, Result, SubscribeOptions, Support};
+use bus_core::{Backlog, BacklogOf, Broker, Capabilities, Result, SubscribeOptions, Support};
 
 pub use config::{Compression, KafkaConfig};
 pub use oauth::{OAuthToken, OAuthTokenProvider};
@@ -164,12 +167,22 @@ impl Broker for KafkaBroker {
             delivery_count: Support::Emulated,
             max_payload_bytes: Some(self.shared.config.max_payload_bytes),
             max_headers: None,
-            delayed_publish: Support::Unsupported(
-                "delayed publish is not implemented by this adapter yet",
-            ),
-            max_delay: None,
-            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
+            // Through the retry topic, as a delayed retry: every group's consumer holds the
+            // record until it is due, its offset uncommitted.
+            delayed_publish: Support::Emulated,
+            max_delay: Some(broker::MAX_PUBLISH_DELAY),
+            backlog: Support::Native,
         }
+    }
+
+    /// Per partition of the topic (a queue's topic for [`BacklogOf::Queue`]), the end offset
+    /// less the group's committed offset, in [`Backlog::partitions`]; their sum is `waiting`.
+    /// It includes what members hold unsettled (Kafka cannot tell them apart, so `in_flight`
+    /// is `None`). The retry topic `<topic>.retry` holds every group's retry copies and the
+    /// delayed publishes together, so it is not counted (`delayed` is `None`); nor is
+    /// `oldest_age`. A group that never subscribed (no committed offset) is `NotFound`.
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        backlog::backlog(&self.shared, of).await
     }
 
     async fn close(&self) -> Result<()> {

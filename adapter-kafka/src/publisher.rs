@@ -2,7 +2,7 @@
 //! on their delivery reports; a batch is enqueued in order and awaited together.
 
 use async_trait::async_trait;
-use bus_core::{Envelope, Publisher, Result};
+use bus_core::{Delay, Envelope, Publisher, Result};
 
 use crate::{names, KafkaBroker};
 
@@ -10,6 +10,12 @@ use crate::{names, KafkaBroker};
 impl Publisher for KafkaBroker {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
         self.shared.produce(topic, &envelope, &[]).await
+    }
+
+    /// Produced to `<topic>.retry`, marked as a delayed publish with its due time: every
+    /// group reading the topic holds it until then and hands it out at its first attempt.
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.shared.produce_delayed(topic, &envelope, delay).await
     }
 
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {

@@ -688,6 +688,8 @@ fn route<M: Message>(
         wire::salvage(&record, received, &text)
     });
     let is_retry = topic == retry_topic;
+    // A delayed publish on the retry topic is for every group, at its first attempt.
+    let delayed_publish = is_retry && internal.delayed.is_some() && internal.retry_group.is_none();
     let epoch = {
         let mut state = lock(state);
         let p = state.parts.get_mut(&(topic.to_owned(), partition))?;
@@ -695,14 +697,14 @@ fn route<M: Message>(
             return None;
         }
         p.tracker.track(offset);
-        if is_retry && internal.retry_group.as_deref() != Some(group) {
+        if is_retry && !delayed_publish && internal.retry_group.as_deref() != Some(group) {
             // Another group's retry: nothing to do here.
             p.tracker.settle(offset);
             return None;
         }
         p.epoch
     };
-    let attempt = if is_retry {
+    let attempt = if is_retry && !delayed_publish {
         internal.attempt.unwrap_or(2).max(2)
     } else {
         1

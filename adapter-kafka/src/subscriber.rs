@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use bus_core::{
-    ConsumeOptions, Envelope, Queue, Result, SubscribeOptions, Subscriber, Subscription,
+    ConsumeOptions, Delay, Envelope, Queue, Result, SubscribeOptions, Subscriber, Subscription,
 };
 
 use crate::source::{self, Start};
@@ -22,6 +22,12 @@ impl Subscriber for KafkaBroker {
 impl Queue for KafkaBroker {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         self.shared.produce(queue, &envelope, &[]).await
+    }
+
+    /// As [`Publisher::publish_delayed`](bus_core::Publisher::publish_delayed): through the
+    /// queue's retry topic, held by the queue's group until due.
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.shared.produce_delayed(queue, &envelope, delay).await
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {

@@ -40,6 +40,9 @@ pub(crate) const NOT_BEFORE: &str = "bus-not-before";
 pub(crate) const RETRY_GROUP: &str = "bus-retry-group";
 /// The topic or queue a retry copy came from.
 pub(crate) const RETRY_ORIGIN: &str = "bus-retry-origin";
+/// Marks a record on a retry topic as a delayed publish to the topic or queue it names: for
+/// every group reading it, at the first attempt, not before its `bus-not-before`.
+pub(crate) const DELAYED: &str = "bus-delayed";
 /// The reply topic of a request.
 pub(crate) const REPLY_TO: &str = "bus-reply-to";
 /// The record key, base64 (standard alphabet), of a record whose key is not UTF-8: the
@@ -49,11 +52,12 @@ pub(crate) const BINARY_KEY: &str = "bus-binary-key";
 
 /// Headers the adapter reads off records itself: an application header of one of these names
 /// travels escaped.
-const INTERNAL: [&str; 6] = [
+const INTERNAL: [&str; 7] = [
     headers::ATTEMPT,
     NOT_BEFORE,
     RETRY_GROUP,
     RETRY_ORIGIN,
+    DELAYED,
     REPLY_TO,
     BINARY_KEY,
 ];
@@ -179,6 +183,8 @@ pub(crate) struct Internal {
     pub(crate) not_before: Option<SystemTime>,
     pub(crate) retry_group: Option<String>,
     pub(crate) retry_origin: Option<String>,
+    /// The topic or queue a delayed publish was made to ([`DELAYED`]).
+    pub(crate) delayed: Option<String>,
     pub(crate) reply_to: Option<String>,
 }
 
@@ -347,6 +353,7 @@ pub(crate) fn decode<'a>(record: &Record<'a>, received: SystemTime) -> Decoded {
             NOT_BEFORE => internal.not_before = headers::parse_time(&text()).ok(),
             RETRY_GROUP => internal.retry_group = Some(text()),
             RETRY_ORIGIN => internal.retry_origin = Some(text()),
+            DELAYED => internal.delayed = Some(text()),
             REPLY_TO => internal.reply_to = Some(text()),
             name => match unescape(name) {
                 Some(name) => put(name, true, bytes),
