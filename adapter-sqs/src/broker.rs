@@ -12,7 +12,9 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 use bus_core::secrets::{redact_url, Secret};
-use bus_core::{headers, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support};
+use bus_core::{
+    headers, Backlog, BacklogOf, Broker, Capabilities, Envelope, Error, ErrorKind, Result, Support,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{CredentialsSource, SqsConfig};
@@ -61,6 +63,8 @@ struct Batcher {
 struct SendRequest {
     wire: Wire,
     fifo: Option<(String, String)>,
+    /// `DelaySeconds` (0 for none).
+    delay_secs: i32,
     what: String,
     done: oneshot::Sender<Result<()>>,
 }
@@ -233,18 +237,21 @@ impl Inner {
             .count()
     }
 
-    /// Sends `wire` to the queue at `url` through that queue's batcher.
+    /// Sends `wire` to the queue at `url` through that queue's batcher, with `DelaySeconds`
+    /// `delay_secs` unless 0.
     pub(crate) async fn send_batched(
         &self,
         url: &str,
         wire: Wire,
         fifo: Option<(String, String)>,
+        delay_secs: i32,
         what: &str,
     ) -> Result<()> {
         let (done, result) = oneshot::channel();
         let mut request = SendRequest {
             wire,
             fifo,
+            delay_secs,
             what: what.to_owned(),
             done,
         };
@@ -401,6 +408,47 @@ impl Inner {
             .expect("wired cache")
             .insert(queue_name.to_owned());
         Ok(out.subscription_arn().unwrap_or_default().to_owned())
+    }
+
+    /// The URL of the existing SQS queue `name`, from the cache or `GetQueueUrl`: never created.
+    async fn existing_queue_url(&self, name: &str) -> Result<String> {
+        if let Some(url) = self.queues.lock().expect("queue cache").get(name) {
+            return Ok(url.clone());
+        }
+        let out = self
+            .sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| map(e, &format!("looking up queue `{name}`")))?;
+        Ok(out.queue_url().unwrap_or_default().to_owned())
+    }
+
+    /// The counts of the SQS queue `name` (see `Broker::backlog`).
+    async fn backlog(&self, name: &str, of: &BacklogOf) -> Result<Backlog> {
+        let url = self.existing_queue_url(name).await?;
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| map(e, &format!("reading the backlog of {of}")))?;
+        let count = |attribute: QueueAttributeName| {
+            out.attributes()
+                .and_then(|a| a.get(&attribute))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        };
+        let mut backlog = Backlog::default();
+        backlog.waiting = count(QueueAttributeName::ApproximateNumberOfMessages).unwrap_or(0);
+        backlog.in_flight = count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        backlog.delayed = count(QueueAttributeName::ApproximateNumberOfMessagesDelayed);
+        backlog.approximate = true;
+        Ok(backlog)
     }
 
     pub(crate) fn is_wired(&self, queue_name: &str) -> bool {
@@ -641,6 +689,9 @@ async fn send_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<SendRequest
                 .message_group_id(group)
                 .message_deduplication_id(dedup);
         }
+        if request.delay_secs > 0 {
+            entry = entry.delay_seconds(request.delay_secs);
+        }
         match entry.build() {
             Ok(entry) => {
                 entries.push(entry);
@@ -736,8 +787,20 @@ pub(crate) async fn send_wire(
     wire: Wire,
     what: &str,
 ) -> Result<()> {
+    send_wire_delayed(inner, url, envelope, wire, 0, what).await
+}
+
+/// [`send_wire`] with SQS `DelaySeconds` (standard queues only; 0 for none).
+pub(crate) async fn send_wire_delayed(
+    inner: &Inner,
+    url: &str,
+    envelope: &Envelope,
+    wire: Wire,
+    delay_secs: i32,
+    what: &str,
+) -> Result<()> {
     let fifo = inner.fifo_ids(envelope);
-    inner.send_batched(url, wire, fifo, what).await
+    inner.send_batched(url, wire, fifo, delay_secs, what).await
 }
 
 /// A connection to SQS and SNS implementing every `bus` pattern.
@@ -866,11 +929,51 @@ impl Broker for SqsBroker {
             delivery_count: Support::Native,
             max_payload_bytes: Some(self.inner.config.max_message_bytes),
             max_headers: None,
-            delayed_publish: Support::Unsupported(
-                "delayed publish is not implemented by this adapter yet",
-            ),
+            // SQS DelaySeconds up to 15 minutes on a queue; through SNS, and beyond 15
+            // minutes, the receive loops re-delay what comes early (module `delay`), so a
+            // consumer outside `bus` sees such a message early.
+            delayed_publish: if fifo {
+                Support::Unsupported(
+                    "SQS FIFO queues take no per-message DelaySeconds, and holding a message \
+                     back in the queue would hold up every later message of its key",
+                )
+            } else {
+                Support::Emulated
+            },
+            // Each hop is at most 15 minutes and a new message, so retention never runs out.
             max_delay: None,
-            backlog: Support::Unsupported("backlog counts are not implemented by this adapter yet"),
+            // ApproximateNumberOfMessages / …NotVisible / …Delayed.
+            backlog: Support::Native,
+        }
+    }
+
+    /// SQS's `ApproximateNumberOfMessages` (waiting), `…NotVisible` (in flight: received and
+    /// not yet deleted, including what waits in a subscription's buffer, and a message a
+    /// receiver is re-delaying) and `…Delayed` (sent with `DelaySeconds`, among them a delayed
+    /// message between two hops) of the group's queue or the work queue, always
+    /// `approximate`: SQS's counts lag by up to a minute on AWS. A message published with a
+    /// delay through a topic waits visible in the group's queue until a receiver re-delays
+    /// it, so it counts as waiting until then. SQS does not tell the age of the oldest
+    /// message (CloudWatch's `ApproximateAgeOfOldestMessage` does): `oldest_age` is `None`.
+    /// A group counts only once it has subscribed (its queue exists).
+    async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
+        self.inner.check_open()?;
+        let name = match of {
+            BacklogOf::Group { topic, group } => self.inner.names.group_queue(topic, group),
+            BacklogOf::Queue(queue) => self.inner.names.queue(queue),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "SQS cannot count the backlog of {other}"
+                )))
+            }
+        };
+        match self.inner.backlog(&name, of).await {
+            // Deleted behind the cache: look it up again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.inner.forget_queue(&name);
+                self.inner.backlog(&name, of).await
+            }
+            other => other,
         }
     }
 

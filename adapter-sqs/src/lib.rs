@@ -35,6 +35,7 @@ mod broker;
 mod config;
 #[doc(hidden)]
 pub mod cost;
+mod delay;
 mod error;
 mod names;
 mod publisher;
@@ -62,7 +63,7 @@ pub use aws_sdk_sqs;
 pub mod attributes {
     pub use crate::wire::{
         BODY_ENCODING, CAUSATION_ID, CE_ID, CE_SOURCE, CE_SPECVERSION, CE_TIME, CE_TYPE,
-        CONTENT_TYPE, CORRELATION_ID, DEAD_LETTER_ID, PACKED, PARTITION_KEY, REPLY_TO,
+        CONTENT_TYPE, CORRELATION_ID, DEAD_LETTER_ID, NOT_BEFORE, PACKED, PARTITION_KEY, REPLY_TO,
     };
 }
 

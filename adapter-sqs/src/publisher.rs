@@ -4,10 +4,13 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use bus_core::{Envelope, Error, ErrorKind, Publisher, Result};
+use std::time::SystemTime;
 
+use bus_core::{Delay, Envelope, Error, ErrorKind, Publisher, Result};
+
+use crate::delay;
 use crate::error::{batch_entry, map};
-use crate::wire::{Wire, STRING};
+use crate::wire::{Wire, NOT_BEFORE, STRING};
 use crate::SqsBroker;
 
 fn sns_attributes(
@@ -52,15 +55,29 @@ impl Publisher for SqsBroker {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<()> {
         self.inner.check_open()?;
         let wire = self.inner.encode(&envelope, &[])?;
-        match self.publish_wire(topic, &envelope, wire.clone()).await {
-            // The topic was deleted behind the cache (or the server restarted): create it
-            // again, once.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                self.inner.forget_topic(topic);
-                self.publish_wire(topic, &envelope, wire).await
-            }
-            other => other,
+        self.publish_encoded(topic, &envelope, wire).await
+    }
+
+    /// SNS has no delay: the message goes to every group's queue at once, carrying when it is
+    /// due (`bus-not-before`), and each group's receive loop sends it back to its queue with
+    /// `DelaySeconds` (15 minutes at most per hop) until it is due, so every group subscribed
+    /// now gets it then, once, at attempt 1. Until a receive loop of the group runs, it waits
+    /// visible in the group's queue, and a consumer that is not `bus` sees it at once.
+    /// Refused on FIFO topics (see `Capabilities::delayed_publish`).
+    async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner.check_open()?;
+        if self.inner.config.fifo {
+            return Err(Error::unsupported(
+                "SQS: no delayed publish on FIFO topics (FIFO queues take no per-message \
+                 DelaySeconds)",
+            ));
         }
+        let plan = delay::plan(delay, SystemTime::now(), true)?;
+        let wire = match &plan.not_before {
+            Some(due) => self.inner.encode(&envelope, &[(NOT_BEFORE, due)])?,
+            None => self.inner.encode(&envelope, &[])?,
+        };
+        self.publish_encoded(topic, &envelope, wire).await
     }
     /// Publishes with SNS `PublishBatch`, up to the configured batch size (10 at most) and
     /// 256 KiB per call. Order holds within a call; calls go one after the other.
@@ -69,6 +86,24 @@ impl Publisher for SqsBroker {
         if envelopes.is_empty() {
             return Ok(());
         }
+        self.publish_batch_encoded(topic, envelopes).await
+    }
+}
+
+impl SqsBroker {
+    async fn publish_encoded(&self, topic: &str, envelope: &Envelope, wire: Wire) -> Result<()> {
+        match self.publish_wire(topic, envelope, wire.clone()).await {
+            // The topic was deleted behind the cache (or the server restarted): create it
+            // again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.inner.forget_topic(topic);
+                self.publish_wire(topic, envelope, wire).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_batch_encoded(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<()> {
         let mut encoded = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             let wire = self.inner.encode(&envelope, &[])?;
@@ -115,9 +150,7 @@ impl Publisher for SqsBroker {
         }
         Ok(())
     }
-}
 
-impl SqsBroker {
     async fn publish_wire(&self, topic: &str, envelope: &Envelope, wire: Wire) -> Result<()> {
         let arn = self.inner.topic_arn(topic).await?;
         let mut publish = self

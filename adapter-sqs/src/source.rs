@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::broker::{send_wire, QueueRole, Shared};
 use crate::config::SQS_MAX_VISIBILITY_SECS;
+use crate::delay;
 use crate::error::{batch_entry, map};
 use crate::wire;
 
@@ -217,8 +218,22 @@ impl Poller {
                         }
                         continue;
                     }
-                    let deliveries: Vec<_> =
-                        out.messages().iter().map(|m| self.delivery(m)).collect();
+                    let now = std::time::SystemTime::now();
+                    let mut deliveries = Vec::with_capacity(out.messages().len());
+                    for message in out.messages() {
+                        // A delayed message not yet due goes back to the queue, unseen.
+                        match delay::early(message, now).filter(|_| !self.inner.config.fifo) {
+                            Some(due) => {
+                                tokio::spawn(delay::redelay(
+                                    self.inner.clone(),
+                                    self.target.url.clone(),
+                                    message.clone(),
+                                    due,
+                                ));
+                            }
+                            None => deliveries.push(self.delivery(message)),
+                        }
+                    }
                     let gate = self.gate.lock().expect("subscription gate");
                     if *gate {
                         drop(gate);

@@ -1,13 +1,18 @@
 //! Subscribing and consuming: a group's, a private or a work queue, read through a queue
 //! source (module `source`).
 
+use std::time::SystemTime;
+
 use async_trait::async_trait;
 use bus_core::{
-    ConsumeOptions, Envelope, ErrorKind, Queue, Result, SubscribeOptions, Subscriber, Subscription,
+    ConsumeOptions, Delay, Envelope, Error, ErrorKind, Queue, Result, SubscribeOptions, Subscriber,
+    Subscription,
 };
 
-use crate::broker::{send_wire, QueueRole};
+use crate::broker::{send_wire_delayed, QueueRole};
+use crate::delay;
 use crate::source::{self, Target};
+use crate::wire::NOT_BEFORE;
 use crate::SqsBroker;
 
 #[async_trait]
@@ -70,24 +75,27 @@ impl Queue for SqsBroker {
     async fn send(&self, queue: &str, envelope: Envelope) -> Result<()> {
         self.inner.check_open()?;
         let wire = self.inner.encode(&envelope, &[])?;
-        let name = self.inner.names.queue(queue);
-        let url = self
-            .inner
-            .queue_url(&name, QueueRole::Durable, Some(queue))
-            .await?;
-        let what = format!("queue `{queue}`");
-        match send_wire(&self.inner, &url, &envelope, wire.clone(), &what).await {
-            // Deleted behind the cache (or the server restarted): create it again, once.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                self.inner.forget_queue(&name);
-                let url = self
-                    .inner
-                    .queue_url(&name, QueueRole::Durable, Some(queue))
-                    .await?;
-                send_wire(&self.inner, &url, &envelope, wire, &what).await
-            }
-            other => other,
+        self.send_encoded(queue, &envelope, wire, 0).await
+    }
+
+    /// SQS `DelaySeconds`, rounded up to whole seconds, for a delay up to 15 minutes; beyond,
+    /// 15 minutes and when it is due (`bus-not-before`), which the receive loops honour by
+    /// sending it back with `DelaySeconds` until then (see `publish_delayed`). Refused on
+    /// FIFO queues, which take no per-message `DelaySeconds`.
+    async fn send_delayed(&self, queue: &str, envelope: Envelope, delay: Delay) -> Result<()> {
+        self.inner.check_open()?;
+        if self.inner.config.fifo {
+            return Err(Error::unsupported(
+                "SQS: no delayed send on FIFO queues (they take no per-message DelaySeconds)",
+            ));
         }
+        let plan = delay::plan(delay, SystemTime::now(), false)?;
+        let wire = match &plan.not_before {
+            Some(due) => self.inner.encode(&envelope, &[(NOT_BEFORE, due)])?,
+            None => self.inner.encode(&envelope, &[])?,
+        };
+        self.send_encoded(queue, &envelope, wire, plan.delay_secs)
+            .await
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
@@ -110,5 +118,37 @@ impl Queue for SqsBroker {
             prefetch,
         );
         Ok(Subscription::new(Box::new(source)))
+    }
+}
+
+impl SqsBroker {
+    /// Sends `wire` to the work queue `queue`, created if needed, with `DelaySeconds`
+    /// `delay_secs` unless 0.
+    async fn send_encoded(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        wire: crate::wire::Wire,
+        delay_secs: i32,
+    ) -> Result<()> {
+        let name = self.inner.names.queue(queue);
+        let url = self
+            .inner
+            .queue_url(&name, QueueRole::Durable, Some(queue))
+            .await?;
+        let what = format!("queue `{queue}`");
+        let inner = &self.inner;
+        match send_wire_delayed(inner, &url, envelope, wire.clone(), delay_secs, &what).await {
+            // Deleted behind the cache (or the server restarted): create it again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.inner.forget_queue(&name);
+                let url = self
+                    .inner
+                    .queue_url(&name, QueueRole::Durable, Some(queue))
+                    .await?;
+                send_wire_delayed(inner, &url, envelope, wire, delay_secs, &what).await
+            }
+            other => other,
+        }
     }
 }

@@ -18,6 +18,7 @@
 //! | `bus-packed` | a JSON object of the attributes that did not fit |
 //! | `bus-body-encoding` | `base64` (binary payload) or `empty` (empty payload) |
 //! | `bus-reply-to` | the reply queue URL of a request |
+//! | `bus-not-before` | when a delayed message is due (Unix milliseconds) |
 //!
 //! SQS allows 10 attributes: the required ones take their own; the optional ones (trace
 //! context, causation id, key, content type, then the other headers by name) take the rest in
@@ -78,6 +79,13 @@ pub const PACKED: &str = "bus-packed";
 pub const BODY_ENCODING: &str = "bus-body-encoding";
 /// The reply queue URL of a request.
 pub const REPLY_TO: &str = "bus-reply-to";
+/// When a delayed message is due, in milliseconds since the Unix epoch: written by
+/// `publish_delayed` (always: SNS has no delay) and `send_delayed` (when the delay is longer
+/// than SQS's 15 minutes of `DelaySeconds`). A receiver that gets the message earlier sends a
+/// copy back to the queue with `DelaySeconds` and deletes it, unseen by the consumer. A value
+/// that is not a number of milliseconds (a foreign client's) is not honoured: the message is
+/// delivered at once, the attribute kept as a header.
+pub const NOT_BEFORE: &str = "bus-not-before";
 /// On FIFO queues, the identity of a dead letter (the SQS message id of the message it was
 /// made from), written when it is dead-lettered. A message carrying it (a dead letter, or one
 /// sent back by a redrive, which keeps it) is deduplicated by envelope id and this value
@@ -106,6 +114,7 @@ const RESERVED: &[&str] = &[
     PACKED,
     BODY_ENCODING,
     REPLY_TO,
+    NOT_BEFORE,
 ];
 
 /// A message ready to send: body and attributes.
@@ -446,6 +455,13 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
     envelope.key = attributes.remove(PARTITION_KEY);
     envelope.content_type = attributes.remove(CONTENT_TYPE);
     let reply_to = attributes.remove(REPLY_TO);
+    // Wire-only when it is ours (the receive loop honoured it); a foreign value stays a header.
+    if attributes
+        .get(NOT_BEFORE)
+        .is_some_and(|value| parse_not_before(value).is_some())
+    {
+        attributes.remove(NOT_BEFORE);
+    }
     let mut headers = Headers::new();
     for (name, value) in attributes {
         headers.insert(unescape(name), value);
@@ -474,6 +490,33 @@ pub(crate) fn decode(received: Received<'_>) -> Decoded {
         reply_to,
         undecodable,
     }
+}
+
+/// The value of [`NOT_BEFORE`] for a message due at `due`: milliseconds since the Unix epoch.
+/// `None` for a moment before the epoch or too far to write.
+pub(crate) fn not_before_value(due: SystemTime) -> Option<String> {
+    let millis = due.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis();
+    u64::try_from(millis).ok().map(|m| m.to_string())
+}
+
+/// The moment a [`NOT_BEFORE`] value names; `None` unless it is a plain number of
+/// milliseconds since the Unix epoch (at most 20 digits, no sign).
+pub(crate) fn parse_not_before(value: &str) -> Option<SystemTime> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let millis = value.parse::<u64>().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(millis))
+}
+
+/// When `message` is due, if it carries a [`NOT_BEFORE`] `bus` can read (a `String` or
+/// `Number` attribute of Unix milliseconds).
+pub(crate) fn not_before(message: &Message) -> Option<SystemTime> {
+    message
+        .message_attributes()?
+        .get(NOT_BEFORE)?
+        .string_value()
+        .and_then(parse_not_before)
 }
 
 /// Keeps a received attribute, the unprefixed old name of an extension as its `ce-` name
