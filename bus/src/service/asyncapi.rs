@@ -12,15 +12,14 @@
 //! | [`requests`](Service::requests) | a `send` operation with a `reply` |
 //! | [`with_schema`](Service::with_schema) | the message's `payload`: the type's JSON Schema (draft 7, from [`schemars`]) |
 //!
-//! Every message is named by its kind ([`Message::KIND`](bus_core::Message::KIND)) and
-//! carries its schema version (the `schemaversion` header, as a `const` in its headers
-//! schema, and the extension `x-bus-schema-version`), the content type `application/json`
-//! and a headers schema of the CloudEvents attributes `bus` writes, spelled as the binding of
-//! the document's first server spells them (`ce_type` on Kafka, `cloudEvents:type` on AMQP,
-//! `ce-type` on NATS and SQS, the bare attribute names without a server). A type without a
+//! Every message is named by its kind ([`Message::KIND`]) and carries its schema version
+//! (the `schemaversion` header, as a `const` in its headers schema, and the extension
+//! `x-bus-schema-version`), the content type `application/json` and a headers schema of the
+//! CloudEvents attributes `bus` writes, spelled as the binding of the document's first
+//! server spells them (`ce_type` on Kafka, `cloudEvents:type` on AMQP, `ce-type` on NATS and
+//! SQS, the bare attribute names without a server). A type without a
 //! [`with_schema`](Service::with_schema) registration is listed without a payload schema:
-//! [`Service::on`] works for every [`Message`](bus_core::Message), whether or not it
-//! implements [`JsonSchema`].
+//! [`Service::on`] works for every [`Message`], whether or not it implements [`JsonSchema`].
 //!
 //! Servers come from bus URLs ([`AsyncApi::with_server`]): the protocol from the scheme
 //! (`kafka`, `amqp`, `amqps`, `nats`, `sqs`), the host, port and path (the AMQP virtual host).
