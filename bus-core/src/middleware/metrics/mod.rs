@@ -14,6 +14,8 @@
 //! | `bus.consumer.parked_keys` | gauge, `{key}` | [`BusMetrics::observe_consumer`]: keys a failed message holds back for its retry in place ([`KeyOrder::Ordered`](crate::runtime::KeyOrder)) | system, destination, consumer group |
 //! | `bus.consumer.parked_messages` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: deliveries those keys hold (parked, and waiting behind them) | as above |
 //! | `bus.consumer.running` / `bus.consumer.pending` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: handlers running; deliveries waiting for a slot or their key | as above |
+//! | `bus.backlog` | gauge, `{message}` | [`BusMetrics::observe_backlog`]: [`Broker::backlog`](crate::Broker::backlog) of a group or queue, read on an interval, one point per part the broker reports | system, destination, consumer group (for a group), [`BUS_BACKLOG_STATE`] `waiting` / `in_flight` / `delayed` |
+//! | `bus.backlog.oldest_age` | gauge, `s` | [`BusMetrics::observe_backlog`]: how long the oldest waiting message has waited, where the broker can tell | system, destination, consumer group |
 //!
 //! `bus.outcome` is `ack` (processed), `retry` (failed, will be redelivered) or `reject`
 //! (dead-lettered); `error.type` is the [`ErrorKind`](crate::ErrorKind) name; the attribute
@@ -25,9 +27,11 @@
 //!
 //! **Consumer lag** (how far a group is behind the head of its topic) is only known to the
 //! broker: Kafka's committed offsets against the high watermark, SQS's
-//! `ApproximateNumberOfMessages`, a JetStream consumer's pending count. It is left to the
-//! adapters to report where their broker can tell; none does yet, and this module does not
-//! estimate it.
+//! `ApproximateNumberOfMessages`, a JetStream consumer's pending count. The adapters report it
+//! through [`Broker::backlog`](crate::Broker::backlog) where their broker can tell, and
+//! [`BusMetrics::observe_backlog`] exports it: a task reads the chosen groups and queues on
+//! an interval and the gauges' callbacks report the last readings, so a collection never waits
+//! on the broker. This module does not estimate lag where the broker cannot count it.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -48,6 +52,7 @@
 //!
 //! Requires the `opentelemetry` feature.
 
+mod backlog;
 mod broker;
 mod layer;
 
@@ -62,6 +67,7 @@ use crate::middleware::tracing::semconv;
 use crate::runtime::consumer::GaugeValues;
 use crate::runtime::ConsumerGauges;
 
+pub use backlog::{BacklogGauge, BUS_BACKLOG_STATE};
 pub use broker::MeteredBroker;
 pub use layer::{Metered, MetricsLayer};
 
@@ -86,8 +92,11 @@ struct Instruments {
     /// The consumers [`BusMetrics::observe_consumer`] was given, read by the gauges' callbacks;
     /// an entry goes when its consumer's gauges are dropped.
     consumers: Consumers,
+    /// The groups and queues [`BusMetrics::observe_backlog`] was given.
+    backlogs: backlog::Observations,
     /// Kept so that the callbacks stay registered as long as the instruments live.
     _gauges: Vec<ObservableGauge<u64>>,
+    _age_gauge: ObservableGauge<f64>,
 }
 
 type Consumers = Arc<Mutex<Vec<(Vec<KeyValue>, Weak<GaugeValues>)>>>;
@@ -140,7 +149,8 @@ impl BusMetrics {
     #[must_use]
     pub fn from_meter(meter: &Meter) -> Self {
         let consumers = Consumers::default();
-        let gauges = vec![
+        let backlogs = backlog::Observations::default();
+        let mut gauges = vec![
             consumer_gauge(
                 meter,
                 &consumers,
@@ -174,6 +184,8 @@ impl BusMetrics {
                 ConsumerGauges::pending,
             ),
         ];
+        gauges.extend(backlog::gauges(meter, &backlogs));
+        let age_gauge = backlog::age_gauge(meter, &backlogs);
         let instruments = Instruments {
             sent: meter
                 .u64_counter("messaging.client.sent.messages")
@@ -208,7 +220,9 @@ impl BusMetrics {
                 )
                 .build(),
             consumers,
+            backlogs,
             _gauges: gauges,
+            _age_gauge: age_gauge,
         };
         Self {
             instruments: Arc::new(instruments),
