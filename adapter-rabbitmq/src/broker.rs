@@ -69,7 +69,7 @@ impl Inner {
         self.link.check()?;
         self.validate(envelope)?;
         check_name(queue, "queue")?;
-        let props = wire::properties(envelope, &self.config().source, 1)?;
+        let props = wire::expiring(wire::properties(envelope, &self.config().source, 1)?, wait);
         let session = self.link.session().await?;
         // The queue exists before anything is parked for it: a message dead-lettered to a
         // queue that does not exist is dropped by RabbitMQ.

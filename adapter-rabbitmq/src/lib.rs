@@ -30,7 +30,9 @@
 //!   `ErrorKind::Closed`, dropping it does nothing, and the message comes again.
 //! - **Delayed publish** (`publish_delayed`, `send_delayed`; `Capabilities::delayed_publish`
 //!   `Emulated`, `max_delay` about 49.7 days) parks the message in a TTL queue on the same
-//!   ladder of buckets as `nack(After)`, rounded up: a queue's own retry queue, which
+//!   ladder of buckets as `nack(After)` (the delay's bucket rounded up) with the delay as its
+//!   own `expiration`, so it is due on time unless a message ahead of it holds it, at the
+//!   latest until its bucket's end: a queue's own retry queue, which
 //!   dead-letters into the queue; for a topic, the shared `bus.delay.<ms>ms.<topic exchange>`
 //!   (a fanout exchange and its queue), which dead-letters into the topic exchange with the
 //!   topic's routing key, so every group (and private subscription) bound when it is due gets

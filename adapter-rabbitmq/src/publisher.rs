@@ -33,8 +33,10 @@ impl Publisher for RabbitMqBroker {
     }
 
     /// Publishes through the fanout exchange `bus.delay.<ms>ms.<topic exchange>` into its TTL
-    /// queue, `<ms>` being the delay rounded up to the retry queues' ladder of buckets; when
-    /// the TTL ends RabbitMQ dead-letters the message into the topic exchange with the topic's
+    /// queue, `<ms>` being the delay rounded up to the retry queues' ladder of buckets, with
+    /// the delay as the message's own expiration (so it is due on time unless a message ahead
+    /// of it in that queue holds it, at the latest until the bucket's end); when it expires
+    /// RabbitMQ dead-letters the message into the topic exchange with the topic's
     /// routing key, so every group bound then (those subscribed at publish time, and private
     /// subscriptions still open) gets it, at its first attempt.
     async fn publish_delayed(&self, topic: &str, envelope: Envelope, delay: Delay) -> Result<()> {
@@ -46,7 +48,10 @@ impl Publisher for RabbitMqBroker {
         inner.validate(&envelope)?;
         let key = wire::routing_key(topic);
         check_name(&key, "topic")?;
-        let props = wire::properties(&envelope, &inner.config().source, 1)?;
+        let props = wire::expiring(
+            wire::properties(&envelope, &inner.config().source, 1)?,
+            wait,
+        );
         let session = inner.link.session().await?;
         // Mandatory: the delay queue deleted behind our back is declared again.
         for _ in 0..2 {

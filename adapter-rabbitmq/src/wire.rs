@@ -832,6 +832,15 @@ pub(crate) fn delay_queue(topic_exchange: &str, delay: Duration) -> String {
     format!("bus.delay.{}ms.{topic_exchange}", retry_delay_ms(delay))
 }
 
+/// `properties` of a delayed message parked for `delay` in the TTL queue of `delay`'s bucket:
+/// with its own `expiration` of `delay` (whole milliseconds, rounded up), so that it leaves
+/// the queue when due rather than at the end of the bucket, unless a message ahead of it,
+/// which expires first at the latest at the bucket's end, holds it (RabbitMQ expires messages
+/// at the head of a queue only). RabbitMQ removes the expiration when it dead-letters it.
+pub(crate) fn expiring(properties: BasicProperties, delay: Duration) -> BasicProperties {
+    properties.with_expiration(ShortString::from(delay_millis(delay).to_string()))
+}
+
 /// The longest delay a retry or delay queue holds a message for: the last of
 /// [`RETRY_DELAYS_MS`] (about 49.7 days).
 pub(crate) const MAX_DELAY: Duration = Duration::from_millis(MAX_TTL_MS - RETRY_QUEUE_EXPIRES_MS);

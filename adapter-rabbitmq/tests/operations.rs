@@ -234,3 +234,101 @@ async fn quorum_queues_are_counted_and_delayed() {
     broker.close().await.expect("close");
     delete(&url, &[queue.clone(), format!("bus.retry.2000ms.{queue}")]).await;
 }
+
+#[tokio::test]
+async fn a_delay_between_two_buckets_is_not_rounded_up() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    // 3.1 s lies between the buckets of 3 s and 5 s: parked in the 5 s one, it expires on
+    // time by its own expiration.
+    const BETWEEN: Duration = Duration::from_millis(3_100);
+    const BUCKET: Duration = Duration::from_secs(5);
+    let broker = connect(&url, false).await;
+    let topic = unique("between");
+    let queue = unique("between.q");
+    let mut member = broker
+        .subscribe(&topic, SubscribeOptions::group("g1"))
+        .await
+        .expect("subscribe");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let started = Instant::now();
+    broker
+        .publish_delayed(&topic, Envelope::new("ops.t", "t"), Delay::For(BETWEEN))
+        .await
+        .expect("publish_delayed");
+    broker
+        .send_delayed(&queue, Envelope::new("ops.q", "q"), Delay::For(BETWEEN))
+        .await
+        .expect("send_delayed");
+    for (sub, what) in [(&mut member, "topic"), (&mut consumer, "queue")] {
+        let d = timeout(WAIT, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
+            .expect("open")
+            .expect("a delivery");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= BETWEEN,
+            "{what}: arrived after {elapsed:?}, before its delay"
+        );
+        assert!(
+            elapsed < BUCKET,
+            "{what}: arrived after {elapsed:?}, at the end of its bucket rather than when due"
+        );
+        assert_eq!(d.attempt(), 1);
+        d.ack().await.expect("ack");
+    }
+    member.close().await.expect("close");
+    consumer.close().await.expect("close");
+    broker.close().await.expect("close");
+    delete(
+        &url,
+        &[
+            format!("{topic}@g1"),
+            queue.clone(),
+            format!("bus.retry.5000ms.{queue}"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_due_message_waits_in_a_group_nobody_reads() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    // Its expiration ends its wait in the delay queue only: RabbitMQ removes it when it
+    // dead-letters the message, which then waits in the group's queue as long as it takes.
+    let broker = connect(&url, false).await;
+    let topic = unique("unread");
+    let mut first = broker
+        .subscribe(&topic, SubscribeOptions::group("g1"))
+        .await
+        .expect("subscribe");
+    first.close().await.expect("close");
+    let delay = Duration::from_millis(500);
+    broker
+        .publish_delayed(&topic, Envelope::new("ops.unread", "x"), Delay::For(delay))
+        .await
+        .expect("publish_delayed");
+    let of = BacklogOf::group(&topic, "g1");
+    let deadline = Instant::now() + WAIT;
+    let due_at = loop {
+        let backlog = broker.backlog(&of).await.expect("backlog");
+        if backlog.waiting == 1 {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "never due: {backlog:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Twice its expiration later it is still there.
+    tokio::time::sleep_until(due_at + 2 * delay).await;
+    let backlog = broker.backlog(&of).await.expect("backlog");
+    assert_eq!(backlog.waiting, 1, "{backlog:?}");
+    broker.close().await.expect("close");
+    delete(&url, &[format!("{topic}@g1")]).await;
+}
