@@ -5,7 +5,10 @@
 //! handed to it twice), then closes the consumer and releases what it keeps with
 //! `nack(Redeliver::Now)`, which every adapter turns into "available again at once" (a
 //! delivery dropped unsettled would come back only after the broker's ack wait or visibility
-//! timeout on NATS and SQS). Redrive acknowledges a dead letter only after it was sent back,
+//! timeout on NATS and SQS). On SQS they are released with a one-second delay instead, and
+//! read with short polls: a receive the closing consumer still has in flight would otherwise
+//! take them back, and hand them back only through a task this short-lived process may not
+//! outlive, which leaves them invisible for the whole visibility timeout. Redrive acknowledges a dead letter only after it was sent back,
 //! as `bus_core`'s `Redrive` does, whose logic this is with filters added.
 
 use std::collections::{BTreeMap, HashSet};
@@ -29,6 +32,17 @@ struct Held {
     duplicates: Vec<Delivery>,
     /// Whether `--limit` stopped the reading (more may wait).
     limited: bool,
+    /// How the deliveries kept are handed back.
+    release: Redeliver,
+}
+
+/// How held deliveries are handed back on the broker behind `bus` (see the module docs).
+fn release_for(bus: &Bus) -> Redeliver {
+    if bus.capabilities().name == "sqs" {
+        Redeliver::After(std::time::Duration::from_secs(1))
+    } else {
+        Redeliver::Now
+    }
 }
 
 /// Reads the dead-letter queue of `read.name` until idle, holding every delivery.
@@ -46,6 +60,7 @@ async fn read_all(bus: &Bus, read: &DlqRead) -> Result<Held, String> {
         deliveries: Vec::new(),
         duplicates: Vec::new(),
         limited: false,
+        release: release_for(bus),
     };
     let mut seen = HashSet::new();
     loop {
@@ -82,6 +97,7 @@ async fn release(held: Held) -> usize {
     release_deliveries(
         held.subscription,
         held.deliveries.into_iter().chain(held.duplicates),
+        held.release,
     )
     .await
 }
@@ -89,13 +105,14 @@ async fn release(held: Held) -> usize {
 async fn release_deliveries(
     mut subscription: Subscription,
     deliveries: impl Iterator<Item = Delivery>,
+    release: Redeliver,
 ) -> usize {
     // Closed first: a delivery released while the consumer is open could come straight back
     // to it, and sit in its buffer until it closes.
     let _ = subscription.close().await;
     let mut failures = 0;
     for delivery in deliveries {
-        if let Err(e) = delivery.nack(Redeliver::Now).await {
+        if let Err(e) = delivery.nack(release).await {
             failures += 1;
             eprintln!(
                 "bus: warning: releasing a dead letter: {} (it comes back after the broker's \
@@ -129,9 +146,9 @@ pub(crate) async fn list(bus: &Bus, args: &DlqListArgs, json: bool) -> Result<()
         );
         println!("{}", reason_table(&reasons));
         println!(
-            "{}{} dead letters in `{}`",
+            "{}{} in `{}`",
             if held.limited { "at least " } else { "" },
-            held.deliveries.len(),
+            dead_letters(held.deliveries.len()),
             held.dlq
         );
     }
@@ -179,6 +196,7 @@ pub(crate) async fn redrive(bus: &Bus, args: &DlqRedriveArgs, json: bool) -> Res
         deliveries,
         duplicates,
         limited,
+        release,
     } = held;
     let (chosen, mut kept): (Vec<Delivery>, Vec<Delivery>) = deliveries
         .into_iter()
@@ -230,7 +248,7 @@ pub(crate) async fn redrive(bus: &Bus, args: &DlqRedriveArgs, json: bool) -> Res
         kept.extend(chosen);
     }
     let left = kept.len();
-    let failures = release_deliveries(subscription, kept.into_iter()).await;
+    let failures = release_deliveries(subscription, kept.into_iter(), release).await;
     let reasons = by_reason(envelopes.iter());
     if json {
         print_json(&json!({
@@ -252,14 +270,13 @@ pub(crate) async fn redrive(bus: &Bus, args: &DlqRedriveArgs, json: bool) -> Res
         }
         if args.dry_run {
             println!(
-                "dry run: would move {} dead letters from `{dlq}` back to {noun} `{target}` \
-                 ({left} left in place)",
-                envelopes.len()
+                "dry run: would move {} from `{dlq}` back to {noun} `{target}`; nothing moved",
+                dead_letters(envelopes.len())
             );
         } else {
             println!(
-                "moved {moved} dead letters from `{dlq}` back to {noun} `{target}` ({left} left \
-                 in `{dlq}`)"
+                "moved {} from `{dlq}` back to {noun} `{target}` ({left} left in `{dlq}`)",
+                dead_letters(moved)
             );
         }
         for id in &not_found {
@@ -277,6 +294,15 @@ pub(crate) async fn redrive(bus: &Bus, args: &DlqRedriveArgs, json: bool) -> Res
             "{} of the ids asked for are not in `{dlq}`",
             not_found.len()
         ))
+    }
+}
+
+/// `1 dead letter`, `2 dead letters`.
+fn dead_letters(n: usize) -> String {
+    if n == 1 {
+        "1 dead letter".to_owned()
+    } else {
+        format!("{n} dead letters")
     }
 }
 
