@@ -162,3 +162,31 @@ async fn private_groups_and_queues_get_delayed_messages_when_due() {
         0
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_delays_are_held_not_refused_and_never_panic() {
+    let broker = MemoryBroker::new();
+    let mut consumer = broker.consume("q", Default::default()).await.unwrap();
+    broker
+        .send_delayed("q", Envelope::new("n", "never"), Delay::For(Duration::MAX))
+        .await
+        .unwrap();
+    let far = std::time::SystemTime::now() + Duration::from_secs(200 * 365 * 86_400);
+    broker
+        .send_delayed("q", Envelope::new("n", "much later"), Delay::Until(far))
+        .await
+        .unwrap();
+    let now = Envelope::new("n", "now");
+    broker.send("q", now.clone()).await.unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!(d.envelope().id, now.id);
+    d.ack().await.unwrap();
+    let backlog = broker.backlog(&BacklogOf::queue("q")).await.unwrap();
+    assert_eq!((backlog.waiting, backlog.delayed), (0, Some(2)));
+    // A year on, both still wait.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(365 * 86_400), consumer.next())
+            .await
+            .is_err()
+    );
+}
