@@ -215,13 +215,15 @@ impl Broker for RabbitMqBroker {
         }
     }
 
-    /// The ready messages of the group's queue (or the work queue) in `waiting`, and those
-    /// parked in its TTL retry queues (`nack(After)`, `send_delayed`) in `delayed`, each
-    /// from a passive `queue.declare`. Exact, but read one queue after the other.
+    /// The ready messages of the group's queue (or the work queue) in `waiting`, from a
+    /// passive `queue.declare`: exact at the moment it is read.
+    ///
     /// `in_flight` is `None`: AMQP does not tell unacknowledged messages (only the management
-    /// plugin's HTTP API does), so they are not counted. Messages published to a topic with a
-    /// delay wait in a queue shared by every group and are not counted for any group until
-    /// due. `oldest_age` is `None`: AMQP does not tell it.
+    /// plugin's HTTP API does), so they are not counted. `delayed` is `None`: messages parked
+    /// in the queue's TTL retry queues (`nack(After)`, `send_delayed`) are not counted, as
+    /// finding which of the 55 exist would take a passive declaration of each, and every one
+    /// missing closes a channel and makes lapin log an error; a topic's delayed publishes wait
+    /// in queues shared by every group. `oldest_age` is `None`: AMQP does not tell it.
     async fn backlog(&self, of: &BacklogOf) -> Result<Backlog> {
         let link = &self.inner.link;
         link.check()?;
@@ -242,20 +244,8 @@ impl Broker for RabbitMqBroker {
                 format!("RabbitMQ has no queue `{queue}` ({of})"),
             ));
         };
-        let retry_queues = wire::RETRY_DELAYS_MS
-            .iter()
-            .map(|&ms| wire::retry_queue(&queue, Duration::from_millis(ms)))
-            // A name RabbitMQ cannot hold was never declared.
-            .filter(|name| check_name(name, "retry queue").is_ok());
-        let parked = futures::future::try_join_all(retry_queues.map(|name| {
-            let session = session.clone();
-            async move { session.ready(&name).await }
-        }))
-        .await?;
-        let delayed = parked.into_iter().flatten().map(u64::from).sum();
         let mut backlog = Backlog::default();
         backlog.waiting = u64::from(waiting);
-        backlog.delayed = Some(delayed);
         Ok(backlog)
     }
 

@@ -38,10 +38,9 @@
 //!   topic's routing key, so every group (and private subscription) bound when it is due gets
 //!   it, at attempt 1. The message lives in the broker while it waits.
 //! - **Backlog** (`Broker::backlog`): the ready messages of the group's or work queue's queue
-//!   (`waiting`) and of its retry queues (`delayed`, which counts `send_delayed` too), from
-//!   passive `queue.declare`s; unacked messages are not counted (`in_flight` is `None`: only
-//!   the management plugin tells them), and a topic's delayed publishes are counted for no
-//!   group until due.
+//!   (`waiting`), from a passive `queue.declare`; unacked messages (`in_flight`: only the
+//!   management plugin tells them) and those parked in retry or delay queues (`delayed`) are
+//!   not counted.
 //! - **Request-reply** uses direct reply-to; a request to a topic nobody serves is returned by
 //!   the broker (mandatory) and fails fast with `NoResponders`.
 //! - **Recovery**: a lost connection is re-made with exponential backoff and jitter (backon);

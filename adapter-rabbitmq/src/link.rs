@@ -110,8 +110,8 @@ impl Session {
     }
 
     /// How many messages are ready in `queue`, from a passive declaration on a channel of its
-    /// own (RabbitMQ closes the channel of a passive declaration of a missing queue); `None`
-    /// if there is no such queue.
+    /// own (RabbitMQ closes the channel of a passive declaration of a missing queue, and lapin
+    /// logs that as an error); `None` if there is no such queue.
     pub(crate) async fn ready(&self, queue: &str) -> Result<Option<u32>> {
         let channel = self.channel().await?;
         let declared = channel
