@@ -14,7 +14,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_sqs::types::Message;
+use std::collections::HashMap;
+
+use aws_sdk_sqs::types::{Message, MessageAttributeValue};
 use bus_core::{Delay, Error, Result};
 
 use crate::broker::Shared;
@@ -104,7 +106,7 @@ pub(crate) async fn redelay(inner: Shared, url: String, message: Message, due: S
         .send_message()
         .queue_url(&url)
         .message_body(message.body().unwrap_or_default())
-        .set_message_attributes(message.message_attributes().cloned())
+        .set_message_attributes(Some(copied_attributes(&message)))
         .delay_seconds(hop_secs(remaining))
         .send()
         .await;
@@ -132,6 +134,29 @@ pub(crate) async fn redelay(inner: Shared, url: String, message: Message, due: S
     if let Some(error) = last {
         tracing::warn!(queue = %url, %error, "deleting a re-delayed message failed; it will arrive twice");
     }
+}
+
+/// The attributes of the copy: those of `message`, and, for a message naming no `ce-id` (a
+/// foreign client's, whose id is read from SQS's message id), its SQS message id as `ce-id`
+/// where a slot is free, so that the copy keeps the id the message would have had.
+fn copied_attributes(message: &Message) -> HashMap<String, MessageAttributeValue> {
+    let mut attributes = message.message_attributes().cloned().unwrap_or_default();
+    let named = attributes
+        .get(wire::CE_ID)
+        .and_then(MessageAttributeValue::string_value)
+        .is_some_and(|id| !id.is_empty());
+    if let Some(id) = message.message_id().filter(|id| !id.is_empty()) {
+        if !named && attributes.len() < wire::MAX_ATTRIBUTES {
+            if let Ok(value) = MessageAttributeValue::builder()
+                .data_type(wire::STRING)
+                .string_value(id)
+                .build()
+            {
+                attributes.insert(wire::CE_ID.to_owned(), value);
+            }
+        }
+    }
+    attributes
 }
 
 #[cfg(test)]
@@ -197,6 +222,42 @@ mod tests {
     fn a_delay_beyond_the_clock_is_unsupported() {
         let e = plan(Delay::For(Duration::MAX), SystemTime::now(), false).unwrap_err();
         assert_eq!(e.kind(), bus_core::ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn a_copy_keeps_the_id_of_a_message_that_names_none() {
+        let due = MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value("1")
+            .build()
+            .unwrap();
+        let foreign = Message::builder()
+            .message_id("sqs-id-1")
+            .message_attributes(wire::NOT_BEFORE, due.clone())
+            .build();
+        let copied = copied_attributes(&foreign);
+        assert_eq!(
+            copied.get(wire::CE_ID).and_then(|v| v.string_value()),
+            Some("sqs-id-1")
+        );
+        assert!(copied.contains_key(wire::NOT_BEFORE));
+        let named = Message::builder()
+            .message_id("sqs-id-2")
+            .message_attributes(
+                wire::CE_ID,
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value("mine")
+                    .build()
+                    .unwrap(),
+            )
+            .build();
+        assert_eq!(
+            copied_attributes(&named)
+                .get(wire::CE_ID)
+                .and_then(|v| v.string_value()),
+            Some("mine")
+        );
     }
 
     #[test]

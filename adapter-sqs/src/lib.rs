@@ -22,6 +22,14 @@
 //! - **Order**: with [`SqsConfig::fifo`], queues and topics are FIFO: `MessageGroupId` is the
 //!   key, `MessageDeduplicationId` the envelope id, and per-key order holds across the members
 //!   of a group. Standard queues keep no order.
+//! - **Delayed publish** (standard queues; FIFO queues take no per-message delay): a queue's
+//!   message gets SQS `DelaySeconds` up to 15 minutes; beyond that, and through SNS, which has
+//!   no delay, it carries when it is due (`bus-not-before`), and a receive loop that gets it
+//!   earlier sends a copy back with `DelaySeconds` (15 minutes at most per hop) and deletes
+//!   it: the message never leaves SQS, early receives are no attempt, and a consumer is never
+//!   held up by it. No limit on the delay (each hop is a new message).
+//! - **Backlog**: SQS's approximate visible (`waiting`), not visible (`in_flight`) and delayed
+//!   counts of the group's or the work queue; no age of the oldest message (SQS does not tell).
 //! - **Request-reply**: a request queue per topic, shared by its responders, and a reply queue
 //!   per requester; the reply is matched by the request's id.
 //! - **On the wire**: the body is the payload (base64 when it is not text) and the envelope

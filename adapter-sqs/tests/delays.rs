@@ -387,3 +387,37 @@ async fn foreign_or_malformed_not_before_values_do_not_hold_delivery() {
     consumer.close().await.expect("close");
     delete_queue(&broker, &queue).await;
 }
+
+/// A message of another client that names no `ce-id` (its id is SQS's message id) and is
+/// re-delayed keeps that id: the copy is a new SQS message, with an id of its own.
+#[tokio::test]
+async fn a_re_delayed_foreign_message_keeps_its_id() {
+    let Some(broker) = broker_with(|c| c).await else {
+        return;
+    };
+    let queue = unique("foreign-id");
+    let mut consumer = broker
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let url = queue_url(&broker, &queue).await;
+    let due = SystemTime::now() + Duration::from_secs(2);
+    let sent = broker
+        .sqs_client()
+        .send_message()
+        .queue_url(&url)
+        .message_body("no id of its own")
+        .message_attributes(attributes::NOT_BEFORE, text("String", &millis(due)))
+        .send()
+        .await
+        .expect("the raw client sends");
+    let sqs_id = sent.message_id().expect("a message id").to_owned();
+    let (id, attempt, _) = next_acked(&mut consumer, Duration::from_secs(30))
+        .await
+        .expect("the re-delayed message arrives");
+    assert!(SystemTime::now() >= due);
+    assert_eq!(id, sqs_id);
+    assert_eq!(attempt, 1);
+    consumer.close().await.expect("close");
+    delete_queue(&broker, &queue).await;
+}
