@@ -29,11 +29,15 @@ impl Delay {
         }
     }
 
-    /// The moment the message is due, counting a [`Delay::For`] from `now`.
+    /// The moment the message is due, counting a [`Delay::For`] from `now`; a delay too long
+    /// for the clock is due in a thousand years.
     #[must_use]
     pub fn due(self, now: SystemTime) -> SystemTime {
+        const FAR: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
         match self {
-            Delay::For(delay) => now + delay,
+            Delay::For(delay) => now
+                .checked_add(delay)
+                .unwrap_or_else(|| now.checked_add(FAR).unwrap_or(now)),
             Delay::Until(at) => at,
         }
     }
@@ -473,4 +477,21 @@ pub trait Broker: Publisher + Subscriber + Queue + Requester + Responder + fmt::
     /// # Errors
     /// When the broker could not be told cleanly.
     async fn close(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_is_due_after_it_and_never_overflows() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let second = Duration::from_secs(1);
+        assert_eq!(Delay::For(second).due(now), now + second);
+        assert_eq!(Delay::Until(now).due(now + second), now);
+        assert_eq!(Delay::Until(now + second).remaining(now), second);
+        assert_eq!(Delay::Until(now).remaining(now + second), Duration::ZERO);
+        // Longer than the clock can count: far away, not a panic.
+        assert!(Delay::For(Duration::MAX).due(now) > now + Duration::from_secs(1 << 32));
+    }
 }

@@ -189,6 +189,7 @@ struct Registered {
 }
 
 /// One handler: its route and its own layers.
+#[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
 struct Routed {
     route: Box<dyn Route>,
     layers: Vec<LayerFn>,
