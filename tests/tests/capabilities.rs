@@ -72,6 +72,14 @@ fn rows(caps: &Capabilities) -> Vec<(&'static str, String)> {
             flag(caps.prompt_redelivery_of_dropped),
         ),
         ("`delivery_count`", support(caps.delivery_count)),
+        ("`delayed_publish`", support(caps.delayed_publish)),
+        (
+            "`max_delay`",
+            caps.max_delay.map_or("none".to_owned(), |max| {
+                format!("{:.1} days", max.as_secs_f64() / 86_400.0)
+            }),
+        ),
+        ("`backlog`", support(caps.backlog)),
     ]
 }
 
