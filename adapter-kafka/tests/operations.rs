@@ -1,7 +1,7 @@
 //! What is Kafka's own in backlog counts and delayed publish, beyond the conformance cases:
 //! the per-partition detail of a backlog, `NotFound` for a group that never subscribed, a
 //! delayed message surviving its group's consumer closing before it is due (it waits on the
-//! retry topic, not in the publisher), and records on the retry topic written by other
+//! retry topic, not in the publisher) and reaching a private subscription, and records on the retry topic written by other
 //! clients: with the delayed-publish mark but an unreadable or missing due time (delivered at
 //! once, at attempt 1), and without the mark (not delivered: another group's retry).
 //!
@@ -133,6 +133,11 @@ async fn a_delayed_message_outlives_its_groups_consumer() {
         .subscribe(&topic, SubscribeOptions::group(group))
         .await
         .expect("subscribe");
+    // A private subscription open at publish time gets it too.
+    let mut private = broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .expect("private subscription");
     let sent = Envelope::new("ops.delayed", "later").with_header("x-test", "kept");
     let published_at = Instant::now();
     broker
@@ -169,6 +174,10 @@ async fn a_delayed_message_outlives_its_groups_consumer() {
     )
     .await;
     second.close().await.expect("close");
+    let d = next(&mut private, "the private subscription").await;
+    assert_eq!((d.envelope().id.clone(), d.attempt()), (sent.id.clone(), 1));
+    d.ack().await.expect("ack");
+    private.close().await.expect("close");
     broker.close().await.expect("close");
 }
 
