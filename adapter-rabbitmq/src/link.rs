@@ -166,8 +166,10 @@ impl Session {
     /// hold messages published to topics of `topic_exchange` for `delay` (its bucket), and
     /// returns their name: a message published to the exchange with its topic's routing key
     /// dead-letters, when its TTL ends, into `topic_exchange` under that same routing key, and
-    /// so reaches every group bound then. One queue per bucket serves every topic, and as all
-    /// its messages have the same TTL, none waits behind another.
+    /// so reaches every group bound then. One queue per bucket serves every topic. Each
+    /// message carries its own delay as its `expiration`, shorter than or equal to the queue's
+    /// TTL; RabbitMQ expires messages only at the head of a queue, so one can wait behind an
+    /// earlier one, at the latest until the end of its bucket.
     pub(crate) async fn declare_delay_queue(
         &self,
         topic_exchange: &str,
