@@ -8,7 +8,8 @@
 //!   queue (by a consumer written with the library) → `dlq list` shows them with their reasons,
 //!   twice (listing loses nothing) → `dlq show` → `dlq redrive --dry-run` moves nothing →
 //!   `dlq redrive --id` moves one → the group's consumer gets it → `dlq redrive` moves the
-//!   other → `dlq list` is empty; `check` round-trips; `lag` counts what a group and a queue
+//!   other → `dlq list` is empty; a work queue's dead letter is sent back to the queue;
+//!   `check` round-trips; `lag` counts what a group and a queue
 //!   hold, then 0 once consumed; `publish --delay` arrives no sooner than asked (where the
 //!   adapter's `Capabilities` say it has backlog counts and delayed publish; elsewhere the
 //!   command must fail with one line saying it is unsupported);
@@ -251,15 +252,23 @@ fn publish_then_tail(url: &str) {
             &topic,
             "--kind",
             "order.placed",
+            "--correlation",
+            "conv-1",
             "--count",
             "1",
             "--timeout",
             "30s",
         ],
     );
-    // Filtered out by --kind, then the one it waits for.
+    // Filtered out by --kind, by --correlation, then the one it waits for.
     bus_cmd(url)
         .args(["publish", &topic, "-m", "skip me", "--kind", "order.other"])
+        .args(["--correlation", "conv-1"])
+        .assert()
+        .success();
+    bus_cmd(url)
+        .args(["publish", &topic, "-m", "skip me", "--kind", "order.placed"])
+        .args(["--correlation", "conv-2"])
         .assert()
         .success();
     let published = run_json(
@@ -419,6 +428,42 @@ async fn dead_letters_round_trip(url: &str) {
     );
     assert_eq!(count(&empty), 0, "{empty}");
     workers.close().await.expect("close");
+    bus.close().await.expect("close");
+}
+
+/// A dead letter of a work queue goes back to the queue (sent, not published).
+async fn queue_dead_letter_is_sent_back(url: &str) {
+    let bus = bus::connect(url).await.expect("connect");
+    let queue = unique("dlqq");
+    let mut jobs = bus
+        .consume(&queue, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let job = Envelope::new("job.run", "job");
+    let id = job.id.to_string();
+    bus.send(&queue, job).await.expect("send");
+    let delivery = tokio::time::timeout(DEADLINE, jobs.next())
+        .await
+        .expect("the job arrives")
+        .expect("open")
+        .expect("delivery");
+    delivery.reject("no worker for it").await.expect("reject");
+    let moved = run_json(
+        url,
+        &[
+            "dlq", "redrive", &queue, "--queue", "--idle", "1s", "--wait", "15s",
+        ],
+    );
+    assert_eq!(moved["queue"], queue.as_str());
+    assert_eq!(moved["moved"].as_u64(), Some(1), "{moved}");
+    let back = receive(&mut jobs).await;
+    assert_eq!(back.id.as_str(), id);
+    assert!(
+        back.header(headers::DLQ_REASON).is_none(),
+        "{:?}",
+        back.headers
+    );
+    jobs.close().await.expect("close");
     bus.close().await.expect("close");
 }
 
@@ -582,6 +627,13 @@ macro_rules! on_every_real_broker {
             async fn dead_letters_are_listed_shown_and_redriven() {
                 if let Some(url) = broker_url($var) {
                     dead_letters_round_trip(&url).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_queue_dead_letter_is_sent_back_to_the_queue() {
+                if let Some(url) = broker_url($var) {
+                    queue_dead_letter_is_sent_back(&url).await;
                 }
             }
 
