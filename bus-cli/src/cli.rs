@@ -1,7 +1,7 @@
 //! The command line: what each command takes (clap derive).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -139,6 +139,10 @@ pub(crate) struct PublishArgs {
     /// native or emulated as `bus check` shows (`delayed_publish`, `max_delay`).
     #[arg(long, value_parser = duration)]
     pub(crate) delay: Option<Duration>,
+    /// Deliver it not before this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`); a time past
+    /// is at once.
+    #[arg(long, value_name = "TIME", value_parser = time, conflicts_with = "delay")]
+    pub(crate) not_before: Option<SystemTime>,
 }
 
 /// `bus lag`.
@@ -302,6 +306,11 @@ fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration: {e}"))
 }
 
+/// An RFC 3339 time.
+fn time(text: &str) -> Result<SystemTime, String> {
+    bus::headers::parse_time(text).map_err(|e| e.message().to_owned())
+}
+
 /// A `name=value` header.
 fn header(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -329,5 +338,7 @@ mod tests {
         assert!(header("=x").is_err());
         assert_eq!(duration("1m 30s").unwrap(), Duration::from_secs(90));
         assert!(duration("soon").is_err());
+        assert!(time("2026-12-24T18:00:00Z").is_ok());
+        assert!(time("tomorrow").is_err());
     }
 }

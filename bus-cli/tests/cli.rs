@@ -9,10 +9,10 @@
 //!   twice (listing loses nothing) → `dlq show` → `dlq redrive --dry-run` moves nothing →
 //!   `dlq redrive --id` moves one → the group's consumer gets it → `dlq redrive` moves the
 //!   other → `dlq list` is empty; a work queue's dead letter is sent back to the queue;
-//!   `check` round-trips; `lag` counts what a group and a queue
-//!   hold, then 0 once consumed; `publish --delay` arrives no sooner than asked (where the
-//!   adapter's `Capabilities` say it has backlog counts and delayed publish; elsewhere the
-//!   command must fail with one line saying it is unsupported);
+//!   `check` round-trips; `lag` counts what a group and a queue hold, then 0 once consumed;
+//!   `publish --delay` and `--not-before` arrive no sooner than asked (where the adapter's
+//!   `Capabilities` say it has backlog counts and delayed publish; elsewhere the command
+//!   must fail with one line saying it is unsupported);
 //! - a wrong URL and an unreachable broker: one line on standard error, exit status 1, the
 //!   password never shown.
 
@@ -596,6 +596,29 @@ async fn delayed_publish_arrives_after_the_delay(url: &str) {
     let event = receive(&mut group).await;
     assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
     assert_eq!(event.payload.as_ref(), b"event");
+
+    let at = std::time::SystemTime::now() + delay;
+    let at_text = headers::format_time(at);
+    let sent = run_json(
+        url,
+        &[
+            "publish",
+            "--queue",
+            &queue,
+            "-m",
+            "at",
+            "--not-before",
+            &at_text,
+        ],
+    );
+    assert_eq!(sent["not_before"], at_text.as_str());
+    let job = receive(&mut jobs).await;
+    // Milliseconds are what the time carries.
+    assert!(
+        std::time::SystemTime::now() + Duration::from_millis(1) >= at,
+        "arrived before {at_text}"
+    );
+    assert_eq!(job.payload.as_ref(), b"at");
     group.close().await.expect("close");
     jobs.close().await.expect("close");
     bus.close().await.expect("close");

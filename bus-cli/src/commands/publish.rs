@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal as _, Read as _};
 
+use bus::headers::format_time;
 use bus::{Bus, Delay, Envelope};
 use bytes::Bytes;
 use serde_json::json;
@@ -28,10 +29,14 @@ pub(crate) async fn run(bus: &Bus, args: &PublishArgs, json: bool) -> Result<(),
         let n = BATCH.min(args.count - sent);
         let batch: Vec<Envelope> = (0..n).map(|_| envelope(args, payload.clone())).collect();
         ids.extend(batch.iter().map(|e| e.id.to_string()));
-        let result = match (&destination, args.delay) {
+        let delay = args
+            .delay
+            .map(Delay::For)
+            .or(args.not_before.map(Delay::Until));
+        let result = match (&destination, delay) {
             (Destination::Topic(topic), None) => bus.publish_batch(topic, batch).await,
             (Destination::Queue(queue), None) => send_all(bus, queue, batch).await,
-            (_, Some(delay)) => send_delayed(bus, &destination, batch, Delay::For(delay)).await,
+            (_, Some(delay)) => send_delayed(bus, &destination, batch, delay).await,
         };
         result.map_err(|e| {
             failed(
@@ -53,12 +58,15 @@ pub(crate) async fn run(bus: &Bus, args: &PublishArgs, json: bool) -> Result<(),
             destination.noun(): destination.name(),
             "published": sent,
             "delay_ms": args.delay.map(|d| d.as_millis()),
+            "not_before": args.not_before.map(format_time),
             "ids": ids,
         }));
     } else {
-        let due = args.delay.map_or(String::new(), |d| {
-            format!(", delivered after {}", humantime::format_duration(d))
-        });
+        let due = match (args.delay, args.not_before) {
+            (Some(d), _) => format!(", delivered after {}", humantime::format_duration(d)),
+            (None, Some(at)) => format!(", delivered not before {}", format_time(at)),
+            (None, None) => String::new(),
+        };
         match ids.as_slice() {
             [id] => println!(
                 "published 1 message to {} `{}`{due}: id {id}",
