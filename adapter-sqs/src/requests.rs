@@ -225,7 +225,7 @@ pub(crate) async fn serve(inner: Shared, topic: &str) -> Result<Requests> {
     let source = source::start(
         inner.clone(),
         Target {
-            source: topic.to_owned(),
+            source: topic.into(),
             group: None,
             queue_name: name,
             url,

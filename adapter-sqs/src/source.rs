@@ -26,9 +26,10 @@ use crate::wire;
 /// The queue a subscription reads and what its deliveries report.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
-    /// The topic or queue name deliveries report as their source.
-    pub(crate) source: String,
-    pub(crate) group: Option<String>,
+    /// The topic or queue name deliveries report as their source, and their group: shared by
+    /// every delivery and its settlement, never copied per message.
+    pub(crate) source: Arc<str>,
+    pub(crate) group: Option<Arc<str>>,
     pub(crate) queue_name: String,
     pub(crate) url: String,
     /// For a private subscription: its SNS subscription ARN; the queue is deleted on close.
@@ -317,7 +318,7 @@ impl Poller {
             extended: received,
             turn,
         };
-        let delivery = Delivery::new(
+        let delivery = Delivery::with_shared_names(
             envelope,
             attempt,
             self.target.source.clone(),
@@ -520,8 +521,8 @@ struct SqsSettle {
     /// SQS's id of the received message.
     message_id: Option<String>,
     envelope: bus_core::Envelope,
-    source: String,
-    group: Option<String>,
+    source: Arc<str>,
+    group: Option<Arc<str>>,
     attempt: u32,
     /// When it was received: SQS refuses a visibility reaching beyond 12 hours from then.
     received: Instant,

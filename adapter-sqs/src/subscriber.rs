@@ -33,8 +33,8 @@ impl Subscriber for SqsBroker {
                 source::start(
                     self.inner.clone(),
                     Target {
-                        source: topic.to_owned(),
-                        group: Some(group),
+                        source: topic.into(),
+                        group: Some(group.into()),
                         queue_name: name,
                         url,
                         private: None,
@@ -56,7 +56,7 @@ impl Subscriber for SqsBroker {
                 source::start(
                     self.inner.clone(),
                     Target {
-                        source: topic.to_owned(),
+                        source: topic.into(),
                         group: None,
                         queue_name: name,
                         url,
@@ -109,7 +109,7 @@ impl Queue for SqsBroker {
         let source = source::start(
             self.inner.clone(),
             Target {
-                source: queue.to_owned(),
+                source: queue.into(),
                 group: None,
                 queue_name: name,
                 url,
