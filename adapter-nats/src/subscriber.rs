@@ -4,8 +4,10 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use async_nats::connection::State;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use bus_core::{
@@ -145,7 +147,12 @@ struct PullSource {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     done: bool,
+    /// Whether `next` has reported the connection's loss since it was last connected.
+    told_disconnected: bool,
 }
+
+/// How often an idle subscription looks whether its connection is still up.
+const CONNECTION_CHECK: Duration = Duration::from_millis(500);
 
 impl fmt::Debug for PullSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -167,6 +174,7 @@ impl PullSource {
             stop: watch::channel(false).0,
             task: None,
             done: false,
+            told_disconnected: false,
         }
     }
 
@@ -230,10 +238,32 @@ impl DeliverySource for PullSource {
             return None;
         }
         self.start();
-        // The pull task ends the buffer when the connection closes.
-        let buffer = &self.buffer;
-        let pulled = std::future::poll_fn(|cx| buffer.poll_next(cx)).await?;
-        Some(Ok(delivery(&self.inner, &self.spec, pulled)))
+        // The pull task ends the buffer when the connection closes. What was pulled is handed
+        // out first, connected or not.
+        let ready = std::future::poll_fn(|cx| Poll::Ready(self.buffer.poll_next(cx))).await;
+        if let Poll::Ready(pulled) = ready {
+            return Some(Ok(delivery(&self.inner, &self.spec, pulled?)));
+        }
+        // Nothing to hand out: while the client reconnects, say so once (a consumer counts it
+        // as a receive error, a service as degraded health), then go on waiting.
+        loop {
+            if self.inner.client.connection_state() == State::Connected {
+                self.told_disconnected = false;
+            } else if !self.told_disconnected {
+                self.told_disconnected = true;
+                return Some(Err(Error::new(
+                    ErrorKind::Connection,
+                    "the connection to NATS is lost; the client is reconnecting",
+                )));
+            }
+            let buffer = &self.buffer;
+            tokio::select! {
+                pulled = std::future::poll_fn(|cx| buffer.poll_next(cx)) => {
+                    return Some(Ok(delivery(&self.inner, &self.spec, pulled?)));
+                }
+                () = tokio::time::sleep(CONNECTION_CHECK) => {}
+            }
+        }
     }
 
     /// The consumer's ack wait: JetStream redelivers a message not acknowledged within it,

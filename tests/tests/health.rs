@@ -4,6 +4,10 @@
 //! `FaultProxy` between the adapter and the real server: every connection is reset and new
 //! ones are refused (forwarded to a closed port) until the proxy forwards to the broker again.
 //!
+//! Kafka is not among them: its broker hands clients the addresses to connect to, so a proxy
+//! in front of it takes a broker started for the proxy (as the Kafka adapter's fault cases
+//! do), which this file does not do.
+//!
 //! Each broker runs when its `BUS_TEST_<BROKER>_URL` is set (scripts/test.sh sets them); with
 //! `BUS_REQUIRE_BROKERS=1` a missing URL fails the test.
 
@@ -162,6 +166,11 @@ fn uuid_like() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_broker_on_rabbitmq() {
     health_follows_the_broker("BUS_TEST_RABBITMQ_URL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_broker_on_nats() {
+    health_follows_the_broker("BUS_TEST_NATS_URL").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
