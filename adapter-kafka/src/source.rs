@@ -456,6 +456,11 @@ pub(crate) async fn open(shared: &Arc<Shared>, spec: Spec) -> Result<KafkaSource
     }
     Ok(KafkaSource {
         shared: shared.clone(),
+        names: Names {
+            source: spec.source.as_str().into(),
+            group: spec.group.as_str().into(),
+            user_group: spec.user_group.as_deref().map(Arc::from),
+        },
         spec,
         state,
         rx,
@@ -745,6 +750,8 @@ fn not_before(now: SystemTime, redeliver: Redeliver) -> String {
 pub(crate) struct KafkaSource {
     shared: Arc<Shared>,
     spec: Spec,
+    /// The spec's names, made once: every delivery and its settlement share them.
+    names: Names,
     state: SharedState,
     rx: mpsc::Receiver<Item>,
     redeliver_tx: mpsc::UnboundedSender<Item>,
@@ -788,18 +795,16 @@ impl KafkaSource {
             }
             let reply_to = item.reply_to.clone();
             let undecodable = item.undecodable.clone();
-            let mut delivery = Delivery::new(
+            let mut delivery = Delivery::with_shared_names(
                 item.envelope.clone(),
                 item.attempt,
-                self.spec.source.clone(),
-                self.spec.user_group.clone(),
+                self.names.source.clone(),
+                self.names.user_group.clone(),
                 Box::new(KafkaSettle {
                     shared: self.shared.clone(),
                     state: self.state.clone(),
                     redeliver: self.redeliver_tx.clone(),
-                    source: self.spec.source.clone(),
-                    group: self.spec.group.clone(),
-                    user_group: self.spec.user_group.clone(),
+                    names: self.names.clone(),
                     item,
                     late_commits: self.late_commits.clone(),
                     private: self.spec.private,
@@ -844,6 +849,17 @@ impl DeliverySource for KafkaSource {
     }
 }
 
+/// A subscription's names, shared by its deliveries and their settlements.
+#[derive(Clone)]
+struct Names {
+    /// The topic or queue name the user gave.
+    source: Arc<str>,
+    /// The Kafka consumer group id.
+    group: Arc<str>,
+    /// The group as deliveries report it.
+    user_group: Option<Arc<str>>,
+}
+
 /// Settles one delivery: marks its offset settled, after producing the retry copy or the dead
 /// letter it needs.
 #[derive(Clone)]
@@ -851,9 +867,7 @@ struct KafkaSettle {
     shared: Arc<Shared>,
     state: SharedState,
     redeliver: mpsc::UnboundedSender<Item>,
-    source: String,
-    group: String,
-    user_group: Option<String>,
+    names: Names,
     item: Item,
     /// Serialises the commits made after the close, so an older offset never lands last.
     late_commits: Arc<tokio::sync::Mutex<()>>,
@@ -897,7 +911,7 @@ impl KafkaSettle {
         if tpl.count() == 0 {
             return;
         }
-        let config = match self.shared.config.consumer_config(&self.group) {
+        let config = match self.shared.config.consumer_config(&self.names.group) {
             Ok(config) => config,
             Err(e) => {
                 tracing::debug!(error = %e, "committing after close failed");
@@ -967,7 +981,7 @@ impl Settle for KafkaSettle {
             Settlement::Nack(redeliver) => {
                 let not_before = not_before(SystemTime::now(), redeliver);
                 let attempt = self.item.attempt.saturating_add(1).to_string();
-                let retry = names::retry_topic(&self.source);
+                let retry = names::retry_topic(&self.names.source);
                 self.shared.ensure_topics(&[&retry], None).await?;
                 self.shared
                     .send(
@@ -976,20 +990,20 @@ impl Settle for KafkaSettle {
                         &[
                             (headers::ATTEMPT, &attempt),
                             (wire::NOT_BEFORE, &not_before),
-                            (wire::RETRY_GROUP, &self.group),
-                            (wire::RETRY_ORIGIN, &self.source),
+                            (wire::RETRY_GROUP, &self.names.group),
+                            (wire::RETRY_ORIGIN, &self.names.source),
                         ],
                     )
                     .await?;
             }
             Settlement::Reject { reason, attempts } => {
-                let dlq = headers::dead_letter_queue(&self.source);
+                let dlq = headers::dead_letter_queue(&self.names.source);
                 let dead = mark(
                     self.item.envelope.clone(),
                     &DeadLetterInfo {
                         reason: &reason,
-                        source: &self.source,
-                        group: self.user_group.as_deref(),
+                        source: &self.names.source,
+                        group: self.names.user_group.as_deref(),
                         attempts: attempts.max(self.item.attempt),
                         first_failure: None,
                     },
@@ -1014,7 +1028,7 @@ impl Settle for KafkaSettle {
             // can be committed). Without a runtime the offset simply stays uncommitted.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let settle = self.clone();
-                let pending = self.shared.handbacks(&self.group);
+                let pending = self.shared.handbacks(&self.names.group);
                 pending.send_modify(|n| *n += 1);
                 runtime.spawn(async move {
                     if let Err(e) = settle.settle(Settlement::Nack(Redeliver::Now)).await {
