@@ -37,7 +37,8 @@ pub(crate) enum Endpoint {
 pub(crate) struct Attached {
     pub(crate) channel: Channel,
     consumer: Consumer,
-    pub(crate) queue: String,
+    /// Shared by every delivery's settlement, never copied per message.
+    pub(crate) queue: Arc<str>,
     /// The connection the channel is on ([`Session::generation`](crate::link::Session)).
     generation: u64,
 }
@@ -48,7 +49,7 @@ pub(crate) struct Raw {
     /// The channel it came on, the only one that can settle it.
     pub(crate) channel: Channel,
     /// The queue it came from.
-    pub(crate) queue: String,
+    pub(crate) queue: Arc<str>,
     /// The connection that channel is on.
     pub(crate) generation: u64,
 }
@@ -136,7 +137,7 @@ impl Endpoint {
         Ok(Attached {
             channel,
             consumer,
-            queue,
+            queue: queue.into(),
             generation: session.generation,
         })
     }
@@ -158,7 +159,7 @@ impl std::fmt::Debug for Source {
         f.debug_struct("Source")
             .field("endpoint", &self.endpoint)
             .field("prefetch", &self.prefetch)
-            .field("queue", &self.attached.as_ref().map(|a| a.queue.as_str()))
+            .field("queue", &self.attached.as_ref().map(|a| &*a.queue))
             .field("done", &self.done)
             .finish()
     }

@@ -24,9 +24,10 @@ use crate::{wire, RabbitMqBroker};
 #[derive(Debug)]
 struct Deliveries {
     source: Source,
-    /// The topic or queue name deliveries report.
-    name: String,
-    group: Option<String>,
+    /// The topic or queue name deliveries report, and their group: shared by every delivery
+    /// and its settlement, never copied per message.
+    name: Arc<str>,
+    group: Option<Arc<str>>,
 }
 
 #[async_trait]
@@ -56,7 +57,7 @@ impl DeliverySource for Deliveries {
             forwarded: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
-        let delivery = Delivery::new(
+        let delivery = Delivery::with_shared_names(
             received.envelope,
             received.attempt,
             self.name.clone(),
@@ -90,11 +91,11 @@ struct SettleState {
     generation: u64,
     tag: u64,
     /// The queue it came from, where a redelivery goes back to.
-    queue: String,
+    queue: Arc<str>,
     /// Whether that queue is a private subscription's exclusive, server-named one.
     private: bool,
-    source: String,
-    group: Option<String>,
+    source: Arc<str>,
+    group: Option<Arc<str>>,
     envelope: Envelope,
     attempt: u32,
     /// The copy for the next attempt or the dead letter was already stored: a retried
@@ -294,8 +295,8 @@ impl Subscriber for RabbitMqBroker {
         let source = Source::open(inner, endpoint, prefetch).await?;
         Ok(Subscription::new(Box::new(Deliveries {
             source,
-            name: topic.to_owned(),
-            group: options.group,
+            name: topic.into(),
+            group: options.group.map(Arc::from),
         })))
     }
 }
@@ -324,7 +325,7 @@ impl Queue for RabbitMqBroker {
         let source = Source::open(inner, endpoint, prefetch).await?;
         Ok(Subscription::new(Box::new(Deliveries {
             source,
-            name: queue.to_owned(),
+            name: queue.into(),
             group: None,
         })))
     }
