@@ -338,9 +338,9 @@ impl NatsConfig {
         let port = url.port().unwrap_or(4222);
         self.url = format!("{scheme}://{host}:{port}");
         if !url.username().is_empty() {
-            let user = percent_decode(url.username());
+            let user = percent_decoded(url.username());
             self.credentials = match url.password() {
-                Some(password) => Credentials::user_password(user, percent_decode(password)),
+                Some(password) => Credentials::user_password(user, percent_decoded(password)),
                 // `nats://TOKEN@host` is how NATS URLs carry a token.
                 None => Credentials::token(user),
             };
@@ -719,27 +719,16 @@ fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `url` with its password, a token in its user info, and secret query values hidden.
 pub(crate) fn redact_url(url: &str) -> String {
     bus_core::secrets::redact_url(url)
+}
+
+/// `text` with its `%XX` escapes decoded (a user, password or AMQP virtual host in a URL).
+fn percent_decoded(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl AsyncApi {
         let path = parsed.path();
         let pathname = (!path.is_empty() && path != "/").then(|| path.to_owned());
         let vhost = match path.strip_prefix('/') {
-            Some(vhost) if !vhost.is_empty() => percent_decode(vhost),
+            Some(vhost) if !vhost.is_empty() => percent_decoded(vhost),
             _ => "/".to_owned(),
         };
         self.servers.push((
@@ -704,22 +704,9 @@ fn rewrite_refs(value: &mut Value, refs: &BTreeMap<String, String>) {
     }
 }
 
-/// Decodes `%XX` escapes (an AMQP virtual host in a URL path: `%2F` is `/`).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-            if let Ok(byte) = u8::from_str_radix(hex, 16) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `text` with its `%XX` escapes decoded (a user, password or AMQP virtual host in a URL).
+fn percent_decoded(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
