@@ -76,7 +76,7 @@ async fn health_follows_the_broker(var: &str) {
         .await
         .expect("connect through the proxy");
 
-    let topic = format!("health.{}", uuid_like());
+    let topic = format!("health.{}", bus::MessageId::new());
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let handle = Service::new(format!("{topic}.svc"), bus)
         .on(&topic, move |ping: Ping, _ctx: Context| {
@@ -151,16 +151,6 @@ async fn health_follows_the_broker(var: &str) {
     let report = handle.stop().await;
     assert!(report.is_clean(), "{var}: {report:?}");
     let _ = direct.close().await;
-}
-
-fn uuid_like() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,14 @@
 //! timeout on NATS and SQS). On SQS they are released with a one-second delay instead, and
 //! read with short polls: a receive the closing consumer still has in flight would otherwise
 //! take them back, and hand them back only through a task this short-lived process may not
-//! outlive, which leaves them invisible for the whole visibility timeout. Redrive acknowledges a dead letter only after it was sent back,
-//! as `bus_core`'s `Redrive` does, whose logic this is with filters added.
+//! outlive, which leaves them invisible for the whole visibility timeout. Redrive acknowledges
+//! a dead letter only after it was sent back, as `bus_core`'s `Redrive` does, whose
+//! `send_back` moves each one, with filters added.
 
 use std::collections::{BTreeMap, HashSet};
 
 use bus::headers::{self, dead_letter_queue};
-use bus::middleware::dead_letter::unmark;
+use bus::middleware::dead_letter::Redrive;
 use bus::{Bus, ConsumeOptions, Delivery, Envelope, Redeliver, Subscription};
 use serde_json::{json, Value};
 
@@ -219,15 +220,14 @@ pub(crate) async fn redrive(bus: &Bus, args: &DlqRedriveArgs, json: bool) -> Res
     if args.dry_run {
         kept.extend(chosen);
     } else {
+        let back = if args.read.queue {
+            Redrive::queue(target)
+        } else {
+            Redrive::topic(target)
+        };
         let mut chosen = chosen.into_iter();
         for delivery in chosen.by_ref() {
-            let envelope = unmark(delivery.envelope().clone());
-            let sent = if args.read.queue {
-                bus.send(target, envelope).await
-            } else {
-                bus.publish(target, envelope).await
-            };
-            if let Err(e) = sent {
+            if let Err(e) = back.send_back(bus, delivery.envelope()).await {
                 kept.push(delivery);
                 error = Some(failed(
                     &format!("sending a dead letter back to {noun} `{target}` (after {moved})"),

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::unmark;
-use crate::{headers, Broker, ConsumeOptions, Error, Result};
+use crate::{headers, Broker, ConsumeOptions, Envelope, Error, Result};
 
 /// Where redriven messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +80,22 @@ impl Redrive {
         self
     }
 
+    /// Sends one dead letter back to the target without its dead-letter headers: the step
+    /// [`run`](Redrive::run) takes for each, for callers that choose which dead letters to
+    /// move (such as the `bus dlq redrive` command). The caller acknowledges the dead letter
+    /// only after this succeeded.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`](crate::Publisher::publish) or
+    /// [`Queue::send`](crate::Queue::send).
+    pub async fn send_back(&self, broker: &dyn Broker, dead_letter: &Envelope) -> Result<()> {
+        let envelope = unmark(dead_letter.clone());
+        match &self.target {
+            Target::Topic(topic) => broker.publish(topic, envelope).await,
+            Target::Queue(queue) => broker.send(queue, envelope).await,
+        }
+    }
+
     /// Runs the redrive on `broker`.
     ///
     /// # Errors
@@ -101,11 +117,7 @@ impl Redrive {
                 Err(_) | Ok(None) => break,
                 Ok(Some(delivery)) => delivery?,
             };
-            let envelope = unmark(delivery.envelope().clone());
-            let sent = match &self.target {
-                Target::Topic(topic) => broker.publish(topic, envelope).await,
-                Target::Queue(queue) => broker.send(queue, envelope).await,
-            };
+            let sent = self.send_back(broker, delivery.envelope()).await;
             // On failure the delivery is dropped unsettled: it stays in the dead-letter queue.
             sent.map_err(|e| redrive_failed(&dlq, report.moved, e))?;
             delivery.ack().await.map_err(Error::from)?;
