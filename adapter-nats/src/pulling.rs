@@ -62,8 +62,9 @@ pub(crate) struct Spec {
     pub(crate) stream: String,
     pub(crate) config: pull::Config,
     /// The topic or queue name, as the user gave it.
-    pub(crate) source: String,
-    pub(crate) group: Option<String>,
+    /// Shared with every delivery and its settlement (`Delivery::with_shared_names`).
+    pub(crate) source: Arc<str>,
+    pub(crate) group: Option<Arc<str>>,
     /// A private subscription: its consumer is deleted when it closes.
     pub(crate) private: bool,
 }
@@ -73,8 +74,8 @@ impl Spec {
         poison::Target {
             stream: self.stream.clone(),
             consumer: self.config.durable_name.clone().unwrap_or_default(),
-            source: self.source.clone(),
-            group: self.group.clone(),
+            source: self.source.to_string(),
+            group: self.group.as_deref().map(str::to_owned),
         }
     }
 }

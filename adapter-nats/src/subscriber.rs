@@ -91,8 +91,8 @@ impl Subscriber for NatsBroker {
             Spec {
                 stream,
                 config,
-                source: topic.to_owned(),
-                group: options.group.clone(),
+                source: Arc::from(topic),
+                group: options.group.as_deref().map(Arc::from),
                 private,
             },
             options.prefetch.unwrap_or(inner.config.prefetch),
@@ -126,7 +126,7 @@ pub(crate) async fn consume(
         Spec {
             stream,
             config,
-            source: queue.to_owned(),
+            source: Arc::from(queue),
             group: None,
             private: false,
         },
@@ -357,7 +357,7 @@ fn decode_pulled(spec: &Spec, message: &async_nats::Message) -> (wire::Received,
 
 fn delivery(inner: &Arc<Inner>, spec: &Arc<Spec>, pulled: Pulled) -> Delivery {
     let (received, attempt) = decode_pulled(spec, &pulled.message);
-    let delivery = Delivery::new(
+    let delivery = Delivery::with_shared_names(
         received.envelope,
         attempt,
         spec.source.clone(),
@@ -540,8 +540,8 @@ async fn subscribe_core(
         closed: inner.closed_signal(),
         subscriber: Some(futures::stream::select(messages, copies)),
         retry_subject: Arc::from(retry_subject),
-        source: topic.to_owned(),
-        group: options.group,
+        source: Arc::from(topic),
+        group: options.group.as_deref().map(Arc::from),
     })))
 }
 
@@ -551,8 +551,9 @@ struct CoreSource {
     /// The topic's messages and the copies nacked by this group (or subscription).
     subscriber: Option<futures::stream::Select<async_nats::Subscriber, async_nats::Subscriber>>,
     retry_subject: Arc<str>,
-    source: String,
-    group: Option<String>,
+    /// Shared with every delivery and its settlement.
+    source: Arc<str>,
+    group: Option<Arc<str>>,
 }
 
 impl fmt::Debug for CoreSource {
@@ -617,7 +618,7 @@ impl DeliverySource for CoreSource {
             },
         );
         let envelope = received.envelope;
-        let delivery = Delivery::new(
+        let delivery = Delivery::with_shared_names(
             envelope.clone(),
             attempt,
             self.source.clone(),
@@ -659,8 +660,8 @@ impl DeliverySource for CoreSource {
 struct CoreSettle {
     inner: Arc<Inner>,
     envelope: Envelope,
-    source: String,
-    group: Option<String>,
+    source: Arc<str>,
+    group: Option<Arc<str>>,
     attempt: u32,
     retry_subject: Arc<str>,
     /// The message as received (without `bus-attempt`), for the copy.
