@@ -339,3 +339,88 @@ async fn parked_keys_and_messages_are_gauges() {
     assert_eq!((report.retried_in_place, report.abandoned), (1, 1));
     assert_eq!(parked("bus.consumer.parked_keys"), Some(0));
 }
+
+/// One layer serving consumers of two destinations and three groups counts each apart, with
+/// the totals kept across collections (cumulative sums, not reset by an export).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_layer_counts_each_destination_and_group_apart() {
+    let (provider, exporter) = meter();
+    let metrics = BusMetrics::new(&provider);
+    let broker = Arc::new(MemoryBroker::new());
+    let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = HandlerBuilder::new()
+        .layer(MetricsLayer::new(metrics.clone(), "memory"))
+        .handler(handler_fn(move |order: Envelope, _: DeliveryInfo| {
+            let handled = handled.clone();
+            async move {
+                handled.send(()).unwrap();
+                if &order.payload[..] == b"late" {
+                    Outcome::reject(Error::timeout("too late"))
+                } else {
+                    Outcome::Ack
+                }
+            }
+        }));
+    let mut consumers = Vec::new();
+    for (topic, options) in [
+        ("orders", SubscribeOptions::group("billing")),
+        ("orders", SubscribeOptions::group("shipping")),
+        ("refunds", SubscribeOptions::default()),
+    ] {
+        let subscription = broker.subscribe(topic, options).await.unwrap();
+        consumers.push(Consumer::new(subscription, handler.clone()).spawn());
+    }
+    // orders: 3 messages, each to both groups; refunds: 2, one of them rejected.
+    for (topic, payload) in [
+        ("orders", "1"),
+        ("orders", "2"),
+        ("orders", "3"),
+        ("refunds", "1"),
+        ("refunds", "late"),
+    ] {
+        broker
+            .publish(topic, Envelope::new("order.changed", payload))
+            .await
+            .unwrap();
+    }
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(5), handled_rx.recv())
+            .await
+            .expect("handled within 5 s")
+            .unwrap();
+    }
+    for consumer in consumers {
+        consumer.stop().await.unwrap();
+    }
+
+    for _ in 0..2 {
+        let consumed = points(&provider, &exporter, "messaging.client.consumed.messages");
+        let of = |destination: &str, group: Option<&str>| -> Vec<u64> {
+            consumed
+                .iter()
+                .filter(|p| {
+                    p.get("messaging.destination.name") == Some(destination)
+                        && p.get("messaging.consumer.group.name") == group
+                })
+                .map(|p| p.value)
+                .collect()
+        };
+        assert_eq!(consumed.len(), 3, "{consumed:?}");
+        assert_eq!(of("orders", Some("billing")), [3]);
+        assert_eq!(of("orders", Some("shipping")), [3]);
+        assert_eq!(of("refunds", None), [2]);
+    }
+    let outcomes = points(&provider, &exporter, "bus.consumer.outcomes");
+    assert_eq!(total(&outcomes, "bus.outcome", "ack"), 7, "{outcomes:?}");
+    let rejected: Vec<_> = outcomes
+        .iter()
+        .filter(|p| p.get("bus.outcome") == Some("reject"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{outcomes:?}");
+    assert_eq!(rejected[0].value, 1);
+    assert_eq!(
+        rejected[0].get("messaging.destination.name"),
+        Some("refunds")
+    );
+    assert_eq!(rejected[0].get("error.type"), Some("timeout"));
+}

@@ -2,13 +2,14 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use opentelemetry::{KeyValue, StringValue};
+use opentelemetry::KeyValue;
 use tower_layer::Layer;
 
-use super::BusMetrics;
+use super::{counts, BusMetrics};
 use crate::middleware::tracing::semconv::{self, messaging_system};
 use crate::runtime::{Handler, Outcome};
 use crate::Delivery;
@@ -53,6 +54,7 @@ impl<H> Layer<H> for MetricsLayer {
             inner,
             metrics: self.metrics.clone(),
             system: self.system.clone(),
+            totals: Arc::default(),
         }
     }
 }
@@ -69,6 +71,8 @@ pub struct Metered<H> {
     inner: H,
     metrics: BusMetrics,
     system: Cow<'static, str>,
+    /// The totals this layer has counted into, shared by its clones.
+    totals: Arc<Mutex<Vec<Arc<counts::Totals>>>>,
 }
 
 impl<H> Metered<H> {
@@ -95,39 +99,32 @@ impl<H: fmt::Debug> fmt::Debug for Metered<H> {
 #[async_trait]
 impl<H: Handler> Handler for Metered<H> {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
-        let instruments = &self.metrics.instruments;
         let (source, group) = delivery.names();
-        // Room for the outcome and the error type added below, so the vector never grows.
-        let mut attributes = Vec::with_capacity(6);
-        attributes.extend([
-            KeyValue::new(semconv::MESSAGING_SYSTEM, self.system.clone()),
-            KeyValue::new(
-                semconv::MESSAGING_DESTINATION_NAME,
-                StringValue::from(source.to_shared()),
-            ),
-            KeyValue::new(
-                semconv::MESSAGING_OPERATION_NAME,
-                semconv::OPERATION_PROCESS,
-            ),
-        ]);
-        if let Some(group) = group {
-            attributes.push(KeyValue::new(
-                semconv::MESSAGING_CONSUMER_GROUP_NAME,
-                StringValue::from(group.to_shared()),
-            ));
-        }
-        instruments.consumed.add(1, &attributes);
+        let totals = counts::find(
+            &self.totals,
+            &self.metrics.instruments.totals,
+            &self.system,
+            source,
+            group,
+        );
+        totals.consumed();
 
         let started = Instant::now();
         let outcome = self.inner.handle(delivery).await;
         let elapsed = started.elapsed().as_secs_f64();
 
+        // Room for the outcome and the error type, so the vector never grows.
+        let mut attributes = Vec::with_capacity(totals.attributes().len() + 2);
+        attributes.extend_from_slice(totals.attributes());
         attributes.push(KeyValue::new(semconv::BUS_OUTCOME, outcome.as_str()));
         if let Some(error) = outcome.error() {
             attributes.push(KeyValue::new(semconv::ERROR_TYPE, error.kind().as_str()));
         }
-        instruments.process_duration.record(elapsed, &attributes);
-        instruments.outcomes.add(1, &attributes);
+        self.metrics
+            .instruments
+            .process_duration
+            .record(elapsed, &attributes);
+        totals.outcome(&outcome);
         outcome
     }
 }

@@ -8,9 +8,9 @@
 //! |---|---|---|---|
 //! | `messaging.client.sent.messages` | counter, `{message}` | [`MeteredBroker`]: publish, publish_batch (one per message), send, request | system, destination, operation name `publish`, `error.type` on failure |
 //! | `messaging.client.operation.duration` | histogram, `s` | [`MeteredBroker`]: the same operations (a request includes the wait for the reply) | as above |
-//! | `messaging.client.consumed.messages` | counter, `{message}` | [`MetricsLayer`]: each delivery handed to the handler | system, destination, consumer group, operation name `process` |
+//! | `messaging.client.consumed.messages` | counter (observable), `{message}` | [`MetricsLayer`]: each delivery handed to the handler | system, destination, consumer group, operation name `process` |
 //! | `messaging.process.duration` | histogram, `s` | [`MetricsLayer`]: each handler run | as above, `bus.outcome`, `error.type` on retry or reject |
-//! | `bus.consumer.outcomes` | counter, `{message}` | [`MetricsLayer`]: each handler run, by outcome | as above |
+//! | `bus.consumer.outcomes` | counter (observable), `{message}` | [`MetricsLayer`]: each handler run, by outcome | as above |
 //! | `bus.consumer.parked_keys` | gauge, `{key}` | [`BusMetrics::observe_consumer`]: keys a failed message holds back for its retry in place ([`KeyOrder::Ordered`](crate::runtime::KeyOrder)) | system, destination, consumer group |
 //! | `bus.consumer.parked_messages` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: deliveries those keys hold (parked, and waiting behind them) | as above |
 //! | `bus.consumer.running` / `bus.consumer.pending` | gauge, `{message}` | [`BusMetrics::observe_consumer`]: handlers running; deliveries waiting for a slot or their key | as above |
@@ -23,7 +23,10 @@
 //! conventions' bucket boundaries, 5 ms to 10 s.
 //!
 //! The instruments are created once, in a [`BusMetrics`], and shared (cheaply cloned) by every
-//! layer and broker wrapper made from it.
+//! layer and broker wrapper made from it. The two consumer counters are observable: a
+//! [`MetricsLayer`] adds to totals of its own, per destination, group, outcome and error type,
+//! and the SDK reads them when it collects, instead of looking up an attribute set for every
+//! message (the exported sums are the same).
 //!
 //! **Consumer lag** (how far a group is behind the head of its topic) is only known to the
 //! broker: Kafka's committed offsets against the high watermark, SQS's
@@ -54,13 +57,16 @@
 
 mod backlog;
 mod broker;
+mod counts;
 mod layer;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
 use opentelemetry::global;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider, ObservableGauge};
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, MeterProvider, ObservableCounter, ObservableGauge,
+};
 use opentelemetry::KeyValue;
 
 use crate::middleware::tracing::semconv;
@@ -86,9 +92,10 @@ pub struct BusMetrics {
 struct Instruments {
     sent: Counter<u64>,
     operation_duration: Histogram<f64>,
-    consumed: Counter<u64>,
     process_duration: Histogram<f64>,
-    outcomes: Counter<u64>,
+    /// What [`MetricsLayer`]s counted, reported by `_counters`.
+    totals: counts::Registry,
+    _counters: Vec<ObservableCounter<u64>>,
     /// The consumers [`BusMetrics::observe_consumer`] was given, read by the gauges' callbacks;
     /// an entry goes when its consumer's gauges are dropped.
     consumers: Consumers,
@@ -186,6 +193,7 @@ impl BusMetrics {
         ];
         gauges.extend(backlog::gauges(meter, &backlogs));
         let age_gauge = backlog::age_gauge(meter, &backlogs);
+        let totals = counts::Registry::default();
         let instruments = Instruments {
             sent: meter
                 .u64_counter("messaging.client.sent.messages")
@@ -200,25 +208,14 @@ impl BusMetrics {
                 .with_description("Duration of messaging operations initiated by a producer.")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
-            consumed: meter
-                .u64_counter("messaging.client.consumed.messages")
-                .with_unit("{message}")
-                .with_description("Number of messages delivered to the application's handlers.")
-                .build(),
             process_duration: meter
                 .f64_histogram("messaging.process.duration")
                 .with_unit("s")
                 .with_description("Duration of processing a message in a handler.")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
-            outcomes: meter
-                .u64_counter("bus.consumer.outcomes")
-                .with_unit("{message}")
-                .with_description(
-                    "Messages handled, by outcome: ack (processed), retry (failed, \
-                     redelivered), reject (dead-lettered).",
-                )
-                .build(),
+            _counters: counts::counters(meter, &totals),
+            totals,
             consumers,
             backlogs,
             _gauges: gauges,
