@@ -30,7 +30,7 @@ use adapter_nats::header_names::{
     CE_CAUSATIONID, CE_CORRELATIONID, CE_ID, CE_SOURCE, CE_SPECVERSION, CE_TIME, CE_TYPE,
 };
 use adapter_nats::NatsBroker;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use bus_core::conformance::bench::{env_number, percentile_us, print_latency_ratios, spread};
 use bus_core::{headers, Broker, Envelope, MessageId, Requester, Responder, ServeOptions};
 use futures::StreamExt;
@@ -99,22 +99,26 @@ async fn through_bus(url: &str, n: usize, tag: &str) -> Row {
     row(times)
 }
 
-/// The headers bus writes for a message of `kind`, built per message as a service would; a
-/// reply carries its request's correlation id and the request's id as its causation id.
+/// The headers bus writes for a message of `kind`, built per message as a service would (the
+/// constant names as static `HeaderName`s, as bus writes them); a reply carries its request's
+/// correlation id and the request's id as its causation id.
 fn raw_headers(kind: &str, cause: Option<(&str, &str)>) -> HeaderMap {
     let id = MessageId::new().to_string();
     let mut map = HeaderMap::new();
-    map.insert(CE_SPECVERSION, "1.0");
-    map.insert(CE_ID, id.as_str());
-    map.insert(CE_TYPE, kind);
-    map.insert(CE_SOURCE, "bus");
-    map.insert(CE_TIME, headers::format_time(SystemTime::now()).as_str());
+    map.insert(HeaderName::from_static(CE_SPECVERSION), "1.0");
+    map.insert(HeaderName::from_static(CE_ID), id.as_str());
+    map.insert(HeaderName::from_static(CE_TYPE), kind);
+    map.insert(HeaderName::from_static(CE_SOURCE), "bus");
+    map.insert(
+        HeaderName::from_static(CE_TIME),
+        headers::format_time(SystemTime::now()).as_str(),
+    );
     match cause {
         Some((correlation, causation)) => {
-            map.insert(CE_CORRELATIONID, correlation);
-            map.insert(CE_CAUSATIONID, causation);
+            map.insert(HeaderName::from_static(CE_CORRELATIONID), correlation);
+            map.insert(HeaderName::from_static(CE_CAUSATIONID), causation);
         }
-        None => map.insert(CE_CORRELATIONID, id.as_str()),
+        None => map.insert(HeaderName::from_static(CE_CORRELATIONID), id.as_str()),
     }
     map
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use adapter_nats::{NatsBroker, NatsConfig};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use bus_core::conformance::bench::{env_number, print_ratios, ratios, spread};
 use bus_core::{Broker, Envelope, MessageId, Publisher, SubscribeOptions, Subscriber};
 use futures::StreamExt;
@@ -90,7 +90,8 @@ async fn through_bus(bus: &NatsBroker, n: usize, single: usize, tag: &str) -> Ro
     }
 }
 
-/// The headers bus writes for an envelope, built per message as a service would.
+/// The headers bus writes for an envelope, built per message as a service would (constant
+/// names as static `HeaderName`s, as bus writes them).
 fn raw_headers(subject: &str) -> HeaderMap {
     let id = MessageId::new().to_string();
     let millis = SystemTime::now()
@@ -98,12 +99,18 @@ fn raw_headers(subject: &str) -> HeaderMap {
         .unwrap_or_default()
         .as_millis();
     let mut map = HeaderMap::new();
-    map.insert("ce-specversion", "1.0");
-    map.insert("ce-id", id.as_str());
-    map.insert("ce-type", "bench.message");
-    map.insert("ce-source", format!("/bus/{subject}").as_str());
-    map.insert("ce-time", millis.to_string().as_str());
-    map.insert("ce-correlationid", id.as_str());
+    map.insert(HeaderName::from_static("ce-specversion"), "1.0");
+    map.insert(HeaderName::from_static("ce-id"), id.as_str());
+    map.insert(HeaderName::from_static("ce-type"), "bench.message");
+    map.insert(
+        HeaderName::from_static("ce-source"),
+        format!("/bus/{subject}").as_str(),
+    );
+    map.insert(
+        HeaderName::from_static("ce-time"),
+        millis.to_string().as_str(),
+    );
+    map.insert(HeaderName::from_static("ce-correlationid"), id.as_str());
     map
 }
 

@@ -111,8 +111,9 @@ fn write_attributes(
     let mut attribute = |name: &'static str, value: &str, id: bool| {
         let refused = (id && value.is_empty()) || needs_escape_value(value);
         if !refused {
-            // The usual case: written as it is, without building a cleaned copy first.
-            map.insert(name, value);
+            // The usual case: written as it is, without building a cleaned copy first, under
+            // a name that is not copied either.
+            map.insert(HeaderName::from_static(name), value);
             return;
         }
         altered(name, value);
@@ -120,7 +121,7 @@ fn write_attributes(
         if id && written.is_empty() {
             written = MessageId::derived(&[value.as_bytes()]).to_string();
         }
-        map.insert(name, written);
+        map.insert(HeaderName::from_static(name), written);
     };
     attribute(CE_SPECVERSION, "1.0", false);
     attribute(CE_ID, envelope.id.as_str(), true);
