@@ -1,6 +1,7 @@
 //! Throughput of the Kafka adapter against raw rdkafka, on the same broker in one run.
 //!
-//! The same workload both ways: `BUS_BENCH_MESSAGES` messages (default 20,000, not the usual
+//! The same workload both ways (the raw side sends the CloudEvents headers bus writes, built
+//! per message): `BUS_BENCH_MESSAGES` messages (default 20,000, not the usual
 //! 100,000: tansu 0.6's memory storage lists every stored batch of a partition on each fetch,
 //! so consuming slows down as a topic grows, and a 100,000 run did not finish in 15 minutes
 //! on the 2-core test machine) of 256 bytes,
@@ -25,17 +26,18 @@
 //! `ratio publish=<bus/raw> consume=<bus/raw>` (medians of the per-round ratios; pipelined
 //! publish).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bus_core::conformance::bench::{env_number, median, print_ratios, ratios, spread};
 
 use adapter_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use adapter_kafka::rdkafka::client::DefaultClientContext;
 use adapter_kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use adapter_kafka::rdkafka::message::{Header, OwnedHeaders};
 use adapter_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use adapter_kafka::rdkafka::{ClientConfig, Message};
 use adapter_kafka::{KafkaBroker, KafkaConfig};
-use bus_core::{Broker, ConsumeOptions, Envelope, Publisher, Queue};
+use bus_core::{headers, Broker, ConsumeOptions, Envelope, MessageId, Publisher, Queue};
 
 const SIZE: usize = 256;
 const BATCH: usize = 1_000;
@@ -112,6 +114,28 @@ async fn through_bus(servers: &str, n: usize, tag: &str) -> Row {
     }
 }
 
+/// The headers bus writes for an envelope (CloudEvents binary mode), built per message as a
+/// service would.
+fn raw_headers() -> OwnedHeaders {
+    let id = MessageId::new().to_string();
+    let time = headers::format_time(SystemTime::now());
+    [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id.as_str()),
+        ("ce_type", "bench.message"),
+        ("ce_source", "bus"),
+        ("ce_time", time.as_str()),
+        ("ce_correlationid", id.as_str()),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new_with_capacity(6), |out, (key, value)| {
+        out.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
+}
+
 async fn through_rdkafka(servers: &str, n: usize, tag: &str) -> Row {
     let mut common = ClientConfig::new();
     common.set("bootstrap.servers", servers);
@@ -139,7 +163,8 @@ async fn through_rdkafka(servers: &str, n: usize, tag: &str) -> Row {
     let send = |topic: &str, i: usize| {
         let record = FutureRecord::to(topic)
             .payload(&payload[..])
-            .key(keys[i % 64].as_bytes());
+            .key(keys[i % 64].as_bytes())
+            .headers(raw_headers());
         let delivery = producer
             .send_result(record)
             .map_err(|(e, _)| e)
