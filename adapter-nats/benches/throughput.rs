@@ -24,6 +24,9 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use adapter_nats::header_names::{
+    CE_CORRELATIONID, CE_ID, CE_SOURCE, CE_SPECVERSION, CE_TIME, CE_TYPE,
+};
 use adapter_nats::{NatsBroker, NatsConfig};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::{HeaderMap, HeaderName};
@@ -99,18 +102,18 @@ fn raw_headers(subject: &str) -> HeaderMap {
         .unwrap_or_default()
         .as_millis();
     let mut map = HeaderMap::new();
-    map.insert(HeaderName::from_static("ce-specversion"), "1.0");
-    map.insert(HeaderName::from_static("ce-id"), id.as_str());
-    map.insert(HeaderName::from_static("ce-type"), "bench.message");
+    map.insert(HeaderName::from_static(CE_SPECVERSION), "1.0");
+    map.insert(HeaderName::from_static(CE_ID), id.as_str());
+    map.insert(HeaderName::from_static(CE_TYPE), "bench.message");
     map.insert(
-        HeaderName::from_static("ce-source"),
+        HeaderName::from_static(CE_SOURCE),
         format!("/bus/{subject}").as_str(),
     );
     map.insert(
-        HeaderName::from_static("ce-time"),
+        HeaderName::from_static(CE_TIME),
         millis.to_string().as_str(),
     );
-    map.insert(HeaderName::from_static("ce-correlationid"), id.as_str());
+    map.insert(HeaderName::from_static(CE_CORRELATIONID), id.as_str());
     map
 }
 

@@ -724,7 +724,7 @@ pub(crate) fn redact_url(url: &str) -> String {
     bus_core::secrets::redact_url(url)
 }
 
-/// `text` with its `%XX` escapes decoded (a user, password or AMQP virtual host in a URL).
+/// `text` with its `%XX` escapes decoded (a user or password in a NATS URL).
 fn percent_decoded(text: &str) -> String {
     percent_encoding::percent_decode_str(text)
         .decode_utf8_lossy()

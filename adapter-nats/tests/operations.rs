@@ -17,13 +17,20 @@ use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn connect(durable: bool) -> Option<NatsBroker> {
+/// The tests' configuration; `None` without a broker.
+fn config(durable: bool) -> Option<NatsConfig> {
     let url = broker_url("BUS_TEST_NATS_URL")?;
-    let config = NatsConfig::from_url(&url)
-        .expect("a NATS URL")
-        .with_max_age(Duration::from_secs(3600))
-        .with_ack_wait(Duration::from_secs(10))
-        .with_durable(durable);
+    Some(
+        NatsConfig::from_url(&url)
+            .expect("a NATS URL")
+            .with_max_age(Duration::from_secs(3600))
+            .with_ack_wait(Duration::from_secs(10))
+            .with_durable(durable),
+    )
+}
+
+async fn connect(durable: bool) -> Option<NatsBroker> {
+    let config = config(durable)?;
     Some(NatsBroker::connect_with(config).await.expect("connect"))
 }
 
@@ -158,7 +165,7 @@ async fn a_delayed_message_outlives_its_publisher_and_is_counted_as_delayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_messages_on_the_delayed_stream_go_to_their_queue_at_once() {
-    let Some(broker) = connect(true).await else {
+    let Some(config) = config(true) else {
         return;
     };
     // A delayed stream and movers of its own: a mover of another test's connection that
@@ -166,11 +173,9 @@ async fn foreign_messages_on_the_delayed_stream_go_to_their_queue_at_once() {
     // server hands it waits out the ack wait (10 s here, as long as `later` below) before it
     // is moved (docs/adapters/nats.md).
     let prefix = format!("opsf{}", &MessageId::new().as_str().replace('-', "")[..12]);
-    let broker = {
-        let config = broker.config().clone().with_prefix(&prefix);
-        broker.close().await.unwrap();
-        NatsBroker::connect_with(config).await.expect("connect")
-    };
+    let broker = NatsBroker::connect_with(config.with_prefix(&prefix))
+        .await
+        .expect("connect");
     let queue = unique("foreign");
     let mut consumer = broker.consume(&queue, Default::default()).await.unwrap();
     // Makes sure of the delayed stream; and a time already past is due at once.

@@ -704,7 +704,7 @@ fn rewrite_refs(value: &mut Value, refs: &BTreeMap<String, String>) {
     }
 }
 
-/// `text` with its `%XX` escapes decoded (a user, password or AMQP virtual host in a URL).
+/// `text` with its `%XX` escapes decoded (an AMQP virtual host in a URL path: `%2F` is `/`).
 fn percent_decoded(text: &str) -> String {
     percent_encoding::percent_decode_str(text)
         .decode_utf8_lossy()

@@ -114,7 +114,7 @@ impl Totals {
 
 /// Equal names, compared by address first (a name shared by an adapter's deliveries).
 fn same(mine: &Arc<str>, name: &str) -> bool {
-    std::ptr::eq(mine.as_ptr(), name.as_ptr()) && mine.len() == name.len() || **mine == *name
+    (std::ptr::eq(mine.as_ptr(), name.as_ptr()) && mine.len() == name.len()) || **mine == *name
 }
 
 /// The totals of `system`, `source` and `group`: from `cache` (the layer's own, usually one
@@ -188,7 +188,7 @@ pub(super) fn counters(meter: &Meter, registry: &Registry) -> Vec<ObservableCoun
                     };
                     let acked = totals.acked.load(Ordering::Relaxed);
                     if acked > 0 {
-                        observer.observe(acked, &with("ack", None));
+                        observer.observe(acked, &with(Outcome::Ack.as_str(), None));
                     }
                     let failed = totals.failed.lock().unwrap_or_else(PoisonError::into_inner);
                     for (outcome, error, count) in failed.iter() {
