@@ -467,6 +467,16 @@ impl DeliverySource for Member {
         }
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if self.left || self.inner.closed.is_closed() {
+            return None;
+        }
+        match self.buffer.take(false) {
+            Take::Taken(entry) => Some(Ok(self.delivery(entry))),
+            Take::Wait(_) => None,
+        }
+    }
+
     async fn close(&mut self) -> Result<()> {
         self.leave();
         Ok(())
@@ -534,7 +544,9 @@ impl MemorySettle {
 
 #[async_trait]
 impl Settle for MemorySettle {
-    async fn settle(&self, settlement: Settlement) -> Result<()> {
+    /// Acks and nacks change the buffer in place; a reject stores a dead letter first, which
+    /// may wait for room.
+    fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
         match settlement {
             Settlement::Ack => {
                 if let Some(entry) = self.take_entry() {
@@ -550,13 +562,23 @@ impl Settle for MemorySettle {
                     entry.first_failure.get_or_insert_with(SystemTime::now);
                     let not_before = match redeliver {
                         bus_core::Redeliver::After(delay) => {
-                            Some(headers::saturating_deadline(Instant::now(), delay))
+                            Some(headers::saturating_deadline(Instant::now(), *delay))
                         }
                         _ => None,
                     };
                     self.buffer.requeue(entry, not_before);
                 }
             }
+            _ => return None,
+        }
+        Some(Ok(()))
+    }
+
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        if let Some(done) = self.try_settle(&settlement) {
+            return done;
+        }
+        match settlement {
             Settlement::Reject { reason, attempts } => {
                 // Store the dead letter first: if that fails the delivery stays unsettled and
                 // the caller gets it back to try again.

@@ -42,9 +42,12 @@ struct State {
     members: usize,
     /// Waiting messages without a key.
     ready_unkeyed: usize,
-    /// Waiting messages per key: when every key that has some is in flight and none is
-    /// without a key, nothing can be taken, which `take` then knows without scanning them all.
+    /// Waiting messages per key.
     ready_keys: HashMap<String, usize>,
+    /// How many keys of `ready_keys` are not in flight: when none is and no waiting message
+    /// is without a key, nothing can be taken, which `take` then knows without looking at any
+    /// message or key.
+    ready_keys_free: usize,
     /// Members waiting for `readable`, publishers waiting for `writable`: nobody to notify
     /// otherwise.
     readers_waiting: usize,
@@ -59,6 +62,9 @@ impl State {
                 Some(count) => *count += 1,
                 None => {
                     self.ready_keys.insert(key.clone(), 1);
+                    if !self.keys_in_flight.contains(key) {
+                        self.ready_keys_free += 1;
+                    }
                 }
             },
         }
@@ -72,6 +78,9 @@ impl State {
                     *count -= 1;
                     if *count == 0 {
                         self.ready_keys.remove(key);
+                        if !self.keys_in_flight.contains(key) {
+                            self.ready_keys_free -= 1;
+                        }
                     }
                 }
             }
@@ -81,11 +90,30 @@ impl State {
     /// Whether no waiting message can be taken whatever its time: every one has a key that
     /// is in flight.
     fn all_keys_in_flight(&self) -> bool {
-        self.ready_unkeyed == 0
-            && self
-                .ready_keys
+        debug_assert_eq!(
+            self.ready_keys_free,
+            self.ready_keys
                 .keys()
-                .all(|key| self.keys_in_flight.contains(key))
+                .filter(|key| !self.keys_in_flight.contains(*key))
+                .count(),
+            "the count of waiting keys not in flight is off"
+        );
+        self.ready_unkeyed == 0 && self.ready_keys_free == 0
+    }
+
+    /// `key` is in flight from now on (it was not).
+    fn key_taken(&mut self, key: &str) {
+        if self.ready_keys.contains_key(key) {
+            self.ready_keys_free -= 1;
+        }
+        self.keys_in_flight.insert(key.to_owned());
+    }
+
+    /// `key` is no longer in flight.
+    fn key_released(&mut self, key: &str) {
+        if self.keys_in_flight.remove(key) && self.ready_keys.contains_key(key) {
+            self.ready_keys_free += 1;
+        }
     }
 }
 
@@ -262,7 +290,7 @@ impl Buffer {
         state.uncount_ready(entry.envelope.key.as_ref());
         state.in_flight += 1;
         if let Some(key) = &entry.envelope.key {
-            state.keys_in_flight.insert(key.clone());
+            state.key_taken(key);
         }
         Take::Taken(entry)
     }
@@ -344,7 +372,7 @@ impl Buffer {
     fn release(state: &mut State, entry: &Entry) {
         state.in_flight -= 1;
         if let Some(key) = &entry.envelope.key {
-            state.keys_in_flight.remove(key);
+            state.key_released(key);
         }
     }
 

@@ -138,6 +138,15 @@ pub trait DeliverySource: Send + fmt::Debug {
     /// broker or in the source's buffer).
     async fn next(&mut self) -> Option<Result<Delivery>>;
 
+    /// A delivery the source can hand out at once, without waiting, or `None` when it has
+    /// none ready (a closed source has none either: [`next`](Self::next) then says it is
+    /// closed). A source that holds received messages in a buffer implements it so that the
+    /// [`Consumer`](crate::Consumer) takes them without a future per delivery. The default
+    /// has none: every delivery comes through `next`.
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        None
+    }
+
     /// Stops receiving. Deliveries already handed out can still be settled.
     async fn close(&mut self) -> Result<()>;
 
@@ -194,6 +203,19 @@ impl Subscription {
             return None;
         }
         self.source.next().await
+    }
+
+    /// A delivery that is ready now, without waiting, or `None` when none is (or the
+    /// subscription is closed: [`next`](Subscription::next) tells those apart). Sources that
+    /// do not buffer what they receive always answer `None`.
+    ///
+    /// # Errors
+    /// As [`next`](Subscription::next).
+    pub fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if self.closed {
+            return None;
+        }
+        self.source.try_next()
     }
 
     /// Stops receiving; later calls to [`next`](Subscription::next) return `None`.

@@ -332,8 +332,9 @@ pub fn dispatch<H: Handler>(handler: H, envelopes: Vec<Envelope>) {
     assert_eq!(report.acked, count, "every delivery acked: {report:?}");
 }
 
-/// Hands out prepared envelopes, then ends; its deliveries share its source and group names,
-/// as the memory broker's do ([`Delivery::with_shared_names`]).
+/// Hands out prepared envelopes, then ends; as the memory broker, it hands out what it holds
+/// without waiting ([`DeliverySource::try_next`]) and its deliveries share its source and
+/// group names ([`Delivery::with_shared_names`]).
 #[derive(Debug)]
 struct Prepared {
     envelopes: VecDeque<Envelope>,
@@ -344,6 +345,10 @@ struct Prepared {
 #[async_trait]
 impl DeliverySource for Prepared {
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.try_next()
+    }
+
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
         let envelope = self.envelopes.pop_front()?;
         Some(Ok(Delivery::with_shared_names(
             envelope,
@@ -363,12 +368,17 @@ impl DeliverySource for Prepared {
     }
 }
 
-/// A settlement that the broker records at once.
+/// A settlement that the broker records at once, without a future ([`Settle::try_settle`]),
+/// as the memory broker's acks.
 #[derive(Debug)]
 struct Settled;
 
 #[async_trait]
 impl Settle for Settled {
+    fn try_settle(&self, _settlement: &Settlement) -> Option<Result<()>> {
+        Some(Ok(()))
+    }
+
     async fn settle(&self, _settlement: Settlement) -> Result<()> {
         Ok(())
     }

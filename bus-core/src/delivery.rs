@@ -42,13 +42,24 @@ pub enum Settlement {
 
 /// The broker side of one delivery: what an adapter implements to settle it.
 ///
-/// `bus` guarantees [`settle`](Settle::settle) succeeds at most once per delivery, and calls
+/// `bus` guarantees [`settle`](Settle::settle) (or [`try_settle`](Settle::try_settle))
+/// succeeds at most once per delivery, and calls
 /// [`abandon`](Settle::abandon) when a delivery is dropped without a successful settlement, so
 /// the adapter can hand it back to the broker for redelivery.
 #[async_trait]
 pub trait Settle: Send + Sync + fmt::Debug {
     /// Settles the delivery. On error the delivery stays unsettled and may be settled again.
     async fn settle(&self, settlement: Settlement) -> Result<()>;
+
+    /// Settles at once, without waiting, where the adapter can (an in-process broker, an
+    /// acknowledgement kept to be committed later): `Some` with the result, as
+    /// [`settle`](Settle::settle) would give it, or `None`, having done nothing, to have
+    /// `settle` called instead. `bus` tries it first for every settlement, so that these
+    /// settle without a future of their own. The default always answers `None`.
+    fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
+        let _ = settlement;
+        None
+    }
 
     /// Tells the broker the handler is still working, where the broker would otherwise redeliver
     /// after a timeout (NATS ack wait, SQS visibility). The default does nothing.
@@ -245,6 +256,14 @@ impl Delivery {
                     self,
                 ));
             };
+            match settle.try_settle(&settlement) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(error)) => {
+                    self.settle = Some(settle);
+                    return Err(SettleError::new(error, self));
+                }
+                None => {}
+            }
             // If this future is dropped mid-way, `guard` abandons the delivery.
             let guard = AbandonOnDrop(Some(settle));
             let result = guard
@@ -471,6 +490,63 @@ mod tests {
             vec![
                 "abandon".to_string(),
                 "Reject { reason: \"bad\", attempts: 1 }".to_string()
+            ]
+        );
+    }
+    /// Settles acks at once (failing the first when told to), everything else through
+    /// `settle`, which records it as "waited".
+    #[derive(Debug)]
+    struct AtOnce(Arc<Recorder>);
+
+    #[async_trait]
+    impl Settle for AtOnce {
+        fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
+            if *settlement != Settlement::Ack {
+                return None;
+            }
+            if std::mem::take(&mut *self.0.fail_next.lock().unwrap()) {
+                return Some(Err(Error::new(ErrorKind::Connection, "lost")));
+            }
+            self.0.log.lock().unwrap().push("at once".into());
+            Some(Ok(()))
+        }
+        async fn settle(&self, settlement: Settlement) -> Result<()> {
+            self.0
+                .log
+                .lock()
+                .unwrap()
+                .push(format!("waited {settlement:?}"));
+            Ok(())
+        }
+        fn abandon(&self) {
+            self.0.log.lock().unwrap().push("abandon".into());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settlement_made_at_once_is_final_and_a_refused_one_hands_the_delivery_back() {
+        let rec = Arc::new(Recorder::default());
+        let at_once = || {
+            Delivery::new(
+                Envelope::new("k", "p"),
+                1,
+                "t",
+                None,
+                Box::new(AtOnce(rec.clone())),
+            )
+        };
+        *rec.fail_next.lock().unwrap() = true;
+        let err = at_once().ack().await.unwrap_err();
+        assert_eq!(err.error().kind(), ErrorKind::Connection);
+        err.into_delivery().ack().await.unwrap();
+        at_once().nack(Redeliver::Now).await.unwrap();
+        drop(at_once());
+        assert_eq!(
+            *rec.log.lock().unwrap(),
+            vec![
+                "at once".to_string(),
+                "waited Nack(Now)".to_string(),
+                "abandon".to_string()
             ]
         );
     }

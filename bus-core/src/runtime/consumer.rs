@@ -469,16 +469,30 @@ impl<H: Handler> Consumer<H> {
                         receive_backoff = RECEIVE_BACKOFF_MIN;
                         waiting.push(delivery);
                         report.note_parked(&waiting);
+                        // What the source holds ready comes without a future each, within
+                        // the same bounds as `can_receive`.
+                        while waiting.pending() < max_pending && waiting.held() < max_parked {
+                            match subscription.try_next() {
+                                Some(Ok(delivery)) => {
+                                    report.received += 1;
+                                    waiting.push(delivery);
+                                    report.note_parked(&waiting);
+                                }
+                                Some(Err(error)) => {
+                                    receive_failed(
+                                        &error,
+                                        &mut report,
+                                        &mut resume_at,
+                                        &mut receive_backoff,
+                                    );
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                     }
                     Some(Err(error)) => {
-                        report.receive_errors += 1;
-                        tracing::warn!(
-                            %error,
-                            retry_in = ?receive_backoff,
-                            "receiving from the subscription failed"
-                        );
-                        resume_at = Some(Instant::now() + receive_backoff);
-                        receive_backoff = (receive_backoff * 2).min(RECEIVE_BACKOFF_MAX);
+                        receive_failed(&error, &mut report, &mut resume_at, &mut receive_backoff);
                     }
                     None => {
                         tracing::debug!("subscription ended");
@@ -685,6 +699,24 @@ enum Finished {
 
 /// Records a finished handler in `report` and frees its key in `waiting`, or parks its
 /// delivery there for a retry in place.
+/// Receiving failed: counted, logged, and paused for `backoff`, which doubles up to its bound
+/// for the next failure.
+fn receive_failed(
+    error: &Error,
+    report: &mut ConsumerReport,
+    resume_at: &mut Option<Instant>,
+    backoff: &mut Duration,
+) {
+    report.receive_errors += 1;
+    tracing::warn!(
+        %error,
+        retry_in = ?*backoff,
+        "receiving from the subscription failed"
+    );
+    *resume_at = Some(Instant::now() + *backoff);
+    *backoff = (*backoff * 2).min(RECEIVE_BACKOFF_MAX);
+}
+
 fn finish(report: &mut ConsumerReport, waiting: &mut KeyQueue, joined: Joined) {
     match report.record(joined) {
         Finished::Released(key) => waiting.finished(key.as_deref()),

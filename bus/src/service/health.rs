@@ -323,13 +323,12 @@ struct Watched {
     index: usize,
 }
 
-#[async_trait]
-impl DeliverySource for Watched {
-    async fn next(&mut self) -> Option<Result<Delivery>> {
-        let item = self.inner.next().await;
-        match &item {
-            Some(Ok(_)) => self.health.set(self.index, Health::Ready, None, false),
-            Some(Err(error)) => {
+impl Watched {
+    /// A delivery makes the subscription ready; an error degraded, or down when closed.
+    fn received(&self, item: &Result<Delivery>) {
+        match item {
+            Ok(_) => self.health.set(self.index, Health::Ready, None, false),
+            Err(error) => {
                 let status = if error.is_closed() {
                     Health::Down
                 } else {
@@ -337,6 +336,16 @@ impl DeliverySource for Watched {
                 };
                 self.health.set(self.index, status, Some(error), false);
             }
+        }
+    }
+}
+
+#[async_trait]
+impl DeliverySource for Watched {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let item = self.inner.next().await;
+        match &item {
+            Some(item) => self.received(item),
             None => {
                 let ended = Error::closed("the subscription ended");
                 self.health
@@ -344,6 +353,12 @@ impl DeliverySource for Watched {
             }
         }
         item
+    }
+
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        let item = self.inner.try_next()?;
+        self.received(&item);
+        Some(item)
     }
 
     async fn close(&mut self) -> Result<()> {
