@@ -185,3 +185,57 @@ async fn chaos_duplicates_and_delays_but_never_loses_or_reorders_a_key() {
     );
     assert_eq!(broker.queue_len("work"), 0);
 }
+
+/// `try_next` hands out what the buffer holds, in order, without waiting and without a
+/// second message of a key in flight; a nack settled at once comes back as the next attempt;
+/// nothing ready, or a closed subscription, is `None`.
+#[tokio::test]
+async fn try_next_takes_what_is_ready_and_keeps_each_key_in_order() {
+    let broker = MemoryBroker::new();
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    assert!(sub.try_next().is_none(), "nothing published yet");
+    for (payload, key) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("c1", "c")] {
+        broker
+            .publish("t", Envelope::new("n", payload).with_key(key))
+            .await
+            .unwrap();
+    }
+    let take = |sub: &mut bus_core::Subscription| {
+        sub.try_next().map(|d| d.expect("a delivery, not an error"))
+    };
+    let a1 = take(&mut sub).expect("a1 is ready");
+    let b1 = take(&mut sub).expect("b1 is ready");
+    let c1 = take(&mut sub).expect("c1 is ready");
+    let payloads: Vec<_> = [&a1, &b1, &c1]
+        .iter()
+        .map(|d| d.envelope().payload.clone())
+        .collect();
+    assert_eq!(payloads, ["a1", "b1", "c1"]);
+    // a2 waits while a1 is in flight.
+    assert!(take(&mut sub).is_none(), "a2 must wait behind a1");
+
+    a1.nack(bus_core::Redeliver::Now).await.unwrap();
+    let again = take(&mut sub).expect("a1 again, before a2");
+    assert_eq!(
+        (again.envelope().payload.as_ref(), again.attempt()),
+        (&b"a1"[..], 2)
+    );
+    again.ack().await.unwrap();
+    let a2 = take(&mut sub).expect("a2 once a1 is acked");
+    assert_eq!(a2.envelope().payload, "a2");
+    for delivery in [a2, b1, c1] {
+        delivery.ack().await.unwrap();
+    }
+    assert!(take(&mut sub).is_none());
+    assert_eq!(broker.group_len("t", "g"), 0);
+
+    broker
+        .publish("t", Envelope::new("n", "late"))
+        .await
+        .unwrap();
+    sub.close().await.unwrap();
+    assert!(take(&mut sub).is_none(), "a closed subscription has none");
+}

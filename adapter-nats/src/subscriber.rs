@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
@@ -263,6 +263,21 @@ impl DeliverySource for PullSource {
                 }
                 () = tokio::time::sleep(CONNECTION_CHECK) => {}
             }
+        }
+    }
+
+    /// What the pull task has stored already, without waiting. Polled with a waker that does
+    /// nothing: a source found empty is waited on through `next`, whose poll registers the
+    /// real one.
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if self.done || self.inner.is_closed() {
+            return None;
+        }
+        self.start();
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.buffer.poll_next(&mut cx) {
+            Poll::Ready(Some(pulled)) => Some(Ok(delivery(&self.inner, &self.spec, pulled))),
+            Poll::Ready(None) | Poll::Pending => None,
         }
     }
 
