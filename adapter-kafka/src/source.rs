@@ -975,6 +975,22 @@ impl KafkaSettle {
 
 #[async_trait]
 impl Settle for KafkaSettle {
+    /// An ack while the subscription is open only marks the offset settled, for the
+    /// consumer's next commit: done at once. After close (a commit of its own) and for nacks
+    /// and rejects (a produce), `settle`.
+    fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
+        if *settlement != Settlement::Ack {
+            return None;
+        }
+        let mut state = lock(&self.state);
+        if state.closing && !self.private {
+            return None;
+        }
+        let i = &self.item;
+        state.settle(&i.topic, i.partition, i.epoch, i.offset);
+        Some(Ok(()))
+    }
+
     async fn settle(&self, settlement: Settlement) -> Result<()> {
         match settlement {
             Settlement::Ack => {}
