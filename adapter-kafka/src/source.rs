@@ -975,9 +975,9 @@ impl KafkaSettle {
 
 #[async_trait]
 impl Settle for KafkaSettle {
-    /// An ack while the subscription is open only marks the offset settled, for the
-    /// consumer's next commit: done at once. After close (a commit of its own) and for nacks
-    /// and rejects (a produce), `settle`.
+    /// An ack only marks the offset settled, for the consumer's next commit: done at once,
+    /// except after a group subscription closed (a commit of its own, in `settle`). Nacks and
+    /// rejects (a produce) take `settle`.
     fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
         if *settlement != Settlement::Ack {
             return None;

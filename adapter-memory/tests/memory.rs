@@ -187,8 +187,8 @@ async fn chaos_duplicates_and_delays_but_never_loses_or_reorders_a_key() {
 }
 
 /// `try_next` hands out what the buffer holds, in order, without waiting and without a
-/// second message of a key in flight; a nack settled at once comes back as the next attempt;
-/// nothing ready, or a closed subscription, is `None`.
+/// second message of a key in flight; a nack settled at once comes back as the next attempt,
+/// after its delay if it has one; nothing ready, or a closed broker, is `None`.
 #[tokio::test]
 async fn try_next_takes_what_is_ready_and_keeps_each_key_in_order() {
     let broker = MemoryBroker::new();
@@ -232,10 +232,22 @@ async fn try_next_takes_what_is_ready_and_keeps_each_key_in_order() {
     assert!(take(&mut sub).is_none());
     assert_eq!(broker.group_len("t", "g"), 0);
 
+    // A nack with a delay is settled at once too, and the message is not ready before then.
+    broker.publish("t", Envelope::new("n", "d1")).await.unwrap();
+    let d1 = take(&mut sub).expect("d1 is ready");
+    d1.nack(bus_core::Redeliver::After(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert!(take(&mut sub).is_none(), "d1 waits out its delay");
+    assert_eq!(broker.group_len("t", "g"), 1);
+
     broker
         .publish("t", Envelope::new("n", "late"))
         .await
         .unwrap();
-    sub.close().await.unwrap();
-    assert!(take(&mut sub).is_none(), "a closed subscription has none");
+    broker.close().await.unwrap();
+    assert!(
+        take(&mut sub).is_none(),
+        "a closed broker hands out nothing"
+    );
 }

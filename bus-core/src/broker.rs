@@ -143,6 +143,9 @@ pub trait DeliverySource: Send + fmt::Debug {
     /// closed). A source that holds received messages in a buffer implements it so that the
     /// [`Consumer`](crate::Consumer) takes them without a future per delivery. The default
     /// has none: every delivery comes through `next`.
+    ///
+    /// It may be answered without registering any waker: a caller that found nothing waits
+    /// through `next`, never by calling `try_next` again after a wake-up.
     fn try_next(&mut self) -> Option<Result<Delivery>> {
         None
     }
@@ -207,10 +210,12 @@ impl Subscription {
 
     /// A delivery that is ready now, without waiting, or `None` when none is (or the
     /// subscription is closed: [`next`](Subscription::next) tells those apart). Sources that
-    /// do not buffer what they receive always answer `None`.
+    /// do not buffer what they receive always answer `None`. To wait for a delivery, call
+    /// `next`: `try_next` registers no wake-up.
     ///
     /// # Errors
     /// As [`next`](Subscription::next).
+    #[must_use = "a delivery dropped unsettled is redelivered"]
     pub fn try_next(&mut self) -> Option<Result<Delivery>> {
         if self.closed {
             return None;

@@ -56,8 +56,7 @@ pub trait Settle: Send + Sync + fmt::Debug {
     /// [`settle`](Settle::settle) would give it, or `None`, having done nothing, to have
     /// `settle` called instead. `bus` tries it first for every settlement, so that these
     /// settle without a future of their own. The default always answers `None`.
-    fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
-        let _ = settlement;
+    fn try_settle(&self, _settlement: &Settlement) -> Option<Result<()>> {
         None
     }
 
@@ -256,22 +255,14 @@ impl Delivery {
                     self,
                 ));
             };
-            match settle.try_settle(&settlement) {
-                Some(Ok(())) => return Ok(()),
-                Some(Err(error)) => {
-                    self.settle = Some(settle);
-                    return Err(SettleError::new(error, self));
-                }
-                None => {}
-            }
-            // If this future is dropped mid-way, `guard` abandons the delivery.
+            // If settling panics or this future is dropped mid-way, `guard` abandons the
+            // delivery.
             let guard = AbandonOnDrop(Some(settle));
-            let result = guard
-                .0
-                .as_ref()
-                .expect("set above")
-                .settle(settlement)
-                .await;
+            let handle = guard.0.as_ref().expect("set above");
+            let result = match handle.try_settle(&settlement) {
+                Some(result) => result,
+                None => handle.settle(settlement).await,
+            };
             let mut guard = guard;
             let settle = guard.0.take().expect("set above");
             match result {
@@ -493,14 +484,18 @@ mod tests {
             ]
         );
     }
+
     /// Settles acks at once (failing the first when told to), everything else through
-    /// `settle`, which records it as "waited".
+    /// `settle`, which records it as "waited"; panics on a reject.
     #[derive(Debug)]
     struct AtOnce(Arc<Recorder>);
 
     #[async_trait]
     impl Settle for AtOnce {
         fn try_settle(&self, settlement: &Settlement) -> Option<Result<()>> {
+            if matches!(settlement, Settlement::Reject { .. }) {
+                panic!("the adapter failed while settling");
+            }
             if *settlement != Settlement::Ack {
                 return None;
             }
@@ -541,11 +536,15 @@ mod tests {
         err.into_delivery().ack().await.unwrap();
         at_once().nack(Redeliver::Now).await.unwrap();
         drop(at_once());
+        // A panic while settling at once leaves the delivery unsettled: it is abandoned.
+        let panicked = tokio::spawn(at_once().reject("bad")).await;
+        assert!(panicked.unwrap_err().is_panic());
         assert_eq!(
             *rec.log.lock().unwrap(),
             vec![
                 "at once".to_string(),
                 "waited Nack(Now)".to_string(),
+                "abandon".to_string(),
                 "abandon".to_string()
             ]
         );

@@ -697,8 +697,6 @@ enum Finished {
     Parked(Box<Delivery>, Duration),
 }
 
-/// Records a finished handler in `report` and frees its key in `waiting`, or parks its
-/// delivery there for a retry in place.
 /// Receiving failed: counted, logged, and paused for `backoff`, which doubles up to its bound
 /// for the next failure.
 fn receive_failed(
@@ -717,6 +715,8 @@ fn receive_failed(
     *backoff = (*backoff * 2).min(RECEIVE_BACKOFF_MAX);
 }
 
+/// Records a finished handler in `report` and frees its key in `waiting`, or parks its
+/// delivery there for a retry in place.
 fn finish(report: &mut ConsumerReport, waiting: &mut KeyQueue, joined: Joined) {
     match report.record(joined) {
         Finished::Released(key) => waiting.finished(key.as_deref()),

@@ -131,6 +131,9 @@ struct FakeSource {
     broker: Arc<FakeBroker>,
     lease: Option<Duration>,
     keeps_key_order: bool,
+    /// Whether `try_next` hands out what was fed; if not, everything comes through `next`,
+    /// as from the adapters that keep the default.
+    ready: bool,
 }
 
 #[async_trait]
@@ -146,6 +149,9 @@ impl DeliverySource for FakeSource {
     /// What the test has fed already comes without waiting, as from a broker's buffer, so
     /// that every test here also runs the consumer's taking of ready deliveries.
     fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if !self.ready {
+            return None;
+        }
         let item = self.rx.try_recv().ok()?;
         if item.is_ok() {
             self.broker.received.send_modify(|n| *n += 1);
@@ -187,7 +193,20 @@ fn fake_ordered(lease: Option<Duration>) -> (Feed, Subscription) {
     fake_source(lease, true)
 }
 
+/// A fake subscription whose deliveries all come through `next` (the default `try_next`).
+fn fake_without_ready() -> (Feed, Subscription) {
+    fake_source_with(None, false, false)
+}
+
 fn fake_source(lease: Option<Duration>, keeps_key_order: bool) -> (Feed, Subscription) {
+    fake_source_with(lease, keeps_key_order, true)
+}
+
+fn fake_source_with(
+    lease: Option<Duration>,
+    keeps_key_order: bool,
+    ready: bool,
+) -> (Feed, Subscription) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broker = Arc::new(FakeBroker {
         log: Mutex::default(),
@@ -203,6 +222,7 @@ fn fake_source(lease: Option<Duration>, keeps_key_order: bool) -> (Feed, Subscri
         broker: broker.clone(),
         lease,
         keeps_key_order,
+        ready,
     };
     (
         Feed {
@@ -565,7 +585,15 @@ async fn different_keys_overlap() {
 
 #[tokio::test(start_paused = true)]
 async fn bounds_running_handlers_and_waiting_deliveries() {
-    let (mut feed, subscription) = fake();
+    bounds_running_handlers_and_waiting(fake()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bounds_running_handlers_and_waiting_deliveries_received_one_at_a_time() {
+    bounds_running_handlers_and_waiting(fake_without_ready()).await;
+}
+
+async fn bounds_running_handlers_and_waiting((mut feed, subscription): (Feed, Subscription)) {
     for i in 0..30 {
         feed.send(&format!("m{i}"), None);
     }
