@@ -703,6 +703,21 @@ async fn remove_private(inner: &Shared, target: &Target, subscription_arn: &str)
     Ok(())
 }
 
+impl SqsSource {
+    /// A buffered delivery leaves the buffer: from here its holder extends its visibility
+    /// (the `Consumer` does).
+    fn hand_out(&self, item: Result<(u64, Delivery)>) -> Result<Delivery> {
+        item.map(|(number, delivery)| {
+            self.buffered
+                .lock()
+                .expect("buffered deliveries")
+                .waiting
+                .remove(&number);
+            delivery
+        })
+    }
+}
+
 #[async_trait]
 impl DeliverySource for SqsSource {
     async fn next(&mut self) -> Option<Result<Delivery>> {
@@ -719,15 +734,16 @@ impl DeliverySource for SqsSource {
             _ = self.broker_closed.wait_for(|closed| *closed) => None,
             item = self.rx.recv() => item,
         }?;
-        Some(item.map(|(number, delivery)| {
-            // From here its holder extends it (the `Consumer` does).
-            self.buffered
-                .lock()
-                .expect("buffered deliveries")
-                .waiting
-                .remove(&number);
-            delivery
-        }))
+        Some(self.hand_out(item))
+    }
+
+    /// What the receive loop has buffered already, without waiting.
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if self.closed || *self.broker_closed.borrow() {
+            return None;
+        }
+        let item = self.rx.try_recv().ok()?;
+        Some(self.hand_out(item))
     }
 
     /// The visibility timeout each receive sets: the consumer extends it
