@@ -888,8 +888,13 @@ impl std::fmt::Debug for KafkaSettle {
 
 impl KafkaSettle {
     fn mark_settled(&self) {
+        self.mark_settled_in(&mut lock(&self.state));
+    }
+
+    /// [`mark_settled`](Self::mark_settled) under a lock the caller holds.
+    fn mark_settled_in(&self, state: &mut State) {
         let i = &self.item;
-        lock(&self.state).settle(&i.topic, i.partition, i.epoch, i.offset);
+        state.settle(&i.topic, i.partition, i.epoch, i.offset);
     }
 
     /// After the subscription closed, its consumer no longer commits: a delivery settled now
@@ -986,8 +991,7 @@ impl Settle for KafkaSettle {
         if state.closing && !self.private {
             return None;
         }
-        let i = &self.item;
-        state.settle(&i.topic, i.partition, i.epoch, i.offset);
+        self.mark_settled_in(&mut state);
         Some(Ok(()))
     }
 

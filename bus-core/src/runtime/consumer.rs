@@ -389,6 +389,10 @@ impl<H: Handler> Consumer<H> {
         let mut receive_backoff = RECEIVE_BACKOFF_MIN;
         let mut resume_at: Option<Instant> = None;
         let mut at_parked_bound = false;
+        // Whether another delivery may be received: fewer pending than allowed, and the
+        // parked keys below their bound.
+        let has_room =
+            |waiting: &KeyQueue| waiting.pending() < max_pending && waiting.held() < max_parked;
 
         let shutting_down = loop {
             while running.len() < concurrency {
@@ -416,10 +420,7 @@ impl<H: Handler> Consumer<H> {
                     );
                 }
             }
-            let can_receive = receiving
-                && resume_at.is_none()
-                && waiting.pending() < max_pending
-                && !at_parked_bound;
+            let can_receive = receiving && resume_at.is_none() && has_room(&waiting);
 
             tokio::select! {
                 biased;
@@ -470,8 +471,8 @@ impl<H: Handler> Consumer<H> {
                         waiting.push(delivery);
                         report.note_parked(&waiting);
                         // What the source holds ready comes without a future each, within
-                        // the same bounds as `can_receive`.
-                        while waiting.pending() < max_pending && waiting.held() < max_parked {
+                        // the same bounds.
+                        while has_room(&waiting) {
                             match subscription.try_next() {
                                 Some(Ok(delivery)) => {
                                     report.received += 1;
