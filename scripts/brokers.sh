@@ -8,6 +8,9 @@
 #   scripts/brokers.sh restart [broker...]   stop, then start (as the broker-restart tests do)
 #   scripts/brokers.sh status  [broker...]   say which are up; exit 1 if any is down
 #   scripts/brokers.sh env     [broker...]   print the export lines only
+#   scripts/brokers.sh check   [broker...]   run the checks of what the test servers are
+#                                            patched for (sqs: moto's receive, see
+#                                            scripts/moto_server.py); exit 1 if one fails
 #
 # With no broker named, all of them: nats rabbitmq redis postgres sqs kafka.
 # Progress goes to stderr and the export lines to stdout, so that a caller can do
@@ -21,8 +24,8 @@ set -euo pipefail
 ALL_BROKERS=(nats rabbitmq redis postgres sqs kafka)
 # A broker joins this list with five functions below: <name>_port, <name>_url, <name>_install,
 # <name>_start, <name>_stop; optionally <name>_stale (the running broker must be restarted to
-# read what _install configured), <name>_configure (run once it is up) and <name>_env (more
-# export lines).
+# read what _install configured), <name>_configure (run once it is up), <name>_env (more
+# export lines) and <name>_check (for the check command).
 
 START_TIMEOUT=${BUS_BROKER_START_TIMEOUT:-120}
 STOP_TIMEOUT=${BUS_BROKER_STOP_TIMEOUT:-60}
@@ -378,12 +381,47 @@ sqs_install() {
     hash -r
     command -v moto_server >/dev/null 2>&1 || die "moto_server is not on PATH after pip install"
 }
+# The Python that has moto (the one moto_server's #! line names, else python3 or python), to
+# run scripts/moto_server.py with: moto's server with ReceiveMessage made atomic per queue, as
+# SQS's is (see that file).
+sqs_python() {
+    local line py candidates=()
+    line=$(head -n 1 "$(command -v moto_server)")
+    case $line in
+    '#!'*python*) candidates+=("${line#\#!}") ;;
+    esac
+    candidates+=(python3 python)
+    for py in "${candidates[@]}"; do
+        # Unquoted: a #! line may be `/usr/bin/env python3`.
+        # shellcheck disable=SC2086
+        if $py -c 'import moto.server' 2>/dev/null; then
+            echo "$py"
+            return 0
+        fi
+    done
+    die "no Python here imports moto.server (pip install 'moto[server]')"
+}
+SQS_LAUNCHER="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/moto_server.py"
 sqs_start() {
     mkdir -p "$(dirname "$SQS_LOG")"
+    local py
+    py=$(sqs_python)
     # setsid: the server outlives this script and the shell that ran it.
-    setsid moto_server -H 127.0.0.1 -p 4566 >"$SQS_LOG" 2>&1 </dev/null &
+    # shellcheck disable=SC2086
+    setsid $py "$SQS_LAUNCHER" -H 127.0.0.1 -p 4566 >"$SQS_LOG" 2>&1 </dev/null &
     echo $! >"$SQS_PID"
     wait_up sqs 4566 "$START_TIMEOUT" "$SQS_LOG"
+}
+sqs_check() {
+    local py
+    py=$(sqs_python)
+    # shellcheck disable=SC2086
+    $py "$SQS_LAUNCHER" --check
+}
+# A moto started by an earlier version of this script, as plain moto_server, is restarted.
+sqs_stale() {
+    [ -s "$SQS_PID" ] && [ -r "/proc/$(cat "$SQS_PID")/cmdline" ] &&
+        ! tr '\0' ' ' <"/proc/$(cat "$SQS_PID")/cmdline" | grep -q moto_server.py
 }
 sqs_stop() {
     if [ -s "$SQS_PID" ] && kill -0 "$(cat "$SQS_PID")" 2>/dev/null; then
@@ -536,8 +574,13 @@ main() {
     env)
         for name in "${brokers[@]}"; do env_line "$name"; done
         ;;
+    check)
+        for name in "${brokers[@]}"; do
+            if declare -F "${name}_check" >/dev/null; then "${name}_check"; fi
+        done
+        ;;
     -h | --help | help) usage ;;
-    *) die "unknown command '$command' (start, stop, restart, status, env)" ;;
+    *) die "unknown command '$command' (start, stop, restart, status, env, check)" ;;
     esac
 }
 

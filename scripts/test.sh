@@ -31,6 +31,9 @@ broker_env=$(bash scripts/brokers.sh start)
 eval "$broker_env"
 printf '%s\n' "$broker_env"
 
+step "test servers patched where they differ from the real broker (scripts/brokers.sh check)"
+bash scripts/brokers.sh check
+
 step "formatting (cargo fmt --all -- --check)"
 cargo fmt --all -- --check
 
