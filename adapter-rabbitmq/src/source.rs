@@ -3,6 +3,7 @@
 //! deliveries.
 
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bus_core::{Error, ErrorKind, MessageId, Result};
@@ -233,31 +234,56 @@ impl Source {
                 item = attached.consumer.next() => item,
                 _ = closed.wait_for(|c| *c) => return None,
             };
-            match item {
-                Some(Ok(delivery)) => {
-                    return Some(Ok(Raw {
-                        delivery,
-                        channel: attached.channel.clone(),
-                        queue: attached.queue.clone(),
-                        generation: attached.generation,
-                    }))
-                }
-                Some(Err(e)) => {
-                    self.attached = None;
-                    if self.ended() {
-                        return None;
-                    }
-                    return Some(Err(map(e, "receiving (the consumer will re-attach)")));
-                }
-                None => {
-                    // Cancelled by the broker (queue deleted, node restarting) or the channel
-                    // closed: attach again.
-                    self.attached = None;
-                    if self.ended() {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            match self.take(item) {
+                Some(raw) => return Some(raw),
+                None if self.ended() => return None,
+                // Cancelled by the broker (queue deleted, node restarting) or the channel
+                // closed: attach again.
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// A delivery lapin has buffered already, without waiting; `None` when there is none, or
+    /// when the consumer is detached or ends here (the next [`next_raw`](Self::next_raw)
+    /// attaches it again). lapin's stream is polled with a waker that does nothing: a source
+    /// found empty is waited on through `next_raw`, whose poll registers the real one.
+    pub(crate) fn try_next_raw(&mut self) -> Option<Result<Raw>> {
+        if self.ended() {
+            return None;
+        }
+        let attached = self.attached.as_mut()?;
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(item) = attached.consumer.poll_next_unpin(&mut cx) else {
+            return None;
+        };
+        self.take(item)
+    }
+
+    /// What one item of the attached consumer's stream hands out: a delivery, or the error
+    /// that detached the consumer. `None` when the stream ended (the broker cancelled the
+    /// consumer, or its channel closed: detached, to be attached again) or the source did.
+    fn take(
+        &mut self,
+        item: Option<lapin::Result<lapin::message::Delivery>>,
+    ) -> Option<Result<Raw>> {
+        match item {
+            Some(Ok(delivery)) => {
+                let attached = self.attached.as_ref()?;
+                Some(Ok(Raw {
+                    delivery,
+                    channel: attached.channel.clone(),
+                    queue: attached.queue.clone(),
+                    generation: attached.generation,
+                }))
+            }
+            Some(Err(e)) => {
+                self.attached = None;
+                (!self.ended()).then(|| Err(map(e, "receiving (the consumer will re-attach)")))
+            }
+            None => {
+                self.attached = None;
+                None
             }
         }
     }

@@ -30,18 +30,15 @@ struct Deliveries {
     group: Option<Arc<str>>,
 }
 
-#[async_trait]
-impl DeliverySource for Deliveries {
-    async fn next(&mut self) -> Option<Result<Delivery>> {
+impl Deliveries {
+    /// The delivery of one raw lapin delivery, with its settlement.
+    fn delivery(&self, raw: Raw) -> Delivery {
         let Raw {
             delivery,
             channel,
             queue,
             generation,
-        } = match self.source.next_raw().await? {
-            Ok(raw) => raw,
-            Err(e) => return Some(Err(e)),
-        };
+        } = raw;
         let received = wire::envelope(&delivery.properties, delivery.data);
         let state = Arc::new(SettleState {
             inner: self.source.inner(),
@@ -64,10 +61,24 @@ impl DeliverySource for Deliveries {
             self.group.clone(),
             Box::new(RabbitSettle(state)),
         );
-        Some(Ok(match received.undecodable {
+        match received.undecodable {
             Some(reason) => delivery.with_undecodable(reason),
             None => delivery,
-        }))
+        }
+    }
+}
+
+#[async_trait]
+impl DeliverySource for Deliveries {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let raw = self.source.next_raw().await?;
+        Some(raw.map(|raw| self.delivery(raw)))
+    }
+
+    /// What lapin has buffered already (up to the prefetch), without waiting.
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        let raw = self.source.try_next_raw()?;
+        Some(raw.map(|raw| self.delivery(raw)))
     }
 
     async fn close(&mut self) -> Result<()> {

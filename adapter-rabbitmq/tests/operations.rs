@@ -331,3 +331,64 @@ async fn a_due_message_waits_in_a_group_nobody_reads() {
     broker.close().await.expect("close");
     delete(&url, &[format!("{topic}@g1")]).await;
 }
+
+/// `try_next` hands out what lapin has buffered (up to the prefetch) in queue order, without
+/// waiting; each delivery settles as one from `next` does; nothing buffered, or a closed
+/// subscription, is `None`.
+#[tokio::test]
+async fn try_next_takes_what_lapin_has_buffered_in_order() {
+    let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
+        return;
+    };
+    let broker = connect(&url, false).await;
+    let topic = unique("try-next");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g1").with_prefetch(8))
+        .await
+        .expect("subscribe");
+    assert!(sub.try_next().is_none(), "nothing published yet");
+    let sent: Vec<Envelope> = (0..6)
+        .map(|i| Envelope::new("ops.try_next", format!("m{i}")).with_key("k"))
+        .collect();
+    for envelope in &sent {
+        broker
+            .publish(&topic, envelope.clone())
+            .await
+            .expect("publish");
+    }
+    // The first through `next`, which waits; the rest as lapin buffers them.
+    let first = timeout(WAIT, sub.next())
+        .await
+        .expect("the first message within 20 s")
+        .expect("open")
+        .expect("a delivery");
+    let mut taken = vec![first];
+    let deadline = Instant::now() + WAIT;
+    while taken.len() < sent.len() {
+        assert!(Instant::now() < deadline, "only {} buffered", taken.len());
+        match sub.try_next() {
+            Some(delivery) => taken.push(delivery.expect("a delivery, not an error")),
+            // Not buffered yet: on their way from the broker.
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let ids: Vec<_> = taken.iter().map(|d| d.envelope().id.clone()).collect();
+    let want: Vec<_> = sent.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, want, "queue order");
+    assert!(sub.try_next().is_none(), "nothing more was sent");
+    for delivery in taken {
+        delivery.ack().await.expect("ack");
+    }
+    sub.close().await.expect("close");
+    assert!(sub.try_next().is_none(), "closed");
+    // Closing the connection requeues whatever it had not acked: nothing may be left.
+    broker.close().await.expect("close the broker");
+    let again = connect(&url, false).await;
+    let backlog = again
+        .backlog(&BacklogOf::group(&topic, "g1"))
+        .await
+        .expect("backlog");
+    assert_eq!(backlog.waiting, 0, "every message acked: {backlog:?}");
+    again.close().await.expect("close");
+    delete(&url, &[format!("{topic}@g1")]).await;
+}
