@@ -74,7 +74,8 @@ struct PartState {
 
 #[derive(Default)]
 struct State {
-    parts: HashMap<(String, i32), PartState>,
+    /// Per topic, per partition: looked up by `&str`, without a `String` made per record.
+    parts: HashMap<String, HashMap<i32, PartState>>,
     next_epoch: u64,
     /// Assignments (rebalances) seen so far.
     assignments: u64,
@@ -87,14 +88,21 @@ struct State {
 }
 
 impl State {
+    fn part(&self, topic: &str, partition: i32) -> Option<&PartState> {
+        self.parts.get(topic)?.get(&partition)
+    }
+
+    fn part_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartState> {
+        self.parts.get_mut(topic)?.get_mut(&partition)
+    }
+
     fn is_current(&self, topic: &str, partition: i32, epoch: u64, offset: i64) -> bool {
-        self.parts
-            .get(&(topic.to_owned(), partition))
+        self.part(topic, partition)
             .is_some_and(|p| p.epoch == epoch && p.tracker.is_unsettled(offset))
     }
 
     fn settle(&mut self, topic: &str, partition: i32, epoch: u64, offset: i64) {
-        if let Some(p) = self.parts.get_mut(&(topic.to_owned(), partition)) {
+        if let Some(p) = self.part_mut(topic, partition) {
             if p.epoch == epoch {
                 p.tracker.settle(offset);
             }
@@ -105,9 +113,11 @@ impl State {
     /// last confirmed commit.
     fn to_commit(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), p) in &self.parts {
-            if let Some(offset) = p.tracker.to_commit() {
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+        for (topic, parts) in &self.parts {
+            for (partition, p) in parts {
+                if let Some(offset) = p.tracker.to_commit() {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+                }
             }
         }
         tpl
@@ -115,10 +125,9 @@ impl State {
 
     fn mark_committed(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
-            if let (Some(p), Offset::Offset(o)) = (
-                self.parts.get_mut(&(e.topic().to_owned(), e.partition())),
-                e.offset(),
-            ) {
+            if let (Some(p), Offset::Offset(o)) =
+                (self.part_mut(e.topic(), e.partition()), e.offset())
+            {
                 p.tracker.mark_committed(o);
             }
         }
@@ -265,8 +274,9 @@ impl Ctx {
                 } else {
                     OffsetTracker::starting_at(Some(start))
                 };
-                state.parts.insert(
-                    key,
+                let (topic, partition) = key;
+                state.parts.entry(topic).or_default().insert(
+                    partition,
                     PartState {
                         epoch,
                         tracker,
@@ -648,7 +658,7 @@ impl Worker {
         }
         let next = {
             let mut state = lock(&self.state);
-            let Some(p) = state.parts.get_mut(&(topic.to_owned(), partition)) else {
+            let Some(p) = state.part_mut(topic, partition) else {
                 return;
             };
             let Some(next) = p.tracker.next() else {
@@ -697,7 +707,7 @@ fn route<M: Message>(
     let delayed_publish = is_retry && internal.delayed.is_some() && internal.retry_group.is_none();
     let epoch = {
         let mut state = lock(state);
-        let p = state.parts.get_mut(&(topic.to_owned(), partition))?;
+        let p = state.part_mut(topic, partition)?;
         if offset < p.floor {
             return None;
         }

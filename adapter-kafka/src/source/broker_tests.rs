@@ -307,8 +307,8 @@ async fn a_commit_counts_only_once_the_broker_confirmed_it() {
         let mut tracker = OffsetTracker::starting_at(Some(0));
         tracker.track(0);
         tracker.settle(0);
-        state.parts.insert(
-            (topic.clone(), 0),
+        state.parts.entry(topic.clone()).or_default().insert(
+            0,
             PartState {
                 epoch: 1,
                 tracker,
