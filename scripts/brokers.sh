@@ -412,16 +412,32 @@ sqs_start() {
     echo $! >"$SQS_PID"
     wait_up sqs 4566 "$START_TIMEOUT" "$SQS_LOG"
 }
+# The pid of what listens on 127.0.0.1:<port>, where `ss` can say (empty otherwise).
+listener_pid() {
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -ltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true
+}
+# The patch works (moto_server.py --check), and the server the tests use runs it.
 sqs_check() {
-    local py
+    local py pid
     py=$(sqs_python)
     # shellcheck disable=SC2086
     $py "$SQS_LAUNCHER" --check
+    pid=$(listener_pid 4566)
+    [ -n "$pid" ] || pid=$(cat "$SQS_PID" 2>/dev/null || true)
+    if [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF moto_server.py; then
+        say "sqs: the server on 127.0.0.1:4566 (pid $pid) runs scripts/moto_server.py"
+    else
+        die "sqs: the server on 127.0.0.1:4566 does not run scripts/moto_server.py (stop it, then scripts/brokers.sh start sqs)"
+    fi
 }
 # A moto started by an earlier version of this script, as plain moto_server, is restarted.
 sqs_stale() {
-    [ -s "$SQS_PID" ] && [ -r "/proc/$(cat "$SQS_PID")/cmdline" ] &&
-        ! tr '\0' ' ' <"/proc/$(cat "$SQS_PID")/cmdline" | grep -q moto_server.py
+    local cmdline
+    [ -s "$SQS_PID" ] || return 1
+    cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$(cat "$SQS_PID")/cmdline") || return 1
+    # Only a plain moto_server: a pid reused by another process is left alone.
+    [[ $cmdline == *moto_server* && $cmdline != *moto_server.py* ]]
 }
 sqs_stop() {
     if [ -s "$SQS_PID" ] && kill -0 "$(cat "$SQS_PID")" 2>/dev/null; then

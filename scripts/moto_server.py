@@ -15,8 +15,10 @@ arguments.
 
 `moto_server.py --check` proves the patch in-process, without a server: it widens the gap
 between moto's visibility check and its mark to 50 ms and has two receives take one message
-at once, with moto's receive and with this one. It exits non-zero unless this one hands the
-message out once (scripts/test.sh runs it through `scripts/brokers.sh check`).
+at once, with moto's receive and with this one; then has a 2 s long poll wait for a message
+sent 0.2 s into it. It exits non-zero unless this receive hands the message out once and the
+long poll returns the late message at once (scripts/test.sh runs it through
+`scripts/brokers.sh check`, which also checks that the server on 4566 runs this file).
 """
 
 import sys
@@ -87,6 +89,20 @@ def _taken_by_two_at_once(backend: SQSBackend, receive) -> int:
     return sum(counts)
 
 
+def _long_poll_gets_a_late_message(backend: SQSBackend) -> float | None:
+    """Seconds a 2 s long poll took to return a message sent 0.2 s into it (None: it did not)."""
+    name = f"moto-check-{uuid.uuid4().hex}"
+    backend.create_queue(name)
+    late = threading.Timer(0.2, lambda: backend.send_message(name, "late"))
+    started = time.monotonic()
+    late.start()
+    taken = receive_message(backend, name, 10, 2, 30)
+    took = time.monotonic() - started
+    late.join()
+    backend.delete_queue(name)
+    return took if len(taken) == 1 else None
+
+
 def check() -> int:
     """See the module docs: 0 when the patched receive takes the message once."""
     backend = sqs_backends["123456789012"]["us-east-1"]
@@ -108,7 +124,12 @@ def check() -> int:
     )
     if theirs == 1:
         print("moto's own receive no longer races here: this patch may be dropped")
-    return 0 if ours == 1 else 1
+    took = _long_poll_gets_a_late_message(backend)
+    print(
+        "a 2 s long poll, a message sent 0.2 s into it: "
+        + ("not returned" if took is None else f"returned after {took:.2f} s")
+    )
+    return 0 if ours == 1 and took is not None and took < 1.5 else 1
 
 
 SQSBackend.receive_message = receive_message

@@ -334,7 +334,7 @@ async fn a_due_message_waits_in_a_group_nobody_reads() {
 
 /// `try_next` hands out what lapin has buffered (up to the prefetch) in queue order, without
 /// waiting; each delivery settles as one from `next` does; nothing buffered, or a closed
-/// subscription, is `None`.
+/// broker, is `None`.
 #[tokio::test]
 async fn try_next_takes_what_lapin_has_buffered_in_order() {
     let Some(url) = broker_url("BUS_TEST_RABBITMQ_URL") else {
@@ -379,10 +379,11 @@ async fn try_next_takes_what_lapin_has_buffered_in_order() {
     for delivery in taken {
         delivery.ack().await.expect("ack");
     }
-    sub.close().await.expect("close");
-    assert!(sub.try_next().is_none(), "closed");
-    // Closing the connection requeues whatever it had not acked: nothing may be left.
+    // Closing the connection requeues whatever it had not acked: nothing may be left. The
+    // subscription, still open, hands out nothing once its broker is closed.
     broker.close().await.expect("close the broker");
+    assert!(sub.try_next().is_none(), "the broker is closed");
+    sub.close().await.expect("close");
     let again = connect(&url, false).await;
     let backlog = again
         .backlog(&BacklogOf::group(&topic, "g1"))
