@@ -417,6 +417,10 @@ listener_pid() {
     command -v ss >/dev/null 2>&1 || return 0
     ss -ltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true
 }
+# The command line of process <pid>, arguments joined by spaces (fails if there is none).
+cmdline_of() {
+    tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline"
+}
 # The patch works (moto_server.py --check), and the server the tests use runs it.
 sqs_check() {
     local py pid
@@ -425,7 +429,7 @@ sqs_check() {
     $py "$SQS_LAUNCHER" --check
     pid=$(listener_pid 4566)
     [ -n "$pid" ] || pid=$(cat "$SQS_PID" 2>/dev/null || true)
-    if [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF moto_server.py; then
+    if [ -n "$pid" ] && [[ $(cmdline_of "$pid") == *moto_server.py* ]]; then
         say "sqs: the server on 127.0.0.1:4566 (pid $pid) runs scripts/moto_server.py"
     else
         die "sqs: the server on 127.0.0.1:4566 does not run scripts/moto_server.py (stop it, then scripts/brokers.sh start sqs)"
@@ -435,7 +439,7 @@ sqs_check() {
 sqs_stale() {
     local cmdline
     [ -s "$SQS_PID" ] || return 1
-    cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$(cat "$SQS_PID")/cmdline") || return 1
+    cmdline=$(cmdline_of "$(cat "$SQS_PID")") || return 1
     # Only a plain moto_server: a pid reused by another process is left alone.
     [[ $cmdline == *moto_server* && $cmdline != *moto_server.py* ]]
 }

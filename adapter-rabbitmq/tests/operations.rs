@@ -13,8 +13,8 @@ use adapter_rabbitmq::lapin::{Connection, ConnectionProperties};
 use adapter_rabbitmq::{RabbitMqBroker, RabbitMqConfig};
 use bus_core::conformance::broker_url;
 use bus_core::{
-    BacklogOf, Broker, ConsumeOptions, Delay, Envelope, ErrorKind, MessageId, Publisher, Queue,
-    Redeliver, SubscribeOptions, Subscriber,
+    BacklogOf, Broker, ConsumeOptions, Delay, Delivery, Envelope, ErrorKind, MessageId, Publisher,
+    Queue, Redeliver, SubscribeOptions, Subscriber, Subscription,
 };
 use tokio::time::{timeout, Instant};
 
@@ -48,6 +48,15 @@ async fn delete(url: &str, queues: &[String]) {
             .await;
     }
     let _ = connection.close(200, "done").await;
+}
+
+/// The next delivery of `sub`, within [`WAIT`]; `what` names it if none comes.
+async fn next_delivery(sub: &mut Subscription, what: &str) -> Delivery {
+    timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
+        .expect("open")
+        .expect("a delivery")
 }
 
 #[tokio::test]
@@ -86,11 +95,7 @@ async fn a_delayed_message_waits_in_the_broker_not_in_the_publisher() {
         (&mut member, "the group"),
         (&mut private, "a private subscription"),
     ] {
-        let d = timeout(WAIT, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("{what} got nothing within {WAIT:?}"))
-            .expect("open")
-            .expect("a delivery");
+        let d = next_delivery(sub, what).await;
         assert!(
             published_at.elapsed() >= DELAY,
             "{what} got the message {:?} after it was published, before its delay",
@@ -124,11 +129,7 @@ async fn parked_messages_are_not_waiting() {
         .consume(&queue, ConsumeOptions::default())
         .await
         .expect("consume");
-    let d = timeout(WAIT, consumer.next())
-        .await
-        .expect("a delivery in time")
-        .expect("open")
-        .expect("a delivery");
+    let d = next_delivery(&mut consumer, "the message to nack").await;
     d.nack(Redeliver::After(Duration::from_secs(600)))
         .await
         .expect("nack");
@@ -211,11 +212,7 @@ async fn quorum_queues_are_counted_and_delay() {
         .expect("send_delayed");
     let mut seen = 0;
     loop {
-        let d = timeout(WAIT, consumer.next())
-            .await
-            .expect("a delivery in time")
-            .expect("open")
-            .expect("a delivery");
+        let d = next_delivery(&mut consumer, "the quorum queue").await;
         if d.envelope().id == sent.id {
             assert!(sent_at.elapsed() >= DELAY, "{:?}", sent_at.elapsed());
             assert_eq!(
@@ -264,11 +261,7 @@ async fn a_delay_between_two_buckets_is_not_rounded_up() {
         .await
         .expect("send_delayed");
     for (sub, what) in [(&mut member, "topic"), (&mut consumer, "queue")] {
-        let d = timeout(WAIT, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
-            .expect("open")
-            .expect("a delivery");
+        let d = next_delivery(sub, what).await;
         let elapsed = started.elapsed();
         assert!(
             elapsed >= BETWEEN,
@@ -357,11 +350,7 @@ async fn try_next_takes_what_lapin_has_buffered_in_order() {
             .expect("publish");
     }
     // The first through `next`, which waits; the rest as lapin buffers them.
-    let first = timeout(WAIT, sub.next())
-        .await
-        .expect("the first message within 20 s")
-        .expect("open")
-        .expect("a delivery");
+    let first = next_delivery(&mut sub, "the first message").await;
     let mut taken = vec![first];
     let deadline = Instant::now() + WAIT;
     while taken.len() < sent.len() {
